@@ -1,9 +1,50 @@
 SHELL := /bin/bash
 GO ?= go
+BIN := .run/bin/cabinet
 PROTOC_GEN_GO := google.golang.org/protobuf/cmd/protoc-gen-go
 PROTOC_GEN_GO_GRPC_VERSION := v1.5.1
+FUZZTIME ?= 10s
 
-.PHONY: proto
+.PHONY: all build cluster cluster-down cluster-clean test test-unit test-integration fuzz proto deps help
+
+all: build
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*## /\t/'
+
+build: ## build .run/bin/cabinet
+	$(GO) build -o $(BIN) ./cmd/cabinet
+
+cluster: ## start (or resume) a local three-node cluster on SoftHSM2
+	@scripts/cluster.sh up
+
+cluster-down: ## stop the local cluster (data kept)
+	@scripts/cluster.sh down
+
+cluster-clean: ## stop the local cluster and delete its data, tokens and credentials
+	@scripts/cluster.sh clean
+
+deps: ## install what the tests need (SoftHSM2) when missing
+	@scripts/deps.sh
+
+test: deps ## run every test: vet, unit tests with -race, integration tests with real processes, short fuzzing
+	$(GO) vet ./...
+	$(GO) test -race -count=1 -timeout 20m ./...
+	$(MAKE) --no-print-directory fuzz FUZZTIME=5s
+
+test-unit: ## unit tests only
+	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /integration)
+
+test-integration: ## integration tests only (real processes, real SoftHSM tokens)
+	$(GO) test -count=1 -v -timeout 15m ./integration/...
+
+fuzz: ## run every fuzz target for FUZZTIME each
+	@set -e; for pkg in $$($(GO) list ./...); do \
+	  for t in $$($(GO) test -list '^Fuzz' $$pkg 2>/dev/null | grep '^Fuzz' || true); do \
+	    echo "fuzz $$pkg $$t"; $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $$pkg >/dev/null || { echo "FAIL $$t"; $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $$pkg | tail -30; exit 1; }; \
+	  done; \
+	done
+
 proto: ## regenerate protobuf code (needs protoc from Debian's protobuf-compiler)
 	@mkdir -p .run/bin
 	GOBIN=$(CURDIR)/.run/bin $(GO) install $(PROTOC_GEN_GO)

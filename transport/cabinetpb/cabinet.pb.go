@@ -2187,7 +2187,11 @@ func (x *AddPeerRequest) GetVoter() bool {
 }
 
 type AddPeerResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// True once the caller is in the Raft configuration.
+	Added bool `protobuf:"varint,1,opt,name=added,proto3" json:"added,omitempty"`
+	// When this node is not the leader: where to ask instead.
+	LeaderApiAddr string `protobuf:"bytes,2,opt,name=leader_api_addr,json=leaderApiAddr,proto3" json:"leader_api_addr,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2220,6 +2224,20 @@ func (x *AddPeerResponse) ProtoReflect() protoreflect.Message {
 // Deprecated: Use AddPeerResponse.ProtoReflect.Descriptor instead.
 func (*AddPeerResponse) Descriptor() ([]byte, []int) {
 	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *AddPeerResponse) GetAdded() bool {
+	if x != nil {
+		return x.Added
+	}
+	return false
+}
+
+func (x *AddPeerResponse) GetLeaderApiAddr() string {
+	if x != nil {
+		return x.LeaderApiAddr
+	}
+	return ""
 }
 
 var File_transport_cabinetpb_cabinet_proto protoreflect.FileDescriptor
@@ -2410,8 +2428,10 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\x11ReadIndexResponse\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\"&\n" +
 	"\x0eAddPeerRequest\x12\x14\n" +
-	"\x05voter\x18\x01 \x01(\bR\x05voter\"\x11\n" +
-	"\x0fAddPeerResponse*\xa3\x01\n" +
+	"\x05voter\x18\x01 \x01(\bR\x05voter\"O\n" +
+	"\x0fAddPeerResponse\x12\x14\n" +
+	"\x05added\x18\x01 \x01(\bR\x05added\x12&\n" +
+	"\x0fleader_api_addr\x18\x02 \x01(\tR\rleaderApiAddr*\xa3\x01\n" +
 	"\aKeySpec\x12\x18\n" +
 	"\x14KEY_SPEC_UNSPECIFIED\x10\x00\x12\v\n" +
 	"\aAES_256\x10\x01\x12\x0f\n" +

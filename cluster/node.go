@@ -1,0 +1,548 @@
+// Package cluster runs a Cabinet node's Raft instance: bootstrap, proposing
+// and forwarding writes, freshness for follower reads, membership and status.
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/raft"
+	raftboltdb "github.com/hashicorp/raft-boltdb"
+
+	"github.com/cabinet-kms/cabinet/fsm"
+	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
+)
+
+// Errors callers map to gRPC codes.
+var (
+	// ErrNoLeader: no leader is known (election in progress or quorum lost).
+	ErrNoLeader = errors.New("no Raft leader is known: the cluster is electing a leader or has lost quorum; retry or use another node")
+	// ErrNotLeader: a leader-only call reached a follower.
+	ErrNotLeader = errors.New("this node is not the Raft leader")
+	// ErrStale: this follower has not heard from the leader within MaxStaleness.
+	ErrStale = errors.New("this node has not heard from the leader recently enough to serve reads; use another node")
+)
+
+// Forwarder reaches the leader over the node-to-node channel. transport
+// implements it with node-certificate gRPC clients.
+type Forwarder interface {
+	// ForwardApply sends an encoded fsm command to the leader at apiAddr,
+	// which stamps and applies it; returns the encoded fsm Result.
+	ForwardApply(ctx context.Context, apiAddr string, cmd []byte) (result []byte, index uint64, err error)
+	// ReadIndex asks the leader at apiAddr for its commit index after it
+	// confirmed its leadership.
+	ReadIndex(ctx context.Context, apiAddr string) (uint64, error)
+}
+
+// Config configures a Node.
+type Config struct {
+	NodeID   string
+	RaftAddr string // advertised Raft address (host:port)
+	// Dir holds raft.db and snapshots/.
+	Dir         string
+	StreamLayer raft.StreamLayer
+	FSM         *fsm.FSM
+	Forwarder   Forwarder
+	Logger      *slog.Logger
+	// MaxStaleness bounds how old a follower's view may be when it serves a
+	// crypto operation (default 2s).
+	MaxStaleness time.Duration
+	// LeaderWait is how long a write waits for a leader to appear (default 5s).
+	LeaderWait time.Duration
+	// ApplyTimeout bounds raft.Apply enqueueing (default 10s).
+	ApplyTimeout time.Duration
+	// Raft timing; zero values take the defaults below.
+	HeartbeatTimeout   time.Duration // default 1s
+	ElectionTimeout    time.Duration // default 1s
+	LeaderLeaseTimeout time.Duration // default 500ms
+	SnapshotThreshold  uint64        // default 8192
+	TrailingLogs       uint64        // default 10240
+	// Clock stamps leader time; default time.Now.
+	Clock func() time.Time
+}
+
+func (c *Config) setDefaults() {
+	if c.MaxStaleness == 0 {
+		c.MaxStaleness = 2 * time.Second
+	}
+	if c.LeaderWait == 0 {
+		c.LeaderWait = 5 * time.Second
+	}
+	if c.ApplyTimeout == 0 {
+		c.ApplyTimeout = 10 * time.Second
+	}
+	if c.HeartbeatTimeout == 0 {
+		c.HeartbeatTimeout = time.Second
+	}
+	if c.ElectionTimeout == 0 {
+		c.ElectionTimeout = time.Second
+	}
+	if c.LeaderLeaseTimeout == 0 {
+		c.LeaderLeaseTimeout = 500 * time.Millisecond
+	}
+	if c.SnapshotThreshold == 0 {
+		c.SnapshotThreshold = 8192
+	}
+	if c.TrailingLogs == 0 {
+		c.TrailingLogs = 10240
+	}
+	if c.Clock == nil {
+		c.Clock = time.Now
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+}
+
+// Node is a running Raft member.
+type Node struct {
+	cfg       Config
+	raft      *raft.Raft
+	transport *raft.NetworkTransport
+	store     *raftboltdb.BoltStore
+	applied   *appliedWaiter
+	log       *slog.Logger
+}
+
+// Open opens (or creates) the node's Raft state under cfg.Dir and starts Raft.
+// It does not bootstrap; see Bootstrap.
+func Open(cfg Config) (*Node, error) {
+	cfg.setDefaults()
+	if cfg.NodeID == "" || cfg.RaftAddr == "" || cfg.Dir == "" || cfg.StreamLayer == nil || cfg.FSM == nil {
+		return nil, errors.New("cluster: NodeID, RaftAddr, Dir, StreamLayer and FSM are required")
+	}
+	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create raft dir: %w", err)
+	}
+	store, err := raftboltdb.NewBoltStore(filepath.Join(cfg.Dir, "raft.db"))
+	if err != nil {
+		return nil, fmt.Errorf("open raft store %s: %w", filepath.Join(cfg.Dir, "raft.db"), err)
+	}
+	logs, err := raft.NewLogCache(512, store)
+	if err != nil {
+		store.Close()
+		return nil, fmt.Errorf("log cache: %w", err)
+	}
+	hlog := newHclogAdapter(cfg.Logger)
+	snaps, err := raft.NewFileSnapshotStoreWithLogger(cfg.Dir, 2, hlog.Named("snapshot"))
+	if err != nil {
+		store.Close()
+		return nil, fmt.Errorf("open snapshot store: %w", err)
+	}
+	trans := raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
+		Stream:  cfg.StreamLayer,
+		MaxPool: 3,
+		Timeout: 10 * time.Second,
+		Logger:  hlog.Named("raft-net"),
+	})
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(cfg.NodeID)
+	rc.HeartbeatTimeout = cfg.HeartbeatTimeout
+	rc.ElectionTimeout = cfg.ElectionTimeout
+	rc.LeaderLeaseTimeout = cfg.LeaderLeaseTimeout
+	rc.SnapshotThreshold = cfg.SnapshotThreshold
+	rc.TrailingLogs = cfg.TrailingLogs
+	rc.Logger = hlog.Named("raft")
+	n := &Node{cfg: cfg, transport: trans, store: store, applied: newAppliedWaiter(), log: cfg.Logger}
+	cfg.FSM.OnApply(func(index uint64, _ *fsmpb.Command, _ *fsmpb.Result) { n.applied.advance(index) })
+	cfg.FSM.OnRestore(func() { n.applied.advance(cfg.FSM.AppliedIndex()) })
+	r, err := raft.NewRaft(rc, cfg.FSM, logs, store, snaps, trans)
+	if err != nil {
+		trans.Close()
+		store.Close()
+		return nil, fmt.Errorf("start raft: %w", err)
+	}
+	n.raft = r
+	n.applied.advance(cfg.FSM.AppliedIndex())
+	return n, nil
+}
+
+// HasState reports whether this node already has Raft state (a log,
+// snapshot or term), i.e. it was bootstrapped or joined before.
+func (n *Node) HasState() bool {
+	return n.raft.LastIndex() > 0 || n.raft.CurrentTerm() > 0
+}
+
+// Bootstrap makes this node the single voter of a new cluster. It is a no-op
+// error-free call if the node already has state.
+func (n *Node) Bootstrap() error {
+	if n.HasState() {
+		return nil
+	}
+	cfg := raft.Configuration{Servers: []raft.Server{{
+		Suffrage: raft.Voter, ID: raft.ServerID(n.cfg.NodeID), Address: raft.ServerAddress(n.cfg.RaftAddr),
+	}}}
+	if err := n.raft.BootstrapCluster(cfg).Error(); err != nil && !errors.Is(err, raft.ErrCantBootstrap) {
+		return fmt.Errorf("bootstrap raft: %w", err)
+	}
+	return nil
+}
+
+// Shutdown stops Raft and closes the stores.
+func (n *Node) Shutdown() error {
+	err := n.raft.Shutdown().Error()
+	n.transport.Close()
+	if cerr := n.store.Close(); err == nil {
+		err = cerr
+	}
+	n.applied.close()
+	return err
+}
+
+// IsLeader reports whether this node is the Raft leader now.
+func (n *Node) IsLeader() bool { return n.raft.State() == raft.Leader }
+
+// Leader returns the leader's node id and API address as this node knows
+// them ("" when unknown).
+func (n *Node) Leader() (id, apiAddr string) {
+	_, lid := n.raft.LeaderWithID()
+	if lid == "" {
+		return "", ""
+	}
+	if rec, ok := n.cfg.FSM.Node(string(lid)); ok {
+		return string(lid), rec.GetApiAddr()
+	}
+	return string(lid), ""
+}
+
+// waitLeader waits until some leader is known, up to LeaderWait.
+func (n *Node) waitLeader(ctx context.Context) (id, apiAddr string, err error) {
+	deadline := time.Now().Add(n.cfg.LeaderWait)
+	for {
+		id, apiAddr = n.Leader()
+		if id != "" && (apiAddr != "" || id == n.cfg.NodeID) {
+			return id, apiAddr, nil
+		}
+		if time.Now().After(deadline) {
+			return "", "", ErrNoLeader
+		}
+		select {
+		case <-ctx.Done():
+			return "", "", fmt.Errorf("%w (%v)", ErrNoLeader, ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// Propose submits cmd to the Raft log through the leader and returns the FSM
+// result. On a follower it forwards the command; the leader stamps the time.
+func (n *Node) Propose(ctx context.Context, cmd *fsmpb.Command) (*fsmpb.Result, error) {
+	for attempt := 0; ; attempt++ {
+		lid, addr, err := n.waitLeader(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if lid == n.cfg.NodeID {
+			res, _, err := n.applyAsLeader(ctx, cmd)
+			if errors.Is(err, ErrNotLeader) && attempt < 3 {
+				continue // lost leadership between the check and the apply
+			}
+			return res, err
+		}
+		data, err := fsm.EncodeCommand(cmd)
+		if err != nil {
+			return nil, err
+		}
+		if n.cfg.Forwarder == nil {
+			return nil, fmt.Errorf("%w: forwarding is not configured", ErrNotLeader)
+		}
+		resBytes, _, err := n.cfg.Forwarder.ForwardApply(ctx, addr, data)
+		if errors.Is(err, ErrNotLeader) && attempt < 3 {
+			continue // the leader we knew just stepped down
+		}
+		if err != nil {
+			return nil, fmt.Errorf("forward to leader %s: %w", lid, err)
+		}
+		return fsm.DecodeResult(resBytes)
+	}
+}
+
+// ApplyForwarded applies an encoded command received from a follower. Only
+// the leader accepts it; it stamps the leader time itself.
+func (n *Node) ApplyForwarded(ctx context.Context, data []byte) (*fsmpb.Result, uint64, error) {
+	cmd, err := fsm.DecodeCommand(data)
+	if err != nil {
+		return nil, 0, fmt.Errorf("decode forwarded command: %w", err)
+	}
+	return n.applyAsLeader(ctx, cmd)
+}
+
+func (n *Node) applyAsLeader(ctx context.Context, cmd *fsmpb.Command) (*fsmpb.Result, uint64, error) {
+	if !n.IsLeader() {
+		return nil, 0, ErrNotLeader
+	}
+	cmd.LeaderTimeUnixNano = n.cfg.Clock().UnixNano()
+	data, err := fsm.EncodeCommand(cmd)
+	if err != nil {
+		return nil, 0, err
+	}
+	timeout := n.cfg.ApplyTimeout
+	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < timeout {
+		timeout = time.Until(dl)
+	}
+	f := n.raft.Apply(data, timeout)
+	if err := f.Error(); err != nil {
+		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) || errors.Is(err, raft.ErrLeadershipTransferInProgress) {
+			return nil, 0, fmt.Errorf("%w: %v", ErrNotLeader, err)
+		}
+		if errors.Is(err, raft.ErrEnqueueTimeout) {
+			return nil, 0, fmt.Errorf("%w: %v", ErrNoLeader, err)
+		}
+		return nil, 0, fmt.Errorf("raft apply: %w", err)
+	}
+	switch r := f.Response().(type) {
+	case *fsmpb.Result:
+		return r, f.Index(), nil
+	case error:
+		return nil, f.Index(), fmt.Errorf("apply command: %w", r)
+	default:
+		return nil, f.Index(), fmt.Errorf("apply command: unexpected response %T", r)
+	}
+}
+
+// ReadIndexLocal is the leader side of a STRONG read: confirm leadership with
+// a quorum and return the commit index.
+func (n *Node) ReadIndexLocal(ctx context.Context) (uint64, error) {
+	if !n.IsLeader() {
+		return 0, ErrNotLeader
+	}
+	if err := n.raft.VerifyLeader().Error(); err != nil {
+		return 0, fmt.Errorf("%w: %v", ErrNotLeader, err)
+	}
+	return n.raft.CommitIndex(), nil
+}
+
+// CheckRead decides whether this node may serve a crypto operation now.
+// strong=true first catches up to the leader's commit index.
+func (n *Node) CheckRead(ctx context.Context, strong bool) error {
+	if strong {
+		var idx uint64
+		var err error
+		lid, addr, err := n.waitLeader(ctx)
+		if err != nil {
+			return err
+		}
+		if lid == n.cfg.NodeID {
+			idx, err = n.ReadIndexLocal(ctx)
+		} else if n.cfg.Forwarder != nil {
+			idx, err = n.cfg.Forwarder.ReadIndex(ctx, addr)
+		} else {
+			err = ErrNotLeader
+		}
+		if err != nil {
+			return fmt.Errorf("strong read: %w", err)
+		}
+		return n.applied.wait(ctx, idx)
+	}
+	switch n.raft.State() {
+	case raft.Leader:
+		return nil
+	case raft.Follower:
+		lc := n.raft.LastContact()
+		if lc.IsZero() || time.Since(lc) > n.cfg.MaxStaleness {
+			return ErrStale
+		}
+		if id, _ := n.raft.LeaderWithID(); id == "" {
+			return ErrStale
+		}
+		return nil
+	default:
+		return ErrStale
+	}
+}
+
+// WaitApplied blocks until the local FSM applied index reaches idx.
+func (n *Node) WaitApplied(ctx context.Context, idx uint64) error { return n.applied.wait(ctx, idx) }
+
+// Barrier (leader only) waits until every preceding entry is applied.
+func (n *Node) Barrier(timeout time.Duration) error { return n.raft.Barrier(timeout).Error() }
+
+// AddVoter adds (or re-addresses) a voter. Leader only.
+func (n *Node) AddVoter(ctx context.Context, id, raftAddr string) error {
+	if !n.IsLeader() {
+		return ErrNotLeader
+	}
+	if err := n.raft.AddVoter(raft.ServerID(id), raft.ServerAddress(raftAddr), 0, 10*time.Second).Error(); err != nil {
+		return fmt.Errorf("add voter %s: %w", id, err)
+	}
+	return nil
+}
+
+// RemoveServer removes a server from the configuration. Leader only.
+func (n *Node) RemoveServer(ctx context.Context, id string) error {
+	if !n.IsLeader() {
+		return ErrNotLeader
+	}
+	if err := n.raft.RemoveServer(raft.ServerID(id), 0, 10*time.Second).Error(); err != nil {
+		return fmt.Errorf("remove server %s: %w", id, err)
+	}
+	return nil
+}
+
+// Server is a member of the Raft configuration.
+type Server struct {
+	ID       string
+	RaftAddr string
+	Voter    bool
+}
+
+// Servers returns the latest Raft configuration this node knows.
+func (n *Node) Servers() ([]Server, error) {
+	f := n.raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		return nil, fmt.Errorf("raft configuration: %w", err)
+	}
+	var out []Server
+	for _, s := range f.Configuration().Servers {
+		out = append(out, Server{ID: string(s.ID), RaftAddr: string(s.Address), Voter: s.Suffrage == raft.Voter})
+	}
+	return out, nil
+}
+
+// InConfiguration reports whether this node is a member of the configuration
+// it knows.
+func (n *Node) InConfiguration() bool {
+	servers, err := n.Servers()
+	if err != nil {
+		return false
+	}
+	for _, s := range servers {
+		if s.ID == n.cfg.NodeID {
+			return true
+		}
+	}
+	return false
+}
+
+// Status is this node's Raft view.
+type Status struct {
+	NodeID       string
+	RaftAddr     string
+	State        string // leader, follower, candidate, shutdown
+	LeaderID     string
+	LeaderAddr   string // API address
+	Term         uint64
+	CommitIndex  uint64
+	AppliedIndex uint64
+	LastLogIndex uint64
+	// LastContact: 0 on the leader, -1 if never, else time since contact.
+	LastContact time.Duration
+	Voter       bool
+}
+
+// Status reports this node's Raft view.
+func (n *Node) Status() Status {
+	st := Status{
+		NodeID:       n.cfg.NodeID,
+		RaftAddr:     n.cfg.RaftAddr,
+		State:        stateName(n.raft.State()),
+		Term:         n.raft.CurrentTerm(),
+		CommitIndex:  n.raft.CommitIndex(),
+		AppliedIndex: n.raft.AppliedIndex(),
+		LastLogIndex: n.raft.LastIndex(),
+	}
+	st.LeaderID, st.LeaderAddr = n.Leader()
+	if n.IsLeader() {
+		st.LastContact = 0
+	} else if lc := n.raft.LastContact(); lc.IsZero() {
+		st.LastContact = -1
+	} else {
+		st.LastContact = time.Since(lc)
+	}
+	if servers, err := n.Servers(); err == nil {
+		for _, s := range servers {
+			if s.ID == n.cfg.NodeID {
+				st.Voter = s.Voter
+			}
+		}
+	}
+	return st
+}
+
+// Snapshot forces a Raft snapshot (and log compaction).
+func (n *Node) Snapshot() error { return n.raft.Snapshot().Error() }
+
+func stateName(s raft.RaftState) string {
+	switch s {
+	case raft.Leader:
+		return "leader"
+	case raft.Follower:
+		return "follower"
+	case raft.Candidate:
+		return "candidate"
+	default:
+		return "shutdown"
+	}
+}
+
+// appliedWaiter lets readers wait for the FSM to reach an index without
+// polling.
+type appliedWaiter struct {
+	mu      sync.Mutex
+	index   uint64
+	closed  bool
+	waiters map[chan struct{}]uint64
+}
+
+func newAppliedWaiter() *appliedWaiter { return &appliedWaiter{waiters: map[chan struct{}]uint64{}} }
+
+func (w *appliedWaiter) advance(idx uint64) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if idx > w.index {
+		w.index = idx
+	}
+	for ch, want := range w.waiters {
+		if want <= w.index {
+			close(ch)
+			delete(w.waiters, ch)
+		}
+	}
+}
+
+func (w *appliedWaiter) close() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.closed = true
+	for ch := range w.waiters {
+		close(ch)
+		delete(w.waiters, ch)
+	}
+}
+
+func (w *appliedWaiter) wait(ctx context.Context, idx uint64) error {
+	w.mu.Lock()
+	if w.index >= idx {
+		w.mu.Unlock()
+		return nil
+	}
+	if w.closed {
+		w.mu.Unlock()
+		return errors.New("node is shutting down")
+	}
+	ch := make(chan struct{})
+	w.waiters[ch] = idx
+	w.mu.Unlock()
+	select {
+	case <-ch:
+		w.mu.Lock()
+		ok := w.index >= idx
+		w.mu.Unlock()
+		if !ok {
+			return errors.New("node is shutting down")
+		}
+		return nil
+	case <-ctx.Done():
+		w.mu.Lock()
+		delete(w.waiters, ch)
+		w.mu.Unlock()
+		return fmt.Errorf("waiting for index %d to be applied: %w", idx, ctx.Err())
+	}
+}

@@ -1,0 +1,308 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/cabinet-kms/cabinet/cluster"
+	"github.com/cabinet-kms/cabinet/fsm"
+	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
+	"github.com/cabinet-kms/cabinet/hsm"
+	"github.com/cabinet-kms/cabinet/keyops"
+	"github.com/cabinet-kms/cabinet/transport"
+	"github.com/cabinet-kms/cabinet/transport/cabinetpb"
+	"github.com/cabinet-kms/cabinet/transport/tlsutil"
+)
+
+type serverFlags struct {
+	dataDir      string
+	logLevel     string
+	logFormat    string
+	maxStaleness time.Duration
+	heartbeat    time.Duration
+	election     time.Duration
+	cacheSize    int
+}
+
+func newServerCmd() *cobra.Command {
+	f := &serverFlags{}
+	cmd := &cobra.Command{
+		Use:   "server",
+		Short: "Run a Cabinet node (waits for `operator init` or `operator join` to prepare --data-dir)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runServer(cmd.Context(), f)
+		},
+	}
+	cmd.Flags().StringVar(&f.dataDir, "data-dir", "", "node data directory (written by operator init/join)")
+	cmd.Flags().StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	cmd.Flags().StringVar(&f.logFormat, "log-format", "text", "text or json")
+	cmd.Flags().DurationVar(&f.maxStaleness, "max-staleness", 2*time.Second, "a follower serves crypto only if it heard from the leader within this")
+	cmd.Flags().DurationVar(&f.heartbeat, "raft-heartbeat-timeout", time.Second, "Raft heartbeat timeout")
+	cmd.Flags().DurationVar(&f.election, "raft-election-timeout", time.Second, "Raft election timeout")
+	cmd.Flags().IntVar(&f.cacheSize, "cache-size", 10000, "unwrapped key versions kept in memory")
+	_ = cmd.MarkFlagRequired("data-dir")
+	return cmd
+}
+
+func newLogger(level, format string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level: %w", err)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format must be text or json")
+}
+
+// waitNodeConfig waits until init/join has written node.json, so servers can
+// be started before their node is initialised or joined.
+func waitNodeConfig(ctx context.Context, dataDir string, log *slog.Logger) (*nodeConfig, error) {
+	logged := false
+	for {
+		nc, err := loadNodeConfig(dataDir)
+		if err == nil {
+			return nc, nil
+		}
+		if !errors.Is(err, fs.ErrNotExist) {
+			return nil, err
+		}
+		if !logged {
+			log.Info("waiting for this node to be initialised or joined", "data_dir", dataDir,
+				"hint", "run `cabinet operator init` (first node) or `cabinet operator join` with a join token")
+			logged = true
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+// loadNodeTLS loads the node certificate, its key (refusing loose
+// permissions) and the cluster CA.
+func loadNodeTLS(dataDir string) (tls.Certificate, *x509.CertPool, error) {
+	dir := tlsDir(dataDir)
+	keyPath := filepath.Join(dir, "node-key.pem")
+	if err := tlsutil.CheckKeyFilePerms(keyPath); err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "node.pem"), keyPath)
+	if err != nil {
+		return tls.Certificate{}, nil, fmt.Errorf("load node certificate: %w", err)
+	}
+	caPEM, err := os.ReadFile(filepath.Join(dir, "ca.pem"))
+	if err != nil {
+		return tls.Certificate{}, nil, fmt.Errorf("read cluster CA: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		return tls.Certificate{}, nil, fmt.Errorf("%s holds no certificate", filepath.Join(dir, "ca.pem"))
+	}
+	return cert, pool, nil
+}
+
+func runServer(ctx context.Context, f *serverFlags) error {
+	log, err := newLogger(f.logLevel, f.logFormat)
+	if err != nil {
+		return err
+	}
+	nc, err := waitNodeConfig(ctx, f.dataDir, log)
+	if err != nil {
+		return err
+	}
+	log = log.With("node", nc.NodeID)
+	cert, pool, err := loadNodeTLS(f.dataDir)
+	if err != nil {
+		return err
+	}
+	pcfg, err := pkcs11Config(nc.HSM)
+	if err != nil {
+		return err
+	}
+	pcfg.Logger = log.With("component", "hsm")
+	h, err := hsm.OpenPKCS11(ctx, pcfg)
+	if err != nil {
+		return fmt.Errorf("open HSM token %q: %w", nc.HSM.TokenLabel, err)
+	}
+	defer h.Close()
+	if _, err := h.EnsureIdentity(ctx); err != nil {
+		return fmt.Errorf("HSM identity key: %w", err)
+	}
+
+	state := fsm.New(log.With("component", "fsm"))
+	engine, err := keyops.New(keyops.Config{Sealer: h, CacheSize: f.cacheSize})
+	if err != nil {
+		return err
+	}
+	state.OnRestore(engine.Purge)
+
+	peers := transport.NewPeerClients(tlsutil.ClientConfig(cert, pool))
+	defer peers.Close()
+
+	raftLn, err := net.Listen("tcp", nc.RaftAddr)
+	if err != nil {
+		return fmt.Errorf("listen for Raft on %s: %w", nc.RaftAddr, err)
+	}
+	advertise, err := net.ResolveTCPAddr("tcp", nc.RaftAddr)
+	if err != nil {
+		return fmt.Errorf("raft address %q: %w", nc.RaftAddr, err)
+	}
+	stream := tlsutil.NewStreamLayer(raftLn, advertise, tlsutil.NodeServerConfig(cert, pool), tlsutil.NodeClientConfig(cert, pool))
+	node, err := cluster.Open(cluster.Config{
+		NodeID:           nc.NodeID,
+		RaftAddr:         nc.RaftAddr,
+		Dir:              filepath.Join(f.dataDir, "raft"),
+		StreamLayer:      stream,
+		FSM:              state,
+		Forwarder:        peers,
+		Logger:           log.With("component", "cluster"),
+		MaxStaleness:     f.maxStaleness,
+		HeartbeatTimeout: f.heartbeat,
+		ElectionTimeout:  f.election,
+	})
+	if err != nil {
+		raftLn.Close()
+		return err
+	}
+	defer node.Shutdown()
+	if nc.Bootstrap {
+		if err := node.Bootstrap(); err != nil {
+			return err
+		}
+	}
+
+	srv := transport.NewServer(transport.Config{
+		NodeID: nc.NodeID, APIAddr: nc.APIAddr, RaftAddr: nc.RaftAddr, Version: Version,
+		Cluster: node, State: state, Crypto: engine, HSM: h, Peers: peers, Logger: log,
+	})
+	apiLn, err := net.Listen("tcp", nc.APIAddr)
+	if err != nil {
+		return fmt.Errorf("listen for the API on %s: %w", nc.APIAddr, err)
+	}
+	g := srv.NewGRPCServer(tlsutil.ServerConfig(cert, pool))
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- g.Serve(apiLn) }()
+
+	bg, cancelBG := context.WithCancel(ctx)
+	defer cancelBG()
+	go srv.WatchHealth(bg, time.Second)
+	if _, err := os.Stat(filepath.Join(f.dataDir, initFile)); err == nil {
+		go applyPendingInit(bg, log, node, state, f.dataDir)
+	}
+	if !nc.Bootstrap && !node.InConfiguration() {
+		go requestMembership(bg, log, node, peers, nc.JoinAddrs)
+	}
+	log.Info("cabinet node running", "api_addr", nc.APIAddr, "raft_addr", nc.RaftAddr, "version", Version)
+
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down")
+	case err := <-serveErr:
+		log.Error("API server stopped", "err", err)
+	}
+	cancelBG()
+	stopped := make(chan struct{})
+	go func() { g.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(5 * time.Second):
+		g.Stop()
+	}
+	return nil
+}
+
+// applyPendingInit proposes the InitCluster command that `operator init`
+// left in the data dir, once this (bootstrapped) node leads, then removes
+// the file. It is idempotent: the command carries a fixed request id.
+func applyPendingInit(ctx context.Context, log *slog.Logger, node *cluster.Node, state *fsm.FSM, dataDir string) {
+	path := filepath.Join(dataDir, initFile)
+	data, err := os.ReadFile(path)
+	if err != nil {
+		log.Error("read pending init", "err", err)
+		return
+	}
+	cmd, err := fsm.DecodeCommand(data)
+	if err != nil {
+		log.Error("pending init is corrupt; re-run `cabinet operator init` on a fresh data dir", "err", err)
+		return
+	}
+	for ctx.Err() == nil {
+		if state.Cluster() != nil {
+			break
+		}
+		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		res, err := node.Propose(pctx, cmd)
+		cancel()
+		if err == nil && (res.GetCode() == fsmpb.ResultCode_RESULT_CODE_OK || state.Cluster() != nil) {
+			log.Info("cluster initialised", "cluster_id", state.Cluster().GetClusterId())
+			break
+		}
+		if err == nil {
+			log.Error("init command refused", "code", res.GetCode(), "message", res.GetMessage())
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		log.Warn("remove pending init file", "err", err)
+	}
+}
+
+// requestMembership asks existing members to add this admitted node to the
+// Raft configuration until it is in.
+func requestMembership(ctx context.Context, log *slog.Logger, node *cluster.Node, peers *transport.PeerClients, addrs []string) {
+	if len(addrs) == 0 {
+		log.Error("this node is not in the Raft configuration and knows no peer to ask; re-run `cabinet operator join`")
+		return
+	}
+	queue := append([]string{}, addrs...)
+	for i := 0; ctx.Err() == nil; i++ {
+		if node.InConfiguration() {
+			log.Info("this node is a member of the Raft configuration")
+			return
+		}
+		addr := queue[i%len(queue)]
+		cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		resp, err := peers.AddPeer(cctx, addr)
+		cancel()
+		switch {
+		case err != nil:
+			log.Warn("asking to be added to the cluster", "peer", addr, "err", err)
+		case resp.GetAdded():
+			log.Info("added to the Raft configuration", "via", addr)
+		case resp.GetLeaderApiAddr() != "":
+			queue = append(queue, resp.GetLeaderApiAddr())
+			i = len(queue) - 2
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+var _ = cabinetpb.AddPeerResponse{}

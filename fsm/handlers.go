@@ -1,0 +1,373 @@
+package fsm
+
+import (
+	"crypto/subtle"
+	"regexp"
+	"slices"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
+)
+
+// Limits checked by Apply. Validation uses only lengths, ASCII classes and
+// regular expressions, never parsers (x509, unicode tables) whose verdicts
+// could change between Go releases and split a mixed-version cluster.
+const (
+	maxRequestIDLen   = 256
+	maxIDLen          = 128 // cluster, node and join token ids
+	maxAddrLen        = 256
+	maxRegionLen      = 64
+	maxPublicKeyLen   = 16 << 10
+	maxCertLen        = 64 << 10
+	maxBlobLen        = 64 << 10
+	maxCheckValueLen  = 64
+	maxDescriptionLen = 8192
+	maxTags           = 50
+	maxTagKeyLen      = 128
+	maxTagValueLen    = 256
+	secretHashLen     = 32
+
+	keyIDPrefix = "k-"
+)
+
+var (
+	keyIDPattern = regexp.MustCompile(`^k-[a-z0-9]{26}$`)
+	aliasPattern = regexp.MustCompile(`^[A-Za-z0-9/_-]{1,256}$`)
+)
+
+const (
+	codeInvalid       = fsmpb.ResultCode_RESULT_CODE_INVALID_ARGUMENT
+	codeNotFound      = fsmpb.ResultCode_RESULT_CODE_NOT_FOUND
+	codeExists        = fsmpb.ResultCode_RESULT_CODE_ALREADY_EXISTS
+	codePrecondition  = fsmpb.ResultCode_RESULT_CODE_FAILED_PRECONDITION
+	codeDenied        = fsmpb.ResultCode_RESULT_CODE_PERMISSION_DENIED
+	msgBadJoinToken   = "join token is invalid, expired or already used"
+	msgNotInitialised = "cluster is not initialised; run `cabinet operator init` first"
+)
+
+// validID accepts 1..maxIDLen printable ASCII characters without spaces.
+func validID(id string) bool {
+	if id == "" || len(id) > maxIDLen {
+		return false
+	}
+	for i := 0; i < len(id); i++ {
+		if id[i] < 0x21 || id[i] > 0x7e {
+			return false
+		}
+	}
+	return true
+}
+
+func (s *State) applyInitCluster(c *cmdContext, p *fsmpb.InitCluster) *fsmpb.Result {
+	if s.cluster != nil {
+		return failf(codePrecondition, "cluster already initialised (cluster id %s)", s.cluster.GetClusterId())
+	}
+	kek := p.GetKek()
+	switch {
+	case !validID(p.GetClusterId()):
+		return failf(codeInvalid, "cluster id must be 1-%d printable ASCII characters without spaces", maxIDLen)
+	case len(p.GetCaCertDer()) == 0:
+		return failf(codeInvalid, "CA certificate is required")
+	case len(p.GetCaCertDer()) > maxCertLen:
+		return failf(codeInvalid, "CA certificate is %d bytes; the limit is %d", len(p.GetCaCertDer()), maxCertLen)
+	case kek == nil:
+		return failf(codeInvalid, "KEK version is required")
+	case kek.GetVersion() != 1:
+		return failf(codeInvalid, "the first KEK version must be 1, got %d", kek.GetVersion())
+	case len(kek.GetCheckValue()) == 0:
+		return failf(codeInvalid, "KEK check value is required")
+	case len(kek.GetCheckValue()) > maxCheckValueLen:
+		return failf(codeInvalid, "KEK check value is %d bytes; the limit is %d", len(kek.GetCheckValue()), maxCheckValueLen)
+	}
+	if res := checkBlob("CA key", p.GetCaKey()); res != nil {
+		return res
+	}
+	if p.GetCaKey().GetKekVersion() != kek.GetVersion() {
+		return failf(codeInvalid, "CA key is wrapped under KEK version %d, but the cluster KEK is version %d",
+			p.GetCaKey().GetKekVersion(), kek.GetVersion())
+	}
+	node := p.GetFirstNode()
+	if res := checkNode("first node", node); res != nil {
+		return res
+	}
+
+	// p was decoded for this call alone, so its messages can be stored as is.
+	kek.CreatedUnixNano = c.time
+	kek.State = fsmpb.KEKState_KEK_STATE_ACTIVE
+	node.Voter = true
+	node.JoinedUnixNano = c.time
+	s.cluster = &fsmpb.ClusterInfo{
+		ClusterId:         p.GetClusterId(),
+		CaCertDer:         p.GetCaCertDer(),
+		CaKey:             p.GetCaKey(),
+		KekVersions:       []*fsmpb.KEKVersion{kek},
+		CurrentKekVersion: kek.GetVersion(),
+		CreatedUnixNano:   c.time,
+	}
+	s.nodes[node.GetNodeId()] = node
+	return &fsmpb.Result{Node: node}
+}
+
+// keySpecUsages lists, per spec, the usages it allows; the first is the
+// default for KEY_USAGE_UNSPECIFIED, and a nil default means the caller must
+// choose (RSA can either encrypt or sign, as in AWS KMS).
+var keySpecUsages = map[fsmpb.KeySpec]struct {
+	def     fsmpb.KeyUsage
+	allowed []fsmpb.KeyUsage
+}{
+	fsmpb.KeySpec_KEY_SPEC_AES_256:     {fsmpb.KeyUsage_KEY_USAGE_ENCRYPT_DECRYPT, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_ENCRYPT_DECRYPT}},
+	fsmpb.KeySpec_KEY_SPEC_HMAC_SHA256: {fsmpb.KeyUsage_KEY_USAGE_GENERATE_VERIFY_MAC, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_GENERATE_VERIFY_MAC}},
+	fsmpb.KeySpec_KEY_SPEC_HMAC_SHA512: {fsmpb.KeyUsage_KEY_USAGE_GENERATE_VERIFY_MAC, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_GENERATE_VERIFY_MAC}},
+	fsmpb.KeySpec_KEY_SPEC_RSA_2048:    {fsmpb.KeyUsage_KEY_USAGE_UNSPECIFIED, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_ENCRYPT_DECRYPT, fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY}},
+	fsmpb.KeySpec_KEY_SPEC_RSA_3072:    {fsmpb.KeyUsage_KEY_USAGE_UNSPECIFIED, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_ENCRYPT_DECRYPT, fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY}},
+	fsmpb.KeySpec_KEY_SPEC_RSA_4096:    {fsmpb.KeyUsage_KEY_USAGE_UNSPECIFIED, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_ENCRYPT_DECRYPT, fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY}},
+	fsmpb.KeySpec_KEY_SPEC_EC_P256:     {fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY}},
+	fsmpb.KeySpec_KEY_SPEC_EC_P384:     {fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY}},
+	fsmpb.KeySpec_KEY_SPEC_ED25519:     {fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY}},
+}
+
+func (s *State) applyCreateKey(c *cmdContext, p *fsmpb.CreateKey) *fsmpb.Result {
+	if s.cluster == nil {
+		return failf(codePrecondition, msgNotInitialised)
+	}
+	id := p.GetKeyId()
+	if !keyIDPattern.MatchString(id) {
+		return failf(codeInvalid, "key id %+q is malformed: want \"k-\" followed by 26 lowercase letters or digits", truncate(id))
+	}
+	if _, exists := s.keys[id]; exists {
+		return failf(codeExists, "key %s already exists", id)
+	}
+	rule, known := keySpecUsages[p.GetSpec()]
+	if !known {
+		return failf(codeInvalid, "key spec %s is not supported", p.GetSpec())
+	}
+	usage := p.GetUsage()
+	if usage == fsmpb.KeyUsage_KEY_USAGE_UNSPECIFIED {
+		if rule.def == fsmpb.KeyUsage_KEY_USAGE_UNSPECIFIED {
+			return failf(codeInvalid, "key spec %s needs an explicit usage: ENCRYPT_DECRYPT or SIGN_VERIFY", p.GetSpec())
+		}
+		usage = rule.def
+	}
+	if !slices.Contains(rule.allowed, usage) {
+		return failf(codeInvalid, "key usage %s is not allowed for key spec %s", usage, p.GetSpec())
+	}
+	if alias := p.GetAlias(); alias != "" {
+		switch {
+		case !aliasPattern.MatchString(alias):
+			return failf(codeInvalid, "alias %+q is malformed: use 1-256 of A-Z a-z 0-9 / _ -", truncate(alias))
+		case len(alias) >= len(keyIDPrefix) && alias[:len(keyIDPrefix)] == keyIDPrefix:
+			return failf(codeInvalid, "alias %+q must not start with %+q (reserved for key ids)", alias, keyIDPrefix)
+		case s.aliases[alias] != "":
+			return failf(codeExists, "alias %+q is already used by key %s", alias, s.aliases[alias])
+		}
+	}
+	if n := len(p.GetDescription()); n > maxDescriptionLen {
+		return failf(codeInvalid, "description is %d bytes; the limit is %d", n, maxDescriptionLen)
+	}
+	if res := checkTags(p.GetTags()); res != nil {
+		return res
+	}
+	mat := p.GetMaterial()
+	if res := checkBlob("key material", mat); res != nil {
+		return res
+	}
+	if res := s.checkKEKActive(mat.GetKekVersion()); res != nil {
+		return res
+	}
+
+	// p was decoded for this call alone, so its messages can be stored as is.
+	rec := &fsmpb.KeyRecord{
+		KeyId:           id,
+		Spec:            p.GetSpec(),
+		Usage:           usage,
+		State:           fsmpb.KeyState_KEY_STATE_ACTIVE,
+		Alias:           p.GetAlias(),
+		Description:     p.GetDescription(),
+		Tags:            p.GetTags(),
+		CreatedUnixNano: c.time,
+		UpdatedUnixNano: c.time,
+		CreatedBy:       c.principal,
+		PrimaryVersion:  1,
+		Versions: []*fsmpb.KeyVersion{{
+			Version:         1,
+			Material:        mat,
+			CreatedUnixNano: c.time,
+			State:           fsmpb.KeyVersionState_KEY_VERSION_STATE_ENABLED,
+		}},
+	}
+	s.putKey(rec)
+	return &fsmpb.Result{Key: withoutMaterial(rec)}
+}
+
+// withoutMaterial is the view of a key that goes into a Result. Results are
+// kept for RequestRecordTTL in request records (and snapshots); keeping
+// wrapped material there would let it outlive the key's destruction, so a
+// Result never carries it. Read the key itself for its material.
+func withoutMaterial(rec *fsmpb.KeyRecord) *fsmpb.KeyRecord {
+	v := proto.CloneOf(rec)
+	for _, ver := range v.GetVersions() {
+		ver.Material = nil
+	}
+	return v
+}
+
+func checkTags(tags map[string]string) *fsmpb.Result {
+	if len(tags) > maxTags {
+		return failf(codeInvalid, "key has %d tags; the limit is %d", len(tags), maxTags)
+	}
+	// Sorted, so the message names the same tag on every node.
+	keys := make([]string, 0, len(tags))
+	for k := range tags {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		switch {
+		case k == "":
+			return failf(codeInvalid, "tag keys must not be empty")
+		case len(k) > maxTagKeyLen:
+			return failf(codeInvalid, "tag key %+q is %d bytes; the limit is %d", truncate(k), len(k), maxTagKeyLen)
+		case len(tags[k]) > maxTagValueLen:
+			return failf(codeInvalid, "value of tag %+q is %d bytes; the limit is %d", k, len(tags[k]), maxTagValueLen)
+		}
+	}
+	return nil
+}
+
+func checkBlob(what string, b *fsmpb.WrappedBlob) *fsmpb.Result {
+	switch {
+	case b == nil:
+		return failf(codeInvalid, "%s is required", what)
+	case len(b.GetBlob()) == 0:
+		return failf(codeInvalid, "%s is empty", what)
+	case len(b.GetBlob()) > maxBlobLen:
+		return failf(codeInvalid, "%s is %d bytes; the limit is %d", what, len(b.GetBlob()), maxBlobLen)
+	}
+	return nil
+}
+
+func (s *State) checkKEKActive(version uint32) *fsmpb.Result {
+	for _, k := range s.cluster.GetKekVersions() {
+		if k.GetVersion() != version {
+			continue
+		}
+		if k.GetState() != fsmpb.KEKState_KEK_STATE_ACTIVE {
+			return failf(codePrecondition, "key material is wrapped under KEK version %d, which is %s; wrap it under KEK version %d",
+				version, k.GetState(), s.cluster.GetCurrentKekVersion())
+		}
+		return nil
+	}
+	return failf(codeInvalid, "key material is wrapped under KEK version %d, which does not exist; the current KEK version is %d",
+		version, s.cluster.GetCurrentKekVersion())
+}
+
+// checkNode validates a node record proposed by INIT_CLUSTER or ADMIT_NODE.
+func checkNode(what string, n *fsmpb.NodeRecord) *fsmpb.Result {
+	switch {
+	case n == nil:
+		return failf(codeInvalid, "%s is required", what)
+	case !validID(n.GetNodeId()):
+		return failf(codeInvalid, "node id must be 1-%d printable ASCII characters without spaces", maxIDLen)
+	case n.GetRaftAddr() == "":
+		return failf(codeInvalid, "node %+q has no raft address", n.GetNodeId())
+	case len(n.GetRaftAddr()) > maxAddrLen || len(n.GetApiAddr()) > maxAddrLen:
+		return failf(codeInvalid, "node %+q: addresses are limited to %d bytes", n.GetNodeId(), maxAddrLen)
+	case len(n.GetRegion()) > maxRegionLen:
+		return failf(codeInvalid, "node %+q: region is limited to %d bytes", n.GetNodeId(), maxRegionLen)
+	case len(n.GetIdentityPublicKeyDer()) == 0:
+		return failf(codeInvalid, "node %+q has no identity public key", n.GetNodeId())
+	case len(n.GetIdentityPublicKeyDer()) > maxPublicKeyLen:
+		return failf(codeInvalid, "node %+q: identity public key is %d bytes; the limit is %d",
+			n.GetNodeId(), len(n.GetIdentityPublicKeyDer()), maxPublicKeyLen)
+	}
+	return nil
+}
+
+func (s *State) applyCreateJoinToken(c *cmdContext, p *fsmpb.CreateJoinToken) *fsmpb.Result {
+	if s.cluster == nil {
+		return failf(codePrecondition, msgNotInitialised)
+	}
+	switch {
+	case !validID(p.GetTokenId()):
+		return failf(codeInvalid, "join token id must be 1-%d printable ASCII characters without spaces", maxIDLen)
+	case s.tokens[p.GetTokenId()] != nil:
+		return failf(codeExists, "join token %s already exists", p.GetTokenId())
+	case len(p.GetSecretHash()) != secretHashLen:
+		return failf(codeInvalid, "join token secret hash must be %d bytes (SHA-256), got %d", secretHashLen, len(p.GetSecretHash()))
+	case p.GetExpiresUnixNano() <= c.time:
+		return failf(codeInvalid, "join token expiry must be later than the leader's time")
+	}
+	s.tokens[p.GetTokenId()] = &fsmpb.JoinToken{
+		TokenId:         p.GetTokenId(),
+		SecretHash:      p.GetSecretHash(),
+		ExpiresUnixNano: p.GetExpiresUnixNano(),
+		CreatedUnixNano: c.time,
+		CreatedBy:       c.principal,
+	}
+	return &fsmpb.Result{}
+}
+
+func (s *State) applyAdmitNode(c *cmdContext, p *fsmpb.AdmitNode) *fsmpb.Result {
+	if s.cluster == nil {
+		return failf(codePrecondition, msgNotInitialised)
+	}
+	// One answer for every way the token can be wrong, so a caller without a
+	// valid token learns nothing about which tokens exist.
+	tok := s.tokens[p.GetTokenId()]
+	if tok == nil || tok.GetUsedByNode() != "" || c.time >= tok.GetExpiresUnixNano() ||
+		subtle.ConstantTimeCompare(tok.GetSecretHash(), p.GetSecretHash()) != 1 {
+		return failf(codeDenied, msgBadJoinToken)
+	}
+	node := p.GetNode()
+	if res := checkNode("node", node); res != nil {
+		return res
+	}
+	if _, exists := s.nodes[node.GetNodeId()]; exists {
+		return failf(codeExists, "node %+q is already a member of the cluster; remove it first to rejoin", node.GetNodeId())
+	}
+	for _, other := range s.sortedNodes() { // sorted: the message must not depend on map order
+		if other.GetRaftAddr() == node.GetRaftAddr() {
+			return failf(codeExists, "raft address %+q is already used by node %+q", node.GetRaftAddr(), other.GetNodeId())
+		}
+		if node.GetApiAddr() != "" && other.GetApiAddr() == node.GetApiAddr() {
+			return failf(codeExists, "API address %+q is already used by node %+q", node.GetApiAddr(), other.GetNodeId())
+		}
+	}
+
+	used := proto.CloneOf(tok)
+	used.UsedByNode = node.GetNodeId()
+	s.tokens[used.GetTokenId()] = used
+	node.Voter = true
+	node.JoinedUnixNano = c.time
+	s.nodes[node.GetNodeId()] = node
+	return &fsmpb.Result{Node: node}
+}
+
+func (s *State) applyRemoveNode(_ *cmdContext, p *fsmpb.RemoveNode) *fsmpb.Result {
+	id := p.GetNodeId()
+	if id == "" {
+		return failf(codeInvalid, "node id is required")
+	}
+	node, ok := s.nodes[id]
+	if !ok {
+		return failf(codeNotFound, "node %+q is not a member of the cluster", truncate(id))
+	}
+	delete(s.nodes, id)
+	return &fsmpb.Result{Node: node}
+}
+
+func (s *State) applyNoop(*cmdContext, *fsmpb.Noop) *fsmpb.Result {
+	return &fsmpb.Result{}
+}
+
+// truncate bounds caller-supplied strings echoed in messages (always through
+// %+q, whose ASCII-only output does not depend on the Go release's Unicode
+// tables, so every node words a message identically).
+func truncate(s string) string {
+	const limit = 64
+	if len(s) <= limit {
+		return s
+	}
+	return s[:limit] + "..."
+}

@@ -1,0 +1,471 @@
+package fsm
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/google/btree"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
+)
+
+// StateFormat is the fsmpb.State format this package writes and reads.
+const StateFormat = 1
+
+const (
+	// RequestRecordTTL is how long a request id's first outcome is kept for
+	// retries, measured in leader time.
+	RequestRecordTTL = 24 * time.Hour
+	// JoinTokenGrace is how long an expired join token is kept (so an
+	// operator can still see why a join failed) before it is pruned.
+	JoinTokenGrace = 24 * time.Hour
+
+	btreeDegree = 32
+)
+
+// ErrUnsupportedCommand is wrapped by State.Halted when the state met a
+// command it does not understand and may not skip.
+var ErrUnsupportedCommand = errors.New("unsupported command")
+
+// State is the replicated state in indexed, in-memory form, and the command
+// processor that advances it. It has no locks, no clock, no I/O and no
+// randomness: Apply is a pure function of the state and the command, so a
+// Raft log can be replayed into a State without a running node.
+//
+// Stored records (*fsmpb.KeyRecord, *fsmpb.NodeRecord, *fsmpb.JoinToken,
+// *fsmpb.ClusterInfo, *fsmpb.RequestRecord and the Results inside them) are
+// immutable once stored: Apply clones, modifies and replaces. That is what
+// lets FSM hand out stored pointers to readers and capture a snapshot
+// without copying records.
+//
+// A State is not safe for concurrent use; FSM adds the locking.
+type State struct {
+	cluster *fsmpb.ClusterInfo
+
+	keys     map[string]*fsmpb.KeyRecord         // by key id
+	keyOrder *btree.BTreeG[*fsmpb.KeyRecord]     // the same records, by key id
+	aliases  map[string]string                   // alias -> key id
+	nodes    map[string]*fsmpb.NodeRecord        // by node id
+	tokens   map[string]*fsmpb.JoinToken         // by token id
+	requests *btree.BTreeG[*fsmpb.RequestRecord] // by request id
+	reqByAge *btree.BTreeG[*fsmpb.RequestRecord] // by (time, request id), for pruning
+
+	lastAppliedTime int64
+	appliedIndex    uint64
+
+	// halt is set when a command could not be applied and could not be
+	// skipped; from then on Apply refuses everything (see Apply).
+	halt error
+}
+
+// NewState returns an empty, uninitialised state.
+func NewState() *State {
+	return &State{
+		keys:     make(map[string]*fsmpb.KeyRecord),
+		keyOrder: btree.NewG(btreeDegree, keyLess),
+		aliases:  make(map[string]string),
+		nodes:    make(map[string]*fsmpb.NodeRecord),
+		tokens:   make(map[string]*fsmpb.JoinToken),
+		requests: btree.NewG(btreeDegree, requestLess),
+		reqByAge: btree.NewG(btreeDegree, requestAgeLess),
+	}
+}
+
+func keyLess(a, b *fsmpb.KeyRecord) bool { return a.GetKeyId() < b.GetKeyId() }
+
+func requestLess(a, b *fsmpb.RequestRecord) bool { return a.GetRequestId() < b.GetRequestId() }
+
+func requestAgeLess(a, b *fsmpb.RequestRecord) bool {
+	if a.GetTimeUnixNano() != b.GetTimeUnixNano() {
+		return a.GetTimeUnixNano() < b.GetTimeUnixNano()
+	}
+	return a.GetRequestId() < b.GetRequestId()
+}
+
+// AppliedIndex is the Raft index of the last command this state processed.
+// It is not part of fsmpb.State, so a State built by StateFromProto starts
+// at 0 until its next Apply.
+func (s *State) AppliedIndex() uint64 { return s.appliedIndex }
+
+// Halted returns nil, or an error wrapping ErrUnsupportedCommand once the
+// state met a command that it does not know and may not skip. A halted state
+// refuses every later command: this binary is too old for the log and the
+// node must be upgraded (then it replays the log and catches up).
+func (s *State) Halted() error { return s.halt }
+
+// cmdContext is what every handler may know about the envelope.
+type cmdContext struct {
+	index     uint64
+	time      int64 // leader time, unix nanoseconds
+	principal string
+	requestID string
+}
+
+// handler is one row of the dispatch table: how to decode the payload of a
+// command type and how to apply it.
+type handler struct {
+	newPayload func() proto.Message
+	apply      func(s *State, c *cmdContext, payload proto.Message) *fsmpb.Result
+}
+
+// register builds a table row from a typed apply function, so each handler
+// receives its own payload type and the table stays the only place that
+// knows which type goes with which command.
+func register[T proto.Message](newPayload func() T, apply func(*State, *cmdContext, T) *fsmpb.Result) handler {
+	return handler{
+		newPayload: func() proto.Message { return newPayload() },
+		apply: func(s *State, c *cmdContext, p proto.Message) *fsmpb.Result {
+			return apply(s, c, p.(T))
+		},
+	}
+}
+
+// handlers is the dispatch table: one row per command type. To add a command
+// type, add it to fsm.proto, write an apply function in handlers.go and add
+// a row here (see DESIGN.md). The table is never modified after init.
+var handlers = map[fsmpb.CommandType]handler{
+	fsmpb.CommandType_COMMAND_TYPE_INIT_CLUSTER: register(
+		func() *fsmpb.InitCluster { return &fsmpb.InitCluster{} }, (*State).applyInitCluster),
+	fsmpb.CommandType_COMMAND_TYPE_CREATE_KEY: register(
+		func() *fsmpb.CreateKey { return &fsmpb.CreateKey{} }, (*State).applyCreateKey),
+	fsmpb.CommandType_COMMAND_TYPE_CREATE_JOIN_TOKEN: register(
+		func() *fsmpb.CreateJoinToken { return &fsmpb.CreateJoinToken{} }, (*State).applyCreateJoinToken),
+	fsmpb.CommandType_COMMAND_TYPE_ADMIT_NODE: register(
+		func() *fsmpb.AdmitNode { return &fsmpb.AdmitNode{} }, (*State).applyAdmitNode),
+	fsmpb.CommandType_COMMAND_TYPE_REMOVE_NODE: register(
+		func() *fsmpb.RemoveNode { return &fsmpb.RemoveNode{} }, (*State).applyRemoveNode),
+	fsmpb.CommandType_COMMAND_TYPE_NOOP: register(
+		func() *fsmpb.Noop { return &fsmpb.Noop{} }, (*State).applyNoop),
+}
+
+// Apply processes the command at Raft index `index` and returns its outcome.
+// It never fails: a rejected command yields a Result with a non-OK code and
+// a message a user can act on.
+//
+// Order of work, identical on every node:
+//  1. A halted state refuses the command (nothing changes, not even the index).
+//  2. The envelope is checked: nil or format 0 is INVALID_ARGUMENT; a format
+//     other than 1 halts the state (a newer node wrote it).
+//  3. Housekeeping at the command's leader time: last applied time is set,
+//     request records older than RequestRecordTTL and join tokens expired for
+//     more than JoinTokenGrace are pruned.
+//  4. A request id seen before returns the stored Result, changing nothing else.
+//  5. The type is looked up in the dispatch table. Unknown and ignorable: OK,
+//     skipped. Unknown and not ignorable: the state halts.
+//  6. The payload is decoded and the handler applies it; if the command has a
+//     request id, the Result is stored under it.
+//
+// The returned Result (and everything it points to) is shared with the state:
+// do not modify it.
+func (s *State) Apply(index uint64, cmd *fsmpb.Command) *fsmpb.Result {
+	if s.halt != nil {
+		return failf(fsmpb.ResultCode_RESULT_CODE_FAILED_PRECONDITION,
+			"command at index %d refused: %v", index, s.halt)
+	}
+	if cmd == nil {
+		s.appliedIndex = index
+		return failf(fsmpb.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "empty command")
+	}
+	switch f := cmd.GetFormat(); {
+	case f == 0:
+		s.appliedIndex = index
+		return failf(fsmpb.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "command envelope has no format")
+	case f != CommandFormat:
+		return s.stop(index, fmt.Errorf("%w: envelope format %d at index %d (this node knows format %d)",
+			ErrUnsupportedCommand, f, index, CommandFormat))
+	}
+	h, known := handlers[cmd.GetType()]
+	if !known && !cmd.GetIgnorable() {
+		// Checked before anything changes, so a halted state is exactly the
+		// state before the command it could not apply.
+		return s.stop(index, fmt.Errorf("%w: command type %d at index %d is unknown to this node and not ignorable",
+			ErrUnsupportedCommand, int32(cmd.GetType()), index))
+	}
+
+	s.appliedIndex = index
+	t := cmd.GetLeaderTimeUnixNano()
+	if t <= 0 {
+		return failf(fsmpb.ResultCode_RESULT_CODE_INVALID_ARGUMENT,
+			"command has no leader time; the leader must stamp it before appending")
+	}
+	if len(cmd.GetRequestId()) > maxRequestIDLen {
+		return failf(fsmpb.ResultCode_RESULT_CODE_INVALID_ARGUMENT,
+			"request id is %d bytes; the limit is %d", len(cmd.GetRequestId()), maxRequestIDLen)
+	}
+	if !utf8.ValidString(cmd.GetRequestId()) || !utf8.ValidString(cmd.GetPrincipal()) {
+		// Only reachable when a Command is built in memory; decoded ones are
+		// checked by protobuf. Such strings could not be snapshotted.
+		return failf(fsmpb.ResultCode_RESULT_CODE_INVALID_ARGUMENT, "request id and principal must be UTF-8")
+	}
+	s.lastAppliedTime = t
+	s.prune(t)
+
+	if rec, seen := s.request(cmd.GetRequestId()); seen {
+		return rec.GetResult()
+	}
+	if !known {
+		return &fsmpb.Result{Message: fmt.Sprintf("ignored unknown command type %d", int32(cmd.GetType()))}
+	}
+
+	c := &cmdContext{index: index, time: t, principal: cmd.GetPrincipal(), requestID: cmd.GetRequestId()}
+	var res *fsmpb.Result
+	payload := h.newPayload()
+	if err := proto.Unmarshal(cmd.GetPayload(), payload); err != nil {
+		// The parser's error text is left out on purpose: protobuf-go varies
+		// it between builds, and a Result must be identical on every node.
+		res = failf(fsmpb.ResultCode_RESULT_CODE_INVALID_ARGUMENT,
+			"malformed %s payload (%d bytes)", typeName(cmd.GetType()), len(cmd.GetPayload()))
+	} else {
+		res = h.apply(s, c, payload)
+	}
+	if c.requestID != "" {
+		rec := &fsmpb.RequestRecord{RequestId: c.requestID, TimeUnixNano: t, Result: res}
+		s.requests.ReplaceOrInsert(rec)
+		s.reqByAge.ReplaceOrInsert(rec)
+	}
+	return res
+}
+
+func (s *State) stop(index uint64, err error) *fsmpb.Result {
+	s.halt = err
+	return failf(fsmpb.ResultCode_RESULT_CODE_FAILED_PRECONDITION,
+		"%v: this node is too old to apply it and has stopped applying; upgrade it", err)
+}
+
+func (s *State) request(id string) (*fsmpb.RequestRecord, bool) {
+	if id == "" {
+		return nil, false
+	}
+	return s.requests.Get(&fsmpb.RequestRecord{RequestId: id})
+}
+
+// prune drops request records and join tokens that have outlived their use at
+// leader time t. Which records go depends only on their contents and t, never
+// on insertion order, so a node restored from a snapshot prunes exactly what
+// a node that applied the whole log prunes.
+func (s *State) prune(t int64) {
+	reqCutoff := t - int64(RequestRecordTTL)
+	for {
+		oldest, ok := s.reqByAge.Min()
+		if !ok || oldest.GetTimeUnixNano() >= reqCutoff {
+			break
+		}
+		s.reqByAge.DeleteMin()
+		s.requests.Delete(oldest)
+	}
+	tokenCutoff := t - int64(JoinTokenGrace)
+	for id, tok := range s.tokens {
+		if tok.GetExpiresUnixNano() < tokenCutoff {
+			delete(s.tokens, id)
+		}
+	}
+}
+
+func typeName(t fsmpb.CommandType) string {
+	return strings.TrimPrefix(t.String(), "COMMAND_TYPE_")
+}
+
+func failf(code fsmpb.ResultCode, format string, a ...any) *fsmpb.Result {
+	return &fsmpb.Result{Code: code, Message: fmt.Sprintf(format, a...)}
+}
+
+// putKey stores rec (a new or replacing record) in every index.
+func (s *State) putKey(rec *fsmpb.KeyRecord) {
+	if old, ok := s.keys[rec.GetKeyId()]; ok && old.GetAlias() != "" && old.GetAlias() != rec.GetAlias() {
+		delete(s.aliases, old.GetAlias())
+	}
+	s.keys[rec.GetKeyId()] = rec
+	s.keyOrder.ReplaceOrInsert(rec)
+	if rec.GetAlias() != "" {
+		s.aliases[rec.GetAlias()] = rec.GetKeyId()
+	}
+}
+
+// key finds a key by id or alias. Ids start with "k-" and aliases may not,
+// so the two never collide.
+func (s *State) key(idOrAlias string) (*fsmpb.KeyRecord, bool) {
+	if rec, ok := s.keys[idOrAlias]; ok {
+		return rec, true
+	}
+	if id, ok := s.aliases[idOrAlias]; ok {
+		rec, ok := s.keys[id]
+		return rec, ok
+	}
+	return nil, false
+}
+
+func (s *State) listKeys(afterID string, limit int) []*fsmpb.KeyRecord {
+	n := s.keyOrder.Len()
+	if limit > 0 && limit < n {
+		n = limit
+	}
+	out := make([]*fsmpb.KeyRecord, 0, min(n, 1024))
+	s.keyOrder.AscendGreaterOrEqual(&fsmpb.KeyRecord{KeyId: afterID}, func(rec *fsmpb.KeyRecord) bool {
+		if rec.GetKeyId() == afterID {
+			return true
+		}
+		out = append(out, rec)
+		return limit <= 0 || len(out) < limit
+	})
+	return out
+}
+
+func (s *State) sortedNodes() []*fsmpb.NodeRecord {
+	out := make([]*fsmpb.NodeRecord, 0, len(s.nodes))
+	for _, n := range s.nodes {
+		out = append(out, n)
+	}
+	slices.SortFunc(out, func(a, b *fsmpb.NodeRecord) int { return strings.Compare(a.GetNodeId(), b.GetNodeId()) })
+	return out
+}
+
+func (s *State) sortedTokens() []*fsmpb.JoinToken {
+	out := make([]*fsmpb.JoinToken, 0, len(s.tokens))
+	for _, t := range s.tokens {
+		out = append(out, t)
+	}
+	slices.SortFunc(out, func(a, b *fsmpb.JoinToken) int { return strings.Compare(a.GetTokenId(), b.GetTokenId()) })
+	return out
+}
+
+// frozenState is a consistent view of a State that stays valid while the
+// State keeps changing: the key and request trees are copy-on-write clones,
+// the rest are small slices of immutable records.
+type frozenState struct {
+	cluster         *fsmpb.ClusterInfo
+	keys            *btree.BTreeG[*fsmpb.KeyRecord]
+	nodes           []*fsmpb.NodeRecord
+	tokens          []*fsmpb.JoinToken
+	requests        *btree.BTreeG[*fsmpb.RequestRecord]
+	lastAppliedTime int64
+}
+
+// freeze captures the state in O(nodes + tokens). It writes to the trees'
+// copy-on-write bookkeeping, so the caller needs exclusive access to s.
+func (s *State) freeze() *frozenState {
+	return &frozenState{
+		cluster:         s.cluster,
+		keys:            s.keyOrder.Clone(),
+		nodes:           s.sortedNodes(),
+		tokens:          s.sortedTokens(),
+		requests:        s.requests.Clone(),
+		lastAppliedTime: s.lastAppliedTime,
+	}
+}
+
+// ToProto returns the state as an fsmpb.State with every repeated field
+// sorted by id, so equal states marshal (deterministically) to equal bytes.
+// The result shares the stored records: do not modify it. ToProto only reads
+// s, so concurrent ToProto calls are safe while nothing applies.
+func (s *State) ToProto() *fsmpb.State {
+	return (&frozenState{
+		cluster:         s.cluster,
+		keys:            s.keyOrder,
+		nodes:           s.sortedNodes(),
+		tokens:          s.sortedTokens(),
+		requests:        s.requests,
+		lastAppliedTime: s.lastAppliedTime,
+	}).proto()
+}
+
+func (f *frozenState) proto() *fsmpb.State {
+	st := &fsmpb.State{
+		Format:                  StateFormat,
+		Cluster:                 f.cluster,
+		Keys:                    make([]*fsmpb.KeyRecord, 0, f.keys.Len()),
+		Nodes:                   f.nodes,
+		JoinTokens:              f.tokens,
+		Requests:                make([]*fsmpb.RequestRecord, 0, f.requests.Len()),
+		LastAppliedTimeUnixNano: f.lastAppliedTime,
+	}
+	f.keys.Ascend(func(rec *fsmpb.KeyRecord) bool {
+		st.Keys = append(st.Keys, rec)
+		return true
+	})
+	f.requests.Ascend(func(rec *fsmpb.RequestRecord) bool {
+		st.Requests = append(st.Requests, rec)
+		return true
+	})
+	return st
+}
+
+// StateFromProto builds a State from its snapshot form, after checking that
+// the snapshot is internally consistent (known format, no missing or
+// duplicate ids or aliases). The State takes ownership of st's records: the
+// caller must not modify st afterwards. The applied index starts at 0.
+func StateFromProto(st *fsmpb.State) (*State, error) {
+	if st == nil {
+		return nil, errors.New("state: nil")
+	}
+	if st.GetFormat() != StateFormat {
+		return nil, fmt.Errorf("state: unsupported format %d (this node reads format %d)", st.GetFormat(), StateFormat)
+	}
+	s := NewState()
+	if c := st.GetCluster(); c != nil {
+		if c.GetClusterId() == "" {
+			return nil, errors.New("state: cluster info has no cluster id")
+		}
+		seen := make(map[uint32]bool, len(c.GetKekVersions()))
+		for i, k := range c.GetKekVersions() {
+			if k == nil {
+				return nil, fmt.Errorf("state: KEK version entry %d is empty", i)
+			}
+			if seen[k.GetVersion()] {
+				return nil, fmt.Errorf("state: duplicate KEK version %d", k.GetVersion())
+			}
+			seen[k.GetVersion()] = true
+		}
+		s.cluster = c
+	}
+	for i, rec := range st.GetKeys() {
+		switch {
+		case rec == nil || rec.GetKeyId() == "":
+			return nil, fmt.Errorf("state: key entry %d has no key id", i)
+		case s.keys[rec.GetKeyId()] != nil:
+			return nil, fmt.Errorf("state: duplicate key id %s", rec.GetKeyId())
+		case rec.GetAlias() != "" && s.aliases[rec.GetAlias()] != "":
+			return nil, fmt.Errorf("state: alias %q is used by keys %s and %s",
+				rec.GetAlias(), s.aliases[rec.GetAlias()], rec.GetKeyId())
+		case strings.HasPrefix(rec.GetAlias(), keyIDPrefix):
+			return nil, fmt.Errorf("state: key %s has alias %q, which looks like a key id", rec.GetKeyId(), rec.GetAlias())
+		}
+		s.putKey(rec)
+	}
+	for i, n := range st.GetNodes() {
+		switch {
+		case n == nil || n.GetNodeId() == "":
+			return nil, fmt.Errorf("state: node entry %d has no node id", i)
+		case s.nodes[n.GetNodeId()] != nil:
+			return nil, fmt.Errorf("state: duplicate node id %q", n.GetNodeId())
+		}
+		s.nodes[n.GetNodeId()] = n
+	}
+	for i, t := range st.GetJoinTokens() {
+		switch {
+		case t == nil || t.GetTokenId() == "":
+			return nil, fmt.Errorf("state: join token entry %d has no token id", i)
+		case s.tokens[t.GetTokenId()] != nil:
+			return nil, fmt.Errorf("state: duplicate join token id %q", t.GetTokenId())
+		}
+		s.tokens[t.GetTokenId()] = t
+	}
+	for i, r := range st.GetRequests() {
+		switch {
+		case r == nil || r.GetRequestId() == "":
+			return nil, fmt.Errorf("state: request record %d has no request id", i)
+		case r.GetResult() == nil:
+			return nil, fmt.Errorf("state: request record %q has no result", r.GetRequestId())
+		case s.requests.Has(r):
+			return nil, fmt.Errorf("state: duplicate request id %q", r.GetRequestId())
+		}
+		s.requests.ReplaceOrInsert(r)
+		s.reqByAge.ReplaceOrInsert(r)
+	}
+	s.lastAppliedTime = st.GetLastAppliedTimeUnixNano()
+	return s, nil
+}

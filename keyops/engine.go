@@ -1,0 +1,221 @@
+// Package keyops owns what Cabinet does with key material: generating and
+// wrapping it through a node's HSM, unwrapping it on first use and caching
+// the result, the ciphertext format, Encrypt/Decrypt/GenerateDataKey, and the
+// state rules that decide whether a key version may be used now.
+//
+// It knows nothing about Raft or gRPC: callers pass key records from the
+// replicated state and map the sentinel errors to status codes. See
+// DESIGN.md in this folder and docs/CIPHERTEXT.md.
+package keyops
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"io"
+
+	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
+)
+
+// Sealer is what keyops needs from a node's HSM (hsm.Provider satisfies it).
+type Sealer interface {
+	Seal(ctx context.Context, kekVersion uint32, plaintext, aad []byte) ([]byte, error)
+	Open(ctx context.Context, kekVersion uint32, sealed, aad []byte) ([]byte, error)
+	GenerateRandom(ctx context.Context, n int) ([]byte, error)
+}
+
+// DefaultCacheSize is the default bound of the unwrap cache, in key versions.
+const DefaultCacheSize = 10000
+
+// Data key lengths accepted by GenerateDataKey.
+const (
+	DefaultDataKeyLen = 32
+	MaxDataKeyLen     = 1024
+)
+
+// Config configures an Engine.
+type Config struct {
+	// Sealer wraps and unwraps material; required.
+	Sealer Sealer
+	// CacheSize bounds the number of cached key versions; 0 means
+	// DefaultCacheSize.
+	CacheSize int
+	// Rand supplies salts, data keys and the local half of new material;
+	// nil means crypto/rand.Reader.
+	Rand io.Reader
+}
+
+// Engine performs key operations. It is safe for concurrent use.
+type Engine struct {
+	sealer Sealer
+	rand   io.Reader
+	cache  *unwrapCache
+}
+
+// New returns an Engine.
+func New(cfg Config) (*Engine, error) {
+	if cfg.Sealer == nil {
+		return nil, errors.New("keyops: Config.Sealer is required")
+	}
+	if cfg.CacheSize < 0 {
+		return nil, errors.New("keyops: Config.CacheSize must not be negative")
+	}
+	if cfg.CacheSize == 0 {
+		cfg.CacheSize = DefaultCacheSize
+	}
+	if cfg.Rand == nil {
+		cfg.Rand = rand.Reader
+	}
+	return &Engine{sealer: cfg.Sealer, rand: cfg.Rand, cache: newUnwrapCache(cfg.CacheSize)}, nil
+}
+
+// Forget drops every cached version of keyID. Call it when a key is
+// disabled, revoked, scheduled for destruction, destroyed or otherwise
+// changes; material is zeroed as soon as no operation in flight uses it.
+func (e *Engine) Forget(keyID string) { e.cache.forget(keyID) }
+
+// Purge drops the whole cache (after a snapshot restore or KEK change).
+func (e *Engine) Purge() { e.cache.purge() }
+
+// CacheStats reports the unwrap cache's counters.
+func (e *Engine) CacheStats() CacheStats { return e.cache.stats() }
+
+// Encrypt seals plaintext (at most MaxPlaintextLen bytes) under key's primary
+// version, binding encCtx, after checking the state rules.
+func (e *Engine) Encrypt(ctx context.Context, key *fsmpb.KeyRecord, plaintext []byte, encCtx map[string]string) (ciphertext []byte, version uint32, err error) {
+	if len(plaintext) > MaxPlaintextLen {
+		return nil, 0, newErr(ErrInvalidArgument, "plaintext is %d bytes; Encrypt takes at most %d (encrypt larger data under a data key from GenerateDataKey)", len(plaintext), MaxPlaintextLen)
+	}
+	ctxLen, err := validateContext(encCtx)
+	if err != nil {
+		return nil, 0, err
+	}
+	if err := CheckOperation(key, key.GetPrimaryVersion(), OpEncrypt); err != nil {
+		return nil, 0, err
+	}
+	return e.encrypt(ctx, key, plaintext, encCtx, ctxLen)
+}
+
+// encrypt does Encrypt's work after the checks.
+func (e *Engine) encrypt(ctx context.Context, key *fsmpb.KeyRecord, plaintext []byte, encCtx map[string]string, ctxLen int) ([]byte, uint32, error) {
+	if key.GetSpec() != fsmpb.KeySpec_KEY_SPEC_AES_256 {
+		return nil, 0, newErr(ErrUnsupported, "key %s has spec %s; only AES_256 keys encrypt so far", key.GetKeyId(), specName(key.GetSpec()))
+	}
+	keyID, version := key.GetKeyId(), key.GetPrimaryVersion()
+	if !validKeyIDBytes(keyID) {
+		return nil, 0, newErr(ErrInvalidArgument, "key id cannot be carried in a ciphertext")
+	}
+	entry, err := e.material(ctx, key, version)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer entry.release()
+
+	var salt [saltLen]byte
+	if _, err := io.ReadFull(e.rand, salt[:]); err != nil {
+		return nil, 0, wrapErr(ErrUnwrap, err, "could not read random salt")
+	}
+	hdrLen := fixedHeaderLen + len(keyID)
+	out := make([]byte, 0, hdrLen+len(plaintext)+tagLen)
+	out = appendHeader(out, keyID, version, salt[:])
+	aead, nonce, err := messageAEAD(entry.material, salt[:], out)
+	if err != nil {
+		return nil, 0, wrapErr(ErrUnwrap, err, "could not derive message key")
+	}
+	aad := make([]byte, 0, hdrLen+ctxLen)
+	aad = append(aad, out...)
+	aad = appendContext(aad, encCtx)
+	out = aead.Seal(out, nonce, plaintext, aad)
+	return out, version, nil
+}
+
+// Decrypt parses ciphertext's header, looks the key up, checks the state
+// rules for the version it names, and opens it with encCtx.
+func (e *Engine) Decrypt(ctx context.Context, lookup func(keyID string) (*fsmpb.KeyRecord, bool), ciphertext []byte, encCtx map[string]string) (plaintext []byte, keyID string, version uint32, err error) {
+	p, err := parseCiphertext(ciphertext)
+	if err != nil {
+		return nil, "", 0, err
+	}
+	ctxLen, err := validateContext(encCtx)
+	if err != nil {
+		return nil, "", 0, err
+	}
+	key, ok := lookup(p.KeyID)
+	if !ok || key == nil {
+		return nil, "", 0, newErr(ErrKeyNotFound, "key %s named by the ciphertext does not exist", p.KeyID)
+	}
+	if err := CheckOperation(key, p.Version, OpDecrypt); err != nil {
+		return nil, "", 0, err
+	}
+	if key.GetSpec() != fsmpb.KeySpec_KEY_SPEC_AES_256 {
+		return nil, "", 0, newErr(ErrUnsupported, "key %s has spec %s; only AES_256 keys decrypt so far", key.GetKeyId(), specName(key.GetSpec()))
+	}
+	entry, err := e.material(ctx, key, p.Version)
+	if err != nil {
+		return nil, "", 0, err
+	}
+	defer entry.release()
+	aead, nonce, err := messageAEAD(entry.material, p.salt, p.header)
+	if err != nil {
+		return nil, "", 0, wrapErr(ErrUnwrap, err, "could not derive message key")
+	}
+	aad := make([]byte, 0, len(p.header)+ctxLen)
+	aad = append(aad, p.header...)
+	aad = appendContext(aad, encCtx)
+	plaintext, err = aead.Open(nil, nonce, p.body, aad)
+	if err != nil {
+		return nil, "", 0, errAuthFailed
+	}
+	return plaintext, p.KeyID, p.Version, nil
+}
+
+// GenerateDataKey returns n random bytes (0 means DefaultDataKeyLen; at most
+// MaxDataKeyLen) and their ciphertext under key, as Encrypt would produce.
+func (e *Engine) GenerateDataKey(ctx context.Context, key *fsmpb.KeyRecord, n int, encCtx map[string]string) (plaintext, ciphertext []byte, version uint32, err error) {
+	if n == 0 {
+		n = DefaultDataKeyLen
+	}
+	if n < 1 || n > MaxDataKeyLen {
+		return nil, nil, 0, newErr(ErrInvalidArgument, "data key length must be 1..%d bytes (0 means %d); got %d", MaxDataKeyLen, DefaultDataKeyLen, n)
+	}
+	ctxLen, err := validateContext(encCtx)
+	if err != nil {
+		return nil, nil, 0, err
+	}
+	if err := CheckOperation(key, key.GetPrimaryVersion(), OpGenerateDataKey); err != nil {
+		return nil, nil, 0, err
+	}
+	plaintext = make([]byte, n)
+	if _, err := io.ReadFull(e.rand, plaintext); err != nil {
+		return nil, nil, 0, wrapErr(ErrUnwrap, err, "could not read random bytes")
+	}
+	ciphertext, version, err = e.encrypt(ctx, key, plaintext, encCtx, ctxLen)
+	if err != nil {
+		clear(plaintext)
+		return nil, nil, 0, err
+	}
+	return plaintext, ciphertext, version, nil
+}
+
+// material returns the acquired cache entry of key's version, unwrapping it
+// through the Sealer on first use. The caller must release it.
+func (e *Engine) material(ctx context.Context, key *fsmpb.KeyRecord, version uint32) (*cacheEntry, error) {
+	keyID, spec := key.GetKeyId(), key.GetSpec()
+	wrapped := findVersion(key, version).GetMaterial()
+	if len(wrapped.GetBlob()) == 0 {
+		return nil, newErr(ErrUnwrap, "key %s version %d has no wrapped material", keyID, version)
+	}
+	kek, blob := wrapped.GetKekVersion(), wrapped.GetBlob()
+	k := cacheKey{keyID: keyID, version: version, kekVersion: kek}
+	return e.cache.get(ctx, k, blob, func(ctx context.Context) ([]byte, error) {
+		m, err := e.sealer.Open(ctx, kek, blob, MaterialAAD(keyID, version, spec))
+		if err != nil {
+			return nil, wrapErr(ErrUnwrap, err, "hsm could not unwrap key %s version %d (KEK version %d)", keyID, version, kek)
+		}
+		if len(m) != materialLen(spec) {
+			clear(m)
+			return nil, newErr(ErrUnwrap, "unwrapped material of key %s version %d has the wrong length for %s", keyID, version, specName(spec))
+		}
+		return m, nil
+	})
+}
