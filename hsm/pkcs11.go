@@ -354,6 +354,9 @@ func (p *PKCS11) run(ctx context.Context, op string, retry bool, fn func(st *tok
 		}
 		err = fn(st, s.h)
 		f := classify(err)
+		if f == failSession && !st.anchorAlive(p.mod.ctx) {
+			f = failState // not just this session: the login went with the others
+		}
 		if f != failNone {
 			// Whatever went wrong, this session is suspect: close it; a fresh one is opened on next use.
 			_ = p.mod.ctx.CloseSession(s.h)
@@ -374,6 +377,14 @@ func (p *PKCS11) run(ctx context.Context, op string, retry bool, fn func(st *tok
 		}
 	}
 	return fmt.Errorf("hsm: %s: %w: %w", op, ErrUnavailable, err)
+}
+
+// anchorAlive reports whether the anchor session still exists and is logged in as user.
+func (st *tokenState) anchorAlive(c *pkcs11.Ctx) bool {
+	st.anchorMu.Lock()
+	defer st.anchorMu.Unlock()
+	si, err := c.GetSessionInfo(st.anchor)
+	return err == nil && si.State == pkcs11.CKS_RW_USER_FUNCTIONS
 }
 
 // failure says how bad a PKCS#11 error is for the provider's state.

@@ -262,7 +262,7 @@ func TestCacheFirstCallerCanceled(t *testing.T) {
 	ctx3, cancel3 := context.WithCancel(context.Background())
 	third := make(chan error, 1)
 	go func() { _, _, err := e.Encrypt(ctx3, k, nil, nil); third <- err }()
-	waitFor(t, "waiter", func() bool { return e.CacheStats().Misses == 4 })
+	waitFor(t, "waiter", func() bool { return e.CacheStats().Misses == 5 })
 	cancel3()
 	wantErr(t, <-third, context.Canceled)
 	close(gate2)

@@ -163,7 +163,7 @@ admin client certificate (written to --admin-out). Start the node with
 			if err := tlsutil.WriteKeyPEM(filepath.Join(td, "node-key.pem"), nodeKey); err != nil {
 				return err
 			}
-			if err := tlsutil.WriteCertPEM(filepath.Join(td, "node.pem"), nodeCert); err != nil {
+			if err := tlsutil.WriteCertPEM(filepath.Join(td, "node.pem"), nodeCert, ca.CertDER); err != nil {
 				return err
 			}
 			if err := tlsutil.WriteCertPEM(filepath.Join(td, "ca.pem"), ca.CertDER); err != nil {
@@ -305,7 +305,7 @@ this node's HSM and checks it against the cluster's check value. Then start (or 
 			if err := tlsutil.WriteKeyPEM(filepath.Join(td, "node-key.pem"), nodeKey); err != nil {
 				return err
 			}
-			if err := tlsutil.WriteCertPEM(filepath.Join(td, "node.pem"), resp.GetNodeCertDer()); err != nil {
+			if err := tlsutil.WriteCertPEM(filepath.Join(td, "node.pem"), resp.GetNodeCertDer(), resp.GetCaCertDer()); err != nil {
 				return err
 			}
 			if err := tlsutil.WriteCertPEM(filepath.Join(td, "ca.pem"), resp.GetCaCertDer()); err != nil {

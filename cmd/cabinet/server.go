@@ -126,6 +126,10 @@ func runServer(ctx context.Context, f *serverFlags) error {
 	}
 	nc, err := waitNodeConfig(ctx, f.dataDir, log)
 	if err != nil {
+		if ctx.Err() != nil {
+			log.Info("stopped before this node was initialised or joined")
+			return nil
+		}
 		return err
 	}
 	log = log.With("node", nc.NodeID)
@@ -147,8 +151,8 @@ func runServer(ctx context.Context, f *serverFlags) error {
 		return fmt.Errorf("HSM identity key: %w", err)
 	}
 
-	state := fsm.New(log.With("component", "fsm"))
-	engine, err := keyops.New(keyops.Config{Sealer: h, CacheSize: f.cacheSize})
+	state := fsm.New(fsm.Config{Logger: log.With("component", "fsm")})
+	engine, err := keyops.New(keyops.Config{Sealer: wrapSealer(h), CacheSize: f.cacheSize})
 	if err != nil {
 		return err
 	}
