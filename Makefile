@@ -4,6 +4,9 @@ BIN := .run/bin/cabinet
 PROTOC_GEN_GO := google.golang.org/protobuf/cmd/protoc-gen-go
 PROTOC_GEN_GO_GRPC_VERSION := v1.5.1
 FUZZTIME ?= 10s
+# boltdb/bolt (under raft-boltdb v1) trips -race's checkptr instrumentation with
+# a false positive in its page casts; keep checkptr on everywhere else.
+RACE := -race -gcflags='github.com/boltdb/bolt=-d=checkptr=0'
 
 .PHONY: all build cluster cluster-down cluster-clean test test-unit test-integration fuzz proto deps help
 
@@ -29,11 +32,11 @@ deps: ## install what the tests need (SoftHSM2) when missing
 
 test: deps ## run every test: vet, unit tests with -race, integration tests with real processes, short fuzzing
 	$(GO) vet ./...
-	$(GO) test -race -count=1 -timeout 20m ./...
+	$(GO) test $(RACE) -count=1 -timeout 20m ./...
 	$(MAKE) --no-print-directory fuzz FUZZTIME=5s
 
 test-unit: ## unit tests only
-	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /integration)
+	$(GO) test $(RACE) -count=1 $$($(GO) list ./... | grep -v /integration)
 
 test-integration: ## integration tests only (real processes, real SoftHSM tokens)
 	$(GO) test -count=1 -v -timeout 15m ./integration/...

@@ -150,9 +150,14 @@ func Open(cfg Config) (*Node, error) {
 	rc.SnapshotThreshold = cfg.SnapshotThreshold
 	rc.TrailingLogs = cfg.TrailingLogs
 	rc.Logger = hlog.Named("raft")
-	n := &Node{cfg: cfg, transport: trans, store: store, applied: newAppliedWaiter(), log: cfg.Logger}
+	n := &Node{cfg: cfg, transport: trans, store: store, log: cfg.Logger}
+	n.applied = newAppliedWaiter(func() uint64 {
+		if n.raft == nil {
+			return 0
+		}
+		return n.raft.AppliedIndex()
+	})
 	cfg.FSM.OnApply(func(index uint64, _ *fsmpb.Command, _ *fsmpb.Result) { n.applied.advance(index) })
-	cfg.FSM.OnRestore(func() { n.applied.advance(cfg.FSM.AppliedIndex()) })
 	r, err := raft.NewRaft(rc, cfg.FSM, logs, store, snaps, trans)
 	if err != nil {
 		trans.Close()
@@ -160,7 +165,6 @@ func Open(cfg Config) (*Node, error) {
 		return nil, fmt.Errorf("start raft: %w", err)
 	}
 	n.raft = r
-	n.applied.advance(cfg.FSM.AppliedIndex())
 	return n, nil
 }
 
@@ -482,16 +486,21 @@ func stateName(s raft.RaftState) string {
 	}
 }
 
-// appliedWaiter lets readers wait for the FSM to reach an index without
-// polling.
+// appliedWaiter lets readers wait for this node to apply an index. Command
+// entries wake waiters at once (FSM OnApply); entries the FSM never sees
+// (configuration changes, leader no-ops, a snapshot restore) are caught by
+// re-reading Raft's applied index every few milliseconds.
 type appliedWaiter struct {
-	mu      sync.Mutex
-	index   uint64
-	closed  bool
-	waiters map[chan struct{}]uint64
+	mu          sync.Mutex
+	index       uint64
+	closed      bool
+	waiters     map[chan struct{}]uint64
+	raftApplied func() uint64
 }
 
-func newAppliedWaiter() *appliedWaiter { return &appliedWaiter{waiters: map[chan struct{}]uint64{}} }
+func newAppliedWaiter(raftApplied func() uint64) *appliedWaiter {
+	return &appliedWaiter{waiters: map[chan struct{}]uint64{}, raftApplied: raftApplied}
+}
 
 func (w *appliedWaiter) advance(idx uint64) {
 	w.mu.Lock()
@@ -518,6 +527,9 @@ func (w *appliedWaiter) close() {
 }
 
 func (w *appliedWaiter) wait(ctx context.Context, idx uint64) error {
+	if w.raftApplied() >= idx {
+		return nil
+	}
 	w.mu.Lock()
 	if w.index >= idx {
 		w.mu.Unlock()
@@ -530,19 +542,31 @@ func (w *appliedWaiter) wait(ctx context.Context, idx uint64) error {
 	ch := make(chan struct{})
 	w.waiters[ch] = idx
 	w.mu.Unlock()
-	select {
-	case <-ch:
-		w.mu.Lock()
-		ok := w.index >= idx
-		w.mu.Unlock()
-		if !ok {
-			return errors.New("node is shutting down")
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-tick.C:
+			if w.raftApplied() >= idx {
+				w.mu.Lock()
+				delete(w.waiters, ch)
+				w.mu.Unlock()
+				return nil
+			}
+			continue
+		case <-ch:
+			w.mu.Lock()
+			ok := w.index >= idx
+			w.mu.Unlock()
+			if !ok {
+				return errors.New("node is shutting down")
+			}
+			return nil
+		case <-ctx.Done():
+			w.mu.Lock()
+			delete(w.waiters, ch)
+			w.mu.Unlock()
+			return fmt.Errorf("waiting for index %d to be applied: %w", idx, ctx.Err())
 		}
-		return nil
-	case <-ctx.Done():
-		w.mu.Lock()
-		delete(w.waiters, ch)
-		w.mu.Unlock()
-		return fmt.Errorf("waiting for index %d to be applied: %w", idx, ctx.Err())
 	}
 }

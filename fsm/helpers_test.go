@@ -148,6 +148,8 @@ func checkResult(t testing.TB, res *fsmpb.Result, code fsmpb.ResultCode, msg str
 	}
 }
 
+func sha256Sum(b []byte) [32]byte { return sha256.Sum256(b) }
+
 // waitFor polls cond until it holds or the deadline passes.
 func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()

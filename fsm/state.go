@@ -412,8 +412,8 @@ func StateFromProto(st *fsmpb.State) (*State, error) {
 		}
 		seen := make(map[uint32]bool, len(c.GetKekVersions()))
 		for i, k := range c.GetKekVersions() {
-			if k == nil {
-				return nil, fmt.Errorf("state: KEK version entry %d is empty", i)
+			if k.GetVersion() == 0 {
+				return nil, fmt.Errorf("state: KEK version entry %d is empty or has version 0", i)
 			}
 			if seen[k.GetVersion()] {
 				return nil, fmt.Errorf("state: duplicate KEK version %d", k.GetVersion())

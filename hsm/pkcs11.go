@@ -549,7 +549,10 @@ func checkAES256(c *pkcs11.Ctx, s pkcs11.SessionHandle, key pkcs11.ObjectHandle)
 			valueLen = ulong(a.Value)
 		}
 	}
-	if keyType != pkcs11.CKK_AES || valueLen != KEKSize {
+	// SoftHSM 2.6.1 reports CKA_VALUE_LEN 0 for unwrapped keys (and refuses CKA_VALUE_LEN in an
+	// unwrap template), so 0 means "unknown" here. An unwrapped KEK of the wrong length still
+	// cannot pass: its check value differs from the one the cluster recorded for that version.
+	if keyType != pkcs11.CKK_AES || (valueLen != 0 && valueLen != KEKSize) {
 		return fmt.Errorf("key is type %#x, %d bytes; want AES, %d bytes", keyType, valueLen, KEKSize)
 	}
 	return nil

@@ -3,7 +3,10 @@ package hsm_test
 import (
 	"bytes"
 	"context"
+	"crypto"
+	"crypto/rand"
 	"crypto/rsa"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"os"
@@ -467,5 +470,35 @@ func TestOpenErrors(t *testing.T) {
 	other.Library = good.Library
 	if _, err := hsm.OpenPKCS11(ctx, other); err == nil || !strings.Contains(err.Error(), "own copy of the library") {
 		t.Fatalf("second config on one library path: %v", err)
+	}
+}
+
+// TestOAEPSHA256 records what the token does with OAEPHash = SHA-256: SoftHSM 2.6.1 refuses
+// (CKR_ARGUMENTS_BAD); an HSM that can must produce a blob Go unwraps with SHA-256.
+func TestOAEPSHA256(t *testing.T) {
+	ctx := context.Background()
+	cfg := softhsmtest.NewToken(t, "oaep-sha256")
+	cfg.OAEPHash = crypto.SHA256
+	p := openToken(t, cfg)
+	kcv := mustKEK(t, p, 1)
+	recipient, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrapped, err := p.WrapKEK(ctx, 1, &recipient.PublicKey)
+	if err != nil {
+		t.Logf("token refuses RSA-OAEP with SHA-256: %v", err)
+		if !strings.Contains(err.Error(), "CKR_") {
+			t.Fatalf("unexpected error: %v", err)
+		}
+		return
+	}
+	key, err := rsa.DecryptOAEP(sha256.New(), nil, recipient, wrapped, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := hsm.AESCMAC(key, hsm.CheckValueBlock[:])
+	if err != nil || !bytes.Equal(got, kcv) {
+		t.Fatalf("unwrapped key's CMAC = %x, %v; want %x", got, err, kcv)
 	}
 }

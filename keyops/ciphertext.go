@@ -3,8 +3,6 @@ package keyops
 import (
 	"crypto/aes"
 	"crypto/cipher"
-	"crypto/hkdf"
-	"crypto/sha256"
 	"encoding/binary"
 	"slices"
 )
@@ -188,22 +186,22 @@ func appendContext(dst []byte, encCtx map[string]string) []byte {
 
 // messageAEAD derives the per-message AES-256-GCM instance and nonce from a
 // version's material, the message salt and the header.
-func messageAEAD(material, salt, header []byte) (cipher.AEAD, []byte, error) {
-	info := make([]byte, 0, len(hkdfInfoV1)+len(header))
-	info = append(info, hkdfInfoV1...)
-	info = append(info, header...)
-	okm, err := hkdf.Key(sha256.New, material, salt, string(info), aeadKeyLen+nonceLen)
-	if err != nil {
-		return nil, nil, err
-	}
-	defer clear(okm[:aeadKeyLen])
+func messageAEAD(material, salt, header []byte) (cipher.AEAD, [nonceLen]byte, error) {
+	var nonce [nonceLen]byte
+	kdf := kdfPool.Get().(*messageKDF)
+	defer func() {
+		kdf.wipe()
+		kdfPool.Put(kdf)
+	}()
+	okm := kdf.derive(material, salt, header)
+	copy(nonce[:], okm[aeadKeyLen:])
 	block, err := aes.NewCipher(okm[:aeadKeyLen])
 	if err != nil {
-		return nil, nil, err
+		return nil, nonce, err
 	}
 	aead, err := cipher.NewGCM(block)
 	if err != nil {
-		return nil, nil, err
+		return nil, nonce, err
 	}
-	return aead, okm[aeadKeyLen:], nil
+	return aead, nonce, nil
 }

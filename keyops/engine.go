@@ -125,7 +125,7 @@ func (e *Engine) encrypt(ctx context.Context, key *fsmpb.KeyRecord, plaintext []
 	aad := make([]byte, 0, hdrLen+ctxLen)
 	aad = append(aad, out...)
 	aad = appendContext(aad, encCtx)
-	out = aead.Seal(out, nonce, plaintext, aad)
+	out = aead.Seal(out, nonce[:], plaintext, aad)
 	return out, version, nil
 }
 
@@ -162,7 +162,7 @@ func (e *Engine) Decrypt(ctx context.Context, lookup func(keyID string) (*fsmpb.
 	aad := make([]byte, 0, len(p.header)+ctxLen)
 	aad = append(aad, p.header...)
 	aad = appendContext(aad, encCtx)
-	plaintext, err = aead.Open(nil, nonce, p.body, aad)
+	plaintext, err = aead.Open(nil, nonce[:], p.body, aad)
 	if err != nil {
 		return nil, "", 0, errAuthFailed
 	}

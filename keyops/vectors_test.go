@@ -218,3 +218,23 @@ func plaintextLine(t *testing.T, h string) string {
 	}
 	return fmt.Sprintf("%s (%q)", h, mustHex(t, h))
 }
+
+func TestMessageKDFMatchesHKDF(t *testing.T) {
+	r := sha256.Sum256([]byte("seed"))
+	for i := range 200 {
+		ikm, salt := r[:], seq(byte(i), 32)
+		header := bytes.Repeat([]byte{byte(i)}, i)
+		want, err := hkdf.Key(sha256.New, ikm, salt, hkdfInfoV1+string(header), aeadKeyLen+nonceLen)
+		if err != nil {
+			t.Fatal(err)
+		}
+		k := kdfPool.Get().(*messageKDF)
+		got := bytes.Clone(k.derive(ikm, salt, header))
+		k.wipe()
+		kdfPool.Put(k)
+		if !bytes.Equal(got, want) {
+			t.Fatalf("case %d: derive = %x, want %x", i, got, want)
+		}
+		r = sha256.Sum256(r[:])
+	}
+}

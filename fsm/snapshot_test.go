@@ -1,0 +1,304 @@
+package fsm
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"io"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
+)
+
+// populated returns an FSM holding every kind of record.
+func populated(t *testing.T) *FSM {
+	t.Helper()
+	f := New(Config{})
+	a := newApplier(t)
+	var index uint64
+	apply := func(typ fsmpb.CommandType, payload proto.Message, e env) {
+		t.Helper()
+		index++
+		res := f.Apply(logOf(t, index, a.command(typ, payload, e)))
+		if r, ok := res.(*fsmpb.Result); !ok || r.GetCode() != codeOK {
+			t.Fatalf("apply %s: %v", typ, res)
+		}
+	}
+	apply(typInit, initPayload(), env{requestID: "init"})
+	for _, n := range []int{4, 2, 8, 6} {
+		p := createKeyPayload(keyID(n))
+		if n%4 == 0 {
+			p.Alias = "alias-" + strings.Repeat("x", n)
+			p.Tags = map[string]string{"b": "2", "a": "1", "c": "3"}
+		}
+		apply(typCreate, p, env{requestID: "create-" + keyID(n)})
+	}
+	apply(typToken, joinTokenPayload("tok-b", t0+int64(time.Hour)), env{})
+	apply(typToken, joinTokenPayload("tok-a", t0+int64(time.Hour)), env{})
+	apply(typAdmit, admitPayload("tok-b", "n3"), env{})
+	apply(typAdmit, admitPayload("tok-a", "n2"), env{requestID: "admit"})
+	return f
+}
+
+func TestSnapshotRoundTrip(t *testing.T) {
+	f := populated(t)
+	data := snapshotBytes(t, f)
+
+	g := New(Config{})
+	restored := 0
+	g.OnRestore(func() { restored++ })
+	if err := g.Restore(io.NopCloser(bytes.NewReader(data))); err != nil {
+		t.Fatalf("Restore: %v", err)
+	}
+	if restored != 1 {
+		t.Fatalf("OnRestore called %d times", restored)
+	}
+	if f.Digest() != g.Digest() {
+		t.Fatalf("digests differ after restore")
+	}
+	if !proto.Equal(f.StateProto(), g.StateProto()) {
+		t.Fatalf("states differ after restore")
+	}
+	// The digest is the snapshot's own checksum.
+	d := f.Digest()
+	if !bytes.Equal(data[len(data)-32:], d[:]) {
+		t.Fatalf("digest is not the snapshot checksum")
+	}
+	// Snapshotting the restored state gives the same bytes.
+	if !bytes.Equal(data, snapshotBytes(t, g)) {
+		t.Fatalf("snapshot of the restored state differs")
+	}
+	// Reads agree, including the alias index.
+	for _, q := range []string{keyID(4), "alias-xxxx", keyID(2), "nope"} {
+		a, aok := f.Key(q)
+		b, bok := g.Key(q)
+		if aok != bok || !proto.Equal(a, b) {
+			t.Fatalf("Key(%q) differs: %v %v", q, a, b)
+		}
+	}
+	if f.KeyCount() != 4 || g.KeyCount() != 4 {
+		t.Fatalf("key counts %d %d", f.KeyCount(), g.KeyCount())
+	}
+	if len(g.Nodes()) != 3 || g.Cluster().GetClusterId() != "c-test" {
+		t.Fatalf("nodes %v cluster %v", g.Nodes(), g.Cluster())
+	}
+	if tok, ok := g.JoinToken("tok-a"); !ok || tok.GetUsedByNode() != "n2" {
+		t.Fatalf("join token %v", tok)
+	}
+	// Request records survive: a retry after restore returns the first result.
+	a := newApplier(t)
+	res := g.Apply(logOf(t, 100, a.command(typCreate, createKeyPayload(keyID(99)), env{requestID: "create-" + keyID(2)})))
+	if r := res.(*fsmpb.Result); r.GetKey().GetKeyId() != keyID(2) || g.KeyCount() != 4 {
+		t.Fatalf("retry after restore: %v", r)
+	}
+}
+
+func TestToProtoIsSorted(t *testing.T) {
+	st := populated(t).StateProto()
+	var ids []string
+	for _, k := range st.GetKeys() {
+		ids = append(ids, k.GetKeyId())
+	}
+	for _, list := range [][]string{ids, nodeIDs(st), tokenIDs(st), requestIDs(st)} {
+		for i := 1; i < len(list); i++ {
+			if list[i-1] >= list[i] {
+				t.Fatalf("not sorted: %v", list)
+			}
+		}
+	}
+	if len(ids) != 4 || len(nodeIDs(st)) != 3 || len(tokenIDs(st)) != 2 || len(requestIDs(st)) != 6 {
+		t.Fatalf("unexpected sizes: %v %v %v %v", ids, nodeIDs(st), tokenIDs(st), requestIDs(st))
+	}
+}
+
+func nodeIDs(st *fsmpb.State) (out []string) {
+	for _, n := range st.GetNodes() {
+		out = append(out, n.GetNodeId())
+	}
+	return out
+}
+
+func tokenIDs(st *fsmpb.State) (out []string) {
+	for _, n := range st.GetJoinTokens() {
+		out = append(out, n.GetTokenId())
+	}
+	return out
+}
+
+func requestIDs(st *fsmpb.State) (out []string) {
+	for _, n := range st.GetRequests() {
+		out = append(out, n.GetRequestId())
+	}
+	return out
+}
+
+// A snapshot captures the state at Snapshot(), even if commands are applied
+// before Persist runs.
+func TestSnapshotIsPointInTime(t *testing.T) {
+	f := populated(t)
+	want := f.Digest()
+	snap, err := f.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := newApplier(t)
+	f.Apply(logOf(t, 50, a.command(typCreate, createKeyPayload(keyID(50)), env{requestID: "late"})))
+	f.Apply(logOf(t, 51, a.command(typRemove, &fsmpb.RemoveNode{NodeId: "n2"}, env{})))
+	sink := &memSink{}
+	if err := snap.Persist(sink); err != nil {
+		t.Fatal(err)
+	}
+	st, err := ReadSnapshot(bytes.NewReader(sink.Bytes()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := MarshalState(st)
+	if got := sha256Sum(b); got != want {
+		t.Fatalf("snapshot does not hold the state at Snapshot()")
+	}
+	if f.Digest() == want {
+		t.Fatalf("later applies did not change the live state")
+	}
+}
+
+func TestCorruptSnapshotRejected(t *testing.T) {
+	f := populated(t)
+	good := snapshotBytes(t, f)
+	stateLen := len(good) - 16 - 32
+	flip := func(i int) []byte {
+		b := bytes.Clone(good)
+		b[i] ^= 0x01
+		return b
+	}
+	cases := []struct {
+		name string
+		data []byte
+		msg  string
+	}{
+		{"empty", nil, "truncated: header"},
+		{"bad magic", flip(0), "bad magic"},
+		{"newer format", append([]byte("CBSNAP2\n"), good[8:]...), "bad magic"},
+		{"length grown", withLength(good, uint64(stateLen+100)), "truncated: header announces"},
+		{"length shrunk", withLength(good, uint64(stateLen-1)), "checksum mismatch"},
+		{"huge length", withLength(good, 1<<62), "exceeds the limit"},
+		{"flipped state byte", flip(16 + stateLen/2), "checksum mismatch"},
+		{"flipped checksum byte", flip(len(good) - 1), "checksum mismatch"},
+		{"truncated in header", good[:10], "truncated: header"},
+		{"truncated in state", good[:16+stateLen/2], "truncated: header announces"},
+		{"truncated in checksum", good[:len(good)-5], "truncated: checksum"},
+		{"trailing byte", append(bytes.Clone(good), 0), "unexpected data after the checksum"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := ReadSnapshot(bytes.NewReader(tc.data))
+			if !errors.Is(err, ErrCorruptSnapshot) || !strings.Contains(err.Error(), tc.msg) {
+				t.Fatalf("ReadSnapshot error = %v, want ErrCorruptSnapshot containing %q", err, tc.msg)
+			}
+			// Restore into a live FSM keeps the old state.
+			g := populated(t)
+			before := g.Digest()
+			restored := false
+			g.OnRestore(func() { restored = true })
+			if err := g.Restore(io.NopCloser(bytes.NewReader(tc.data))); !errors.Is(err, ErrCorruptSnapshot) {
+				t.Fatalf("Restore error = %v", err)
+			}
+			if g.Digest() != before || restored {
+				t.Fatalf("failed restore changed the state")
+			}
+			if _, ok := g.Key(keyID(4)); !ok {
+				t.Fatalf("key lost after failed restore")
+			}
+		})
+	}
+}
+
+func withLength(snap []byte, n uint64) []byte {
+	b := bytes.Clone(snap)
+	binary.BigEndian.PutUint64(b[8:16], n)
+	return b
+}
+
+type failingReader struct{}
+
+func (failingReader) Read([]byte) (int, error) { return 0, errors.New("disk on fire") }
+
+func TestReadSnapshotIOError(t *testing.T) {
+	_, err := ReadSnapshot(failingReader{})
+	if err == nil || errors.Is(err, ErrCorruptSnapshot) || !strings.Contains(err.Error(), "disk on fire") {
+		t.Fatalf("err = %v, want the I/O error", err)
+	}
+}
+
+// A snapshot with a valid checksum but an inconsistent state is refused by
+// StateFromProto, and Restore keeps the old state.
+func TestStateFromProtoValidation(t *testing.T) {
+	base := populated(t).StateProto()
+	mutate := func(fn func(st *fsmpb.State)) *fsmpb.State {
+		st := proto.CloneOf(base)
+		fn(st)
+		return st
+	}
+	cases := []struct {
+		name string
+		st   *fsmpb.State
+		msg  string
+	}{
+		{"nil", nil, "nil"},
+		{"format 0", mutate(func(st *fsmpb.State) { st.Format = 0 }), "unsupported format 0"},
+		{"format 2", mutate(func(st *fsmpb.State) { st.Format = 2 }), "unsupported format 2"},
+		{"cluster without id", mutate(func(st *fsmpb.State) { st.Cluster.ClusterId = "" }), "no cluster id"},
+		{"duplicate KEK version", mutate(func(st *fsmpb.State) {
+			st.Cluster.KekVersions = append(st.Cluster.KekVersions, st.Cluster.KekVersions[0])
+		}), "duplicate KEK version 1"},
+		{"nil KEK version", mutate(func(st *fsmpb.State) { st.Cluster.KekVersions = append(st.Cluster.KekVersions, nil) }), "KEK version entry 1"},
+		{"nil key", mutate(func(st *fsmpb.State) { st.Keys = append(st.Keys, nil) }), "key entry 4 has no key id"},
+		{"key without id", mutate(func(st *fsmpb.State) { st.Keys[1].KeyId = "" }), "key entry 1 has no key id"},
+		{"duplicate key id", mutate(func(st *fsmpb.State) { st.Keys[1].KeyId = st.Keys[0].KeyId }), "duplicate key id"},
+		{"duplicate alias", mutate(func(st *fsmpb.State) { st.Keys[0].Alias = "same"; st.Keys[1].Alias = "same" }), "alias \"same\" is used by keys"},
+		{"alias like a key id", mutate(func(st *fsmpb.State) { st.Keys[0].Alias = "k-x" }), "looks like a key id"},
+		{"nil node", mutate(func(st *fsmpb.State) { st.Nodes = append(st.Nodes, nil) }), "node entry 3"},
+		{"duplicate node", mutate(func(st *fsmpb.State) { st.Nodes[1].NodeId = "n1" }), "duplicate node id \"n1\""},
+		{"token without id", mutate(func(st *fsmpb.State) { st.JoinTokens[0].TokenId = "" }), "join token entry 0"},
+		{"duplicate token", mutate(func(st *fsmpb.State) { st.JoinTokens[1].TokenId = "tok-a" }), "duplicate join token id"},
+		{"request without id", mutate(func(st *fsmpb.State) { st.Requests[0].RequestId = "" }), "request record 0"},
+		{"request without result", mutate(func(st *fsmpb.State) { st.Requests[0].Result = nil }), "has no result"},
+		{"duplicate request", mutate(func(st *fsmpb.State) { st.Requests[1].RequestId = st.Requests[0].RequestId }), "duplicate request id"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, err := StateFromProto(tc.st); err == nil || !strings.Contains(err.Error(), tc.msg) {
+				t.Fatalf("StateFromProto error = %v, want one containing %q", err, tc.msg)
+			}
+			if tc.st == nil {
+				return
+			}
+			var buf bytes.Buffer
+			if err := WriteSnapshot(&buf, tc.st); err != nil {
+				t.Fatal(err)
+			}
+			g := populated(t)
+			before := g.Digest()
+			if err := g.Restore(io.NopCloser(&buf)); err == nil || !strings.Contains(err.Error(), tc.msg) {
+				t.Fatalf("Restore error = %v", err)
+			}
+			if g.Digest() != before {
+				t.Fatalf("failed restore changed the state")
+			}
+		})
+	}
+}
+
+func TestEmptyStateSnapshot(t *testing.T) {
+	f := New(Config{})
+	g := New(Config{})
+	if err := g.Restore(io.NopCloser(bytes.NewReader(snapshotBytes(t, f)))); err != nil {
+		t.Fatal(err)
+	}
+	if g.Cluster() != nil || g.KeyCount() != 0 || f.Digest() != g.Digest() {
+		t.Fatalf("empty state did not round-trip")
+	}
+}
