@@ -18,6 +18,8 @@ import (
 // unwraps in a SoftHSM token and the other way round, a blob it seals opens in a token holding
 // the same KEK, and check values agree. Nothing survives Close or the process.
 type Memory struct {
+	identityMu sync.Mutex // serialises identity generation
+
 	mu       sync.Mutex
 	closed   bool
 	identity *rsa.PrivateKey
@@ -57,19 +59,30 @@ func newMemoryKEK(key []byte) (*memoryKEK, error) {
 }
 
 func (m *Memory) EnsureIdentity(ctx context.Context) (*rsa.PublicKey, error) {
+	// Generate outside m.mu (it takes a second) so Seal/Open are not held up; identityMu
+	// makes concurrent first calls share one key.
+	m.identityMu.Lock()
+	defer m.identityMu.Unlock()
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
+	closed, id := m.closed, m.identity
+	m.mu.Unlock()
+	if closed {
 		return nil, errMemoryClosed
 	}
-	if m.identity == nil {
+	if id == nil {
 		k, err := rsa.GenerateKey(rand.Reader, IdentityBits)
 		if err != nil {
 			return nil, fmt.Errorf("hsm: generate identity: %w", err)
 		}
-		m.identity = k
+		m.mu.Lock()
+		if m.closed {
+			m.mu.Unlock()
+			return nil, errMemoryClosed
+		}
+		m.identity, id = k, k
+		m.mu.Unlock()
 	}
-	pub := m.identity.PublicKey
+	pub := id.PublicKey
 	return &pub, nil
 }
 

@@ -319,9 +319,11 @@ func TestOutageRecovery(t *testing.T) {
 	if err := os.Rename(dir+".away", dir); err != nil {
 		t.Fatal(err)
 	}
+	back := time.Now()
 	if err := waitFor(t, 10*time.Second, func() error { return p.Health(ctx) }); err != nil {
 		t.Fatalf("provider did not recover: %v", err)
 	}
+	t.Logf("healthy again %v after the token directory came back", time.Since(back).Round(time.Millisecond))
 	mustOpen(t, p, 1, sealed, aad, pt)
 	if got, err := p.KEKCheckValue(ctx, 1); err != nil || !bytes.Equal(got, kcv) {
 		t.Fatalf("KEKCheckValue after recovery = %x, %v; want %x", got, err, kcv)

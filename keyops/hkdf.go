@@ -8,8 +8,8 @@ import (
 
 // messageKDF computes HKDF-SHA-256 (RFC 5869) for the per-message key and
 // nonce without allocating: crypto/hkdf builds two crypto/hmac instances and
-// an info string per call, which was about half the cost of a warm 1 KiB
-// Encrypt. TestMessageKDFMatchesHKDF and the test vectors check it against
+// an info string per call (measured ~1.5x slower, 19 of the 27 allocations
+// of a warm Encrypt). TestMessageKDFMatchesHKDF and the test vectors check it against
 // crypto/hkdf.
 type messageKDF struct {
 	inner, outer hash.Hash
