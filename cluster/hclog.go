@@ -67,7 +67,7 @@ func (a *hclogAdapter) Named(name string) hclog.Logger {
 func (a *hclogAdapter) ResetNamed(name string) hclog.Logger {
 	return &hclogAdapter{l: a.l, name: name, implied: a.implied}
 }
-func (a *hclogAdapter) SetLevel(hclog.Level)    {}
+func (a *hclogAdapter) SetLevel(hclog.Level)  {}
 func (a *hclogAdapter) GetLevel() hclog.Level { return hclog.Info }
 func (a *hclogAdapter) StandardLogger(*hclog.StandardLoggerOptions) *log.Logger {
 	return log.New(a.StandardWriter(nil), "", 0)

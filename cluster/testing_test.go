@@ -46,11 +46,11 @@ type testNode struct {
 }
 
 type testCluster struct {
-	t     testing.TB
-	ca    *tlsutil.CA
-	mu    sync.Mutex
-	nodes []*testNode
-	fwd   *directForwarder
+	t            testing.TB
+	ca           *tlsutil.CA
+	mu           sync.Mutex
+	nodes        []*testNode
+	fwd          *directForwarder
 	maxStaleness time.Duration
 }
 

@@ -101,12 +101,12 @@ type node struct {
 }
 
 type testCluster struct {
-	t       *testing.T
-	bin     string
-	root    string
+	t        *testing.T
+	bin      string
+	root     string
 	adminDir string
-	witness string // outside every node dir: material observed via test hooks
-	nodes   []*node
+	witness  string // outside every node dir: material observed via test hooks
+	nodes    []*node
 }
 
 func newTestCluster(t *testing.T, n int) *testCluster {
@@ -257,15 +257,15 @@ func (c *testCluster) stopAll() {
 }
 
 type nodeStatus struct {
-	NodeID       string `json:"nodeId"`
-	RaftState    string `json:"raftState"`
-	LeaderID     string `json:"leaderId"`
-	AppliedIndex string `json:"appliedIndex"`
-	CommitIndex  string `json:"commitIndex"`
-	Healthy      bool   `json:"healthy"`
-	KeyCount     string `json:"keyCount"`
-	KekVerified  bool   `json:"kekVerified"`
-	HsmStatus    string `json:"hsmStatus"`
+	NodeID       string   `json:"nodeId"`
+	RaftState    string   `json:"raftState"`
+	LeaderID     string   `json:"leaderId"`
+	AppliedIndex string   `json:"appliedIndex"`
+	CommitIndex  string   `json:"commitIndex"`
+	Healthy      bool     `json:"healthy"`
+	KeyCount     string   `json:"keyCount"`
+	KekVerified  bool     `json:"kekVerified"`
+	HsmStatus    string   `json:"hsmStatus"`
 	Unhealthy    []string `json:"unhealthyReasons"`
 }
 
