@@ -100,7 +100,6 @@ func (s *State) Halted() error { return s.halt }
 
 // cmdContext is what every handler may know about the envelope.
 type cmdContext struct {
-	index     uint64
 	time      int64 // leader time, unix nanoseconds
 	principal string
 	requestID string
@@ -150,15 +149,17 @@ var handlers = map[fsmpb.CommandType]handler{
 // Order of work, identical on every node:
 //  1. A halted state refuses the command (nothing changes, not even the index).
 //  2. The envelope is checked: nil or format 0 is INVALID_ARGUMENT; a format
-//     other than 1 halts the state (a newer node wrote it).
-//  3. Housekeeping at the command's leader time: last applied time is set,
+//     other than 1, or a type missing from the dispatch table and not
+//     ignorable, halts the state (a newer node wrote it).
+//  3. A missing leader time, an over-long request id or non-UTF-8 envelope
+//     strings are INVALID_ARGUMENT.
+//  4. Housekeeping at the command's leader time: last applied time is set,
 //     request records older than RequestRecordTTL and join tokens expired for
 //     more than JoinTokenGrace are pruned.
-//  4. A request id seen before returns the stored Result, changing nothing else.
-//  5. The type is looked up in the dispatch table. Unknown and ignorable: OK,
-//     skipped. Unknown and not ignorable: the state halts.
-//  6. The payload is decoded and the handler applies it; if the command has a
-//     request id, the Result is stored under it.
+//  5. A request id seen before returns the stored Result, changing nothing else.
+//  6. An unknown ignorable type is skipped (OK). Otherwise the payload is
+//     decoded and the handler applies it; if the command has a request id, the
+//     Result is stored under it.
 //
 // The returned Result (and everything it points to) is shared with the state:
 // do not modify it.
@@ -212,7 +213,7 @@ func (s *State) Apply(index uint64, cmd *fsmpb.Command) *fsmpb.Result {
 		return &fsmpb.Result{Message: fmt.Sprintf("ignored unknown command type %d", int32(cmd.GetType()))}
 	}
 
-	c := &cmdContext{index: index, time: t, principal: cmd.GetPrincipal(), requestID: cmd.GetRequestId()}
+	c := &cmdContext{time: t, principal: cmd.GetPrincipal(), requestID: cmd.GetRequestId()}
 	var res *fsmpb.Result
 	payload := h.newPayload()
 	if err := proto.Unmarshal(cmd.GetPayload(), payload); err != nil {

@@ -422,7 +422,9 @@ func TestEnvelope(t *testing.T) {
 			return c
 		}},
 		{name: "request id too long", code: invalid, msg: "request id is 257 bytes",
-			cmd: func(a *applier) *fsmpb.Command { return a.command(typNoop, nil, env{requestID: strings.Repeat("r", 257)}) }},
+			cmd: func(a *applier) *fsmpb.Command {
+				return a.command(typNoop, nil, env{requestID: strings.Repeat("r", 257)})
+			}},
 		{name: "principal not UTF-8", code: invalid, msg: "UTF-8",
 			cmd: func(a *applier) *fsmpb.Command { return a.command(typNoop, nil, env{principal: "\xff"}) }},
 		{name: "malformed payload", code: invalid, msg: "malformed CREATE_KEY payload", cmd: func(a *applier) *fsmpb.Command {
@@ -436,7 +438,9 @@ func TestEnvelope(t *testing.T) {
 			msg: "command type 99 at index 2 is unknown to this node and not ignorable",
 			cmd: func(a *applier) *fsmpb.Command { return a.command(99, nil, env{requestID: "r"}) }},
 		{name: "unspecified type", halt: true, code: fsmpb.ResultCode_RESULT_CODE_FAILED_PRECONDITION, msg: "command type 0",
-			cmd: func(a *applier) *fsmpb.Command { return a.command(fsmpb.CommandType_COMMAND_TYPE_UNSPECIFIED, nil, env{}) }},
+			cmd: func(a *applier) *fsmpb.Command {
+				return a.command(fsmpb.CommandType_COMMAND_TYPE_UNSPECIFIED, nil, env{})
+			}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -292,6 +292,48 @@ func TestOutageRecovery(t *testing.T) {
 		t.Fatalf("Health before outage: %v", err)
 	}
 
+	// Background load across the whole outage: every call either works or says ErrUnavailable.
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	counts := map[string]int{}
+	for range 4 {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				s, err := p.Seal(ctx, 1, pt, aad)
+				if err == nil {
+					_, err = p.Open(ctx, 1, s, aad)
+				}
+				mu.Lock()
+				switch {
+				case err == nil:
+					counts["ok"]++
+				case errors.Is(err, hsm.ErrUnavailable):
+					counts["unavailable"]++
+				default:
+					counts[err.Error()]++
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	defer func() {
+		close(stop)
+		wg.Wait()
+		for k, n := range counts {
+			if k != "ok" && k != "unavailable" {
+				t.Errorf("%d calls failed with an unexpected error: %s", n, k)
+			}
+		}
+		t.Logf("background calls during the test: %v", counts)
+	}()
+	time.Sleep(20 * time.Millisecond)
+
 	dir := softhsmtest.TokenDir(cfg)
 	if err := os.Rename(dir, dir+".away"); err != nil {
 		t.Fatal(err)
