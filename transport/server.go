@@ -49,6 +49,9 @@ type State interface {
 	KeyCount() int
 	Cluster() *fsmpb.ClusterInfo
 	Node(id string) (*fsmpb.NodeRecord, bool)
+	// Halted is non-nil when this node met a command it cannot apply (it
+	// is too old): it must not serve.
+	Halted() error
 }
 
 // Crypto is what the API needs from keyops.
@@ -154,6 +157,9 @@ func (s *Server) kekStatus(ctx context.Context) (uint32, bool, string) {
 
 // readyForCrypto gates every crypto operation: KEK proven, fresh enough.
 func (s *Server) readyForCrypto(ctx context.Context, c cabinetpb.Consistency) error {
+	if err := s.cfg.State.Halted(); err != nil {
+		return status.Errorf(codes.Unavailable, "node %s stopped applying the log (upgrade it): %v", s.cfg.NodeID, err)
+	}
 	if _, ok, why := s.kekStatus(ctx); !ok {
 		return status.Errorf(codes.Unavailable, "node %s cannot serve: %s", s.cfg.NodeID, why)
 	}
@@ -195,7 +201,7 @@ func (s *Server) CreateKey(ctx context.Context, req *cabinetpb.CreateKeyRequest)
 		Description: req.GetDescription(),
 		Tags:        req.GetTags(),
 		Material:    blob,
-	}, requestID(req.GetRequestId()), principal(ctx))
+	}, requestID(ctx, req.GetRequestId()), principal(ctx))
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -229,19 +235,34 @@ func (s *Server) ListKeys(ctx context.Context, req *cabinetpb.ListKeysRequest) (
 	return out, nil
 }
 
-func (s *Server) lookupKey(idOrAlias string) (*fsmpb.KeyRecord, error) {
+// lookupKey finds a key by id or alias. A miss on this replica is not final:
+// the key may have been created a moment ago through another node, so the
+// node first catches up with the leader's commit index (one read-index round
+// trip, only on a miss) and looks again. NotFound therefore means "not in
+// the cluster", and a client may create a key through one node and use it
+// through another at once.
+func (s *Server) lookupKey(ctx context.Context, idOrAlias string) (*fsmpb.KeyRecord, error) {
 	if idOrAlias == "" {
 		return nil, status.Error(codes.InvalidArgument, "key_id is required (a key id or an alias)")
 	}
-	k, ok := s.cfg.State.Key(idOrAlias)
-	if !ok {
-		return nil, status.Errorf(codes.NotFound, "key %q not found: check the id or alias with `cabinet key list`", idOrAlias)
+	if k, ok := s.findKey(ctx, idOrAlias); ok {
+		return k, nil
 	}
-	return k, nil
+	return nil, status.Errorf(codes.NotFound, "key %q not found: check the id or alias with `cabinet key list`", idOrAlias)
+}
+
+func (s *Server) findKey(ctx context.Context, idOrAlias string) (*fsmpb.KeyRecord, bool) {
+	if k, ok := s.cfg.State.Key(idOrAlias); ok {
+		return k, true
+	}
+	if err := s.cfg.Cluster.CheckRead(ctx, true); err != nil {
+		return nil, false
+	}
+	return s.cfg.State.Key(idOrAlias)
 }
 
 func (s *Server) DescribeKey(ctx context.Context, req *cabinetpb.DescribeKeyRequest) (*cabinetpb.DescribeKeyResponse, error) {
-	k, err := s.lookupKey(req.GetKeyId())
+	k, err := s.lookupKey(ctx, req.GetKeyId())
 	if err != nil {
 		return nil, err
 	}
@@ -252,7 +273,7 @@ func (s *Server) Encrypt(ctx context.Context, req *cabinetpb.EncryptRequest) (*c
 	if err := s.readyForCrypto(ctx, req.GetConsistency()); err != nil {
 		return nil, err
 	}
-	k, err := s.lookupKey(req.GetKeyId())
+	k, err := s.lookupKey(ctx, req.GetKeyId())
 	if err != nil {
 		return nil, err
 	}
@@ -267,7 +288,8 @@ func (s *Server) Decrypt(ctx context.Context, req *cabinetpb.DecryptRequest) (*c
 	if err := s.readyForCrypto(ctx, req.GetConsistency()); err != nil {
 		return nil, err
 	}
-	pt, id, v, err := s.cfg.Crypto.Decrypt(ctx, s.cfg.State.Key, req.GetCiphertext(), req.GetEncryptionContext())
+	lookup := func(id string) (*fsmpb.KeyRecord, bool) { return s.findKey(ctx, id) }
+	pt, id, v, err := s.cfg.Crypto.Decrypt(ctx, lookup, req.GetCiphertext(), req.GetEncryptionContext())
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -278,7 +300,7 @@ func (s *Server) GenerateDataKey(ctx context.Context, req *cabinetpb.GenerateDat
 	if err := s.readyForCrypto(ctx, req.GetConsistency()); err != nil {
 		return nil, err
 	}
-	k, err := s.lookupKey(req.GetKeyId())
+	k, err := s.lookupKey(ctx, req.GetKeyId())
 	if err != nil {
 		return nil, err
 	}
@@ -332,6 +354,9 @@ func (s *Server) localStatus(ctx context.Context) *cabinetpb.StatusResponse {
 		out.UnhealthyReasons = append(out.UnhealthyReasons, "HSM unavailable")
 	} else {
 		out.HsmStatus = "ok"
+	}
+	if err := s.cfg.State.Halted(); err != nil {
+		out.UnhealthyReasons = append(out.UnhealthyReasons, "state machine halted: "+err.Error())
 	}
 	v, ok, why := s.kekStatus(ctx)
 	out.KekVersion, out.KekVerified = v, ok
@@ -412,7 +437,7 @@ func (s *Server) CreateJoinToken(ctx context.Context, req *cabinetpb.CreateJoinT
 	expires := s.cfg.Clock().Add(ttl)
 	cmd, err := fsm.NewCommand(fsmpb.CommandType_COMMAND_TYPE_CREATE_JOIN_TOKEN, &fsmpb.CreateJoinToken{
 		TokenId: tok.ID, SecretHash: tok.SecretHash(), ExpiresUnixNano: expires.UnixNano(),
-	}, requestID(req.GetRequestId()), principal(ctx))
+	}, requestID(ctx, req.GetRequestId()), principal(ctx))
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -565,9 +590,11 @@ func (s *Server) AddPeer(ctx context.Context, req *cabinetpb.AddPeerRequest) (*c
 
 // ---- helpers ----
 
-func requestID(id string) string {
+// requestID scopes a caller's idempotency key to the caller, so one
+// principal can never receive another's result by reusing its request id.
+func requestID(ctx context.Context, id string) string {
 	if id != "" {
-		return id
+		return principal(ctx) + "/" + id
 	}
 	// No idempotency asked for: a fresh id keeps the dedup table meaningful.
 	kid, err := keyops.NewKeyID()
