@@ -8,7 +8,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
@@ -393,7 +392,7 @@ func statusCmd(f *clientFlags) *cobra.Command {
 			fmt.Fprintf(t, "Raft state\t%s (voter: %v), term %d\n", st.GetRaftState(), st.GetVoter(), st.GetTerm())
 			fmt.Fprintf(t, "Leader\t%s %s\n", st.GetLeaderId(), st.GetLeaderAddr())
 			fmt.Fprintf(t, "Indexes\tcommit %d, applied %d, last log %d\n", st.GetCommitIndex(), st.GetAppliedIndex(), st.GetLastLogIndex())
-			fmt.Fprintf(t, "Last contact\t%s\n", lastContact(st.GetLastContactMs()))
+			fmt.Fprintf(t, "Last contact\t%s\n", lastContact(st.GetRaftState(), st.GetLastContactMs()))
 			fmt.Fprintf(t, "KEK\tversion %d, verified: %v\n", st.GetKekVersion(), st.GetKekVerified())
 			fmt.Fprintf(t, "HSM\t%s %s\n", st.GetHsmStatus(), st.GetHsmError())
 			fmt.Fprintf(t, "Keys\t%d\n", st.GetKeyCount())
@@ -404,12 +403,12 @@ func statusCmd(f *clientFlags) *cobra.Command {
 	}
 }
 
-func lastContact(ms int64) string {
+func lastContact(role string, ms int64) string {
 	switch {
+	case role == "leader" || role == "unknown":
+		return "-"
 	case ms < 0:
 		return "never"
-	case ms == 0:
-		return "-"
 	default:
 		return (time.Duration(ms) * time.Millisecond).String() + " ago"
 	}
@@ -439,11 +438,10 @@ func listPeersCmd(f *clientFlags) *cobra.Command {
 			fmt.Fprintln(t, "NODE\tADDRESS\tRAFT ROLE\tVOTER\tAPPLIED\tLAST CONTACT\tHSM\tHEALTHY\tERROR")
 			for _, p := range resp.GetPeers() {
 				fmt.Fprintf(t, "%s\t%s\t%s\t%v\t%d\t%s\t%s\t%v\t%s\n", p.GetNodeId(), p.GetApiAddr(), p.GetRaftRole(), p.GetVoter(),
-					p.GetAppliedIndex(), lastContact(p.GetLastContactMs()), p.GetHsmStatus(), p.GetHealthy(), p.GetError())
+					p.GetAppliedIndex(), lastContact(p.GetRaftRole(), p.GetLastContactMs()), p.GetHsmStatus(), p.GetHealthy(), p.GetError())
 			}
 			return t.Flush()
 		},
 	}
 }
 
-var _ = fs.ErrNotExist

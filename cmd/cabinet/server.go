@@ -21,7 +21,6 @@ import (
 	"github.com/cabinet-kms/cabinet/hsm"
 	"github.com/cabinet-kms/cabinet/keyops"
 	"github.com/cabinet-kms/cabinet/transport"
-	"github.com/cabinet-kms/cabinet/transport/cabinetpb"
 	"github.com/cabinet-kms/cabinet/transport/tlsutil"
 )
 
@@ -308,5 +307,3 @@ func requestMembership(ctx context.Context, log *slog.Logger, node *cluster.Node
 		}
 	}
 }
-
-var _ = cabinetpb.AddPeerResponse{}
