@@ -101,7 +101,13 @@ func unaryAuth(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler
 	if err != nil {
 		return nil, err
 	}
-	return handler(ctx, req)
+	resp, err := handler(ctx, req)
+	// Aborted ("not the leader") tells a forwarding node to retry at the new
+	// leader; to a client it means "try again or elsewhere": Unavailable.
+	if status.Code(err) == codes.Aborted && !strings.HasPrefix(info.FullMethod, "/cabinet.v1.NodeService/") {
+		err = status.Error(codes.Unavailable, status.Convert(err).Message())
+	}
+	return resp, err
 }
 
 func streamAuth(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {

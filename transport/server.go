@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/cabinet-kms/cabinet/cluster"
@@ -193,7 +194,7 @@ func (s *Server) CreateKey(ctx context.Context, req *cabinetpb.CreateKeyRequest)
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	cmd, err := fsm.NewCommand(fsmpb.CommandType_COMMAND_TYPE_CREATE_KEY, &fsmpb.CreateKey{
+	res, err := s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_CREATE_KEY, &fsmpb.CreateKey{
 		KeyId:       keyID,
 		Spec:        spec,
 		Usage:       fsmpb.KeyUsage(req.GetUsage()),
@@ -203,13 +204,6 @@ func (s *Server) CreateKey(ctx context.Context, req *cabinetpb.CreateKeyRequest)
 		Material:    blob,
 	}, requestID(ctx, req.GetRequestId()), principal(ctx))
 	if err != nil {
-		return nil, toStatus(err)
-	}
-	res, err := s.cfg.Cluster.Propose(ctx, cmd)
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	if err := resultError(res); err != nil {
 		return nil, err
 	}
 	return &cabinetpb.CreateKeyResponse{Key: keyToAPI(res.GetKey())}, nil
@@ -435,17 +429,10 @@ func (s *Server) CreateJoinToken(ctx context.Context, req *cabinetpb.CreateJoinT
 		return nil, toStatus(err)
 	}
 	expires := s.cfg.Clock().Add(ttl)
-	cmd, err := fsm.NewCommand(fsmpb.CommandType_COMMAND_TYPE_CREATE_JOIN_TOKEN, &fsmpb.CreateJoinToken{
+	_, err = s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_CREATE_JOIN_TOKEN, &fsmpb.CreateJoinToken{
 		TokenId: tok.ID, SecretHash: tok.SecretHash(), ExpiresUnixNano: expires.UnixNano(),
 	}, requestID(ctx, req.GetRequestId()), principal(ctx))
 	if err != nil {
-		return nil, toStatus(err)
-	}
-	res, err := s.cfg.Cluster.Propose(ctx, cmd)
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	if err := resultError(res); err != nil {
 		return nil, err
 	}
 	return &cabinetpb.CreateJoinTokenResponse{Token: tok.String(), ExpiresAt: timestamppb.New(expires)}, nil
@@ -482,7 +469,7 @@ func (s *Server) Join(ctx context.Context, req *cabinetpb.JoinRequest) (*cabinet
 		return nil, status.Error(codes.PermissionDenied, "join token is invalid, expired or already used")
 	}
 	tok := cluster.JoinToken{ID: req.GetTokenId(), Secret: req.GetTokenSecret()}
-	cmd, err := fsm.NewCommand(fsmpb.CommandType_COMMAND_TYPE_ADMIT_NODE, &fsmpb.AdmitNode{
+	_, err = s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_ADMIT_NODE, &fsmpb.AdmitNode{
 		TokenId:    tok.ID,
 		SecretHash: tok.SecretHash(),
 		Node: &fsmpb.NodeRecord{
@@ -495,13 +482,6 @@ func (s *Server) Join(ctx context.Context, req *cabinetpb.JoinRequest) (*cabinet
 		},
 	}, "join/"+tok.ID+"/"+req.GetNodeId(), "node:"+req.GetNodeId())
 	if err != nil {
-		return nil, toStatus(err)
-	}
-	res, err := s.cfg.Cluster.Propose(ctx, cmd)
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	if err := resultError(res); err != nil {
 		return nil, err
 	}
 	caKey, err := s.cfg.HSM.Open(ctx, ci.GetCaKey().GetKekVersion(), ci.GetCaKey().GetBlob(), CAKeyAAD(ci.GetClusterId()))
@@ -589,6 +569,23 @@ func (s *Server) AddPeer(ctx context.Context, req *cabinetpb.AddPeerRequest) (*c
 }
 
 // ---- helpers ----
+
+// propose builds a command, sends it through the Raft leader and maps both
+// transport errors and refused results to gRPC statuses.
+func (s *Server) propose(ctx context.Context, typ fsmpb.CommandType, payload proto.Message, reqID, who string) (*fsmpb.Result, error) {
+	cmd, err := fsm.NewCommand(typ, payload, reqID, who)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	res, err := s.cfg.Cluster.Propose(ctx, cmd)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if err := resultError(res); err != nil {
+		return nil, err
+	}
+	return res, nil
+}
 
 // requestID scopes a caller's idempotency key to the caller, so one
 // principal can never receive another's result by reusing its request id.

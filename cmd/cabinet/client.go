@@ -81,8 +81,15 @@ func (f *clientFlags) dial() (*grpc.ClientConn, error) {
 	return conn, nil
 }
 
-func (f *clientFlags) ctx(parent context.Context) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(parent, f.timeout)
+// connect dials the node and returns a context bounded by --timeout; done
+// releases both.
+func (f *clientFlags) connect(parent context.Context) (*grpc.ClientConn, context.Context, func(), error) {
+	conn, err := f.dial()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	ctx, cancel := context.WithTimeout(parent, f.timeout)
+	return conn, ctx, func() { cancel(); conn.Close() }, nil
 }
 
 // rpcError turns a gRPC status into "CODE: message" for the user.

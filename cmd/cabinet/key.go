@@ -63,13 +63,11 @@ func keyCreateCmd(f *clientFlags) *cobra.Command {
 			if reqID == "" {
 				reqID = newRequestID()
 			}
-			conn, err := f.dial()
+			conn, ctx, done, err := f.connect(cmd.Context())
 			if err != nil {
 				return err
 			}
-			defer conn.Close()
-			ctx, cancel := f.ctx(cmd.Context())
-			defer cancel()
+			defer done()
 			resp, err := cabinetpb.NewKeyServiceClient(conn).CreateKey(ctx, &cabinetpb.CreateKeyRequest{
 				Spec: s, Alias: alias, Description: desc, Tags: tagMap, RequestId: reqID,
 			})
@@ -119,13 +117,11 @@ func keyListCmd(f *clientFlags) *cobra.Command {
 		Short: "List keys",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			conn, err := f.dial()
+			conn, ctx, done, err := f.connect(cmd.Context())
 			if err != nil {
 				return err
 			}
-			defer conn.Close()
-			ctx, cancel := f.ctx(cmd.Context())
-			defer cancel()
+			defer done()
 			all := &cabinetpb.ListKeysResponse{}
 			token := ""
 			for {
@@ -158,13 +154,11 @@ func keyDescribeCmd(f *clientFlags) *cobra.Command {
 		Short: "Show a key's metadata",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			conn, err := f.dial()
+			conn, ctx, done, err := f.connect(cmd.Context())
 			if err != nil {
 				return err
 			}
-			defer conn.Close()
-			ctx, cancel := f.ctx(cmd.Context())
-			defer cancel()
+			defer done()
 			resp, err := cabinetpb.NewKeyServiceClient(conn).DescribeKey(ctx, &cabinetpb.DescribeKeyRequest{KeyId: args[0]})
 			if err != nil {
 				return rpcError(err)
@@ -222,13 +216,11 @@ func keyEncryptCmd(f *clientFlags) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			conn, err := f.dial()
+			conn, ctx, done, err := f.connect(cmd.Context())
 			if err != nil {
 				return err
 			}
-			defer conn.Close()
-			ctx, cancel := f.ctx(cmd.Context())
-			defer cancel()
+			defer done()
 			resp, err := cabinetpb.NewKeyServiceClient(conn).Encrypt(ctx, &cabinetpb.EncryptRequest{
 				KeyId: keyID, Plaintext: pt, EncryptionContext: ec, Consistency: consistency(strong),
 			})
@@ -271,13 +263,11 @@ func keyDecryptCmd(f *clientFlags) *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("the ciphertext must be the base64 text printed by `cabinet key encrypt`: %v", err)
 			}
-			conn, err := f.dial()
+			conn, ctx, done, err := f.connect(cmd.Context())
 			if err != nil {
 				return err
 			}
-			defer conn.Close()
-			ctx, cancel := f.ctx(cmd.Context())
-			defer cancel()
+			defer done()
 			resp, err := cabinetpb.NewKeyServiceClient(conn).Decrypt(ctx, &cabinetpb.DecryptRequest{
 				Ciphertext: ct, EncryptionContext: ec, Consistency: consistency(strong),
 			})
@@ -318,13 +308,11 @@ func keyDataKeyCmd(f *clientFlags) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			conn, err := f.dial()
+			conn, ctx, done, err := f.connect(cmd.Context())
 			if err != nil {
 				return err
 			}
-			defer conn.Close()
-			ctx, cancel := f.ctx(cmd.Context())
-			defer cancel()
+			defer done()
 			resp, err := cabinetpb.NewKeyServiceClient(conn).GenerateDataKey(ctx, &cabinetpb.GenerateDataKeyRequest{
 				KeyId: keyID, NumberOfBytes: int32(n), EncryptionContext: ec,
 			})

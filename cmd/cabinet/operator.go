@@ -336,13 +336,11 @@ func joinTokenCreateCmd(f *clientFlags) *cobra.Command {
 		Short: "Create a single-use join token (admin)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			conn, err := f.dial()
+			conn, ctx, done, err := f.connect(cmd.Context())
 			if err != nil {
 				return err
 			}
-			defer conn.Close()
-			ctx, cancel := f.ctx(cmd.Context())
-			defer cancel()
+			defer done()
 			resp, err := cabinetpb.NewOperatorServiceClient(conn).CreateJoinToken(ctx, &cabinetpb.CreateJoinTokenRequest{
 				TtlSeconds: int64(ttl / time.Second), RequestId: newRequestID(),
 			})
@@ -372,13 +370,11 @@ func statusCmd(f *clientFlags) *cobra.Command {
 		Short: "Show the node's status: Raft role, indexes, leader contact, KEK and HSM health",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			conn, err := f.dial()
+			conn, ctx, done, err := f.connect(cmd.Context())
 			if err != nil {
 				return err
 			}
-			defer conn.Close()
-			ctx, cancel := f.ctx(cmd.Context())
-			defer cancel()
+			defer done()
 			st, err := cabinetpb.NewOperatorServiceClient(conn).Status(ctx, &cabinetpb.StatusRequest{})
 			if err != nil {
 				return rpcError(err)
@@ -420,13 +416,11 @@ func listPeersCmd(f *clientFlags) *cobra.Command {
 		Short: "List the cluster's Raft members with their role, indexes and health",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			conn, err := f.dial()
+			conn, ctx, done, err := f.connect(cmd.Context())
 			if err != nil {
 				return err
 			}
-			defer conn.Close()
-			ctx, cancel := f.ctx(cmd.Context())
-			defer cancel()
+			defer done()
 			resp, err := cabinetpb.NewOperatorServiceClient(conn).ListPeers(ctx, &cabinetpb.ListPeersRequest{})
 			if err != nil {
 				return rpcError(err)
