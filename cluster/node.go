@@ -10,11 +10,12 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/raft"
-	raftboltdb "github.com/hashicorp/raft-boltdb"
 
 	"github.com/cabinet-kms/cabinet/fsm"
 	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
@@ -66,6 +67,16 @@ type Config struct {
 	TrailingLogs       uint64        // default 10240
 	// Clock stamps leader time; default time.Now.
 	Clock func() time.Time
+	// CompactAfter, if set, selects applied commands after which this node
+	// runs CompactLog in the background, e.g. an OK DESTROY_KEY. Bursts
+	// coalesce; installing a snapshot from the leader triggers one too (the
+	// node skipped the entries, but its own log may still hold what they
+	// dropped). nil: CompactLog runs only when called.
+	CompactAfter func(cmd *fsmpb.Command, res *fsmpb.Result) bool
+	// CompactDelay is how long an automatic compaction waits for a burst
+	// of selected commands to end: it starts once no new one was applied
+	// for CompactDelay, or 10*CompactDelay after the first (default 500ms).
+	CompactDelay time.Duration
 }
 
 func (c *Config) setDefaults() {
@@ -93,6 +104,9 @@ func (c *Config) setDefaults() {
 	if c.TrailingLogs == 0 {
 		c.TrailingLogs = 10240
 	}
+	if c.CompactDelay == 0 {
+		c.CompactDelay = 500 * time.Millisecond
+	}
 	if c.Clock == nil {
 		c.Clock = time.Now
 	}
@@ -106,9 +120,24 @@ type Node struct {
 	cfg       Config
 	raft      *raft.Raft
 	transport *raft.NetworkTransport
-	store     *raftboltdb.BoltStore
+	store     *compactingStore
 	applied   *appliedWaiter
 	log       *slog.Logger
+
+	shutdownOnce sync.Once
+	shutdownCh   chan struct{} // closed by Shutdown
+
+	// CompactLog: compactSem (capacity 1) serialises runs; compactPending
+	// is the next run, not started yet, that new calls join.
+	compactSem     chan struct{}
+	compactMu      sync.Mutex
+	compactPending *compactRun
+	compactions    atomic.Uint64 // runs started (tests)
+	compactKick    chan struct{} // wakes autoCompact (CompactAfter set)
+	bg             sync.WaitGroup
+	// Test hooks, set before the node is used.
+	compactHook        func() // called at the start of each run
+	compactSkipRewrite bool   // skip step 3 (rewrite of raft.db)
 }
 
 // Open opens (or creates) the node's Raft state under cfg.Dir and starts Raft.
@@ -121,7 +150,11 @@ func Open(cfg Config) (*Node, error) {
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create raft dir: %w", err)
 	}
-	store, err := raftboltdb.NewBoltStore(filepath.Join(cfg.Dir, "raft.db"))
+	// Leftovers of a compaction or snapshot the process died in.
+	if err := removeSnapshotTemps(cfg.Dir); err != nil {
+		return nil, fmt.Errorf("remove leftover snapshot temp dirs: %w", err)
+	}
+	store, err := openCompactingStore(filepath.Join(cfg.Dir, "raft.db"))
 	if err != nil {
 		return nil, fmt.Errorf("open raft store %s: %w", filepath.Join(cfg.Dir, "raft.db"), err)
 	}
@@ -131,7 +164,8 @@ func Open(cfg Config) (*Node, error) {
 		return nil, fmt.Errorf("log cache: %w", err)
 	}
 	hlog := newHclogAdapter(cfg.Logger)
-	snaps, err := raft.NewFileSnapshotStoreWithLogger(cfg.Dir, 2, hlog.Named("snapshot"))
+	// Retain 1: an older snapshot may hold state destroyed since (CompactLog).
+	snaps, err := raft.NewFileSnapshotStoreWithLogger(cfg.Dir, 1, hlog.Named("snapshot"))
 	if err != nil {
 		store.Close()
 		return nil, fmt.Errorf("open snapshot store: %w", err)
@@ -150,14 +184,19 @@ func Open(cfg Config) (*Node, error) {
 	rc.SnapshotThreshold = cfg.SnapshotThreshold
 	rc.TrailingLogs = cfg.TrailingLogs
 	rc.Logger = hlog.Named("raft")
-	n := &Node{cfg: cfg, transport: trans, store: store, log: cfg.Logger}
-	n.applied = newAppliedWaiter(func() uint64 {
-		if n.raft == nil {
-			return 0
-		}
-		return n.raft.AppliedIndex()
-	})
+	n := &Node{cfg: cfg, transport: trans, store: store, log: cfg.Logger,
+		shutdownCh: make(chan struct{}), compactSem: make(chan struct{}, 1)}
+	n.applied = newAppliedWaiter(n.fsmCaughtUp)
 	cfg.FSM.OnApply(func(index uint64, _ *fsmpb.Command, _ *fsmpb.Result) { n.applied.advance(index) })
+	if cfg.CompactAfter != nil {
+		n.compactKick = make(chan struct{}, 1)
+		cfg.FSM.OnApply(func(_ uint64, cmd *fsmpb.Command, res *fsmpb.Result) {
+			if cfg.CompactAfter(cmd, res) {
+				n.kickCompaction()
+			}
+		})
+		cfg.FSM.OnRestore(n.kickCompaction)
+	}
 	r, err := raft.NewRaft(rc, cfg.FSM, logs, store, snaps, trans)
 	if err != nil {
 		trans.Close()
@@ -165,6 +204,10 @@ func Open(cfg Config) (*Node, error) {
 		return nil, fmt.Errorf("start raft: %w", err)
 	}
 	n.raft = r
+	if n.compactKick != nil {
+		n.bg.Add(1)
+		go n.autoCompact()
+	}
 	return n, nil
 }
 
@@ -191,8 +234,10 @@ func (n *Node) Bootstrap() error {
 
 // Shutdown stops Raft and closes the stores.
 func (n *Node) Shutdown() error {
+	n.shutdownOnce.Do(func() { close(n.shutdownCh) })
 	err := n.raft.Shutdown().Error()
 	n.transport.Close()
+	n.bg.Wait()
 	if cerr := n.store.Close(); err == nil {
 		err = cerr
 	}
@@ -439,6 +484,12 @@ type Status struct {
 	// LastContact: 0 on the leader, -1 if never, else time since contact.
 	LastContact time.Duration
 	Voter       bool
+	// LastSnapshotIndex is the index the latest snapshot covers (taken
+	// here or installed from the leader); 0 if none.
+	LastSnapshotIndex uint64
+	// FirstLogIndex is the first entry still in this node's log (0 if the
+	// log is empty); after CompactLog it is past LastSnapshotIndex.
+	FirstLogIndex uint64
 }
 
 // Status reports this node's Raft view.
@@ -453,6 +504,12 @@ func (n *Node) Status() Status {
 		LastLogIndex: n.raft.LastIndex(),
 	}
 	st.LeaderID, st.LeaderAddr = n.Leader()
+	if v, err := strconv.ParseUint(n.raft.Stats()["last_snapshot_index"], 10, 64); err == nil {
+		st.LastSnapshotIndex = v
+	}
+	if v, err := n.store.FirstIndex(); err == nil {
+		st.FirstLogIndex = v
+	}
 	if n.IsLeader() {
 		st.LastContact = 0
 	} else if lc := n.raft.LastContact(); lc.IsZero() {
@@ -486,20 +543,45 @@ func stateName(s raft.RaftState) string {
 	}
 }
 
-// appliedWaiter lets readers wait for this node to apply an index. Command
-// entries wake waiters at once (FSM OnApply); entries the FSM never sees
-// (configuration changes, leader no-ops, a snapshot restore) are caught by
-// re-reading Raft's applied index every few milliseconds.
-type appliedWaiter struct {
-	mu          sync.Mutex
-	index       uint64
-	closed      bool
-	waiters     map[chan struct{}]uint64
-	raftApplied func() uint64
+// fsmCaughtUp reports whether the FSM has applied every entry up to idx.
+// raft.AppliedIndex alone does not say so: Raft advances it when it hands a
+// batch to the FSM goroutine, before FSM.ApplyBatch ran. So once Raft is
+// past idx, the FSM must also be past the last entry <= idx it is given
+// (commands and configuration entries; leader no-ops and barriers never
+// reach it).
+func (n *Node) fsmCaughtUp(idx uint64) bool {
+	if n.raft == nil || n.raft.AppliedIndex() < idx {
+		return false
+	}
+	fsmIdx := n.cfg.FSM.AppliedIndex()
+	for i := idx; i > fsmIdx; i-- {
+		var l raft.Log
+		if err := n.store.GetLog(i, &l); err != nil {
+			// Compacted away: covered by a snapshot, which holds FSM state.
+			return true
+		}
+		if l.Type == raft.LogCommand || l.Type == raft.LogConfiguration {
+			return false
+		}
+	}
+	return true
 }
 
-func newAppliedWaiter(raftApplied func() uint64) *appliedWaiter {
-	return &appliedWaiter{waiters: map[chan struct{}]uint64{}, raftApplied: raftApplied}
+// appliedWaiter lets readers wait for this node to apply an index. Command
+// entries wake waiters at once (FSM OnApply); entries the FSM never sees
+// (leader no-ops, barriers) or sees without OnApply (configuration changes,
+// a snapshot restore) are caught by re-checking caughtUp every few
+// milliseconds.
+type appliedWaiter struct {
+	mu       sync.Mutex
+	index    uint64
+	closed   bool
+	waiters  map[chan struct{}]uint64
+	caughtUp func(idx uint64) bool
+}
+
+func newAppliedWaiter(caughtUp func(idx uint64) bool) *appliedWaiter {
+	return &appliedWaiter{waiters: map[chan struct{}]uint64{}, caughtUp: caughtUp}
 }
 
 func (w *appliedWaiter) advance(idx uint64) {
@@ -527,7 +609,7 @@ func (w *appliedWaiter) close() {
 }
 
 func (w *appliedWaiter) wait(ctx context.Context, idx uint64) error {
-	if w.raftApplied() >= idx {
+	if w.caughtUp(idx) {
 		return nil
 	}
 	w.mu.Lock()
@@ -547,7 +629,7 @@ func (w *appliedWaiter) wait(ctx context.Context, idx uint64) error {
 	for {
 		select {
 		case <-tick.C:
-			if w.raftApplied() >= idx {
+			if w.caughtUp(idx) {
 				w.mu.Lock()
 				delete(w.waiters, ch)
 				w.mu.Unlock()

@@ -52,6 +52,7 @@ type testCluster struct {
 	nodes        []*testNode
 	fwd          *directForwarder
 	maxStaleness time.Duration
+	configure    func(*Config) // optional, applied to every node's Config
 }
 
 // directForwarder routes ForwardApply/ReadIndex to the node owning apiAddr
@@ -99,11 +100,18 @@ func (d *directForwarder) ReadIndex(ctx context.Context, addr string) (uint64, e
 
 func newTestCluster(t testing.TB, n int) *testCluster {
 	t.Helper()
+	return newTestClusterWith(t, n, nil)
+}
+
+// newTestClusterWith is newTestCluster with configure applied to each
+// node's Config before Open.
+func newTestClusterWith(t testing.TB, n int, configure func(*Config)) *testCluster {
+	t.Helper()
 	ca, err := tlsutil.NewCA("test", time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &testCluster{t: t, ca: ca, maxStaleness: 500 * time.Millisecond}
+	c := &testCluster{t: t, ca: ca, maxStaleness: 500 * time.Millisecond, configure: configure}
 	c.fwd = &directForwarder{c: c, cut: map[string]bool{}}
 	for i := 1; i <= n; i++ {
 		id := fmt.Sprintf("node%d", i)
@@ -173,11 +181,15 @@ func (c *testCluster) open(tn *testNode) {
 	pool := c.ca.Pool()
 	stream := tlsutil.NewStreamLayer(ln, ln.Addr(), tlsutil.NodeServerConfig(cert, pool), tlsutil.NodeClientConfig(cert, pool))
 	tn.fsm = fsm.New(fsm.Config{})
-	node, err := Open(Config{
+	cfg := Config{
 		NodeID: tn.id, RaftAddr: ln.Addr().String(), Dir: tn.dir, StreamLayer: stream, FSM: tn.fsm, Forwarder: c.fwd,
 		MaxStaleness: c.maxStaleness, HeartbeatTimeout: 300 * time.Millisecond, ElectionTimeout: 300 * time.Millisecond,
 		LeaderLeaseTimeout: 200 * time.Millisecond,
-	})
+	}
+	if c.configure != nil {
+		c.configure(&cfg)
+	}
+	node, err := Open(cfg)
 	if err != nil {
 		c.t.Fatal(err)
 	}

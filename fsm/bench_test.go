@@ -3,6 +3,7 @@ package fsm
 import (
 	"fmt"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/raft"
 )
@@ -51,5 +52,26 @@ func BenchmarkSnapshot100k(b *testing.B) {
 	for range b.N {
 		snap, _ := f.Snapshot()
 		_ = snap.Persist(&memSink{})
+	}
+}
+
+// DueRotations/DueDestructions at 100k keys, of which 1% are due: the
+// scheduler's per-tick query. The secondary index makes it O(log n + due).
+func BenchmarkDueRotations100k(b *testing.B) {
+	f := New(Config{})
+	a := newApplier(b)
+	f.Apply(logOf(b, 1, a.command(typInit, initPayload(), env{})))
+	for i := range 100_000 {
+		p := createKeyPayload(keyID(i))
+		p.RotationPeriodSeconds = int64(3600 + i) // key i is due at t0 + 3600s + i s
+		f.Apply(logOf(b, uint64(i+2), a.command(typCreate, p, env{})))
+	}
+	now := t0 + int64(3600+1000)*int64(time.Second) // 1001 keys due
+	b.ResetTimer()
+	for range b.N {
+		if got := f.DueRotations(now, 0); len(got) != 1001 {
+			b.Fatalf("%d due", len(got))
+		}
+		f.DueDestructions(now, 0)
 	}
 }

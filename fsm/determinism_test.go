@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"math"
 	"math/rand"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -17,11 +19,71 @@ import (
 
 // randomLog builds a seeded sequence of n command entries that exercises
 // every handler's success and failure paths, request-id retries, expiry and
-// pruning (including leader time jumping forward and stepping back).
+// pruning (including leader time jumping forward and stepping back). It
+// keeps a shadow State (as a leader has its own FSM) to propose plausible
+// lifecycle commands: the next version, due rotations and destructions the
+// way the scheduler does, and duplicated scheduler proposals.
 func randomLog(t testing.TB, seed int64, n int) []*raft.Log {
 	t.Helper()
 	rng := rand.New(rand.NewSource(seed))
 	pick := func(prefix string, k int) string { return fmt.Sprintf("%s%d", prefix, rng.Intn(k)) }
+	pickKey := func() string {
+		if rng.Intn(15) == 0 {
+			return keyID(100 + rng.Intn(100)) // most likely unknown
+		}
+		return keyID(rng.Intn(50))
+	}
+	pickAlias := func() string {
+		if rng.Intn(20) == 0 {
+			return "k-bad"
+		}
+		return pick("alias-", 30)
+	}
+	material := func() *fsmpb.WrappedBlob {
+		b := &fsmpb.WrappedBlob{KekVersion: 1, Blob: []byte(fmt.Sprintf("wrapped-material-%d", rng.Int63()))}
+		if rng.Intn(15) == 0 {
+			b.KekVersion = 2
+		}
+		return b
+	}
+	pubKey := func(spec fsmpb.KeySpec) []byte {
+		if rng.Intn(12) == 0 {
+			return []byte("wrong-or-missing")[:rng.Intn(2)*5]
+		}
+		return publicKeyFor(spec)
+	}
+	period := func() int64 {
+		switch rng.Intn(6) {
+		case 0, 1, 2:
+			return 0
+		case 3:
+			return -1
+		default:
+			return 60 + rng.Int63n(3*3600)
+		}
+	}
+	shadow := NewState()
+	// existingKey mostly picks a key the shadow state holds.
+	existingKey := func() string {
+		keys := shadow.listKeys("", 0)
+		if len(keys) == 0 || rng.Intn(6) == 0 {
+			return pickKey()
+		}
+		return keys[rng.Intn(len(keys))].GetKeyId()
+	}
+	existingAlias := func() string {
+		var aliases []string
+		for _, rec := range shadow.listKeys("", 0) {
+			if rec.GetAlias() != "" {
+				aliases = append(aliases, rec.GetAlias())
+			}
+		}
+		if len(aliases) == 0 || rng.Intn(4) == 0 {
+			return pickAlias()
+		}
+		return aliases[rng.Intn(len(aliases))]
+	}
+	var lastScheduled *fsmpb.Command // a scheduler proposal, sometimes proposed again
 	now := t0
 	logs := make([]*raft.Log, 0, n)
 	for i := range n {
@@ -35,16 +97,25 @@ func randomLog(t testing.TB, seed int64, n int) []*raft.Log {
 		}
 		var typ fsmpb.CommandType
 		var payload proto.Message
-		ignorable := false
+		ignorable, scheduled := false, false
 		switch r := rng.Intn(100); {
 		case i == 0 || r < 2:
 			typ, payload = typInit, initPayload()
-		case r < 45:
-			p := createKeyPayload(keyID(rng.Intn(200)))
-			p.Spec = fsmpb.KeySpec(rng.Intn(11))
-			p.Usage = fsmpb.KeyUsage(rng.Intn(4))
+		case r < 22:
+			p := createKeyPayload(pickKey())
+			p.Spec = fsmpb.KeySpec(1 + rng.Intn(9))
+			if rule := keySpecRules[p.Spec]; rule.def == 0 || rng.Intn(2) == 0 {
+				p.Usage = rule.allowed[rng.Intn(len(rule.allowed))]
+			}
+			if rng.Intn(10) == 0 {
+				p.Spec, p.Usage = fsmpb.KeySpec(rng.Intn(11)), fsmpb.KeyUsage(rng.Intn(4))
+			}
+			p.PublicKeyDer = pubKey(p.Spec)
+			if !keySpecRules[p.Spec].asymmetric || rng.Intn(10) == 0 {
+				p.RotationPeriodSeconds = period()
+			}
 			if rng.Intn(3) == 0 {
-				p.Alias = pick("alias-", 40)
+				p.Alias = pickAlias()
 			}
 			if rng.Intn(4) == 0 {
 				p.Tags = map[string]string{pick("t", 5): pick("v", 5), pick("t", 5): "x", "": ""}
@@ -52,14 +123,21 @@ func randomLog(t testing.TB, seed int64, n int) []*raft.Log {
 					delete(p.Tags, "")
 				}
 			}
-			if rng.Intn(10) == 0 {
-				p.Material.KekVersion = 2
-			}
+			p.Material = material()
 			typ, payload = typCreate, p
-		case r < 60:
+		case r < 28:
 			typ, payload = typToken, joinTokenPayload(pick("tok", 8), now+rng.Int63n(int64(4*time.Hour))-int64(time.Hour))
-		case r < 75:
+		case r < 34:
 			p := admitPayload(pick("tok", 8), pick("n", 12))
+			var unused []string
+			for _, tok := range shadow.sortedTokens() {
+				if tok.GetUsedByNode() == "" && tok.GetExpiresUnixNano() > now {
+					unused = append(unused, tok.GetTokenId())
+				}
+			}
+			if len(unused) > 0 && rng.Intn(2) == 0 {
+				p.TokenId = unused[rng.Intn(len(unused))]
+			}
 			if rng.Intn(5) == 0 {
 				p.SecretHash = []byte("wrong")
 			}
@@ -67,12 +145,98 @@ func randomLog(t testing.TB, seed int64, n int) []*raft.Log {
 				p.Node.RaftAddr = pick("n", 12) + ".raft:7000"
 			}
 			typ, payload = typAdmit, p
-		case r < 85:
+		case r < 38:
 			typ, payload = typRemove, &fsmpb.RemoveNode{NodeId: pick("n", 12)}
-		case r < 92:
+		case r < 40:
 			typ, payload = typNoop, &fsmpb.Noop{}
-		default:
+		case r < 42:
 			typ, ignorable = 77, true
+		case r < 48:
+			id := existingKey()
+			rec := shadow.keys[id]
+			v := highestVersion(rec) + 1
+			if rng.Intn(8) == 0 {
+				v = uint32(rng.Intn(4))
+			}
+			typ, payload = typRotate, &fsmpb.RotateKey{KeyId: id, Version: v, Material: material(),
+				PublicKeyDer: pubKey(rec.GetSpec()), Automatic: rng.Intn(3) == 0}
+		case r < 54: // the leader's scheduler
+			scheduled = true
+			if lastScheduled != nil && rng.Intn(3) == 0 {
+				typ = lastScheduled.GetType() // a duplicate proposal
+				payload = mustDecodePayload(t, lastScheduled)
+			} else if due := shadow.dueRotations(now, 1); len(due) > 0 && rng.Intn(2) == 0 {
+				rec := due[0]
+				typ, payload = typRotate, &fsmpb.RotateKey{KeyId: rec.GetKeyId(), Version: highestVersion(rec) + 1,
+					Material: material(), PublicKeyDer: publicKeyFor(rec.GetSpec()), Automatic: true}
+			} else if due := shadow.dueDestructions(now, 1); len(due) > 0 {
+				typ, payload = typDestroy, &fsmpb.DestroyKey{KeyId: due[0].GetKeyId()}
+			} else {
+				typ, payload = typDestroy, &fsmpb.DestroyKey{KeyId: pickKey()}
+			}
+		case r < 58:
+			p := &fsmpb.UpdateKey{KeyId: existingKey(), SetDescription: rng.Intn(2) == 0, ReplaceTags: rng.Intn(2) == 0}
+			if p.SetDescription || rng.Intn(10) == 0 {
+				p.Description = pick("d", 5)
+			}
+			if p.ReplaceTags {
+				p.Tags = map[string]string{pick("t", 5): pick("v", 5)}
+			}
+			typ, payload = typUpdate, p
+		case r < 62:
+			typ, payload = typSetAlias, &fsmpb.SetAlias{KeyId: existingKey(), Alias: pickAlias()}
+		case r < 64:
+			typ, payload = typDeleteAlias, &fsmpb.DeleteAlias{Alias: existingAlias()}
+		case r < 69:
+			typ, payload = typEnabled, &fsmpb.SetKeyEnabled{KeyId: existingKey(), Enabled: rng.Intn(2) == 0}
+		case r < 72:
+			typ, payload = typRevoke, &fsmpb.RevokeKey{KeyId: existingKey(), Reason: fsmpb.RevocationReason(rng.Intn(5)), Comment: pick("c", 3)}
+		case r < 75:
+			id := existingKey()
+			p := &fsmpb.SetVersionState{KeyId: id, Version: 1 + uint32(rng.Intn(int(highestVersion(shadow.keys[id])+1))),
+				State: verEnabled + fsmpb.KeyVersionState(rng.Intn(2))}
+			if rng.Intn(6) == 0 {
+				p.Version, p.State = uint32(rng.Intn(4)), fsmpb.KeyVersionState(rng.Intn(5))
+			}
+			typ, payload = typVerState, p
+		case r < 77:
+			typ, payload = typMinVersion, &fsmpb.SetMinDecryptionVersion{KeyId: existingKey(), Version: uint32(rng.Intn(4))}
+		case r < 80:
+			typ, payload = typPolicy, &fsmpb.SetRotationPolicy{KeyId: existingKey(), PeriodSeconds: period()}
+		case r < 85:
+			typ, payload = typSchedule, &fsmpb.ScheduleDestruction{KeyId: existingKey(), PendingWindowSeconds: rng.Int63n(4*3600) - 60}
+		case r < 88:
+			id := existingKey()
+			if pending := shadow.dueDestructions(math.MaxInt64, 0); len(pending) > 0 && rng.Intn(2) == 0 {
+				id = pending[rng.Intn(len(pending))].GetKeyId()
+			}
+			typ, payload = typCancel, &fsmpb.CancelDestruction{KeyId: id}
+		case r < 93:
+			p := importTokenPayload(fmt.Sprintf("it-tok%05d", rng.Intn(40)), now+rng.Int63n(int64(4*time.Hour))-int64(time.Hour))
+			p.Spec = fsmpb.KeySpec(1 + rng.Intn(3))
+			typ, payload = typImportToken, p
+		default:
+			p := &fsmpb.ImportKey{TokenId: fmt.Sprintf("it-tok%05d", rng.Intn(40)), Key: createKeyPayload(pickKey())}
+			p.Key.Spec = fsmpb.KeySpec(1 + rng.Intn(3))
+			var usable []*fsmpb.ImportToken
+			shadow.importTokens.Ascend(func(tok *fsmpb.ImportToken) bool {
+				if tok.GetPrivateKey() != nil && tok.GetExpiresUnixNano() > now {
+					usable = append(usable, tok)
+				}
+				return true
+			})
+			if len(usable) > 0 && rng.Intn(3) != 0 {
+				tok := usable[rng.Intn(len(usable))]
+				p.TokenId = tok.GetTokenId()
+				if rng.Intn(6) != 0 {
+					p.Key.Spec = tok.GetSpec()
+				}
+			}
+			p.Key.Material = material()
+			if rng.Intn(3) == 0 {
+				p.Key.Alias = pickAlias()
+			}
+			typ, payload = typImport, p
 		}
 		cmd, err := NewCommand(typ, payload, "", pick("user", 3))
 		if err != nil {
@@ -86,9 +250,23 @@ func randomLog(t testing.TB, seed int64, n int) []*raft.Log {
 		}
 		cmd.Ignorable = ignorable
 		cmd.LeaderTimeUnixNano = now
+		if scheduled {
+			lastScheduled = cmd
+		}
+		shadow.Apply(uint64(i+1), cmd)
 		logs = append(logs, logOf(t, uint64(i+1), cmd))
 	}
 	return logs
+}
+
+func mustDecodePayload(t testing.TB, cmd *fsmpb.Command) proto.Message {
+	t.Helper()
+	p := handlers[cmd.GetType()].newPayload()
+	if err := proto.Unmarshal(cmd.GetPayload(), p); err != nil {
+		// A malformed duplicate: propose an empty payload instead.
+		return p
+	}
+	return p
 }
 
 func applyAll(f *FSM, logs []*raft.Log) []interface{} {
@@ -112,7 +290,7 @@ func applyAll(f *FSM, logs []*raft.Log) []interface{} {
 func TestDeterminism(t *testing.T) {
 	for _, seed := range []int64{1, 2, 3} {
 		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
-			logs := randomLog(t, seed, 500)
+			logs := randomLog(t, seed, 800)
 
 			a, b := New(Config{}), New(Config{})
 			resA := applyAll(a, logs)
@@ -126,14 +304,22 @@ func TestDeterminism(t *testing.T) {
 
 			// A node that joins halfway through from a snapshot ends identical.
 			c := New(Config{})
-			applyAll(c, logs[:250])
+			applyAll(c, logs[:400])
 			d := New(Config{})
 			if err := d.Restore(io.NopCloser(bytes.NewReader(snapshotBytes(t, c)))); err != nil {
 				t.Fatal(err)
 			}
-			applyAll(d, logs[250:])
+			applyAll(d, logs[400:])
 			if !bytes.Equal(snapA, snapshotBytes(t, d)) {
 				t.Fatalf("restore-then-replay diverged from a full replay")
+			}
+			// The rebuilt secondary indexes answer the scheduler's queries alike.
+			for _, now := range []int64{t0, t0 + int64(24*time.Hour), t0 + int64(1000*time.Hour)} {
+				same := func(x, y *fsmpb.KeyRecord) bool { return proto.Equal(x, y) }
+				if !slices.EqualFunc(a.DueRotations(now, 0), d.DueRotations(now, 0), same) ||
+					!slices.EqualFunc(a.DueDestructions(now, 0), d.DueDestructions(now, 0), same) {
+					t.Fatalf("due queries differ after restore-then-replay")
+				}
 			}
 
 			// A bare State (replay without a node) agrees too.
@@ -166,13 +352,23 @@ func TestDeterminism(t *testing.T) {
 			}
 			for _, want := range []string{"CREATE_KEY/RESULT_CODE_OK", "CREATE_KEY/RESULT_CODE_INVALID_ARGUMENT",
 				"CREATE_KEY/RESULT_CODE_ALREADY_EXISTS", "ADMIT_NODE/RESULT_CODE_OK", "ADMIT_NODE/RESULT_CODE_PERMISSION_DENIED",
-				"REMOVE_NODE/RESULT_CODE_OK", "CREATE_JOIN_TOKEN/RESULT_CODE_OK"} {
+				"REMOVE_NODE/RESULT_CODE_OK", "CREATE_JOIN_TOKEN/RESULT_CODE_OK",
+				"ROTATE_KEY/RESULT_CODE_OK", "ROTATE_KEY/RESULT_CODE_FAILED_PRECONDITION", "ROTATE_KEY/RESULT_CODE_NOT_FOUND",
+				"UPDATE_KEY/RESULT_CODE_OK", "SET_ALIAS/RESULT_CODE_OK", "DELETE_ALIAS/RESULT_CODE_OK",
+				"SET_KEY_ENABLED/RESULT_CODE_OK", "SET_KEY_ENABLED/RESULT_CODE_FAILED_PRECONDITION", "REVOKE_KEY/RESULT_CODE_OK",
+				"SET_VERSION_STATE/RESULT_CODE_OK", "SET_MIN_DECRYPTION_VERSION/RESULT_CODE_OK", "SET_ROTATION_POLICY/RESULT_CODE_OK",
+				"SCHEDULE_DESTRUCTION/RESULT_CODE_OK", "CANCEL_DESTRUCTION/RESULT_CODE_OK",
+				"DESTROY_KEY/RESULT_CODE_OK", "DESTROY_KEY/RESULT_CODE_FAILED_PRECONDITION",
+				"CREATE_IMPORT_TOKEN/RESULT_CODE_OK", "IMPORT_KEY/RESULT_CODE_OK", "IMPORT_KEY/RESULT_CODE_PERMISSION_DENIED"} {
 				if counts[want] == 0 {
-					t.Errorf("the random log never produced %s (counts %v)", want, counts)
+					t.Errorf("the random log never produced %s", want)
 				}
 				if testing.Verbose() {
 					t.Logf("%s: %d", want, counts[want])
 				}
+			}
+			if t.Failed() {
+				t.Logf("counts: %v", counts)
 			}
 			if a.Halted() != nil {
 				t.Fatalf("halted: %v", a.Halted())

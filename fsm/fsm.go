@@ -310,3 +310,32 @@ func (f *FSM) Digest() [32]byte {
 	}
 	return sha256.Sum256(b)
 }
+
+// ImportToken returns a BYOK import token by id (including used and recently
+// expired ones, whose private key is gone). Do not modify it.
+func (f *FSM) ImportToken(id string) (*fsmpb.ImportToken, bool) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.state.importToken(id)
+}
+
+// DueRotations returns up to limit (<= 0: no limit) ACTIVE keys with an
+// automatic rotation period whose next rotation is due at now (next rotation
+// <= now), ordered by next rotation time, then id. It reads a secondary
+// index: O(log keys + result). The leader's scheduler proposes an automatic
+// ROTATE_KEY for each; Apply refuses the ones no longer due. Do not modify
+// the records.
+func (f *FSM) DueRotations(now int64, limit int) []*fsmpb.KeyRecord {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.state.dueRotations(now, limit)
+}
+
+// DueDestructions returns up to limit (<= 0: no limit) PENDING_DESTRUCTION
+// keys whose destroy-after time is <= now, ordered by that time, then id
+// (indexed like DueRotations). Do not modify the records.
+func (f *FSM) DueDestructions(now int64, limit int) []*fsmpb.KeyRecord {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.state.dueDestructions(now, limit)
+}

@@ -3,6 +3,7 @@ package fsm
 import (
 	"bytes"
 	"testing"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -22,6 +23,20 @@ func fuzzSeeds(f *testing.F) {
 		{typAdmit, admitPayload("tok", "n2"), env{}},
 		{typRemove, &fsmpb.RemoveNode{NodeId: "n1"}, env{}},
 		{typNoop, &fsmpb.Noop{}, env{}},
+		{typRotate, with(rotatePayload(k1, 2), func(p *fsmpb.RotateKey) { p.Automatic = true }), env{}},
+		{typUpdate, &fsmpb.UpdateKey{KeyId: k1, SetDescription: true, Description: "d", ReplaceTags: true, Tags: map[string]string{"a": "b"}}, env{}},
+		{typSetAlias, &fsmpb.SetAlias{KeyId: k1, Alias: "a"}, env{}},
+		{typDeleteAlias, &fsmpb.DeleteAlias{Alias: "a"}, env{}},
+		{typEnabled, &fsmpb.SetKeyEnabled{KeyId: k1, Enabled: true}, env{}},
+		{typRevoke, &fsmpb.RevokeKey{KeyId: k1, Reason: reasonCompromised, Comment: "c"}, env{}},
+		{typVerState, &fsmpb.SetVersionState{KeyId: k1, Version: 1, State: verDisabled}, env{}},
+		{typMinVersion, &fsmpb.SetMinDecryptionVersion{KeyId: k1, Version: 1}, env{}},
+		{typPolicy, &fsmpb.SetRotationPolicy{KeyId: k1, PeriodSeconds: 3600}, env{}},
+		{typSchedule, &fsmpb.ScheduleDestruction{KeyId: k1, PendingWindowSeconds: 60}, env{}},
+		{typCancel, &fsmpb.CancelDestruction{KeyId: k1}, env{}},
+		{typDestroy, &fsmpb.DestroyKey{KeyId: k1}, env{}},
+		{typImportToken, importTokenPayload("it-abcdefgh", t0+1), env{}},
+		{typImport, importPayload("it-abcdefgh", k2), env{}},
 		{77, nil, env{ignorable: true}},
 		{77, nil, env{}},
 		{typNoop, nil, env{format: 2}},
@@ -36,6 +51,20 @@ func fuzzSeeds(f *testing.F) {
 	f.Add([]byte{0x08, 0x01})
 }
 
+// lifecycleState holds k1 (ACTIVE, rotated, aliased, rotating hourly), k2
+// pending destruction, k3 destroyed, and an unused import token.
+func lifecycleState(t testing.TB) *State {
+	a := initialised(t)
+	a.mustOK(typCreate, with(createKeyPayload(k1), func(p *fsmpb.CreateKey) { p.Alias = "a"; p.RotationPeriodSeconds = 3600 }))
+	a.mustOK(typRotate, rotatePayload(k1, 2))
+	a.mustOK(typCreate, createKeyPayload(k2))
+	a.mustOK(typSchedule, &fsmpb.ScheduleDestruction{KeyId: k2, PendingWindowSeconds: 1})
+	a.mustOK(typCreate, createKeyPayload(keyID(3)))
+	driveTo(a, keyID(3), stDestroyed)
+	a.mustOK(typImportToken, importTokenPayload("it-abcdefgh", a.now+int64(time.Hour)))
+	return a.s
+}
+
 // FuzzDecodeCommand applies whatever decodes to a fresh and to an initialised
 // state: nothing may panic, and every reachable state must still snapshot
 // and restore.
@@ -46,7 +75,7 @@ func FuzzDecodeCommand(f *testing.F) {
 		if err != nil {
 			return
 		}
-		for _, s := range []*State{NewState(), initialised(t).s} {
+		for _, s := range []*State{NewState(), initialised(t).s, lifecycleState(t)} {
 			res := s.Apply(100, cmd)
 			if res == nil {
 				t.Fatal("nil result")
@@ -87,6 +116,11 @@ func FuzzReadSnapshot(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Add(full.Bytes())
+	var lifecycle bytes.Buffer
+	if err := WriteSnapshot(&lifecycle, lifecycleState(f).ToProto()); err != nil {
+		f.Fatal(err)
+	}
+	f.Add(lifecycle.Bytes())
 
 	f.Fuzz(func(t *testing.T, data []byte) {
 		st, err := ReadSnapshot(bytes.NewReader(data))

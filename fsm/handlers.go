@@ -2,8 +2,11 @@ package fsm
 
 import (
 	"crypto/subtle"
+	"math"
 	"regexp"
 	"slices"
+	"strings"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -26,14 +29,20 @@ const (
 	maxTags           = 50
 	maxTagKeyLen      = 128
 	maxTagValueLen    = 256
+	maxCommentLen     = 1024 // revocation comment
 	secretHashLen     = 32
+
+	// maxPeriodSeconds bounds rotation periods and destruction windows
+	// (100 years) so leader time + period never overflows int64.
+	maxPeriodSeconds = 100 * 365 * 24 * 3600
 
 	keyIDPrefix = "k-"
 )
 
 var (
-	keyIDPattern = regexp.MustCompile(`^k-[a-z0-9]{26}$`)
-	aliasPattern = regexp.MustCompile(`^[A-Za-z0-9/_-]{1,256}$`)
+	keyIDPattern         = regexp.MustCompile(`^k-[a-z0-9]{26}$`)
+	aliasPattern         = regexp.MustCompile(`^[A-Za-z0-9/_-]{1,256}$`)
+	importTokenIDPattern = regexp.MustCompile(`^it-[a-z0-9]{8,64}$`)
 )
 
 const (
@@ -43,6 +52,7 @@ const (
 	codePrecondition  = fsmpb.ResultCode_RESULT_CODE_FAILED_PRECONDITION
 	codeDenied        = fsmpb.ResultCode_RESULT_CODE_PERMISSION_DENIED
 	msgBadJoinToken   = "join token is invalid, expired or already used"
+	msgBadImportToken = "import token is invalid, expired or already used"
 	msgNotInitialised = "cluster is not initialised; run `cabinet operator init` first"
 )
 
@@ -109,71 +119,94 @@ func (s *State) applyInitCluster(c *cmdContext, p *fsmpb.InitCluster) *fsmpb.Res
 	return &fsmpb.Result{Node: node}
 }
 
-// keySpecUsages lists, per spec, the usages it allows; the first is the
-// default for KEY_USAGE_UNSPECIFIED, and a nil default means the caller must
-// choose (RSA can either encrypt or sign, as in AWS KMS).
-var keySpecUsages = map[fsmpb.KeySpec]struct {
+// keySpecRule says, per supported spec, which usages it allows and whether it
+// is asymmetric.
+type keySpecRule struct {
+	// def is the usage chosen for KEY_USAGE_UNSPECIFIED; UNSPECIFIED means
+	// the caller must choose (RSA can either encrypt or sign, as in AWS KMS).
 	def     fsmpb.KeyUsage
 	allowed []fsmpb.KeyUsage
-}{
-	fsmpb.KeySpec_KEY_SPEC_AES_256:     {fsmpb.KeyUsage_KEY_USAGE_ENCRYPT_DECRYPT, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_ENCRYPT_DECRYPT}},
-	fsmpb.KeySpec_KEY_SPEC_HMAC_SHA256: {fsmpb.KeyUsage_KEY_USAGE_GENERATE_VERIFY_MAC, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_GENERATE_VERIFY_MAC}},
-	fsmpb.KeySpec_KEY_SPEC_HMAC_SHA512: {fsmpb.KeyUsage_KEY_USAGE_GENERATE_VERIFY_MAC, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_GENERATE_VERIFY_MAC}},
-	fsmpb.KeySpec_KEY_SPEC_RSA_2048:    {fsmpb.KeyUsage_KEY_USAGE_UNSPECIFIED, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_ENCRYPT_DECRYPT, fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY}},
-	fsmpb.KeySpec_KEY_SPEC_RSA_3072:    {fsmpb.KeyUsage_KEY_USAGE_UNSPECIFIED, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_ENCRYPT_DECRYPT, fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY}},
-	fsmpb.KeySpec_KEY_SPEC_RSA_4096:    {fsmpb.KeyUsage_KEY_USAGE_UNSPECIFIED, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_ENCRYPT_DECRYPT, fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY}},
-	fsmpb.KeySpec_KEY_SPEC_EC_P256:     {fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY}},
-	fsmpb.KeySpec_KEY_SPEC_EC_P384:     {fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY}},
-	fsmpb.KeySpec_KEY_SPEC_ED25519:     {fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY}},
+	// asymmetric specs have a public key per version and cannot rotate
+	// automatically (as in AWS KMS); symmetric ones have no public key.
+	asymmetric bool
+}
+
+// keySpecRules is the one table of supported key specs.
+var keySpecRules = map[fsmpb.KeySpec]keySpecRule{
+	fsmpb.KeySpec_KEY_SPEC_AES_256:     {fsmpb.KeyUsage_KEY_USAGE_ENCRYPT_DECRYPT, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_ENCRYPT_DECRYPT}, false},
+	fsmpb.KeySpec_KEY_SPEC_HMAC_SHA256: {fsmpb.KeyUsage_KEY_USAGE_GENERATE_VERIFY_MAC, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_GENERATE_VERIFY_MAC}, false},
+	fsmpb.KeySpec_KEY_SPEC_HMAC_SHA512: {fsmpb.KeyUsage_KEY_USAGE_GENERATE_VERIFY_MAC, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_GENERATE_VERIFY_MAC}, false},
+	fsmpb.KeySpec_KEY_SPEC_RSA_2048:    {fsmpb.KeyUsage_KEY_USAGE_UNSPECIFIED, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_ENCRYPT_DECRYPT, fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY}, true},
+	fsmpb.KeySpec_KEY_SPEC_RSA_3072:    {fsmpb.KeyUsage_KEY_USAGE_UNSPECIFIED, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_ENCRYPT_DECRYPT, fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY}, true},
+	fsmpb.KeySpec_KEY_SPEC_RSA_4096:    {fsmpb.KeyUsage_KEY_USAGE_UNSPECIFIED, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_ENCRYPT_DECRYPT, fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY}, true},
+	fsmpb.KeySpec_KEY_SPEC_EC_P256:     {fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY}, true},
+	fsmpb.KeySpec_KEY_SPEC_EC_P384:     {fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY}, true},
+	fsmpb.KeySpec_KEY_SPEC_ED25519:     {fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY, []fsmpb.KeyUsage{fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY}, true},
 }
 
 func (s *State) applyCreateKey(c *cmdContext, p *fsmpb.CreateKey) *fsmpb.Result {
 	if s.cluster == nil {
 		return failf(codePrecondition, msgNotInitialised)
 	}
+	rec, res := s.buildKey(c, p, fsmpb.KeyOrigin_KEY_ORIGIN_GENERATED)
+	if res != nil {
+		return res
+	}
+	s.putKey(rec)
+	return &fsmpb.Result{Key: withoutMaterial(rec)}
+}
+
+// buildKey validates a CreateKey (also the one inside an ImportKey) against
+// the state and returns the record it creates, without storing it.
+func (s *State) buildKey(c *cmdContext, p *fsmpb.CreateKey, origin fsmpb.KeyOrigin) (*fsmpb.KeyRecord, *fsmpb.Result) {
 	id := p.GetKeyId()
 	if !keyIDPattern.MatchString(id) {
-		return failf(codeInvalid, "key id %+q is malformed: want \"k-\" followed by 26 lowercase letters or digits", truncate(id))
+		return nil, failf(codeInvalid, "key id %+q is malformed: want \"k-\" followed by 26 lowercase letters or digits", truncate(id))
 	}
 	if _, exists := s.keys[id]; exists {
-		return failf(codeExists, "key %s already exists", id)
+		return nil, failf(codeExists, "key %s already exists", id)
 	}
-	rule, known := keySpecUsages[p.GetSpec()]
+	rule, known := keySpecRules[p.GetSpec()]
 	if !known {
-		return failf(codeInvalid, "key spec %s is not supported", p.GetSpec())
+		return nil, failf(codeInvalid, "key spec %s is not supported", p.GetSpec())
 	}
 	usage := p.GetUsage()
 	if usage == fsmpb.KeyUsage_KEY_USAGE_UNSPECIFIED {
 		if rule.def == fsmpb.KeyUsage_KEY_USAGE_UNSPECIFIED {
-			return failf(codeInvalid, "key spec %s needs an explicit usage: ENCRYPT_DECRYPT or SIGN_VERIFY", p.GetSpec())
+			return nil, failf(codeInvalid, "key spec %s needs an explicit usage: ENCRYPT_DECRYPT or SIGN_VERIFY", p.GetSpec())
 		}
 		usage = rule.def
 	}
 	if !slices.Contains(rule.allowed, usage) {
-		return failf(codeInvalid, "key usage %s is not allowed for key spec %s", usage, p.GetSpec())
+		return nil, failf(codeInvalid, "key usage %s is not allowed for key spec %s", usage, p.GetSpec())
 	}
 	if alias := p.GetAlias(); alias != "" {
-		switch {
-		case !aliasPattern.MatchString(alias):
-			return failf(codeInvalid, "alias %+q is malformed: use 1-256 of A-Z a-z 0-9 / _ -", truncate(alias))
-		case len(alias) >= len(keyIDPrefix) && alias[:len(keyIDPrefix)] == keyIDPrefix:
-			return failf(codeInvalid, "alias %+q must not start with %+q (reserved for key ids)", alias, keyIDPrefix)
-		case s.aliases[alias] != "":
-			return failf(codeExists, "alias %+q is already used by key %s", alias, s.aliases[alias])
+		if res := checkAlias(alias); res != nil {
+			return nil, res
+		}
+		if owner := s.aliases[alias]; owner != "" {
+			return nil, failf(codeExists, "alias %+q is already used by key %s", alias, owner)
 		}
 	}
 	if n := len(p.GetDescription()); n > maxDescriptionLen {
-		return failf(codeInvalid, "description is %d bytes; the limit is %d", n, maxDescriptionLen)
+		return nil, failf(codeInvalid, "description is %d bytes; the limit is %d", n, maxDescriptionLen)
 	}
 	if res := checkTags(p.GetTags()); res != nil {
-		return res
+		return nil, res
 	}
 	mat := p.GetMaterial()
 	if res := checkBlob("key material", mat); res != nil {
-		return res
+		return nil, res
 	}
-	if res := s.checkKEKActive(mat.GetKekVersion()); res != nil {
-		return res
+	if res := s.checkKEKActive("key material", mat.GetKekVersion()); res != nil {
+		return nil, res
+	}
+	if res := checkPublicKey(p.GetSpec(), rule, p.GetPublicKeyDer()); res != nil {
+		return nil, res
+	}
+	period := p.GetRotationPeriodSeconds()
+	if res := checkRotationPeriod(p.GetSpec(), rule, period); res != nil {
+		return nil, res
 	}
 
 	// p was decoded for this call alone, so its messages can be stored as is.
@@ -194,10 +227,62 @@ func (s *State) applyCreateKey(c *cmdContext, p *fsmpb.CreateKey) *fsmpb.Result 
 			Material:        mat,
 			CreatedUnixNano: c.time,
 			State:           fsmpb.KeyVersionState_KEY_VERSION_STATE_ENABLED,
+			PublicKeyDer:    p.GetPublicKeyDer(),
 		}},
+		Origin:                origin,
+		RotationPeriodSeconds: period,
 	}
-	s.putKey(rec)
-	return &fsmpb.Result{Key: withoutMaterial(rec)}
+	if period > 0 {
+		rec.NextRotationUnixNano = addSeconds(c.time, period)
+	}
+	return rec, nil
+}
+
+// checkAlias checks an alias's syntax (not whether it is free).
+func checkAlias(alias string) *fsmpb.Result {
+	switch {
+	case !aliasPattern.MatchString(alias):
+		return failf(codeInvalid, "alias %+q is malformed: use 1-256 of A-Z a-z 0-9 / _ -", truncate(alias))
+	case strings.HasPrefix(alias, keyIDPrefix):
+		return failf(codeInvalid, "alias %+q must not start with %+q (reserved for key ids)", alias, keyIDPrefix)
+	}
+	return nil
+}
+
+// checkPublicKey: asymmetric specs need the new version's public key,
+// symmetric specs have none. The DER is not parsed (see DESIGN.md).
+func checkPublicKey(spec fsmpb.KeySpec, rule keySpecRule, pub []byte) *fsmpb.Result {
+	switch {
+	case rule.asymmetric && len(pub) == 0:
+		return failf(codeInvalid, "key spec %s is asymmetric: the version's public key (PKIX DER) is required", spec)
+	case !rule.asymmetric && len(pub) != 0:
+		return failf(codeInvalid, "key spec %s is symmetric and has no public key; leave the public key empty", spec)
+	case len(pub) > maxPublicKeyLen:
+		return failf(codeInvalid, "public key is %d bytes; the limit is %d", len(pub), maxPublicKeyLen)
+	}
+	return nil
+}
+
+func checkRotationPeriod(spec fsmpb.KeySpec, rule keySpecRule, period int64) *fsmpb.Result {
+	switch {
+	case period < 0:
+		return failf(codeInvalid, "rotation period is %d seconds; it must be 0 (no automatic rotation) or positive", period)
+	case period > maxPeriodSeconds:
+		return failf(codeInvalid, "rotation period is %d seconds; the limit is %d (100 years)", period, maxPeriodSeconds)
+	case period > 0 && rule.asymmetric:
+		return failf(codeInvalid, "key spec %s is asymmetric and cannot rotate automatically; set the rotation period to 0 "+
+			"(only AES_256 and HMAC keys rotate automatically)", spec)
+	}
+	return nil
+}
+
+// addSeconds returns t + secs seconds, saturating at the largest time.
+func addSeconds(t, secs int64) int64 {
+	d := secs * int64(time.Second) // secs <= maxPeriodSeconds: no overflow
+	if t > math.MaxInt64-d {
+		return math.MaxInt64
+	}
+	return t + d
 }
 
 // withoutMaterial is the view of a key that goes into a Result. Results are
@@ -247,19 +332,20 @@ func checkBlob(what string, b *fsmpb.WrappedBlob) *fsmpb.Result {
 	return nil
 }
 
-func (s *State) checkKEKActive(version uint32) *fsmpb.Result {
+// checkKEKActive requires that `what` is wrapped under an ACTIVE KEK version.
+func (s *State) checkKEKActive(what string, version uint32) *fsmpb.Result {
 	for _, k := range s.cluster.GetKekVersions() {
 		if k.GetVersion() != version {
 			continue
 		}
 		if k.GetState() != fsmpb.KEKState_KEK_STATE_ACTIVE {
-			return failf(codePrecondition, "key material is wrapped under KEK version %d, which is %s; wrap it under KEK version %d",
-				version, k.GetState(), s.cluster.GetCurrentKekVersion())
+			return failf(codePrecondition, "%s is wrapped under KEK version %d, which is %s; wrap it under KEK version %d",
+				what, version, k.GetState(), s.cluster.GetCurrentKekVersion())
 		}
 		return nil
 	}
-	return failf(codeInvalid, "key material is wrapped under KEK version %d, which does not exist; the current KEK version is %d",
-		version, s.cluster.GetCurrentKekVersion())
+	return failf(codeInvalid, "%s is wrapped under KEK version %d, which does not exist; the current KEK version is %d",
+		what, version, s.cluster.GetCurrentKekVersion())
 }
 
 // checkNode validates a node record proposed by INIT_CLUSTER or ADMIT_NODE.

@@ -126,6 +126,15 @@ func createKeyPayload(id string) *fsmpb.CreateKey {
 	}
 }
 
+// publicKeyFor returns a stand-in public key for asymmetric specs, nil for
+// symmetric ones (the FSM does not parse DER).
+func publicKeyFor(spec fsmpb.KeySpec) []byte {
+	if keySpecRules[spec].asymmetric {
+		return []byte("public-key-der-" + spec.String())
+	}
+	return nil
+}
+
 func joinTokenPayload(id string, expires int64) *fsmpb.CreateJoinToken {
 	return &fsmpb.CreateJoinToken{TokenId: id, SecretHash: secretHash[:], ExpiresUnixNano: expires}
 }

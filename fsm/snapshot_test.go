@@ -41,6 +41,11 @@ func populated(t *testing.T) *FSM {
 	apply(typToken, joinTokenPayload("tok-a", t0+int64(time.Hour)), env{})
 	apply(typAdmit, admitPayload("tok-b", "n3"), env{})
 	apply(typAdmit, admitPayload("tok-a", "n2"), env{requestID: "admit"})
+	// Lifecycle records: a rotated key, a used and an unused import token.
+	apply(typRotate, rotatePayload(keyID(2), 2), env{})
+	apply(typImportToken, importTokenPayload("it-zzzzzzzz", t0+int64(time.Hour)), env{})
+	apply(typImportToken, importTokenPayload("it-aaaaaaaa", t0+int64(time.Hour)), env{})
+	apply(typImport, importPayload("it-zzzzzzzz", keyID(10)), env{})
 	return f
 }
 
@@ -80,7 +85,7 @@ func TestSnapshotRoundTrip(t *testing.T) {
 			t.Fatalf("Key(%q) differs: %v %v", q, a, b)
 		}
 	}
-	if f.KeyCount() != 4 || g.KeyCount() != 4 {
+	if f.KeyCount() != 5 || g.KeyCount() != 5 {
 		t.Fatalf("key counts %d %d", f.KeyCount(), g.KeyCount())
 	}
 	if len(g.Nodes()) != 3 || g.Cluster().GetClusterId() != "c-test" {
@@ -89,10 +94,16 @@ func TestSnapshotRoundTrip(t *testing.T) {
 	if tok, ok := g.JoinToken("tok-a"); !ok || tok.GetUsedByNode() != "n2" {
 		t.Fatalf("join token %v", tok)
 	}
+	if tok, ok := g.ImportToken("it-zzzzzzzz"); !ok || tok.GetUsedByKey() != keyID(10) || tok.GetPrivateKey() != nil {
+		t.Fatalf("import token %v", tok)
+	}
+	if tok, ok := g.ImportToken("it-aaaaaaaa"); !ok || tok.GetPrivateKey() == nil {
+		t.Fatalf("import token %v", tok)
+	}
 	// Request records survive: a retry after restore returns the first result.
 	a := newApplier(t)
 	res := g.Apply(logOf(t, 100, a.command(typCreate, createKeyPayload(keyID(99)), env{requestID: "create-" + keyID(2)})))
-	if r := res.(*fsmpb.Result); r.GetKey().GetKeyId() != keyID(2) || g.KeyCount() != 4 {
+	if r := res.(*fsmpb.Result); r.GetKey().GetKeyId() != keyID(2) || g.KeyCount() != 5 {
 		t.Fatalf("retry after restore: %v", r)
 	}
 }
@@ -103,14 +114,21 @@ func TestToProtoIsSorted(t *testing.T) {
 	for _, k := range st.GetKeys() {
 		ids = append(ids, k.GetKeyId())
 	}
-	for _, list := range [][]string{ids, nodeIDs(st), tokenIDs(st), requestIDs(st)} {
+	var importIDs []string
+	for _, it := range st.GetImportTokens() {
+		importIDs = append(importIDs, it.GetTokenId())
+	}
+	for _, list := range [][]string{ids, nodeIDs(st), tokenIDs(st), requestIDs(st), importIDs} {
 		for i := 1; i < len(list); i++ {
 			if list[i-1] >= list[i] {
 				t.Fatalf("not sorted: %v", list)
 			}
 		}
 	}
-	if len(ids) != 4 || len(nodeIDs(st)) != 3 || len(tokenIDs(st)) != 2 || len(requestIDs(st)) != 6 {
+	if len(importIDs) != 2 {
+		t.Fatalf("import tokens %v", importIDs)
+	}
+	if len(ids) != 5 || len(nodeIDs(st)) != 3 || len(tokenIDs(st)) != 2 || len(requestIDs(st)) != 6 {
 		t.Fatalf("unexpected sizes: %v %v %v %v", ids, nodeIDs(st), tokenIDs(st), requestIDs(st))
 	}
 }
@@ -255,7 +273,19 @@ func TestStateFromProtoValidation(t *testing.T) {
 			st.Cluster.KekVersions = append(st.Cluster.KekVersions, st.Cluster.KekVersions[0])
 		}), "duplicate KEK version 1"},
 		{"nil KEK version", mutate(func(st *fsmpb.State) { st.Cluster.KekVersions = append(st.Cluster.KekVersions, nil) }), "KEK version entry 1"},
-		{"nil key", mutate(func(st *fsmpb.State) { st.Keys = append(st.Keys, nil) }), "key entry 4 has no key id"},
+		{"nil key", mutate(func(st *fsmpb.State) { st.Keys = append(st.Keys, nil) }), "key entry 5 has no key id"},
+		{"versions out of order", mutate(func(st *fsmpb.State) {
+			st.Keys[0].Versions = append(st.Keys[0].Versions, proto.CloneOf(st.Keys[0].Versions[0]))
+		}), "version entry 2 is missing or out of order"},
+		{"nil version", mutate(func(st *fsmpb.State) { st.Keys[0].Versions = append(st.Keys[0].Versions, nil) }), "version entry 2 is missing"},
+		{"primary version missing", mutate(func(st *fsmpb.State) { st.Keys[0].PrimaryVersion = 7 }), "primary version 7 is not among its versions"},
+		{"destroyed key with material", mutate(func(st *fsmpb.State) { st.Keys[0].State = stDestroyed }), "destroyed version 1 still holds material"},
+		{"destroyed version with material", mutate(func(st *fsmpb.State) { st.Keys[0].Versions[0].State = verDestroyed }), "destroyed version 1 still holds material"},
+		{"nil import token", mutate(func(st *fsmpb.State) { st.ImportTokens = append(st.ImportTokens, nil) }), "import token entry 2 has no token id"},
+		{"malformed import token id", mutate(func(st *fsmpb.State) { st.ImportTokens[0].TokenId = "it-X" }), "import token id \"it-X\" is malformed"},
+		{"duplicate import token", mutate(func(st *fsmpb.State) { st.ImportTokens[1].TokenId = st.ImportTokens[0].TokenId }), "duplicate import token id it-aaaaaaaa"},
+		{"used import token with private key", mutate(func(st *fsmpb.State) { st.ImportTokens[1].PrivateKey = blob("x") }),
+			"import token it-zzzzzzzz was used but still holds its private key"},
 		{"key without id", mutate(func(st *fsmpb.State) { st.Keys[1].KeyId = "" }), "key entry 1 has no key id"},
 		{"duplicate key id", mutate(func(st *fsmpb.State) { st.Keys[1].KeyId = st.Keys[0].KeyId }), "duplicate key id"},
 		{"duplicate alias", mutate(func(st *fsmpb.State) { st.Keys[0].Alias = "same"; st.Keys[1].Alias = "same" }), "alias \"same\" is used by keys"},

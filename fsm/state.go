@@ -24,6 +24,9 @@ const (
 	// JoinTokenGrace is how long an expired join token is kept (so an
 	// operator can still see why a join failed) before it is pruned.
 	JoinTokenGrace = 24 * time.Hour
+	// ImportTokenGrace is the same for import tokens. An import token's
+	// sealed private key is dropped as soon as the token expires or is used.
+	ImportTokenGrace = 24 * time.Hour
 
 	btreeDegree = 32
 )
@@ -38,7 +41,8 @@ var ErrUnsupportedCommand = errors.New("unsupported command")
 // Raft log can be replayed into a State without a running node.
 //
 // Stored records (*fsmpb.KeyRecord, *fsmpb.NodeRecord, *fsmpb.JoinToken,
-// *fsmpb.ClusterInfo, *fsmpb.RequestRecord and the Results inside them) are
+// *fsmpb.ImportToken, *fsmpb.ClusterInfo, *fsmpb.RequestRecord and the
+// Results inside them) are
 // immutable once stored: Apply clones, modifies and replaces. That is what
 // lets FSM hand out stored pointers to readers and capture a snapshot
 // without copying records.
@@ -54,6 +58,16 @@ type State struct {
 	tokens   map[string]*fsmpb.JoinToken         // by token id
 	requests *btree.BTreeG[*fsmpb.RequestRecord] // by request id
 	reqByAge *btree.BTreeG[*fsmpb.RequestRecord] // by (time, request id), for pruning
+
+	// Secondary key indexes (not snapshotted; putKey maintains them):
+	// ACTIVE keys with a rotation period by (next rotation, id), and
+	// PENDING_DESTRUCTION keys by (destroy after, id).
+	rotations    *btree.BTreeG[*fsmpb.KeyRecord]
+	destructions *btree.BTreeG[*fsmpb.KeyRecord]
+
+	importTokens   *btree.BTreeG[*fsmpb.ImportToken] // by token id
+	importByExpiry *btree.BTreeG[*fsmpb.ImportToken] // all, by (expiry, id), for pruning
+	importSealed   *btree.BTreeG[*fsmpb.ImportToken] // those still holding a private key, by (expiry, id)
 
 	lastAppliedTime int64
 	appliedIndex    uint64
@@ -73,7 +87,37 @@ func NewState() *State {
 		tokens:   make(map[string]*fsmpb.JoinToken),
 		requests: btree.NewG(btreeDegree, requestLess),
 		reqByAge: btree.NewG(btreeDegree, requestAgeLess),
+
+		rotations:    btree.NewG(btreeDegree, rotationLess),
+		destructions: btree.NewG(btreeDegree, destructionLess),
+
+		importTokens:   btree.NewG(btreeDegree, importTokenLess),
+		importByExpiry: btree.NewG(btreeDegree, importExpiryLess),
+		importSealed:   btree.NewG(btreeDegree, importExpiryLess),
 	}
+}
+
+func rotationLess(a, b *fsmpb.KeyRecord) bool {
+	if a.GetNextRotationUnixNano() != b.GetNextRotationUnixNano() {
+		return a.GetNextRotationUnixNano() < b.GetNextRotationUnixNano()
+	}
+	return a.GetKeyId() < b.GetKeyId()
+}
+
+func destructionLess(a, b *fsmpb.KeyRecord) bool {
+	if a.GetDestroyAfterUnixNano() != b.GetDestroyAfterUnixNano() {
+		return a.GetDestroyAfterUnixNano() < b.GetDestroyAfterUnixNano()
+	}
+	return a.GetKeyId() < b.GetKeyId()
+}
+
+func importTokenLess(a, b *fsmpb.ImportToken) bool { return a.GetTokenId() < b.GetTokenId() }
+
+func importExpiryLess(a, b *fsmpb.ImportToken) bool {
+	if a.GetExpiresUnixNano() != b.GetExpiresUnixNano() {
+		return a.GetExpiresUnixNano() < b.GetExpiresUnixNano()
+	}
+	return a.GetTokenId() < b.GetTokenId()
 }
 
 func keyLess(a, b *fsmpb.KeyRecord) bool { return a.GetKeyId() < b.GetKeyId() }
@@ -140,6 +184,35 @@ var handlers = map[fsmpb.CommandType]handler{
 		func() *fsmpb.RemoveNode { return &fsmpb.RemoveNode{} }, (*State).applyRemoveNode),
 	fsmpb.CommandType_COMMAND_TYPE_NOOP: register(
 		func() *fsmpb.Noop { return &fsmpb.Noop{} }, (*State).applyNoop),
+	// Key lifecycle (lifecycle.go).
+	fsmpb.CommandType_COMMAND_TYPE_ROTATE_KEY: register(
+		func() *fsmpb.RotateKey { return &fsmpb.RotateKey{} }, (*State).applyRotateKey),
+	fsmpb.CommandType_COMMAND_TYPE_UPDATE_KEY: register(
+		func() *fsmpb.UpdateKey { return &fsmpb.UpdateKey{} }, (*State).applyUpdateKey),
+	fsmpb.CommandType_COMMAND_TYPE_SET_ALIAS: register(
+		func() *fsmpb.SetAlias { return &fsmpb.SetAlias{} }, (*State).applySetAlias),
+	fsmpb.CommandType_COMMAND_TYPE_DELETE_ALIAS: register(
+		func() *fsmpb.DeleteAlias { return &fsmpb.DeleteAlias{} }, (*State).applyDeleteAlias),
+	fsmpb.CommandType_COMMAND_TYPE_SET_KEY_ENABLED: register(
+		func() *fsmpb.SetKeyEnabled { return &fsmpb.SetKeyEnabled{} }, (*State).applySetKeyEnabled),
+	fsmpb.CommandType_COMMAND_TYPE_REVOKE_KEY: register(
+		func() *fsmpb.RevokeKey { return &fsmpb.RevokeKey{} }, (*State).applyRevokeKey),
+	fsmpb.CommandType_COMMAND_TYPE_SET_VERSION_STATE: register(
+		func() *fsmpb.SetVersionState { return &fsmpb.SetVersionState{} }, (*State).applySetVersionState),
+	fsmpb.CommandType_COMMAND_TYPE_SET_MIN_DECRYPTION_VERSION: register(
+		func() *fsmpb.SetMinDecryptionVersion { return &fsmpb.SetMinDecryptionVersion{} }, (*State).applySetMinDecryptionVersion),
+	fsmpb.CommandType_COMMAND_TYPE_SET_ROTATION_POLICY: register(
+		func() *fsmpb.SetRotationPolicy { return &fsmpb.SetRotationPolicy{} }, (*State).applySetRotationPolicy),
+	fsmpb.CommandType_COMMAND_TYPE_SCHEDULE_DESTRUCTION: register(
+		func() *fsmpb.ScheduleDestruction { return &fsmpb.ScheduleDestruction{} }, (*State).applyScheduleDestruction),
+	fsmpb.CommandType_COMMAND_TYPE_CANCEL_DESTRUCTION: register(
+		func() *fsmpb.CancelDestruction { return &fsmpb.CancelDestruction{} }, (*State).applyCancelDestruction),
+	fsmpb.CommandType_COMMAND_TYPE_DESTROY_KEY: register(
+		func() *fsmpb.DestroyKey { return &fsmpb.DestroyKey{} }, (*State).applyDestroyKey),
+	fsmpb.CommandType_COMMAND_TYPE_CREATE_IMPORT_TOKEN: register(
+		func() *fsmpb.CreateImportToken { return &fsmpb.CreateImportToken{} }, (*State).applyCreateImportToken),
+	fsmpb.CommandType_COMMAND_TYPE_IMPORT_KEY: register(
+		func() *fsmpb.ImportKey { return &fsmpb.ImportKey{} }, (*State).applyImportKey),
 }
 
 // Apply processes the command at Raft index `index` and returns its outcome.
@@ -154,8 +227,9 @@ var handlers = map[fsmpb.CommandType]handler{
 //  3. A missing leader time, an over-long request id or non-UTF-8 envelope
 //     strings are INVALID_ARGUMENT.
 //  4. Housekeeping at the command's leader time: last applied time is set,
-//     request records older than RequestRecordTTL and join tokens expired for
-//     more than JoinTokenGrace are pruned.
+//     request records older than RequestRecordTTL and join/import tokens
+//     expired for more than their grace are pruned; expired import tokens
+//     lose their sealed private key.
 //  5. A request id seen before returns the stored Result, changing nothing else.
 //  6. An unknown ignorable type is skipped (OK). Otherwise the payload is
 //     decoded and the handler applies it; if the command has a request id, the
@@ -245,8 +319,8 @@ func (s *State) request(id string) (*fsmpb.RequestRecord, bool) {
 	return s.requests.Get(&fsmpb.RequestRecord{RequestId: id})
 }
 
-// prune drops request records and join tokens that have outlived their use at
-// leader time t. Which records go depends only on their contents and t, never
+// prune drops request records and join and import tokens that have outlived
+// their use at leader time t, and the private keys of expired import tokens. Which records go depends only on their contents and t, never
 // on insertion order, so a node restored from a snapshot prunes exactly what
 // a node that applied the whole log prunes.
 func (s *State) prune(t int64) {
@@ -265,6 +339,26 @@ func (s *State) prune(t int64) {
 			delete(s.tokens, id)
 		}
 	}
+	for {
+		// Expired (t >= expiry): the private key goes at once.
+		tok, ok := s.importSealed.Min()
+		if !ok || tok.GetExpiresUnixNano() > t {
+			break
+		}
+		dropped := proto.CloneOf(tok)
+		dropped.PrivateKey = nil
+		s.putImportToken(dropped)
+	}
+	importCutoff := t - int64(ImportTokenGrace)
+	for {
+		tok, ok := s.importByExpiry.Min()
+		if !ok || tok.GetExpiresUnixNano() >= importCutoff {
+			break
+		}
+		s.importByExpiry.DeleteMin()
+		s.importTokens.Delete(tok)
+		s.importSealed.Delete(tok)
+	}
 }
 
 func typeName(t fsmpb.CommandType) string {
@@ -277,14 +371,69 @@ func failf(code fsmpb.ResultCode, format string, a ...any) *fsmpb.Result {
 
 // putKey stores rec (a new or replacing record) in every index.
 func (s *State) putKey(rec *fsmpb.KeyRecord) {
-	if old, ok := s.keys[rec.GetKeyId()]; ok && old.GetAlias() != "" && old.GetAlias() != rec.GetAlias() {
-		delete(s.aliases, old.GetAlias())
+	if old, ok := s.keys[rec.GetKeyId()]; ok {
+		if old.GetAlias() != "" && old.GetAlias() != rec.GetAlias() {
+			delete(s.aliases, old.GetAlias())
+		}
+		// The indexes order by fields of the old (immutable) record, so
+		// deleting by it finds its entry.
+		s.rotations.Delete(old)
+		s.destructions.Delete(old)
 	}
 	s.keys[rec.GetKeyId()] = rec
 	s.keyOrder.ReplaceOrInsert(rec)
 	if rec.GetAlias() != "" {
 		s.aliases[rec.GetAlias()] = rec.GetKeyId()
 	}
+	if rec.GetState() == fsmpb.KeyState_KEY_STATE_ACTIVE && rec.GetRotationPeriodSeconds() > 0 {
+		s.rotations.ReplaceOrInsert(rec)
+	}
+	if rec.GetState() == fsmpb.KeyState_KEY_STATE_PENDING_DESTRUCTION {
+		s.destructions.ReplaceOrInsert(rec)
+	}
+}
+
+// dueRotations returns up to limit (<= 0: all) ACTIVE keys with a rotation
+// period whose next rotation is due at now, by (next rotation, id).
+func (s *State) dueRotations(now int64, limit int) []*fsmpb.KeyRecord {
+	var out []*fsmpb.KeyRecord
+	s.rotations.Ascend(func(rec *fsmpb.KeyRecord) bool {
+		if rec.GetNextRotationUnixNano() > now {
+			return false
+		}
+		out = append(out, rec)
+		return limit <= 0 || len(out) < limit
+	})
+	return out
+}
+
+// dueDestructions returns up to limit (<= 0: all) PENDING_DESTRUCTION keys
+// whose destruction is due at now, by (destroy after, id).
+func (s *State) dueDestructions(now int64, limit int) []*fsmpb.KeyRecord {
+	var out []*fsmpb.KeyRecord
+	s.destructions.Ascend(func(rec *fsmpb.KeyRecord) bool {
+		if rec.GetDestroyAfterUnixNano() > now {
+			return false
+		}
+		out = append(out, rec)
+		return limit <= 0 || len(out) < limit
+	})
+	return out
+}
+
+// putImportToken stores tok (new or replacing; id and expiry never change).
+func (s *State) putImportToken(tok *fsmpb.ImportToken) {
+	s.importTokens.ReplaceOrInsert(tok)
+	s.importByExpiry.ReplaceOrInsert(tok)
+	if tok.GetPrivateKey() != nil {
+		s.importSealed.ReplaceOrInsert(tok)
+	} else {
+		s.importSealed.Delete(tok)
+	}
+}
+
+func (s *State) importToken(id string) (*fsmpb.ImportToken, bool) {
+	return s.importTokens.Get(&fsmpb.ImportToken{TokenId: id})
 }
 
 // key finds a key by id or alias. Ids start with "k-" and aliases may not,
@@ -342,18 +491,20 @@ type frozenState struct {
 	keys            *btree.BTreeG[*fsmpb.KeyRecord]
 	nodes           []*fsmpb.NodeRecord
 	tokens          []*fsmpb.JoinToken
+	importTokens    *btree.BTreeG[*fsmpb.ImportToken]
 	requests        *btree.BTreeG[*fsmpb.RequestRecord]
 	lastAppliedTime int64
 }
 
-// freeze captures the state in O(nodes + tokens). It writes to the trees'
-// copy-on-write bookkeeping, so the caller needs exclusive access to s.
+// freeze captures the state in O(nodes + join tokens). It writes to the
+// trees' copy-on-write bookkeeping, so the caller needs exclusive access to s.
 func (s *State) freeze() *frozenState {
 	return &frozenState{
 		cluster:         s.cluster,
 		keys:            s.keyOrder.Clone(),
 		nodes:           s.sortedNodes(),
 		tokens:          s.sortedTokens(),
+		importTokens:    s.importTokens.Clone(),
 		requests:        s.requests.Clone(),
 		lastAppliedTime: s.lastAppliedTime,
 	}
@@ -369,6 +520,7 @@ func (s *State) ToProto() *fsmpb.State {
 		keys:            s.keyOrder,
 		nodes:           s.sortedNodes(),
 		tokens:          s.sortedTokens(),
+		importTokens:    s.importTokens,
 		requests:        s.requests,
 		lastAppliedTime: s.lastAppliedTime,
 	}).proto()
@@ -383,7 +535,12 @@ func (f *frozenState) proto() *fsmpb.State {
 		JoinTokens:              f.tokens,
 		Requests:                make([]*fsmpb.RequestRecord, 0, f.requests.Len()),
 		LastAppliedTimeUnixNano: f.lastAppliedTime,
+		ImportTokens:            make([]*fsmpb.ImportToken, 0, f.importTokens.Len()),
 	}
+	f.importTokens.Ascend(func(tok *fsmpb.ImportToken) bool {
+		st.ImportTokens = append(st.ImportTokens, tok)
+		return true
+	})
 	f.keys.Ascend(func(rec *fsmpb.KeyRecord) bool {
 		st.Keys = append(st.Keys, rec)
 		return true
@@ -397,7 +554,9 @@ func (f *frozenState) proto() *fsmpb.State {
 
 // StateFromProto builds a State from its snapshot form, after checking that
 // the snapshot is internally consistent (known format, no missing or
-// duplicate ids or aliases). The State takes ownership of st's records: the
+// duplicate ids or aliases, key versions in ascending order with the primary
+// among them, no material left on destroyed keys or versions, well-formed
+// and unique import tokens). The State takes ownership of st's records: the
 // caller must not modify st afterwards. The applied index starts at 0.
 func StateFromProto(st *fsmpb.State) (*State, error) {
 	if st == nil {
@@ -435,6 +594,9 @@ func StateFromProto(st *fsmpb.State) (*State, error) {
 		case strings.HasPrefix(rec.GetAlias(), keyIDPrefix):
 			return nil, fmt.Errorf("state: key %s has alias %q, which looks like a key id", rec.GetKeyId(), rec.GetAlias())
 		}
+		if err := checkStoredVersions(rec); err != nil {
+			return nil, err
+		}
 		s.putKey(rec)
 	}
 	for i, n := range st.GetNodes() {
@@ -467,6 +629,40 @@ func StateFromProto(st *fsmpb.State) (*State, error) {
 		s.requests.ReplaceOrInsert(r)
 		s.reqByAge.ReplaceOrInsert(r)
 	}
+	for i, t := range st.GetImportTokens() {
+		switch {
+		case t == nil || t.GetTokenId() == "":
+			return nil, fmt.Errorf("state: import token entry %d has no token id", i)
+		case !importTokenIDPattern.MatchString(t.GetTokenId()):
+			return nil, fmt.Errorf("state: import token id %+q is malformed", truncate(t.GetTokenId()))
+		case s.importTokens.Has(t):
+			return nil, fmt.Errorf("state: duplicate import token id %s", t.GetTokenId())
+		case t.GetUsedByKey() != "" && t.GetPrivateKey() != nil:
+			return nil, fmt.Errorf("state: import token %s was used but still holds its private key", t.GetTokenId())
+		}
+		s.putImportToken(t)
+	}
 	s.lastAppliedTime = st.GetLastAppliedTimeUnixNano()
 	return s, nil
+}
+
+func checkStoredVersions(rec *fsmpb.KeyRecord) error {
+	id := rec.GetKeyId()
+	destroyed := rec.GetState() == fsmpb.KeyState_KEY_STATE_DESTROYED
+	var prev uint32
+	primary := false
+	for i, v := range rec.GetVersions() {
+		switch {
+		case v == nil || v.GetVersion() <= prev:
+			return fmt.Errorf("state: key %s: version entry %d is missing or out of order", id, i)
+		case (destroyed || v.GetState() == fsmpb.KeyVersionState_KEY_VERSION_STATE_DESTROYED) && v.GetMaterial() != nil:
+			return fmt.Errorf("state: key %s: destroyed version %d still holds material", id, v.GetVersion())
+		}
+		prev = v.GetVersion()
+		primary = primary || v.GetVersion() == rec.GetPrimaryVersion()
+	}
+	if !primary {
+		return fmt.Errorf("state: key %s: primary version %d is not among its versions", id, rec.GetPrimaryVersion())
+	}
+	return nil
 }

@@ -47,6 +47,11 @@ func runCases(t *testing.T, cases []applyCase) {
 			} else {
 				tc.setup(a)
 			}
+			if tc.code != codeOK {
+				// Housekeeping at the command's time first (it may prune),
+				// so the refusal itself must change nothing.
+				a.apply(typNoop, nil, env{at: tc.env.at})
+			}
 			before := a.s.ToProto()
 			res := a.apply(tc.typ, tc.payload, tc.env)
 			checkResult(t, res, tc.code, tc.msg)
@@ -151,10 +156,13 @@ func TestCreateKey(t *testing.T) {
 	usage := func(spec fsmpb.KeySpec, u, want fsmpb.KeyUsage) applyCase {
 		return applyCase{
 			name: fmt.Sprintf("%s %s", spec, u), typ: typCreate, code: codeOK,
-			payload: mutate(func(p *fsmpb.CreateKey) { p.Spec = spec; p.Usage = u }),
+			payload: mutate(func(p *fsmpb.CreateKey) { p.Spec = spec; p.Usage = u; p.PublicKeyDer = publicKeyFor(spec) }),
 			check: func(t *testing.T, s *State, _ *fsmpb.Result) {
 				if got := s.keys[id].GetUsage(); got != want {
 					t.Fatalf("usage = %s, want %s", got, want)
+				}
+				if got := s.keys[id].GetVersions()[0].GetPublicKeyDer(); !bytes.Equal(got, publicKeyFor(spec)) {
+					t.Fatalf("public key = %q", got)
 				}
 			},
 		}
@@ -192,7 +200,7 @@ func TestCreateKey(t *testing.T) {
 					KeyId: id, Spec: fsmpb.KeySpec_KEY_SPEC_AES_256, Usage: encrypt,
 					State: fsmpb.KeyState_KEY_STATE_ACTIVE, Alias: "app/orders_db-key", Description: "orders",
 					Tags: map[string]string{"team": "payments"}, CreatedUnixNano: t0, UpdatedUnixNano: t0,
-					CreatedBy: "alice", PrimaryVersion: 1,
+					CreatedBy: "alice", PrimaryVersion: 1, Origin: fsmpb.KeyOrigin_KEY_ORIGIN_GENERATED,
 					Versions: []*fsmpb.KeyVersion{{
 						Version: 1, CreatedUnixNano: t0, State: fsmpb.KeyVersionState_KEY_VERSION_STATE_ENABLED,
 						Material: &fsmpb.WrappedBlob{KekVersion: 1, Blob: []byte("wrapped-material-" + id)},
@@ -272,6 +280,33 @@ func TestCreateKey(t *testing.T) {
 			payload: mutate(func(p *fsmpb.CreateKey) { p.Material.Blob = nil })},
 		{name: "material too big", typ: typCreate, code: invalid, msg: "key material is",
 			payload: mutate(func(p *fsmpb.CreateKey) { p.Material.Blob = make([]byte, maxBlobLen+1) })},
+		{name: "asymmetric without public key", typ: typCreate, code: invalid, msg: "KEY_SPEC_EC_P256 is asymmetric: the version's public key",
+			payload: mutate(func(p *fsmpb.CreateKey) { p.Spec = fsmpb.KeySpec_KEY_SPEC_EC_P256 })},
+		{name: "symmetric with public key", typ: typCreate, code: invalid, msg: "KEY_SPEC_AES_256 is symmetric and has no public key",
+			payload: mutate(func(p *fsmpb.CreateKey) { p.PublicKeyDer = []byte("pub") })},
+		{name: "public key too big", typ: typCreate, code: invalid, msg: "public key is 16385 bytes",
+			payload: mutate(func(p *fsmpb.CreateKey) {
+				p.Spec = fsmpb.KeySpec_KEY_SPEC_ED25519
+				p.PublicKeyDer = make([]byte, maxPublicKeyLen+1)
+			})},
+		{
+			name: "rotation period", typ: typCreate, code: codeOK,
+			payload: mutate(func(p *fsmpb.CreateKey) { p.Spec = fsmpb.KeySpec_KEY_SPEC_HMAC_SHA512; p.RotationPeriodSeconds = 86400 }),
+			check: func(t *testing.T, s *State, _ *fsmpb.Result) {
+				rec := s.keys[id]
+				if rec.GetRotationPeriodSeconds() != 86400 || rec.GetNextRotationUnixNano() != t0+int64(24*time.Hour) {
+					t.Fatalf("rotation = %d / %d", rec.GetRotationPeriodSeconds(), rec.GetNextRotationUnixNano())
+				}
+			},
+		},
+		{name: "negative rotation period", typ: typCreate, code: invalid, msg: "rotation period is -1 seconds",
+			payload: mutate(func(p *fsmpb.CreateKey) { p.RotationPeriodSeconds = -1 })},
+		{name: "rotation period too long", typ: typCreate, code: invalid, msg: "the limit is 3153600000",
+			payload: mutate(func(p *fsmpb.CreateKey) { p.RotationPeriodSeconds = maxPeriodSeconds + 1 })},
+		{name: "rotation period on asymmetric key", typ: typCreate, code: invalid, msg: "KEY_SPEC_RSA_2048 is asymmetric and cannot rotate automatically",
+			payload: mutate(func(p *fsmpb.CreateKey) {
+				p.Spec, p.Usage, p.PublicKeyDer, p.RotationPeriodSeconds = fsmpb.KeySpec_KEY_SPEC_RSA_2048, sign, []byte("pub"), 3600
+			})},
 		{name: "unknown KEK version", typ: typCreate, code: invalid, msg: "KEK version 2, which does not exist",
 			payload: mutate(func(p *fsmpb.CreateKey) { p.Material.KekVersion = 2 })},
 		{

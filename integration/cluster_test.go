@@ -281,7 +281,7 @@ func scanForPlaintext(t *testing.T, c *testCluster, cases []ciphertextCase) {
 		}
 		for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
 			f := strings.Fields(line)
-			if len(f) != 3 {
+			if len(f) < 3 {
 				continue
 			}
 			m, err := hex.DecodeString(f[2])

@@ -3,6 +3,7 @@ package integration
 import (
 	"bytes"
 	"context"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -202,7 +203,7 @@ func (c *testCluster) start(nd *node) {
 	if err != nil {
 		c.t.Fatal(err)
 	}
-	cmd := exec.Command(c.bin, "server", "--data-dir", nd.dataDir, "--log-level", "info")
+	cmd := exec.Command(c.bin, append([]string{"server", "--data-dir", nd.dataDir, "--log-level", "info"}, c.serverArgs...)...)
 	cmd.Env = append(os.Environ(), "CABINET_TEST_MATERIAL_LOG="+filepath.Join(c.witness, nd.id+".material"))
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -316,4 +317,55 @@ func (c *testCluster) leader(live []*node) (*node, error) {
 		}
 	}
 	return nil, errors.New("no live node reports itself leader")
+}
+
+// witnessed is one key version's material as the test hooks saw it sealed.
+type witnessed struct {
+	keyID     string
+	version   string
+	plaintext []byte
+	sealed    []byte
+}
+
+// witnesses reads every material the nodes sealed (cabinet_testhooks build).
+func (c *testCluster) witnesses(t *testing.T) []witnessed {
+	t.Helper()
+	entries, err := os.ReadDir(c.witness)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []witnessed
+	for _, e := range entries {
+		b, err := os.ReadFile(filepath.Join(c.witness, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+			f := strings.Fields(line)
+			if len(f) != 4 {
+				continue
+			}
+			pt, err1 := hex.DecodeString(f[2])
+			sealed, err2 := hex.DecodeString(f[3])
+			if err1 != nil || err2 != nil {
+				t.Fatalf("bad witness line in %s", e.Name())
+			}
+			out = append(out, witnessed{keyID: f[0], version: f[1], plaintext: pt, sealed: sealed})
+		}
+	}
+	return out
+}
+
+// dirsOf lists every node's whole directory (data dir, token dir, logs).
+func (c *testCluster) dirsOf() []string {
+	var dirs []string
+	for _, nd := range c.nodes {
+		dirs = append(dirs, nd.dir)
+	}
+	return dirs
+}
+
+func readFile(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	return string(b), err
 }

@@ -3,13 +3,16 @@ package keyops
 import (
 	"bytes"
 	"context"
+	"crypto"
 	"slices"
 	"sync"
 	"sync/atomic"
+
+	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
 )
 
 // UnwrapCache is a bounded cache of unwrapped key material, keyed by
-// (key id, version, KEK version) and the wrapped blob itself: a lookup hits
+// (key id, version, KEK version, spec) and the wrapped blob itself: a lookup hits
 // only if the blob in the state is byte for byte the blob the cached
 // material came from (cheaper than hashing the blob on every hit, and
 // exact), so a changed blob (restore, re-wrap) can never be served stale
@@ -42,14 +45,23 @@ type cacheKey struct {
 	keyID      string
 	version    uint32
 	kekVersion uint32
+	spec       fsmpb.KeySpec
 }
 
-// cacheEntry holds one version's material. material is immutable until the
-// entry is dead and unreferenced, then zeroed once.
-type cacheEntry struct {
-	key      cacheKey
-	blob     []byte // copy of the wrapped blob the material came from
+// secret is a version's unwrapped material in the form operations use:
+// raw bytes for symmetric specs (AES and HMAC keys), the parsed private key
+// for asymmetric ones (so a warm Sign or Decrypt never parses PKCS#8).
+type secret struct {
 	material []byte
+	signer   crypto.Signer
+}
+
+// cacheEntry holds one version's secret. It is immutable until the entry is
+// dead and unreferenced, then zeroed once.
+type cacheEntry struct {
+	key  cacheKey
+	blob []byte // copy of the wrapped blob the material came from
+	secret
 
 	// state is the reference count, plus deadBit once the entry left the
 	// cache.
@@ -88,6 +100,7 @@ func (e *cacheEntry) kill() {
 func (e *cacheEntry) zero() {
 	if e.zeroed.CompareAndSwap(false, true) {
 		clear(e.material)
+		zeroSigner(e.signer)
 	}
 }
 
@@ -135,7 +148,7 @@ func (c *unwrapCache) lookupLocked(k cacheKey, blob []byte) *cacheEntry {
 // get returns the acquired entry for (k, blob), calling open at most once
 // across concurrent callers when it is not cached. The caller must release
 // the entry.
-func (c *unwrapCache) get(ctx context.Context, k cacheKey, blob []byte, open func(context.Context) ([]byte, error)) (*cacheEntry, error) {
+func (c *unwrapCache) get(ctx context.Context, k cacheKey, blob []byte, open func(context.Context) (secret, error)) (*cacheEntry, error) {
 	for {
 		c.mu.RLock()
 		e := c.lookupLocked(k, blob)
@@ -175,12 +188,12 @@ func (c *unwrapCache) get(ctx context.Context, k cacheKey, blob []byte, open fun
 		c.mu.Unlock()
 
 		c.unwraps.Add(1)
-		material, err := open(ctx)
+		sec, err := open(ctx)
 
 		c.mu.Lock()
 		delete(c.inflight, k)
 		if err == nil {
-			e = &cacheEntry{key: k, blob: call.blob, material: material, slot: -1}
+			e = &cacheEntry{key: k, blob: call.blob, secret: sec, slot: -1}
 			e.state.Store(1) // our caller's reference
 			if call.forgotten {
 				e.kill()

@@ -27,7 +27,7 @@ func TestCacheHitsAndWarmUseSkipsSealer(t *testing.T) {
 		if _, _, err := e.Encrypt(ctx, key, []byte("x"), nil); err != nil {
 			t.Fatal(err)
 		}
-		if _, _, _, err := e.Decrypt(ctx, lookup, ct, nil); err != nil {
+		if _, _, _, err := e.Decrypt(ctx, lookup, ct, nil, false); err != nil {
 			t.Fatal(err)
 		}
 		if _, _, _, err := e.GenerateDataKey(ctx, key, 0, nil); err != nil {
@@ -94,7 +94,7 @@ func TestCacheZeroesMaterial(t *testing.T) {
 	entryOf := func(e *Engine, k *fsmpb.KeyRecord) *cacheEntry {
 		e.cache.mu.RLock()
 		defer e.cache.mu.RUnlock()
-		return e.cache.entries[cacheKey{keyID: k.KeyId, version: k.PrimaryVersion, kekVersion: 1}]
+		return e.cache.entries[cacheKey{keyID: k.KeyId, version: k.PrimaryVersion, kekVersion: 1, spec: fsmpb.KeySpec_KEY_SPEC_AES_256}]
 	}
 	isZero := func(b []byte) bool { return len(b) == 32 && bytes.Equal(b, make([]byte, 32)) }
 	tests := []struct {
@@ -305,7 +305,7 @@ func TestCacheConcurrentStress(t *testing.T) {
 					t.Error(err)
 					return
 				}
-				pt, _, _, err := e.Decrypt(context.Background(), lookup, ct, nil)
+				pt, _, _, err := e.Decrypt(context.Background(), lookup, ct, nil, false)
 				if err != nil || string(pt) != "payload" {
 					t.Errorf("decrypt: %q %v", pt, err)
 					return

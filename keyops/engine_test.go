@@ -86,7 +86,7 @@ func TestRoundTrip(t *testing.T) {
 			if err != nil || h != (Header{Format: FormatV1, KeyID: key.KeyId, Version: 1}) {
 				t.Errorf("ParseCiphertext = %+v, %v", h, err)
 			}
-			pt, id, v, err := e.Decrypt(context.Background(), lookup, ct, tt.decCtx)
+			pt, id, v, err := e.Decrypt(context.Background(), lookup, ct, tt.decCtx, false)
 			if err != nil {
 				t.Fatalf("Decrypt: %v", err)
 			}
@@ -141,7 +141,7 @@ func TestEncryptInvalidArguments(t *testing.T) {
 			wantErr(t, err, tt.want)
 			if tt.want != nil && tt.encCtx != nil {
 				// Decrypt checks the context the same way.
-				_, _, _, err := e.Decrypt(context.Background(), lookupOf(key), validCiphertext(t, e, key), tt.encCtx)
+				_, _, _, err := e.Decrypt(context.Background(), lookupOf(key), validCiphertext(t, e, key), tt.encCtx, false)
 				wantErr(t, err, tt.want)
 			}
 		})
@@ -211,7 +211,7 @@ func TestDecryptTamperedFields(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			pt, _, _, err := e.Decrypt(context.Background(), lookup, tt.ct, encCtx)
+			pt, _, _, err := e.Decrypt(context.Background(), lookup, tt.ct, encCtx, false)
 			if pt != nil {
 				t.Fatal("tampered ciphertext returned plaintext")
 			}
@@ -235,7 +235,7 @@ func TestDecryptEveryBitFlip(t *testing.T) {
 		for bit := range 8 {
 			b := bytes.Clone(ct)
 			b[i] ^= 1 << bit
-			if pt, _, _, err := e.Decrypt(context.Background(), lookup, b, map[string]string{"a": "b"}); err == nil || pt != nil {
+			if pt, _, _, err := e.Decrypt(context.Background(), lookup, b, map[string]string{"a": "b"}, false); err == nil || pt != nil {
 				t.Fatalf("byte %d bit %d flipped: Decrypt succeeded", i, bit)
 			}
 		}
@@ -267,7 +267,7 @@ func TestDecryptWrongContext(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, _, _, err := e.Decrypt(context.Background(), lookup, tt.ct, tt.decCtx)
+			_, _, _, err := e.Decrypt(context.Background(), lookup, tt.ct, tt.decCtx, false)
 			if _, ok := tt.decCtx[""]; ok {
 				wantErr(t, err, ErrInvalidArgument)
 				return
@@ -283,12 +283,12 @@ func TestDecryptTruncated(t *testing.T) {
 	lookup := lookupOf(key)
 	ct, _, _ := e.Encrypt(context.Background(), key, []byte("some plaintext"), nil)
 	for n := range len(ct) {
-		pt, _, _, err := e.Decrypt(context.Background(), lookup, ct[:n], nil)
+		pt, _, _, err := e.Decrypt(context.Background(), lookup, ct[:n], nil, false)
 		if pt != nil || !errors.Is(err, ErrInvalidCiphertext) {
 			t.Fatalf("Decrypt(ct[:%d]) = %v, want ErrInvalidCiphertext", n, err)
 		}
 	}
-	if _, _, _, err := e.Decrypt(context.Background(), lookup, make([]byte, MaxCiphertextLen+1), nil); !errors.Is(err, ErrInvalidCiphertext) {
+	if _, _, _, err := e.Decrypt(context.Background(), lookup, make([]byte, MaxCiphertextLen+1), nil, false); !errors.Is(err, ErrInvalidCiphertext) {
 		t.Fatalf("oversized ciphertext: %v", err)
 	}
 }
@@ -297,13 +297,13 @@ func TestDecryptUnknownKey(t *testing.T) {
 	e, _ := newTestEngine(t, 0)
 	key := newTestKey(t, e, 1)
 	ct := validCiphertext(t, e, key)
-	_, _, _, err := e.Decrypt(context.Background(), lookupOf(), ct, nil)
+	_, _, _, err := e.Decrypt(context.Background(), lookupOf(), ct, nil, false)
 	wantErr(t, err, ErrKeyNotFound)
 	if !strings.Contains(err.Error(), key.KeyId) {
 		t.Errorf("message %q does not name key %s", err, key.KeyId)
 	}
 	// A lookup that says ok but returns nil is treated as not found.
-	_, _, _, err = e.Decrypt(context.Background(), func(string) (*fsmpb.KeyRecord, bool) { return nil, true }, ct, nil)
+	_, _, _, err = e.Decrypt(context.Background(), func(string) (*fsmpb.KeyRecord, bool) { return nil, true }, ct, nil, false)
 	wantErr(t, err, ErrKeyNotFound)
 }
 
@@ -325,7 +325,7 @@ func TestVersions(t *testing.T) {
 		want string
 		v    uint32
 	}{{ct1, "one", 1}, {ct2, "two", 2}} {
-		pt, _, v, err := e.Decrypt(context.Background(), lookup, tc.ct, nil)
+		pt, _, v, err := e.Decrypt(context.Background(), lookup, tc.ct, nil, false)
 		if err != nil || string(pt) != tc.want || v != tc.v {
 			t.Fatalf("Decrypt = %q, %d, %v; want %q, %d", pt, v, err, tc.want, tc.v)
 		}
@@ -334,17 +334,17 @@ func TestVersions(t *testing.T) {
 	// header fails authentication.
 	swapped := bytes.Clone(ct1)
 	binary.BigEndian.PutUint32(swapped[2+len(key.KeyId):], 2)
-	_, _, _, err := e.Decrypt(context.Background(), lookup, swapped, nil)
+	_, _, _, err := e.Decrypt(context.Background(), lookup, swapped, nil, false)
 	checkAuthFailure(t, err)
 
 	key.Versions[0].State = fsmpb.KeyVersionState_KEY_VERSION_STATE_DISABLED
-	_, _, _, err = e.Decrypt(context.Background(), lookup, ct1, nil)
+	_, _, _, err = e.Decrypt(context.Background(), lookup, ct1, nil, false)
 	wantErr(t, err, ErrKeyState)
 	key.Versions[0].State = fsmpb.KeyVersionState_KEY_VERSION_STATE_DESTROYED
 	key.Versions[0].Material = nil
-	_, _, _, err = e.Decrypt(context.Background(), lookup, ct1, nil)
+	_, _, _, err = e.Decrypt(context.Background(), lookup, ct1, nil, false)
 	wantErr(t, err, ErrKeyState)
-	if _, _, _, err := e.Decrypt(context.Background(), lookup, ct2, nil); err != nil {
+	if _, _, _, err := e.Decrypt(context.Background(), lookup, ct2, nil, false); err != nil {
 		t.Fatalf("version 2 after version 1 destroyed: %v", err)
 	}
 }
@@ -370,11 +370,11 @@ func TestGenerateDataKey(t *testing.T) {
 		if len(pt) != tt.wantLen || v != 1 {
 			t.Fatalf("n=%d: got %d bytes, version %d", tt.n, len(pt), v)
 		}
-		got, _, _, err := e.Decrypt(context.Background(), lookup, ct, encCtx)
+		got, _, _, err := e.Decrypt(context.Background(), lookup, ct, encCtx, false)
 		if err != nil || !bytes.Equal(got, pt) {
 			t.Fatalf("n=%d: data key does not decrypt back: %v", tt.n, err)
 		}
-		_, _, _, err = e.Decrypt(context.Background(), lookup, ct, nil)
+		_, _, _, err = e.Decrypt(context.Background(), lookup, ct, nil, false)
 		checkAuthFailure(t, err)
 	}
 	a, _, _, _ := e.GenerateDataKey(context.Background(), key, 32, nil)
@@ -390,18 +390,18 @@ func TestGenerateDataKey(t *testing.T) {
 func TestWrapNewMaterial(t *testing.T) {
 	e, s := newTestEngine(t, 0)
 	ctx := context.Background()
-	blob, err := e.WrapNewMaterial(ctx, "k-abc", 1, fsmpb.KeySpec_KEY_SPEC_AES_256, 3)
+	blob, pub, err := e.WrapNewMaterial(ctx, "k-abc", 1, fsmpb.KeySpec_KEY_SPEC_AES_256, 3)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if blob.KekVersion != 3 || s.randoms.Load() != 1 || s.seals.Load() != 1 {
+	if blob.KekVersion != 3 || pub != nil || s.randoms.Load() != 1 || s.seals.Load() != 1 {
 		t.Fatalf("kek=%d randoms=%d seals=%d", blob.KekVersion, s.randoms.Load(), s.seals.Load())
 	}
 	m, err := s.Open(ctx, 3, blob.Blob, MaterialAAD("k-abc", 1, fsmpb.KeySpec_KEY_SPEC_AES_256))
 	if err != nil || len(m) != 32 {
 		t.Fatalf("material: %d bytes, %v", len(m), err)
 	}
-	blob2, _ := e.WrapNewMaterial(ctx, "k-abc", 1, fsmpb.KeySpec_KEY_SPEC_AES_256, 3)
+	blob2, _, _ := e.WrapNewMaterial(ctx, "k-abc", 1, fsmpb.KeySpec_KEY_SPEC_AES_256, 3)
 	m2, _ := s.Open(ctx, 3, blob2.Blob, MaterialAAD("k-abc", 1, fsmpb.KeySpec_KEY_SPEC_AES_256))
 	if bytes.Equal(m, m2) {
 		t.Fatal("two generations produced the same material")
@@ -414,9 +414,8 @@ func TestWrapNewMaterial(t *testing.T) {
 		spec    fsmpb.KeySpec
 		want    error
 	}{
-		{"unsupported HMAC", "k-abc", 1, fsmpb.KeySpec_KEY_SPEC_HMAC_SHA256, ErrUnsupported},
-		{"unsupported RSA", "k-abc", 1, fsmpb.KeySpec_KEY_SPEC_RSA_2048, ErrUnsupported},
 		{"unspecified spec", "k-abc", 1, fsmpb.KeySpec_KEY_SPEC_UNSPECIFIED, ErrUnsupported},
+		{"unknown spec", "k-abc", 1, fsmpb.KeySpec(99), ErrUnsupported},
 		{"version zero", "k-abc", 0, fsmpb.KeySpec_KEY_SPEC_AES_256, ErrInvalidArgument},
 		{"empty key id", "", 1, fsmpb.KeySpec_KEY_SPEC_AES_256, ErrInvalidArgument},
 		{"bad key id", "k-a/b", 1, fsmpb.KeySpec_KEY_SPEC_AES_256, ErrInvalidArgument},
@@ -428,7 +427,7 @@ func TestWrapNewMaterial(t *testing.T) {
 			if tt.name == "unknown KEK" {
 				kek = 999
 			}
-			_, err := e.WrapNewMaterial(ctx, tt.keyID, tt.version, tt.spec, kek)
+			_, _, err := e.WrapNewMaterial(ctx, tt.keyID, tt.version, tt.spec, kek)
 			wantErr(t, err, tt.want)
 		})
 	}
@@ -496,15 +495,23 @@ func TestSealerErrorsAreWrapped(t *testing.T) {
 	}
 }
 
-func TestUnsupportedSpecAtUse(t *testing.T) {
+// Symmetric operations refuse RSA ENCRYPT_DECRYPT keys (they have
+// EncryptAsymmetric/DecryptAsymmetric); a Cabinet ciphertext naming one is
+// invalid.
+func TestSymmetricOpsRefuseRSAKeys(t *testing.T) {
 	e, _ := newTestEngine(t, 0)
 	key := newTestKey(t, e, 1)
 	ct := validCiphertext(t, e, key)
 	key.Spec = fsmpb.KeySpec_KEY_SPEC_RSA_2048
 	_, _, err := e.Encrypt(context.Background(), key, []byte("x"), nil)
-	wantErr(t, err, ErrUnsupported)
-	_, _, _, err = e.Decrypt(context.Background(), lookupOf(key), ct, nil)
-	wantErr(t, err, ErrUnsupported)
+	wantErr(t, err, ErrInvalidArgument)
+	_, _, _, err = e.GenerateDataKey(context.Background(), key, 0, nil)
+	wantErr(t, err, ErrInvalidArgument)
+	_, _, _, err = e.Decrypt(context.Background(), lookupOf(key), ct, nil, false)
+	wantErr(t, err, ErrInvalidCiphertext)
+	key.Spec = fsmpb.KeySpec(99)
+	_, _, err = e.Encrypt(context.Background(), key, []byte("x"), nil)
+	wantErr(t, err, ErrInvalidArgument)
 }
 
 // checkNoLeak fails if err's message contains 8 consecutive bytes of any

@@ -49,7 +49,7 @@ func FuzzDecrypt(f *testing.F) {
 		if ck != "" {
 			encCtx = map[string]string{ck: cv}
 		}
-		pt, _, _, err := e.Decrypt(context.Background(), lookup, data, encCtx)
+		pt, _, _, err := e.Decrypt(context.Background(), lookup, data, encCtx, false)
 		if err == nil {
 			// Only genuine ciphertexts decrypt; re-encrypting must work.
 			if _, _, err := e.Encrypt(context.Background(), key, pt, encCtx); err != nil {
@@ -63,5 +63,73 @@ func FuzzDecrypt(f *testing.F) {
 			}
 		}
 		t.Fatalf("unexpected error class: %v", err)
+	})
+}
+
+// FuzzKeyUnwrapPad: arbitrary input never panics, fails only with the
+// documented classes, and whatever unwraps re-wraps to the same bytes (KWP
+// is deterministic), so only genuine wraps are accepted.
+func FuzzKeyUnwrapPad(f *testing.F) {
+	kek := seq(0x20, 32)
+	for _, n := range []int{1, 8, 9, 20, 64} {
+		w, _ := KeyWrapPad(kek, seq(byte(n), n))
+		f.Add(w)
+	}
+	f.Add([]byte{})
+	f.Add(make([]byte, 16))
+	f.Add(make([]byte, 23))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		pt, err := KeyUnwrapPad(kek, data)
+		if err != nil {
+			if !errors.Is(err, ErrInvalidCiphertext) && !errors.Is(err, ErrInvalidArgument) {
+				t.Fatalf("unexpected error class: %v", err)
+			}
+			return
+		}
+		if len(pt) == 0 || len(pt) > len(data)-8 {
+			t.Fatalf("unwrapped %d bytes from %d", len(pt), len(data))
+		}
+		re, err := KeyWrapPad(kek, pt)
+		if err != nil || !bytes.Equal(re, data) {
+			t.Fatalf("re-wrap differs: %x vs %x", re, data)
+		}
+	})
+}
+
+// FuzzUnwrapImportedMaterial: arbitrary wrapped input (split into the
+// RSA-OAEP part and the KWP part, then decrypted) never panics and is
+// refused as InvalidArgument unless it is a genuine wrap.
+func FuzzUnwrapImportedMaterial(f *testing.F) {
+	e, _, pub, sealed := sharedImportPair(f)
+	for _, m := range [][]byte{seq(1, 32), seq(2, 1), seq(3, 200)} {
+		w, err := WrapForImport(pub, m)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(w)
+		f.Add(w[:384])
+		f.Add(w[:400])
+	}
+	f.Add([]byte{})
+	f.Add(make([]byte, 384+16))
+	f.Fuzz(func(t *testing.T, wrapped []byte) {
+		// The length split alone.
+		if wk, wm, err := splitImportWrapped(wrapped, 384); err == nil {
+			if len(wk) != 384 || len(wm) < 16 || len(wm)%8 != 0 || len(wk)+len(wm) != len(wrapped) {
+				t.Fatalf("bad split %d + %d of %d", len(wk), len(wm), len(wrapped))
+			}
+		} else if !errors.Is(err, ErrInvalidArgument) {
+			t.Fatal(err)
+		}
+		m, err := e.UnwrapImportedMaterial(context.Background(), testToken, sealed, wrapped)
+		if err != nil {
+			if !errors.Is(err, ErrInvalidArgument) || errors.Is(err, ErrUnwrap) {
+				t.Fatalf("unexpected error class: %v", err)
+			}
+			return
+		}
+		if len(m) == 0 {
+			t.Fatal("empty material")
+		}
 	})
 }

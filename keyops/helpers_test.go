@@ -128,7 +128,7 @@ func newTestKey(tb testing.TB, e *Engine, versions int) *fsmpb.KeyRecord {
 func addTestVersion(tb testing.TB, e *Engine, k *fsmpb.KeyRecord) uint32 {
 	tb.Helper()
 	v := uint32(len(k.Versions) + 1)
-	blob, err := e.WrapNewMaterial(context.Background(), k.KeyId, v, k.Spec, 1)
+	blob, _, err := e.WrapNewMaterial(context.Background(), k.KeyId, v, k.Spec, 1)
 	if err != nil {
 		tb.Fatalf("WrapNewMaterial: %v", err)
 	}

@@ -2,9 +2,14 @@ package keyops
 
 import (
 	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/hkdf"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/sha256"
+	"crypto/x509"
 	"encoding/base32"
 	"encoding/binary"
 	"io"
@@ -48,36 +53,111 @@ func MaterialAAD(keyID string, version uint32, spec fsmpb.KeySpec) []byte {
 	return binary.BigEndian.AppendUint32(b, uint32(spec))
 }
 
-// materialLen is the length of a version's material for spec, or 0 when the
-// spec is not supported yet.
-func materialLen(spec fsmpb.KeySpec) int {
-	switch spec {
-	case fsmpb.KeySpec_KEY_SPEC_AES_256:
-		return 32
-	default:
-		return 0
+// WrapNewMaterial generates material for (keyID, version) of spec and seals
+// it under kekVersion. It returns the sealed blob and, for asymmetric specs,
+// the PKIX DER public key (nil for symmetric specs). Plaintext material is
+// zeroed and never returned.
+//
+// Entropy (docs/KEY-SPECS.md): symmetric material, Ed25519 seeds and ECDSA
+// scalars come from mixRandom: bytes from the HSM's generator and as many
+// from Config.Rand, combined with HKDF-SHA-256, so they are unpredictable if
+// either source is. RSA keys come from crypto/rsa.GenerateKey, which since
+// Go 1.26 always draws from the process CSPRNG (crypto/rand) and ignores any
+// reader it is given: the HSM's randomness cannot be mixed into RSA prime
+// generation without reimplementing it, which we do not.
+func (e *Engine) WrapNewMaterial(ctx context.Context, keyID string, version uint32, spec fsmpb.KeySpec, kekVersion uint32) (*fsmpb.WrappedBlob, []byte, error) {
+	if err := checkMaterialTarget(keyID, version, spec); err != nil {
+		return nil, nil, err
 	}
+	s := specs[spec]
+	if s.symmetric() {
+		material, err := e.mixRandom(ctx, s.genLen, entropyInfo)
+		if err != nil {
+			return nil, nil, err
+		}
+		defer clear(material)
+		blob, err := e.seal(ctx, keyID, version, spec, kekVersion, material)
+		return blob, nil, err
+	}
+	priv, err := e.generatePrivateKey(ctx, s)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer zeroSigner(priv)
+	return e.sealPrivateKey(ctx, keyID, version, spec, kekVersion, priv)
 }
 
-// WrapNewMaterial generates material for (keyID, version) of spec and seals
-// it under kekVersion; the plaintext material is zeroed and never returned.
-//
-// Entropy: n bytes from the HSM's generator and n bytes from Config.Rand are
-// combined with HKDF-SHA-256 (secret = hsm || local, info =
-// "cabinet/key-material-gen/v1"). The result is unpredictable if either
-// source is, and, unlike XOR, it does not collapse to zeros if both sources
-// return the same bytes.
-func (e *Engine) WrapNewMaterial(ctx context.Context, keyID string, version uint32, spec fsmpb.KeySpec, kekVersion uint32) (*fsmpb.WrappedBlob, error) {
+// SealImportedMaterial validates caller-supplied (BYOK) material for spec,
+// seals it like generated material and returns the blob and, for
+// asymmetric specs, the PKIX DER public key. Accepted: AES_256 32 bytes;
+// HMAC_SHA256 32..64 bytes; HMAC_SHA512 64..128 bytes; RSA_* a PKCS#8
+// two-prime RSA key of exactly that size; EC_* PKCS#8 ECDSA on that curve;
+// ED25519 PKCS#8 Ed25519. Asymmetric keys are re-encoded as canonical
+// PKCS#8 before sealing (attributes dropped), so sealed material always has
+// the form generated material has. material is zeroed before returning,
+// whatever the outcome.
+func (e *Engine) SealImportedMaterial(ctx context.Context, keyID string, version uint32, spec fsmpb.KeySpec, kekVersion uint32, material []byte) (*fsmpb.WrappedBlob, []byte, error) {
+	defer clear(material)
+	if err := checkMaterialTarget(keyID, version, spec); err != nil {
+		return nil, nil, err
+	}
+	raw, signer, err := parseSecret(spec, material)
+	if err != nil {
+		return nil, nil, err
+	}
+	if raw != nil {
+		blob, err := e.seal(ctx, keyID, version, spec, kekVersion, raw)
+		return blob, nil, err
+	}
+	defer zeroSigner(signer)
+	return e.sealPrivateKey(ctx, keyID, version, spec, kekVersion, signer)
+}
+
+func checkMaterialTarget(keyID string, version uint32, spec fsmpb.KeySpec) error {
 	if !validKeyIDBytes(keyID) {
-		return nil, newErr(ErrInvalidArgument, "key id must be 1..%d characters of [A-Za-z0-9._-]", maxKeyIDLen)
+		return newErr(ErrInvalidArgument, "key id must be 1..%d characters of [A-Za-z0-9._-]", maxKeyIDLen)
 	}
 	if version == 0 {
-		return nil, newErr(ErrInvalidArgument, "key versions start at 1")
+		return newErr(ErrInvalidArgument, "key versions start at 1")
 	}
-	n := materialLen(spec)
-	if n == 0 {
-		return nil, newErr(ErrUnsupported, "key spec %s is not supported yet", specName(spec))
+	if specs[spec] == nil {
+		return newErr(ErrUnsupported, "key spec %s is not supported", specName(spec))
 	}
+	return nil
+}
+
+// seal seals material with MaterialAAD(keyID, version, spec).
+func (e *Engine) seal(ctx context.Context, keyID string, version uint32, spec fsmpb.KeySpec, kekVersion uint32, material []byte) (*fsmpb.WrappedBlob, error) {
+	sealed, err := e.sealer.Seal(ctx, kekVersion, material, MaterialAAD(keyID, version, spec))
+	if err != nil {
+		return nil, wrapErr(ErrUnwrap, err, "hsm could not wrap material for key %s version %d under KEK version %d", keyID, version, kekVersion)
+	}
+	return &fsmpb.WrappedBlob{KekVersion: kekVersion, Blob: sealed}, nil
+}
+
+// sealPrivateKey seals priv as PKCS#8 DER and returns the blob and the PKIX
+// DER public key.
+func (e *Engine) sealPrivateKey(ctx context.Context, keyID string, version uint32, spec fsmpb.KeySpec, kekVersion uint32, priv crypto.Signer) (*fsmpb.WrappedBlob, []byte, error) {
+	pub, err := x509.MarshalPKIXPublicKey(priv.Public())
+	if err != nil {
+		return nil, nil, wrapErr(ErrInvalidArgument, err, "could not encode the public key of %s material", specName(spec))
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(priv)
+	if err != nil {
+		return nil, nil, wrapErr(ErrInvalidArgument, err, "could not encode %s material as PKCS#8", specName(spec))
+	}
+	defer clear(der)
+	blob, err := e.seal(ctx, keyID, version, spec, kekVersion, der)
+	if err != nil {
+		return nil, nil, err
+	}
+	return blob, pub, nil
+}
+
+// mixRandom returns n bytes = HKDF-SHA-256(ikm = hsm(n) || local(n),
+// salt = none, info). Unpredictable if either source is; unlike XOR it does
+// not collapse to zeros when both sources return the same bytes.
+func (e *Engine) mixRandom(ctx context.Context, n int, info string) ([]byte, error) {
 	hsmRandom, err := e.sealer.GenerateRandom(ctx, n)
 	if err != nil {
 		return nil, wrapErr(ErrUnwrap, err, "hsm could not generate random bytes")
@@ -92,14 +172,48 @@ func (e *Engine) WrapNewMaterial(ctx context.Context, keyID string, version uint
 	if _, err := io.ReadFull(e.rand, secret[n:]); err != nil {
 		return nil, wrapErr(ErrUnwrap, err, "could not read local random bytes")
 	}
-	material, err := hkdf.Key(sha256.New, secret, nil, entropyInfo, n)
+	out, err := hkdf.Key(sha256.New, secret, nil, info, n)
 	if err != nil {
 		return nil, wrapErr(ErrUnwrap, err, "could not derive key material")
 	}
-	defer clear(material)
-	sealed, err := e.sealer.Seal(ctx, kekVersion, material, MaterialAAD(keyID, version, spec))
-	if err != nil {
-		return nil, wrapErr(ErrUnwrap, err, "hsm could not wrap material for key %s version %d under KEK version %d", keyID, version, kekVersion)
+	return out, nil
+}
+
+// maxScalarTries bounds ECDSA rejection sampling; a P-256 candidate is
+// rejected with probability ~2^-32, a P-384 one ~2^-190.
+const maxScalarTries = 16
+
+// generatePrivateKey makes a new asymmetric key of s.
+func (e *Engine) generatePrivateKey(ctx context.Context, s *specInfo) (crypto.Signer, error) {
+	switch {
+	case s.rsaBits > 0:
+		k, err := rsa.GenerateKey(rand.Reader, s.rsaBits)
+		if err != nil {
+			return nil, wrapErr(ErrUnwrap, err, "could not generate an RSA-%d key", s.rsaBits)
+		}
+		return k, nil
+	case s.curve != nil:
+		// Rejection sampling (FIPS 186-5 A.2.2): candidates d from
+		// mixRandom until 1 <= d < n.
+		size := (s.curve.Params().BitSize + 7) / 8
+		for i := range maxScalarTries {
+			d, err := e.mixRandom(ctx, size, entropyInfo+"/ecdsa-scalar/"+string(rune('a'+i)))
+			if err != nil {
+				return nil, err
+			}
+			k, err := ecdsa.ParseRawPrivateKey(s.curve, d)
+			clear(d)
+			if err == nil {
+				return k, nil
+			}
+		}
+		return nil, newErr(ErrUnwrap, "could not generate an ECDSA scalar in %d tries; is the random source broken?", maxScalarTries)
+	default:
+		seed, err := e.mixRandom(ctx, ed25519.SeedSize, entropyInfo+"/ed25519-seed")
+		if err != nil {
+			return nil, err
+		}
+		defer clear(seed)
+		return ed25519.NewKeyFromSeed(seed), nil
 	}
-	return &fsmpb.WrappedBlob{KekVersion: kekVersion, Blob: sealed}, nil
 }

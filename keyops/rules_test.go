@@ -45,7 +45,7 @@ func TestCheckOperationKeyStates(t *testing.T) {
 		state := fsmpb.KeyState(sv)
 		for _, op := range ops {
 			t.Run(state.String()+"/"+op.String(), func(t *testing.T) {
-				err := CheckOperation(ruleKey(state), 2, op)
+				err := CheckOperation(ruleKey(state), 2, op, false)
 				ok := false
 				for _, a := range allowed[state] {
 					ok = ok || a == op
@@ -62,7 +62,7 @@ func TestCheckOperationKeyStates(t *testing.T) {
 		}
 	}
 	// Unknown future states are refused too.
-	wantErr(t, CheckOperation(ruleKey(fsmpb.KeyState(99)), 2, OpDecrypt), ErrKeyState)
+	wantErr(t, CheckOperation(ruleKey(fsmpb.KeyState(99)), 2, OpDecrypt, false), ErrKeyState)
 }
 
 func TestCheckOperationVersions(t *testing.T) {
@@ -88,17 +88,17 @@ func TestCheckOperationVersions(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			wantErr(t, CheckOperation(ruleKey(fsmpb.KeyState_KEY_STATE_ACTIVE), tt.version, tt.op), tt.want)
+			wantErr(t, CheckOperation(ruleKey(fsmpb.KeyState_KEY_STATE_ACTIVE), tt.version, tt.op, false), tt.want)
 		})
 	}
 	// A primary version that is disabled blocks encryption.
 	k := ruleKey(fsmpb.KeyState_KEY_STATE_ACTIVE)
 	k.PrimaryVersion = 3
-	wantErr(t, CheckOperation(k, 3, OpEncrypt), ErrKeyState)
+	wantErr(t, CheckOperation(k, 3, OpEncrypt, false), ErrKeyState)
 	// A key with no primary version.
 	k.PrimaryVersion = 0
-	wantErr(t, CheckOperation(k, k.PrimaryVersion, OpEncrypt), ErrVersionNotFound)
-	wantErr(t, CheckOperation(nil, 1, OpDecrypt), ErrKeyNotFound)
+	wantErr(t, CheckOperation(k, k.PrimaryVersion, OpEncrypt, false), ErrVersionNotFound)
+	wantErr(t, CheckOperation(nil, 1, OpDecrypt, false), ErrKeyNotFound)
 }
 
 func TestCheckOperationUsage(t *testing.T) {
@@ -110,7 +110,7 @@ func TestCheckOperationUsage(t *testing.T) {
 		for _, op := range []Operation{OpEncrypt, OpDecrypt, OpGenerateDataKey} {
 			k := ruleKey(fsmpb.KeyState_KEY_STATE_ACTIVE)
 			k.Usage = usage
-			err := CheckOperation(k, 2, op)
+			err := CheckOperation(k, 2, op, false)
 			wantErr(t, err, ErrInvalidArgument)
 			if errors.Is(err, ErrKeyState) || !strings.Contains(err.Error(), "ENCRYPT_DECRYPT") {
 				t.Errorf("%s with %s: %v", op, usage, err)

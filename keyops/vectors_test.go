@@ -147,7 +147,7 @@ func TestCiphertextVectors(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			pt, id, ver, err := e.Decrypt(context.Background(), lookupOf(key), ct, v.Context)
+			pt, id, ver, err := e.Decrypt(context.Background(), lookupOf(key), ct, v.Context, false)
 			if err != nil || !bytes.Equal(pt, mustHex(t, v.Plaintext)) || id != v.KeyID || ver != v.Version {
 				t.Fatalf("Decrypt(vector) = %x, %q, %d, %v", pt, id, ver, err)
 			}

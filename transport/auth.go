@@ -37,24 +37,27 @@ var (
 // policies: roles beyond admin (grants for plain principals, the operator
 // role) arrive with the authorization issue; until then only admins and
 // nodes may call anything.
-var policies = map[string]methodPolicy{
-	cabinetpb.KeyService_CreateKey_FullMethodName:                    {roles: adminOrNode},
-	cabinetpb.KeyService_ListKeys_FullMethodName:                     {roles: adminOrNode},
-	cabinetpb.KeyService_DescribeKey_FullMethodName:                  {roles: adminOrNode},
-	cabinetpb.KeyService_Encrypt_FullMethodName:                      {roles: adminOrNode},
-	cabinetpb.KeyService_Decrypt_FullMethodName:                      {roles: adminOrNode},
-	cabinetpb.KeyService_GenerateDataKey_FullMethodName:              {roles: adminOrNode},
-	cabinetpb.OperatorService_Status_FullMethodName:                  {roles: adminOrNode},
-	cabinetpb.OperatorService_ListPeers_FullMethodName:               {roles: adminOrNode},
-	cabinetpb.OperatorService_CreateJoinToken_FullMethodName:         {roles: []string{tlsutil.RoleAdmin}},
-	cabinetpb.OperatorService_Join_FullMethodName:                    {noCert: true},
-	cabinetpb.NodeService_Apply_FullMethodName:                       {roles: nodeOnly},
-	cabinetpb.NodeService_ReadIndex_FullMethodName:                   {roles: nodeOnly},
-	cabinetpb.NodeService_AddPeer_FullMethodName:                     {roles: nodeOnly},
-	"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo":      {roles: adminOrNode},
-	"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": {roles: adminOrNode},
-	"/grpc.health.v1.Health/Check":                                   {noCert: true},
-	"/grpc.health.v1.Health/Watch":                                   {noCert: true},
+var policies = buildPolicies()
+
+func buildPolicies() map[string]methodPolicy {
+	p := map[string]methodPolicy{
+		cabinetpb.OperatorService_Status_FullMethodName:                  {roles: adminOrNode},
+		cabinetpb.OperatorService_ListPeers_FullMethodName:               {roles: adminOrNode},
+		cabinetpb.OperatorService_CreateJoinToken_FullMethodName:         {roles: []string{tlsutil.RoleAdmin}},
+		cabinetpb.OperatorService_Join_FullMethodName:                    {noCert: true},
+		cabinetpb.NodeService_Apply_FullMethodName:                       {roles: nodeOnly},
+		cabinetpb.NodeService_ReadIndex_FullMethodName:                   {roles: nodeOnly},
+		cabinetpb.NodeService_AddPeer_FullMethodName:                     {roles: nodeOnly},
+		"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo":      {roles: adminOrNode},
+		"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": {roles: adminOrNode},
+		"/grpc.health.v1.Health/Check":                                   {noCert: true},
+		"/grpc.health.v1.Health/Watch":                                   {noCert: true},
+	}
+	// Every KeyService method: admins and nodes until per-key grants arrive.
+	for _, m := range cabinetpb.KeyService_ServiceDesc.Methods {
+		p["/"+cabinetpb.KeyService_ServiceDesc.ServiceName+"/"+m.MethodName] = methodPolicy{roles: adminOrNode}
+	}
+	return p
 }
 
 // authorize authenticates the caller from its verified client certificate

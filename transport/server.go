@@ -53,14 +53,27 @@ type State interface {
 	// Halted is non-nil when this node met a command it cannot apply (it
 	// is too old): it must not serve.
 	Halted() error
+	ImportToken(id string) (*fsmpb.ImportToken, bool)
+	DueRotations(now int64, limit int) []*fsmpb.KeyRecord
+	DueDestructions(now int64, limit int) []*fsmpb.KeyRecord
 }
 
-// Crypto is what the API needs from keyops.
+// Crypto is what the API needs from keyops (*keyops.Engine).
 type Crypto interface {
-	WrapNewMaterial(ctx context.Context, keyID string, version uint32, spec fsmpb.KeySpec, kekVersion uint32) (*fsmpb.WrappedBlob, error)
+	WrapNewMaterial(ctx context.Context, keyID string, version uint32, spec fsmpb.KeySpec, kekVersion uint32) (*fsmpb.WrappedBlob, []byte, error)
+	SealImportedMaterial(ctx context.Context, keyID string, version uint32, spec fsmpb.KeySpec, kekVersion uint32, material []byte) (*fsmpb.WrappedBlob, []byte, error)
+	NewImportKeyPair(ctx context.Context, tokenID string, kekVersion uint32) ([]byte, *fsmpb.WrappedBlob, error)
+	UnwrapImportedMaterial(ctx context.Context, tokenID string, sealed *fsmpb.WrappedBlob, wrapped []byte) ([]byte, error)
 	Encrypt(ctx context.Context, key *fsmpb.KeyRecord, plaintext []byte, encCtx map[string]string) ([]byte, uint32, error)
-	Decrypt(ctx context.Context, lookup func(string) (*fsmpb.KeyRecord, bool), ciphertext []byte, encCtx map[string]string) ([]byte, string, uint32, error)
+	Decrypt(ctx context.Context, lookup func(string) (*fsmpb.KeyRecord, bool), ciphertext []byte, encCtx map[string]string, allowCompromised bool) ([]byte, string, uint32, error)
 	GenerateDataKey(ctx context.Context, key *fsmpb.KeyRecord, n int, encCtx map[string]string) ([]byte, []byte, uint32, error)
+	ReEncrypt(ctx context.Context, lookup func(string) (*fsmpb.KeyRecord, bool), ciphertext []byte, srcCtx map[string]string, destKey *fsmpb.KeyRecord, destCtx map[string]string, allowCompromised bool) ([]byte, string, uint32, uint32, error)
+	Sign(ctx context.Context, key *fsmpb.KeyRecord, msg []byte, mt keyops.MessageType, alg keyops.SigningAlgorithm) ([]byte, uint32, error)
+	Verify(ctx context.Context, key *fsmpb.KeyRecord, version uint32, msg []byte, mt keyops.MessageType, alg keyops.SigningAlgorithm, sig []byte, allowCompromised bool) (bool, error)
+	GenerateMac(ctx context.Context, key *fsmpb.KeyRecord, msg []byte) ([]byte, uint32, error)
+	VerifyMac(ctx context.Context, key *fsmpb.KeyRecord, version uint32, msg, mac []byte, allowCompromised bool) (bool, error)
+	EncryptAsymmetric(ctx context.Context, key *fsmpb.KeyRecord, version uint32, plaintext []byte) ([]byte, uint32, error)
+	DecryptAsymmetric(ctx context.Context, key *fsmpb.KeyRecord, version uint32, ciphertext []byte, allowCompromised bool) ([]byte, error)
 }
 
 // HSM is what the API needs from the node's HSM (hsm.Provider).
@@ -69,6 +82,7 @@ type HSM interface {
 	KEKCheckValue(ctx context.Context, version uint32) ([]byte, error)
 	Open(ctx context.Context, kekVersion uint32, sealed, aad []byte) ([]byte, error)
 	Health(ctx context.Context) error
+	GenerateRandom(ctx context.Context, n int) ([]byte, error)
 }
 
 // Config wires a Server.
@@ -84,6 +98,12 @@ type Config struct {
 	Peers    *PeerClients
 	Logger   *slog.Logger
 	Clock    func() time.Time
+	// MinRotationPeriod is the shortest automatic rotation period accepted
+	// (default 24h; tests use seconds).
+	MinRotationPeriod time.Duration
+	// MinPendingWindow is the shortest destruction waiting period accepted
+	// (default 7 days; tests use seconds).
+	MinPendingWindow time.Duration
 }
 
 // Server implements the gRPC services.
@@ -109,6 +129,12 @@ func NewServer(cfg Config) *Server {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
+	}
+	if cfg.MinRotationPeriod == 0 {
+		cfg.MinRotationPeriod = 24 * time.Hour
+	}
+	if cfg.MinPendingWindow == 0 {
+		cfg.MinPendingWindow = 7 * 24 * time.Hour
 	}
 	return &Server{cfg: cfg, log: cfg.Logger}
 }
@@ -190,18 +216,23 @@ func (s *Server) CreateKey(ctx context.Context, req *cabinetpb.CreateKeyRequest)
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	blob, err := s.cfg.Crypto.WrapNewMaterial(ctx, keyID, 1, spec, ci.GetCurrentKekVersion())
+	if err := s.checkRotationPeriod(req.GetRotationPeriodSeconds()); err != nil {
+		return nil, err
+	}
+	blob, pub, err := s.cfg.Crypto.WrapNewMaterial(ctx, keyID, 1, spec, ci.GetCurrentKekVersion())
 	if err != nil {
 		return nil, toStatus(err)
 	}
 	res, err := s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_CREATE_KEY, &fsmpb.CreateKey{
-		KeyId:       keyID,
-		Spec:        spec,
-		Usage:       fsmpb.KeyUsage(req.GetUsage()),
-		Alias:       req.GetAlias(),
-		Description: req.GetDescription(),
-		Tags:        req.GetTags(),
-		Material:    blob,
+		KeyId:                 keyID,
+		Spec:                  spec,
+		Usage:                 fsmpb.KeyUsage(req.GetUsage()),
+		Alias:                 req.GetAlias(),
+		Description:           req.GetDescription(),
+		Tags:                  req.GetTags(),
+		Material:              blob,
+		PublicKeyDer:          pub,
+		RotationPeriodSeconds: req.GetRotationPeriodSeconds(),
 	}, requestID(ctx, req.GetRequestId()), principal(ctx))
 	if err != nil {
 		return nil, err
@@ -261,52 +292,6 @@ func (s *Server) DescribeKey(ctx context.Context, req *cabinetpb.DescribeKeyRequ
 		return nil, err
 	}
 	return &cabinetpb.DescribeKeyResponse{Key: keyToAPI(k)}, nil
-}
-
-func (s *Server) Encrypt(ctx context.Context, req *cabinetpb.EncryptRequest) (*cabinetpb.EncryptResponse, error) {
-	if err := s.readyForCrypto(ctx, req.GetConsistency()); err != nil {
-		return nil, err
-	}
-	k, err := s.lookupKey(ctx, req.GetKeyId())
-	if err != nil {
-		return nil, err
-	}
-	ct, v, err := s.cfg.Crypto.Encrypt(ctx, k, req.GetPlaintext(), req.GetEncryptionContext())
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	return &cabinetpb.EncryptResponse{Ciphertext: ct, KeyId: k.GetKeyId(), KeyVersion: v}, nil
-}
-
-func (s *Server) Decrypt(ctx context.Context, req *cabinetpb.DecryptRequest) (*cabinetpb.DecryptResponse, error) {
-	if err := s.readyForCrypto(ctx, req.GetConsistency()); err != nil {
-		return nil, err
-	}
-	lookup := func(id string) (*fsmpb.KeyRecord, bool) { return s.findKey(ctx, id) }
-	pt, id, v, err := s.cfg.Crypto.Decrypt(ctx, lookup, req.GetCiphertext(), req.GetEncryptionContext())
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	return &cabinetpb.DecryptResponse{Plaintext: pt, KeyId: id, KeyVersion: v}, nil
-}
-
-func (s *Server) GenerateDataKey(ctx context.Context, req *cabinetpb.GenerateDataKeyRequest) (*cabinetpb.GenerateDataKeyResponse, error) {
-	if err := s.readyForCrypto(ctx, req.GetConsistency()); err != nil {
-		return nil, err
-	}
-	k, err := s.lookupKey(ctx, req.GetKeyId())
-	if err != nil {
-		return nil, err
-	}
-	n := int(req.GetNumberOfBytes())
-	if n < 0 || n > 1024 {
-		return nil, status.Error(codes.InvalidArgument, "number_of_bytes must be between 1 and 1024 (0 means 32)")
-	}
-	pt, ct, v, err := s.cfg.Crypto.GenerateDataKey(ctx, k, n, req.GetEncryptionContext())
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	return &cabinetpb.GenerateDataKeyResponse{Plaintext: pt, Ciphertext: ct, KeyId: k.GetKeyId(), KeyVersion: v}, nil
 }
 
 // ---- OperatorService ----
@@ -629,22 +614,36 @@ func keyToAPI(k *fsmpb.KeyRecord) *cabinetpb.Key {
 		return nil
 	}
 	out := &cabinetpb.Key{
-		KeyId:          k.GetKeyId(),
-		Alias:          k.GetAlias(),
-		Spec:           cabinetpb.KeySpec(k.GetSpec()),
-		Usage:          cabinetpb.KeyUsage(k.GetUsage()),
-		State:          cabinetpb.KeyState(k.GetState()),
-		Description:    k.GetDescription(),
-		Tags:           k.GetTags(),
-		CreatedAt:      ts(k.GetCreatedUnixNano()),
-		UpdatedAt:      ts(k.GetUpdatedUnixNano()),
-		CreatedBy:      k.GetCreatedBy(),
-		PrimaryVersion: k.GetPrimaryVersion(),
+		KeyId:                 k.GetKeyId(),
+		Alias:                 k.GetAlias(),
+		Spec:                  cabinetpb.KeySpec(k.GetSpec()),
+		Usage:                 cabinetpb.KeyUsage(k.GetUsage()),
+		State:                 cabinetpb.KeyState(k.GetState()),
+		Description:           k.GetDescription(),
+		Tags:                  k.GetTags(),
+		CreatedAt:             ts(k.GetCreatedUnixNano()),
+		UpdatedAt:             ts(k.GetUpdatedUnixNano()),
+		CreatedBy:             k.GetCreatedBy(),
+		PrimaryVersion:        k.GetPrimaryVersion(),
+		Origin:                trimEnum(k.GetOrigin().String(), "KEY_ORIGIN_"),
+		RotationPeriodSeconds: k.GetRotationPeriodSeconds(),
+		NextRotationAt:        ts(k.GetNextRotationUnixNano()),
+		MinDecryptionVersion:  k.GetMinDecryptionVersion(),
+		RevocationComment:     k.GetRevocationComment(),
+		RevokedAt:             ts(k.GetRevokedUnixNano()),
+		DestroyAfter:          ts(k.GetDestroyAfterUnixNano()),
+		DestroyedAt:           ts(k.GetDestroyedUnixNano()),
+	}
+	if k.GetRevocationReason() != fsmpb.RevocationReason_REVOCATION_REASON_UNSPECIFIED {
+		out.RevocationReason = trimEnum(k.GetRevocationReason().String(), "REVOCATION_REASON_")
+	}
+	if out.Origin == "UNSPECIFIED" {
+		out.Origin = "GENERATED"
 	}
 	for _, v := range k.GetVersions() {
-		st := v.GetState().String()
 		out.Versions = append(out.Versions, &cabinetpb.KeyVersionInfo{
-			Version: v.GetVersion(), State: trimEnum(st, "KEY_VERSION_STATE_"), CreatedAt: ts(v.GetCreatedUnixNano()),
+			Version: v.GetVersion(), State: trimEnum(v.GetState().String(), "KEY_VERSION_STATE_"), CreatedAt: ts(v.GetCreatedUnixNano()),
+			DestroyedAt: ts(v.GetDestroyedUnixNano()), HasPublicKey: len(v.GetPublicKeyDer()) > 0,
 		})
 	}
 	return out

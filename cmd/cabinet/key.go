@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -19,6 +20,8 @@ func newKeyCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "key", Short: "Create keys and use them (encrypt, decrypt, data keys)"}
 	addClientFlags(cmd, f)
 	cmd.AddCommand(keyCreateCmd(f), keyListCmd(f), keyDescribeCmd(f), keyEncryptCmd(f), keyDecryptCmd(f), keyDataKeyCmd(f))
+	cmd.AddCommand(lifecycleCmds(f)...)
+	cmd.AddCommand(cryptoCmds(f)...)
 	return cmd
 }
 
@@ -45,8 +48,9 @@ func parseSpec(s string) (cabinetpb.KeySpec, error) {
 }
 
 func keyCreateCmd(f *clientFlags) *cobra.Command {
-	var spec, alias, desc, reqID string
+	var spec, alias, desc, reqID, usage string
 	var tags []string
+	var rotation time.Duration
 	c := &cobra.Command{
 		Use:   "create",
 		Short: "Create a key (material generated and wrapped by the cluster's HSMs)",
@@ -68,8 +72,17 @@ func keyCreateCmd(f *clientFlags) *cobra.Command {
 				return err
 			}
 			defer done()
+			var u cabinetpb.KeyUsage
+			if usage != "" {
+				v, ok := cabinetpb.KeyUsage_value[strings.ToUpper(usage)]
+				if !ok {
+					return fmt.Errorf("--usage must be ENCRYPT_DECRYPT, SIGN_VERIFY or GENERATE_VERIFY_MAC")
+				}
+				u = cabinetpb.KeyUsage(v)
+			}
 			resp, err := cabinetpb.NewKeyServiceClient(conn).CreateKey(ctx, &cabinetpb.CreateKeyRequest{
-				Spec: s, Alias: alias, Description: desc, Tags: tagMap, RequestId: reqID,
+				Spec: s, Usage: u, Alias: alias, Description: desc, Tags: tagMap, RequestId: reqID,
+				RotationPeriodSeconds: int64(rotation / time.Second),
 			})
 			if err != nil {
 				return rpcError(err)
@@ -77,7 +90,9 @@ func keyCreateCmd(f *clientFlags) *cobra.Command {
 			return printKey(cmd.OutOrStdout(), f, resp.GetKey())
 		},
 	}
-	c.Flags().StringVar(&spec, "spec", "AES_256", "key spec")
+	c.Flags().StringVar(&spec, "spec", "AES_256", "key spec: AES_256, HMAC_SHA256, HMAC_SHA512, RSA_2048, RSA_3072, RSA_4096, EC_P256, EC_P384, ED25519")
+	c.Flags().StringVar(&usage, "usage", "", "RSA keys: ENCRYPT_DECRYPT or SIGN_VERIFY (others follow from the spec)")
+	c.Flags().DurationVar(&rotation, "rotation-period", 0, "rotate automatically every period, e.g. 2160h (symmetric keys)")
 	c.Flags().StringVar(&alias, "alias", "", "optional unique alias ([A-Za-z0-9/_-], not starting with k-)")
 	c.Flags().StringVar(&desc, "description", "", "optional description")
 	c.Flags().StringArrayVar(&tags, "tag", nil, "tag key=value (repeatable)")
@@ -243,9 +258,10 @@ func keyEncryptCmd(f *clientFlags) *cobra.Command {
 }
 
 func keyDecryptCmd(f *clientFlags) *cobra.Command {
-	var in, out string
+	var in, out, keyID string
+	var version uint32
 	var ctxPairs []string
-	var strong bool
+	var strong, allowCompromised bool
 	c := &cobra.Command{
 		Use:   "decrypt",
 		Short: "Decrypt base64 ciphertext (from --in FILE or stdin); writes the plaintext to stdout or --out",
@@ -270,6 +286,7 @@ func keyDecryptCmd(f *clientFlags) *cobra.Command {
 			defer done()
 			resp, err := cabinetpb.NewKeyServiceClient(conn).Decrypt(ctx, &cabinetpb.DecryptRequest{
 				Ciphertext: ct, EncryptionContext: ec, Consistency: consistency(strong),
+				KeyId: keyID, KeyVersion: version, AllowCompromised: allowCompromised,
 			})
 			if err != nil {
 				return rpcError(err)
@@ -288,6 +305,9 @@ func keyDecryptCmd(f *clientFlags) *cobra.Command {
 	c.Flags().StringVar(&in, "in", "", "file with the base64 ciphertext (default stdin)")
 	c.Flags().StringVar(&out, "out", "", "write the plaintext to this file (mode 0600) instead of stdout")
 	c.Flags().StringArrayVar(&ctxPairs, "context", nil, "encryption context key=value (repeatable), as given to encrypt")
+	c.Flags().StringVar(&keyID, "key", "", "RSA keys only: the key (their ciphertexts are raw RSA-OAEP and name no key)")
+	c.Flags().Uint32Var(&version, "version", 0, "RSA keys only: the key version (default: primary)")
+	c.Flags().BoolVar(&allowCompromised, "allow-compromised", false, "admin recovery override: decrypt with a COMPROMISED key")
 	c.Flags().BoolVar(&strong, "strong", false, "STRONG consistency: the node catches up with the leader first")
 	return c
 }
@@ -296,6 +316,7 @@ func keyDataKeyCmd(f *clientFlags) *cobra.Command {
 	var keyID string
 	var n int
 	var ctxPairs []string
+	var noPlaintext bool
 	c := &cobra.Command{
 		Use:   "data-key",
 		Short: "Generate a data key: prints its plaintext and its ciphertext under --key (base64)",
@@ -313,9 +334,20 @@ func keyDataKeyCmd(f *clientFlags) *cobra.Command {
 				return err
 			}
 			defer done()
-			resp, err := cabinetpb.NewKeyServiceClient(conn).GenerateDataKey(ctx, &cabinetpb.GenerateDataKeyRequest{
-				KeyId: keyID, NumberOfBytes: int32(n), EncryptionContext: ec,
-			})
+			gdk := &cabinetpb.GenerateDataKeyRequest{KeyId: keyID, NumberOfBytes: int32(n), EncryptionContext: ec}
+			if noPlaintext {
+				resp, err := cabinetpb.NewKeyServiceClient(conn).GenerateDataKeyWithoutPlaintext(ctx, gdk)
+				if err != nil {
+					return rpcError(err)
+				}
+				ct := base64.StdEncoding.EncodeToString(resp.GetCiphertext())
+				if f.output == "json" {
+					return printAnyJSON(cmd.OutOrStdout(), map[string]any{"ciphertext": ct, "key_id": resp.GetKeyId(), "key_version": resp.GetKeyVersion()})
+				}
+				_, err = fmt.Fprintln(cmd.OutOrStdout(), ct)
+				return err
+			}
+			resp, err := cabinetpb.NewKeyServiceClient(conn).GenerateDataKey(ctx, gdk)
 			if err != nil {
 				return rpcError(err)
 			}
@@ -333,6 +365,7 @@ func keyDataKeyCmd(f *clientFlags) *cobra.Command {
 	}
 	c.Flags().StringVar(&keyID, "key", "", "key id or alias")
 	c.Flags().IntVar(&n, "bytes", 32, "data key length in bytes (1..1024)")
+	c.Flags().BoolVar(&noPlaintext, "no-plaintext", false, "return only the encrypted data key (GenerateDataKeyWithoutPlaintext)")
 	c.Flags().StringArrayVar(&ctxPairs, "context", nil, "encryption context key=value (repeatable)")
 	return c
 }

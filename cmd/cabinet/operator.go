@@ -438,4 +438,3 @@ func listPeersCmd(f *clientFlags) *cobra.Command {
 		},
 	}
 }
-

@@ -32,6 +32,8 @@ type serverFlags struct {
 	heartbeat    time.Duration
 	election     time.Duration
 	cacheSize    int
+	minRotation  time.Duration
+	minPending   time.Duration
 }
 
 func newServerCmd() *cobra.Command {
@@ -51,6 +53,8 @@ func newServerCmd() *cobra.Command {
 	cmd.Flags().DurationVar(&f.heartbeat, "raft-heartbeat-timeout", time.Second, "Raft heartbeat timeout")
 	cmd.Flags().DurationVar(&f.election, "raft-election-timeout", time.Second, "Raft election timeout")
 	cmd.Flags().IntVar(&f.cacheSize, "cache-size", 10000, "unwrapped key versions kept in memory")
+	cmd.Flags().DurationVar(&f.minRotation, "min-rotation-period", 24*time.Hour, "shortest automatic rotation period accepted")
+	cmd.Flags().DurationVar(&f.minPending, "min-pending-window", 7*24*time.Hour, "shortest destruction waiting period accepted")
 	_ = cmd.MarkFlagRequired("data-dir")
 	return cmd
 }
@@ -156,6 +160,24 @@ func runServer(ctx context.Context, f *serverFlags) error {
 		return err
 	}
 	state.OnRestore(engine.Purge)
+	// Every applied change to a key drops its cached material on this node at
+	// once; a destruction also compacts this node's Raft log (below) so no
+	// file keeps the destroyed material.
+	compact := make(chan struct{}, 1)
+	state.OnApply(func(_ uint64, cmd *fsmpb.Command, res *fsmpb.Result) {
+		if res.GetCode() != fsmpb.ResultCode_RESULT_CODE_OK {
+			return
+		}
+		if id := res.GetKey().GetKeyId(); id != "" && cmd.GetType() != fsmpb.CommandType_COMMAND_TYPE_CREATE_KEY {
+			engine.Forget(id)
+		}
+		if cmd.GetType() == fsmpb.CommandType_COMMAND_TYPE_DESTROY_KEY {
+			select {
+			case compact <- struct{}{}:
+			default:
+			}
+		}
+	})
 
 	peers := transport.NewPeerClients(tlsutil.ClientConfig(cert, pool))
 	defer peers.Close()
@@ -195,6 +217,7 @@ func runServer(ctx context.Context, f *serverFlags) error {
 	srv := transport.NewServer(transport.Config{
 		NodeID: nc.NodeID, APIAddr: nc.APIAddr, RaftAddr: nc.RaftAddr, Version: Version,
 		Cluster: node, State: state, Crypto: engine, HSM: h, Peers: peers, Logger: log,
+		MinRotationPeriod: f.minRotation, MinPendingWindow: f.minPending,
 	})
 	apiLn, err := net.Listen("tcp", nc.APIAddr)
 	if err != nil {
@@ -207,6 +230,21 @@ func runServer(ctx context.Context, f *serverFlags) error {
 	bg, cancelBG := context.WithCancel(ctx)
 	defer cancelBG()
 	go srv.WatchHealth(bg, time.Second)
+	go node.RunLeaderLoop(bg, time.Second, srv.ProposeDue)
+	go func() {
+		for {
+			select {
+			case <-bg.Done():
+				return
+			case <-compact:
+				if err := node.CompactLog(bg); err != nil && bg.Err() == nil {
+					log.Error("compact the Raft log after a key destruction", "err", err)
+				} else {
+					log.Info("compacted the Raft log after a key destruction")
+				}
+			}
+		}
+	}()
 	if _, err := os.Stat(filepath.Join(f.dataDir, initFile)); err == nil {
 		go applyPendingInit(bg, log, node, state, f.dataDir)
 	}

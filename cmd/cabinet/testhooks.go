@@ -4,7 +4,7 @@ package main
 
 // This file is compiled only into the binary the integration tests build
 // (go build -tags cabinet_testhooks). It records every key material the node
-// seals, in hex, into $CABINET_TEST_MATERIAL_LOG — a file the tests keep
+// seals, in hex (plaintext and sealed form), into $CABINET_TEST_MATERIAL_LOG — a file the tests keep
 // outside every node directory — so the leak scan knows what plaintext to
 // look for in the files the nodes wrote. Never build releases with this tag.
 
@@ -37,7 +37,8 @@ type observingSealer struct {
 var materialLabel = []byte("cabinet/key-material/v1")
 
 func (o *observingSealer) Seal(ctx context.Context, kekVersion uint32, plaintext, aad []byte) ([]byte, error) {
-	if len(aad) > 4+len(materialLabel) && bytes.Equal(aad[4:4+len(materialLabel)], materialLabel) {
+	sealed, err := o.Sealer.Seal(ctx, kekVersion, plaintext, aad)
+	if err == nil && len(aad) > 4+len(materialLabel) && bytes.Equal(aad[4:4+len(materialLabel)], materialLabel) {
 		rest := aad[4+len(materialLabel):]
 		id, version := "?", uint32(0)
 		if len(rest) >= 4 {
@@ -49,10 +50,10 @@ func (o *observingSealer) Seal(ctx context.Context, kekVersion uint32, plaintext
 		}
 		o.mu.Lock()
 		if f, err := os.OpenFile(o.path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600); err == nil {
-			fmt.Fprintf(f, "%s %d %s\n", id, version, hex.EncodeToString(plaintext))
+			fmt.Fprintf(f, "%s %d %s %s\n", id, version, hex.EncodeToString(plaintext), hex.EncodeToString(sealed))
 			f.Close()
 		}
 		o.mu.Unlock()
 	}
-	return o.Sealer.Seal(ctx, kekVersion, plaintext, aad)
+	return sealed, err
 }

@@ -258,11 +258,111 @@ func (Consistency) EnumDescriptor() ([]byte, []int) {
 	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{3}
 }
 
+type MessageType int32
+
+const (
+	MessageType_RAW    MessageType = 0
+	MessageType_DIGEST MessageType = 1
+)
+
+// Enum value maps for MessageType.
+var (
+	MessageType_name = map[int32]string{
+		0: "RAW",
+		1: "DIGEST",
+	}
+	MessageType_value = map[string]int32{
+		"RAW":    0,
+		"DIGEST": 1,
+	}
+)
+
+func (x MessageType) Enum() *MessageType {
+	p := new(MessageType)
+	*p = x
+	return p
+}
+
+func (x MessageType) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (MessageType) Descriptor() protoreflect.EnumDescriptor {
+	return file_transport_cabinetpb_cabinet_proto_enumTypes[4].Descriptor()
+}
+
+func (MessageType) Type() protoreflect.EnumType {
+	return &file_transport_cabinetpb_cabinet_proto_enumTypes[4]
+}
+
+func (x MessageType) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use MessageType.Descriptor instead.
+func (MessageType) EnumDescriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{4}
+}
+
+type RevocationReason int32
+
+const (
+	RevocationReason_REVOCATION_REASON_UNSPECIFIED RevocationReason = 0
+	RevocationReason_SUPERSEDED                    RevocationReason = 1
+	RevocationReason_CEASED                        RevocationReason = 2
+	RevocationReason_KEY_COMPROMISE                RevocationReason = 3
+)
+
+// Enum value maps for RevocationReason.
+var (
+	RevocationReason_name = map[int32]string{
+		0: "REVOCATION_REASON_UNSPECIFIED",
+		1: "SUPERSEDED",
+		2: "CEASED",
+		3: "KEY_COMPROMISE",
+	}
+	RevocationReason_value = map[string]int32{
+		"REVOCATION_REASON_UNSPECIFIED": 0,
+		"SUPERSEDED":                    1,
+		"CEASED":                        2,
+		"KEY_COMPROMISE":                3,
+	}
+)
+
+func (x RevocationReason) Enum() *RevocationReason {
+	p := new(RevocationReason)
+	*p = x
+	return p
+}
+
+func (x RevocationReason) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (RevocationReason) Descriptor() protoreflect.EnumDescriptor {
+	return file_transport_cabinetpb_cabinet_proto_enumTypes[5].Descriptor()
+}
+
+func (RevocationReason) Type() protoreflect.EnumType {
+	return &file_transport_cabinetpb_cabinet_proto_enumTypes[5]
+}
+
+func (x RevocationReason) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use RevocationReason.Descriptor instead.
+func (RevocationReason) EnumDescriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{5}
+}
+
 type KeyVersionInfo struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Version       uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
 	State         string                 `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
 	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	DestroyedAt   *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=destroyed_at,json=destroyedAt,proto3" json:"destroyed_at,omitempty"`
+	HasPublicKey  bool                   `protobuf:"varint,5,opt,name=has_public_key,json=hasPublicKey,proto3" json:"has_public_key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -318,6 +418,20 @@ func (x *KeyVersionInfo) GetCreatedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *KeyVersionInfo) GetDestroyedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DestroyedAt
+	}
+	return nil
+}
+
+func (x *KeyVersionInfo) GetHasPublicKey() bool {
+	if x != nil {
+		return x.HasPublicKey
+	}
+	return false
+}
+
 type Key struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
 	KeyId          string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
@@ -332,8 +446,20 @@ type Key struct {
 	CreatedBy      string                 `protobuf:"bytes,10,opt,name=created_by,json=createdBy,proto3" json:"created_by,omitempty"`
 	PrimaryVersion uint32                 `protobuf:"varint,11,opt,name=primary_version,json=primaryVersion,proto3" json:"primary_version,omitempty"`
 	Versions       []*KeyVersionInfo      `protobuf:"bytes,12,rep,name=versions,proto3" json:"versions,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// GENERATED or IMPORTED.
+	Origin                string                 `protobuf:"bytes,13,opt,name=origin,proto3" json:"origin,omitempty"`
+	RotationPeriodSeconds int64                  `protobuf:"varint,14,opt,name=rotation_period_seconds,json=rotationPeriodSeconds,proto3" json:"rotation_period_seconds,omitempty"`
+	NextRotationAt        *timestamppb.Timestamp `protobuf:"bytes,15,opt,name=next_rotation_at,json=nextRotationAt,proto3" json:"next_rotation_at,omitempty"`
+	MinDecryptionVersion  uint32                 `protobuf:"varint,16,opt,name=min_decryption_version,json=minDecryptionVersion,proto3" json:"min_decryption_version,omitempty"`
+	// SUPERSEDED, CEASED or COMPROMISED once revoked.
+	RevocationReason  string                 `protobuf:"bytes,17,opt,name=revocation_reason,json=revocationReason,proto3" json:"revocation_reason,omitempty"`
+	RevocationComment string                 `protobuf:"bytes,18,opt,name=revocation_comment,json=revocationComment,proto3" json:"revocation_comment,omitempty"`
+	RevokedAt         *timestamppb.Timestamp `protobuf:"bytes,19,opt,name=revoked_at,json=revokedAt,proto3" json:"revoked_at,omitempty"`
+	// When a PENDING_DESTRUCTION key will be destroyed.
+	DestroyAfter  *timestamppb.Timestamp `protobuf:"bytes,20,opt,name=destroy_after,json=destroyAfter,proto3" json:"destroy_after,omitempty"`
+	DestroyedAt   *timestamppb.Timestamp `protobuf:"bytes,21,opt,name=destroyed_at,json=destroyedAt,proto3" json:"destroyed_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Key) Reset() {
@@ -450,6 +576,69 @@ func (x *Key) GetVersions() []*KeyVersionInfo {
 	return nil
 }
 
+func (x *Key) GetOrigin() string {
+	if x != nil {
+		return x.Origin
+	}
+	return ""
+}
+
+func (x *Key) GetRotationPeriodSeconds() int64 {
+	if x != nil {
+		return x.RotationPeriodSeconds
+	}
+	return 0
+}
+
+func (x *Key) GetNextRotationAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NextRotationAt
+	}
+	return nil
+}
+
+func (x *Key) GetMinDecryptionVersion() uint32 {
+	if x != nil {
+		return x.MinDecryptionVersion
+	}
+	return 0
+}
+
+func (x *Key) GetRevocationReason() string {
+	if x != nil {
+		return x.RevocationReason
+	}
+	return ""
+}
+
+func (x *Key) GetRevocationComment() string {
+	if x != nil {
+		return x.RevocationComment
+	}
+	return ""
+}
+
+func (x *Key) GetRevokedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RevokedAt
+	}
+	return nil
+}
+
+func (x *Key) GetDestroyAfter() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DestroyAfter
+	}
+	return nil
+}
+
+func (x *Key) GetDestroyedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DestroyedAt
+	}
+	return nil
+}
+
 type CreateKeyRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Spec  KeySpec                `protobuf:"varint,1,opt,name=spec,proto3,enum=cabinet.v1.KeySpec" json:"spec,omitempty"`
@@ -459,9 +648,12 @@ type CreateKeyRequest struct {
 	Description string            `protobuf:"bytes,4,opt,name=description,proto3" json:"description,omitempty"`
 	Tags        map[string]string `protobuf:"bytes,5,rep,name=tags,proto3" json:"tags,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Idempotency key; the CLI generates one per invocation.
-	RequestId     string `protobuf:"bytes,6,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	RequestId string `protobuf:"bytes,6,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// Automatic rotation period (symmetric keys); 0 = none. At least the
+	// server's --min-rotation-period.
+	RotationPeriodSeconds int64 `protobuf:"varint,7,opt,name=rotation_period_seconds,json=rotationPeriodSeconds,proto3" json:"rotation_period_seconds,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 func (x *CreateKeyRequest) Reset() {
@@ -534,6 +726,13 @@ func (x *CreateKeyRequest) GetRequestId() string {
 		return x.RequestId
 	}
 	return ""
+}
+
+func (x *CreateKeyRequest) GetRotationPeriodSeconds() int64 {
+	if x != nil {
+		return x.RotationPeriodSeconds
+	}
+	return 0
 }
 
 type CreateKeyResponse struct {
@@ -906,8 +1105,14 @@ type DecryptRequest struct {
 	Ciphertext        []byte                 `protobuf:"bytes,1,opt,name=ciphertext,proto3" json:"ciphertext,omitempty"`
 	EncryptionContext map[string]string      `protobuf:"bytes,2,rep,name=encryption_context,json=encryptionContext,proto3" json:"encryption_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	Consistency       Consistency            `protobuf:"varint,3,opt,name=consistency,proto3,enum=cabinet.v1.Consistency" json:"consistency,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// Only for RSA ENCRYPT_DECRYPT keys, whose ciphertexts are raw RSA-OAEP
+	// (SHA-256): the key and version (0 = primary) to decrypt with.
+	KeyId      string `protobuf:"bytes,4,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	KeyVersion uint32 `protobuf:"varint,5,opt,name=key_version,json=keyVersion,proto3" json:"key_version,omitempty"`
+	// Admin-only recovery override: decrypt with a COMPROMISED key.
+	AllowCompromised bool `protobuf:"varint,6,opt,name=allow_compromised,json=allowCompromised,proto3" json:"allow_compromised,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *DecryptRequest) Reset() {
@@ -959,6 +1164,27 @@ func (x *DecryptRequest) GetConsistency() Consistency {
 		return x.Consistency
 	}
 	return Consistency_BOUNDED_STALENESS
+}
+
+func (x *DecryptRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *DecryptRequest) GetKeyVersion() uint32 {
+	if x != nil {
+		return x.KeyVersion
+	}
+	return 0
+}
+
+func (x *DecryptRequest) GetAllowCompromised() bool {
+	if x != nil {
+		return x.AllowCompromised
+	}
+	return false
 }
 
 type DecryptResponse struct {
@@ -1158,6 +1384,2382 @@ func (x *GenerateDataKeyResponse) GetKeyVersion() uint32 {
 	return 0
 }
 
+type GenerateDataKeyWithoutPlaintextResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Ciphertext    []byte                 `protobuf:"bytes,1,opt,name=ciphertext,proto3" json:"ciphertext,omitempty"`
+	KeyId         string                 `protobuf:"bytes,2,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	KeyVersion    uint32                 `protobuf:"varint,3,opt,name=key_version,json=keyVersion,proto3" json:"key_version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GenerateDataKeyWithoutPlaintextResponse) Reset() {
+	*x = GenerateDataKeyWithoutPlaintextResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GenerateDataKeyWithoutPlaintextResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GenerateDataKeyWithoutPlaintextResponse) ProtoMessage() {}
+
+func (x *GenerateDataKeyWithoutPlaintextResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GenerateDataKeyWithoutPlaintextResponse.ProtoReflect.Descriptor instead.
+func (*GenerateDataKeyWithoutPlaintextResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *GenerateDataKeyWithoutPlaintextResponse) GetCiphertext() []byte {
+	if x != nil {
+		return x.Ciphertext
+	}
+	return nil
+}
+
+func (x *GenerateDataKeyWithoutPlaintextResponse) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *GenerateDataKeyWithoutPlaintextResponse) GetKeyVersion() uint32 {
+	if x != nil {
+		return x.KeyVersion
+	}
+	return 0
+}
+
+type ReEncryptRequest struct {
+	state                   protoimpl.MessageState `protogen:"open.v1"`
+	Ciphertext              []byte                 `protobuf:"bytes,1,opt,name=ciphertext,proto3" json:"ciphertext,omitempty"`
+	SourceEncryptionContext map[string]string      `protobuf:"bytes,2,rep,name=source_encryption_context,json=sourceEncryptionContext,proto3" json:"source_encryption_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Key id or alias; the source key (re-encrypt to its primary version)
+	// when empty.
+	DestinationKeyId             string            `protobuf:"bytes,3,opt,name=destination_key_id,json=destinationKeyId,proto3" json:"destination_key_id,omitempty"`
+	DestinationEncryptionContext map[string]string `protobuf:"bytes,4,rep,name=destination_encryption_context,json=destinationEncryptionContext,proto3" json:"destination_encryption_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Consistency                  Consistency       `protobuf:"varint,5,opt,name=consistency,proto3,enum=cabinet.v1.Consistency" json:"consistency,omitempty"`
+	AllowCompromised             bool              `protobuf:"varint,6,opt,name=allow_compromised,json=allowCompromised,proto3" json:"allow_compromised,omitempty"`
+	unknownFields                protoimpl.UnknownFields
+	sizeCache                    protoimpl.SizeCache
+}
+
+func (x *ReEncryptRequest) Reset() {
+	*x = ReEncryptRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReEncryptRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReEncryptRequest) ProtoMessage() {}
+
+func (x *ReEncryptRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReEncryptRequest.ProtoReflect.Descriptor instead.
+func (*ReEncryptRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ReEncryptRequest) GetCiphertext() []byte {
+	if x != nil {
+		return x.Ciphertext
+	}
+	return nil
+}
+
+func (x *ReEncryptRequest) GetSourceEncryptionContext() map[string]string {
+	if x != nil {
+		return x.SourceEncryptionContext
+	}
+	return nil
+}
+
+func (x *ReEncryptRequest) GetDestinationKeyId() string {
+	if x != nil {
+		return x.DestinationKeyId
+	}
+	return ""
+}
+
+func (x *ReEncryptRequest) GetDestinationEncryptionContext() map[string]string {
+	if x != nil {
+		return x.DestinationEncryptionContext
+	}
+	return nil
+}
+
+func (x *ReEncryptRequest) GetConsistency() Consistency {
+	if x != nil {
+		return x.Consistency
+	}
+	return Consistency_BOUNDED_STALENESS
+}
+
+func (x *ReEncryptRequest) GetAllowCompromised() bool {
+	if x != nil {
+		return x.AllowCompromised
+	}
+	return false
+}
+
+type ReEncryptResponse struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	Ciphertext       []byte                 `protobuf:"bytes,1,opt,name=ciphertext,proto3" json:"ciphertext,omitempty"`
+	SourceKeyId      string                 `protobuf:"bytes,2,opt,name=source_key_id,json=sourceKeyId,proto3" json:"source_key_id,omitempty"`
+	SourceKeyVersion uint32                 `protobuf:"varint,3,opt,name=source_key_version,json=sourceKeyVersion,proto3" json:"source_key_version,omitempty"`
+	KeyId            string                 `protobuf:"bytes,4,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	KeyVersion       uint32                 `protobuf:"varint,5,opt,name=key_version,json=keyVersion,proto3" json:"key_version,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *ReEncryptResponse) Reset() {
+	*x = ReEncryptResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReEncryptResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReEncryptResponse) ProtoMessage() {}
+
+func (x *ReEncryptResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReEncryptResponse.ProtoReflect.Descriptor instead.
+func (*ReEncryptResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *ReEncryptResponse) GetCiphertext() []byte {
+	if x != nil {
+		return x.Ciphertext
+	}
+	return nil
+}
+
+func (x *ReEncryptResponse) GetSourceKeyId() string {
+	if x != nil {
+		return x.SourceKeyId
+	}
+	return ""
+}
+
+func (x *ReEncryptResponse) GetSourceKeyVersion() uint32 {
+	if x != nil {
+		return x.SourceKeyVersion
+	}
+	return 0
+}
+
+func (x *ReEncryptResponse) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *ReEncryptResponse) GetKeyVersion() uint32 {
+	if x != nil {
+		return x.KeyVersion
+	}
+	return 0
+}
+
+// ItemError is a per-item failure in a batch: the gRPC code name and a
+// message, as a single call would have returned.
+type ItemError struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Code          string                 `protobuf:"bytes,1,opt,name=code,proto3" json:"code,omitempty"`
+	Message       string                 `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ItemError) Reset() {
+	*x = ItemError{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ItemError) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ItemError) ProtoMessage() {}
+
+func (x *ItemError) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ItemError.ProtoReflect.Descriptor instead.
+func (*ItemError) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *ItemError) GetCode() string {
+	if x != nil {
+		return x.Code
+	}
+	return ""
+}
+
+func (x *ItemError) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+type BatchEncryptRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Items         []*EncryptRequest      `protobuf:"bytes,1,rep,name=items,proto3" json:"items,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchEncryptRequest) Reset() {
+	*x = BatchEncryptRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchEncryptRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchEncryptRequest) ProtoMessage() {}
+
+func (x *BatchEncryptRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchEncryptRequest.ProtoReflect.Descriptor instead.
+func (*BatchEncryptRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *BatchEncryptRequest) GetItems() []*EncryptRequest {
+	if x != nil {
+		return x.Items
+	}
+	return nil
+}
+
+type BatchEncryptResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Response      *EncryptResponse       `protobuf:"bytes,1,opt,name=response,proto3" json:"response,omitempty"`
+	Error         *ItemError             `protobuf:"bytes,2,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchEncryptResult) Reset() {
+	*x = BatchEncryptResult{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchEncryptResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchEncryptResult) ProtoMessage() {}
+
+func (x *BatchEncryptResult) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchEncryptResult.ProtoReflect.Descriptor instead.
+func (*BatchEncryptResult) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *BatchEncryptResult) GetResponse() *EncryptResponse {
+	if x != nil {
+		return x.Response
+	}
+	return nil
+}
+
+func (x *BatchEncryptResult) GetError() *ItemError {
+	if x != nil {
+		return x.Error
+	}
+	return nil
+}
+
+type BatchEncryptResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Results       []*BatchEncryptResult  `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchEncryptResponse) Reset() {
+	*x = BatchEncryptResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchEncryptResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchEncryptResponse) ProtoMessage() {}
+
+func (x *BatchEncryptResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchEncryptResponse.ProtoReflect.Descriptor instead.
+func (*BatchEncryptResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *BatchEncryptResponse) GetResults() []*BatchEncryptResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+type BatchDecryptRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Items         []*DecryptRequest      `protobuf:"bytes,1,rep,name=items,proto3" json:"items,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchDecryptRequest) Reset() {
+	*x = BatchDecryptRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchDecryptRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchDecryptRequest) ProtoMessage() {}
+
+func (x *BatchDecryptRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchDecryptRequest.ProtoReflect.Descriptor instead.
+func (*BatchDecryptRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *BatchDecryptRequest) GetItems() []*DecryptRequest {
+	if x != nil {
+		return x.Items
+	}
+	return nil
+}
+
+type BatchDecryptResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Response      *DecryptResponse       `protobuf:"bytes,1,opt,name=response,proto3" json:"response,omitempty"`
+	Error         *ItemError             `protobuf:"bytes,2,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchDecryptResult) Reset() {
+	*x = BatchDecryptResult{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchDecryptResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchDecryptResult) ProtoMessage() {}
+
+func (x *BatchDecryptResult) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchDecryptResult.ProtoReflect.Descriptor instead.
+func (*BatchDecryptResult) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *BatchDecryptResult) GetResponse() *DecryptResponse {
+	if x != nil {
+		return x.Response
+	}
+	return nil
+}
+
+func (x *BatchDecryptResult) GetError() *ItemError {
+	if x != nil {
+		return x.Error
+	}
+	return nil
+}
+
+type BatchDecryptResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Results       []*BatchDecryptResult  `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchDecryptResponse) Reset() {
+	*x = BatchDecryptResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchDecryptResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchDecryptResponse) ProtoMessage() {}
+
+func (x *BatchDecryptResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchDecryptResponse.ProtoReflect.Descriptor instead.
+func (*BatchDecryptResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *BatchDecryptResponse) GetResults() []*BatchDecryptResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+type BatchReEncryptRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Items         []*ReEncryptRequest    `protobuf:"bytes,1,rep,name=items,proto3" json:"items,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchReEncryptRequest) Reset() {
+	*x = BatchReEncryptRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchReEncryptRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchReEncryptRequest) ProtoMessage() {}
+
+func (x *BatchReEncryptRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchReEncryptRequest.ProtoReflect.Descriptor instead.
+func (*BatchReEncryptRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *BatchReEncryptRequest) GetItems() []*ReEncryptRequest {
+	if x != nil {
+		return x.Items
+	}
+	return nil
+}
+
+type BatchReEncryptResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Response      *ReEncryptResponse     `protobuf:"bytes,1,opt,name=response,proto3" json:"response,omitempty"`
+	Error         *ItemError             `protobuf:"bytes,2,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchReEncryptResult) Reset() {
+	*x = BatchReEncryptResult{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchReEncryptResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchReEncryptResult) ProtoMessage() {}
+
+func (x *BatchReEncryptResult) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchReEncryptResult.ProtoReflect.Descriptor instead.
+func (*BatchReEncryptResult) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *BatchReEncryptResult) GetResponse() *ReEncryptResponse {
+	if x != nil {
+		return x.Response
+	}
+	return nil
+}
+
+func (x *BatchReEncryptResult) GetError() *ItemError {
+	if x != nil {
+		return x.Error
+	}
+	return nil
+}
+
+type BatchReEncryptResponse struct {
+	state         protoimpl.MessageState  `protogen:"open.v1"`
+	Results       []*BatchReEncryptResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchReEncryptResponse) Reset() {
+	*x = BatchReEncryptResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchReEncryptResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchReEncryptResponse) ProtoMessage() {}
+
+func (x *BatchReEncryptResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchReEncryptResponse.ProtoReflect.Descriptor instead.
+func (*BatchReEncryptResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *BatchReEncryptResponse) GetResults() []*BatchReEncryptResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+type SignRequest struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	KeyId       string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	Message     []byte                 `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	MessageType MessageType            `protobuf:"varint,3,opt,name=message_type,json=messageType,proto3,enum=cabinet.v1.MessageType" json:"message_type,omitempty"`
+	// RSASSA_PSS_SHA_256|384|512, RSASSA_PKCS1_V1_5_SHA_256|384|512,
+	// ECDSA_SHA_256, ECDSA_SHA_384, ED25519.
+	SigningAlgorithm string      `protobuf:"bytes,4,opt,name=signing_algorithm,json=signingAlgorithm,proto3" json:"signing_algorithm,omitempty"`
+	Consistency      Consistency `protobuf:"varint,5,opt,name=consistency,proto3,enum=cabinet.v1.Consistency" json:"consistency,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *SignRequest) Reset() {
+	*x = SignRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignRequest) ProtoMessage() {}
+
+func (x *SignRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignRequest.ProtoReflect.Descriptor instead.
+func (*SignRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *SignRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *SignRequest) GetMessage() []byte {
+	if x != nil {
+		return x.Message
+	}
+	return nil
+}
+
+func (x *SignRequest) GetMessageType() MessageType {
+	if x != nil {
+		return x.MessageType
+	}
+	return MessageType_RAW
+}
+
+func (x *SignRequest) GetSigningAlgorithm() string {
+	if x != nil {
+		return x.SigningAlgorithm
+	}
+	return ""
+}
+
+func (x *SignRequest) GetConsistency() Consistency {
+	if x != nil {
+		return x.Consistency
+	}
+	return Consistency_BOUNDED_STALENESS
+}
+
+type SignResponse struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	Signature        []byte                 `protobuf:"bytes,1,opt,name=signature,proto3" json:"signature,omitempty"`
+	KeyId            string                 `protobuf:"bytes,2,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	KeyVersion       uint32                 `protobuf:"varint,3,opt,name=key_version,json=keyVersion,proto3" json:"key_version,omitempty"`
+	SigningAlgorithm string                 `protobuf:"bytes,4,opt,name=signing_algorithm,json=signingAlgorithm,proto3" json:"signing_algorithm,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *SignResponse) Reset() {
+	*x = SignResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignResponse) ProtoMessage() {}
+
+func (x *SignResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignResponse.ProtoReflect.Descriptor instead.
+func (*SignResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *SignResponse) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
+func (x *SignResponse) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *SignResponse) GetKeyVersion() uint32 {
+	if x != nil {
+		return x.KeyVersion
+	}
+	return 0
+}
+
+func (x *SignResponse) GetSigningAlgorithm() string {
+	if x != nil {
+		return x.SigningAlgorithm
+	}
+	return ""
+}
+
+type VerifyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	KeyId string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	// 0 = primary.
+	KeyVersion       uint32      `protobuf:"varint,2,opt,name=key_version,json=keyVersion,proto3" json:"key_version,omitempty"`
+	Message          []byte      `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	MessageType      MessageType `protobuf:"varint,4,opt,name=message_type,json=messageType,proto3,enum=cabinet.v1.MessageType" json:"message_type,omitempty"`
+	SigningAlgorithm string      `protobuf:"bytes,5,opt,name=signing_algorithm,json=signingAlgorithm,proto3" json:"signing_algorithm,omitempty"`
+	Signature        []byte      `protobuf:"bytes,6,opt,name=signature,proto3" json:"signature,omitempty"`
+	Consistency      Consistency `protobuf:"varint,7,opt,name=consistency,proto3,enum=cabinet.v1.Consistency" json:"consistency,omitempty"`
+	AllowCompromised bool        `protobuf:"varint,8,opt,name=allow_compromised,json=allowCompromised,proto3" json:"allow_compromised,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *VerifyRequest) Reset() {
+	*x = VerifyRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VerifyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VerifyRequest) ProtoMessage() {}
+
+func (x *VerifyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VerifyRequest.ProtoReflect.Descriptor instead.
+func (*VerifyRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *VerifyRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *VerifyRequest) GetKeyVersion() uint32 {
+	if x != nil {
+		return x.KeyVersion
+	}
+	return 0
+}
+
+func (x *VerifyRequest) GetMessage() []byte {
+	if x != nil {
+		return x.Message
+	}
+	return nil
+}
+
+func (x *VerifyRequest) GetMessageType() MessageType {
+	if x != nil {
+		return x.MessageType
+	}
+	return MessageType_RAW
+}
+
+func (x *VerifyRequest) GetSigningAlgorithm() string {
+	if x != nil {
+		return x.SigningAlgorithm
+	}
+	return ""
+}
+
+func (x *VerifyRequest) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
+func (x *VerifyRequest) GetConsistency() Consistency {
+	if x != nil {
+		return x.Consistency
+	}
+	return Consistency_BOUNDED_STALENESS
+}
+
+func (x *VerifyRequest) GetAllowCompromised() bool {
+	if x != nil {
+		return x.AllowCompromised
+	}
+	return false
+}
+
+type VerifyResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Valid         bool                   `protobuf:"varint,1,opt,name=valid,proto3" json:"valid,omitempty"`
+	KeyId         string                 `protobuf:"bytes,2,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	KeyVersion    uint32                 `protobuf:"varint,3,opt,name=key_version,json=keyVersion,proto3" json:"key_version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VerifyResponse) Reset() {
+	*x = VerifyResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VerifyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VerifyResponse) ProtoMessage() {}
+
+func (x *VerifyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VerifyResponse.ProtoReflect.Descriptor instead.
+func (*VerifyResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *VerifyResponse) GetValid() bool {
+	if x != nil {
+		return x.Valid
+	}
+	return false
+}
+
+func (x *VerifyResponse) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *VerifyResponse) GetKeyVersion() uint32 {
+	if x != nil {
+		return x.KeyVersion
+	}
+	return 0
+}
+
+type GetPublicKeyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	KeyId         string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	KeyVersion    uint32                 `protobuf:"varint,2,opt,name=key_version,json=keyVersion,proto3" json:"key_version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetPublicKeyRequest) Reset() {
+	*x = GetPublicKeyRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetPublicKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetPublicKeyRequest) ProtoMessage() {}
+
+func (x *GetPublicKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetPublicKeyRequest.ProtoReflect.Descriptor instead.
+func (*GetPublicKeyRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *GetPublicKeyRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *GetPublicKeyRequest) GetKeyVersion() uint32 {
+	if x != nil {
+		return x.KeyVersion
+	}
+	return 0
+}
+
+type GetPublicKeyResponse struct {
+	state                protoimpl.MessageState `protogen:"open.v1"`
+	KeyId                string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	KeyVersion           uint32                 `protobuf:"varint,2,opt,name=key_version,json=keyVersion,proto3" json:"key_version,omitempty"`
+	PublicKeyDer         []byte                 `protobuf:"bytes,3,opt,name=public_key_der,json=publicKeyDer,proto3" json:"public_key_der,omitempty"`
+	PublicKeyPem         string                 `protobuf:"bytes,4,opt,name=public_key_pem,json=publicKeyPem,proto3" json:"public_key_pem,omitempty"`
+	Spec                 KeySpec                `protobuf:"varint,5,opt,name=spec,proto3,enum=cabinet.v1.KeySpec" json:"spec,omitempty"`
+	Usage                KeyUsage               `protobuf:"varint,6,opt,name=usage,proto3,enum=cabinet.v1.KeyUsage" json:"usage,omitempty"`
+	SigningAlgorithms    []string               `protobuf:"bytes,7,rep,name=signing_algorithms,json=signingAlgorithms,proto3" json:"signing_algorithms,omitempty"`
+	EncryptionAlgorithms []string               `protobuf:"bytes,8,rep,name=encryption_algorithms,json=encryptionAlgorithms,proto3" json:"encryption_algorithms,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
+}
+
+func (x *GetPublicKeyResponse) Reset() {
+	*x = GetPublicKeyResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetPublicKeyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetPublicKeyResponse) ProtoMessage() {}
+
+func (x *GetPublicKeyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetPublicKeyResponse.ProtoReflect.Descriptor instead.
+func (*GetPublicKeyResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *GetPublicKeyResponse) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *GetPublicKeyResponse) GetKeyVersion() uint32 {
+	if x != nil {
+		return x.KeyVersion
+	}
+	return 0
+}
+
+func (x *GetPublicKeyResponse) GetPublicKeyDer() []byte {
+	if x != nil {
+		return x.PublicKeyDer
+	}
+	return nil
+}
+
+func (x *GetPublicKeyResponse) GetPublicKeyPem() string {
+	if x != nil {
+		return x.PublicKeyPem
+	}
+	return ""
+}
+
+func (x *GetPublicKeyResponse) GetSpec() KeySpec {
+	if x != nil {
+		return x.Spec
+	}
+	return KeySpec_KEY_SPEC_UNSPECIFIED
+}
+
+func (x *GetPublicKeyResponse) GetUsage() KeyUsage {
+	if x != nil {
+		return x.Usage
+	}
+	return KeyUsage_KEY_USAGE_UNSPECIFIED
+}
+
+func (x *GetPublicKeyResponse) GetSigningAlgorithms() []string {
+	if x != nil {
+		return x.SigningAlgorithms
+	}
+	return nil
+}
+
+func (x *GetPublicKeyResponse) GetEncryptionAlgorithms() []string {
+	if x != nil {
+		return x.EncryptionAlgorithms
+	}
+	return nil
+}
+
+type GenerateMacRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	KeyId         string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	Message       []byte                 `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	Consistency   Consistency            `protobuf:"varint,3,opt,name=consistency,proto3,enum=cabinet.v1.Consistency" json:"consistency,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GenerateMacRequest) Reset() {
+	*x = GenerateMacRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GenerateMacRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GenerateMacRequest) ProtoMessage() {}
+
+func (x *GenerateMacRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GenerateMacRequest.ProtoReflect.Descriptor instead.
+func (*GenerateMacRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *GenerateMacRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *GenerateMacRequest) GetMessage() []byte {
+	if x != nil {
+		return x.Message
+	}
+	return nil
+}
+
+func (x *GenerateMacRequest) GetConsistency() Consistency {
+	if x != nil {
+		return x.Consistency
+	}
+	return Consistency_BOUNDED_STALENESS
+}
+
+type GenerateMacResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Mac           []byte                 `protobuf:"bytes,1,opt,name=mac,proto3" json:"mac,omitempty"`
+	KeyId         string                 `protobuf:"bytes,2,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	KeyVersion    uint32                 `protobuf:"varint,3,opt,name=key_version,json=keyVersion,proto3" json:"key_version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GenerateMacResponse) Reset() {
+	*x = GenerateMacResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GenerateMacResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GenerateMacResponse) ProtoMessage() {}
+
+func (x *GenerateMacResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GenerateMacResponse.ProtoReflect.Descriptor instead.
+func (*GenerateMacResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *GenerateMacResponse) GetMac() []byte {
+	if x != nil {
+		return x.Mac
+	}
+	return nil
+}
+
+func (x *GenerateMacResponse) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *GenerateMacResponse) GetKeyVersion() uint32 {
+	if x != nil {
+		return x.KeyVersion
+	}
+	return 0
+}
+
+type VerifyMacRequest struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	KeyId            string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	KeyVersion       uint32                 `protobuf:"varint,2,opt,name=key_version,json=keyVersion,proto3" json:"key_version,omitempty"`
+	Message          []byte                 `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	Mac              []byte                 `protobuf:"bytes,4,opt,name=mac,proto3" json:"mac,omitempty"`
+	Consistency      Consistency            `protobuf:"varint,5,opt,name=consistency,proto3,enum=cabinet.v1.Consistency" json:"consistency,omitempty"`
+	AllowCompromised bool                   `protobuf:"varint,6,opt,name=allow_compromised,json=allowCompromised,proto3" json:"allow_compromised,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *VerifyMacRequest) Reset() {
+	*x = VerifyMacRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VerifyMacRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VerifyMacRequest) ProtoMessage() {}
+
+func (x *VerifyMacRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VerifyMacRequest.ProtoReflect.Descriptor instead.
+func (*VerifyMacRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *VerifyMacRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *VerifyMacRequest) GetKeyVersion() uint32 {
+	if x != nil {
+		return x.KeyVersion
+	}
+	return 0
+}
+
+func (x *VerifyMacRequest) GetMessage() []byte {
+	if x != nil {
+		return x.Message
+	}
+	return nil
+}
+
+func (x *VerifyMacRequest) GetMac() []byte {
+	if x != nil {
+		return x.Mac
+	}
+	return nil
+}
+
+func (x *VerifyMacRequest) GetConsistency() Consistency {
+	if x != nil {
+		return x.Consistency
+	}
+	return Consistency_BOUNDED_STALENESS
+}
+
+func (x *VerifyMacRequest) GetAllowCompromised() bool {
+	if x != nil {
+		return x.AllowCompromised
+	}
+	return false
+}
+
+type VerifyMacResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Valid         bool                   `protobuf:"varint,1,opt,name=valid,proto3" json:"valid,omitempty"`
+	KeyId         string                 `protobuf:"bytes,2,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	KeyVersion    uint32                 `protobuf:"varint,3,opt,name=key_version,json=keyVersion,proto3" json:"key_version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VerifyMacResponse) Reset() {
+	*x = VerifyMacResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VerifyMacResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VerifyMacResponse) ProtoMessage() {}
+
+func (x *VerifyMacResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VerifyMacResponse.ProtoReflect.Descriptor instead.
+func (*VerifyMacResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *VerifyMacResponse) GetValid() bool {
+	if x != nil {
+		return x.Valid
+	}
+	return false
+}
+
+func (x *VerifyMacResponse) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *VerifyMacResponse) GetKeyVersion() uint32 {
+	if x != nil {
+		return x.KeyVersion
+	}
+	return 0
+}
+
+type GenerateRandomRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NumberOfBytes int32                  `protobuf:"varint,1,opt,name=number_of_bytes,json=numberOfBytes,proto3" json:"number_of_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GenerateRandomRequest) Reset() {
+	*x = GenerateRandomRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GenerateRandomRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GenerateRandomRequest) ProtoMessage() {}
+
+func (x *GenerateRandomRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GenerateRandomRequest.ProtoReflect.Descriptor instead.
+func (*GenerateRandomRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *GenerateRandomRequest) GetNumberOfBytes() int32 {
+	if x != nil {
+		return x.NumberOfBytes
+	}
+	return 0
+}
+
+type GenerateRandomResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Random        []byte                 `protobuf:"bytes,1,opt,name=random,proto3" json:"random,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GenerateRandomResponse) Reset() {
+	*x = GenerateRandomResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GenerateRandomResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GenerateRandomResponse) ProtoMessage() {}
+
+func (x *GenerateRandomResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GenerateRandomResponse.ProtoReflect.Descriptor instead.
+func (*GenerateRandomResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *GenerateRandomResponse) GetRandom() []byte {
+	if x != nil {
+		return x.Random
+	}
+	return nil
+}
+
+type KeyResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           *Key                   `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KeyResponse) Reset() {
+	*x = KeyResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeyResponse) ProtoMessage() {}
+
+func (x *KeyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeyResponse.ProtoReflect.Descriptor instead.
+func (*KeyResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *KeyResponse) GetKey() *Key {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+type KeyRefRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	KeyId         string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	RequestId     string                 `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KeyRefRequest) Reset() {
+	*x = KeyRefRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeyRefRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeyRefRequest) ProtoMessage() {}
+
+func (x *KeyRefRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeyRefRequest.ProtoReflect.Descriptor instead.
+func (*KeyRefRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *KeyRefRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *KeyRefRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type UpdateKeyRequest struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	KeyId       string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	Description *string                `protobuf:"bytes,2,opt,name=description,proto3,oneof" json:"description,omitempty"`
+	// Replaces all tags when replace_tags is set.
+	ReplaceTags   bool              `protobuf:"varint,3,opt,name=replace_tags,json=replaceTags,proto3" json:"replace_tags,omitempty"`
+	Tags          map[string]string `protobuf:"bytes,4,rep,name=tags,proto3" json:"tags,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	RequestId     string            `protobuf:"bytes,5,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateKeyRequest) Reset() {
+	*x = UpdateKeyRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateKeyRequest) ProtoMessage() {}
+
+func (x *UpdateKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateKeyRequest.ProtoReflect.Descriptor instead.
+func (*UpdateKeyRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *UpdateKeyRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *UpdateKeyRequest) GetDescription() string {
+	if x != nil && x.Description != nil {
+		return *x.Description
+	}
+	return ""
+}
+
+func (x *UpdateKeyRequest) GetReplaceTags() bool {
+	if x != nil {
+		return x.ReplaceTags
+	}
+	return false
+}
+
+func (x *UpdateKeyRequest) GetTags() map[string]string {
+	if x != nil {
+		return x.Tags
+	}
+	return nil
+}
+
+func (x *UpdateKeyRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type SetAliasRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Alias         string                 `protobuf:"bytes,1,opt,name=alias,proto3" json:"alias,omitempty"`
+	KeyId         string                 `protobuf:"bytes,2,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	RequestId     string                 `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetAliasRequest) Reset() {
+	*x = SetAliasRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetAliasRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetAliasRequest) ProtoMessage() {}
+
+func (x *SetAliasRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetAliasRequest.ProtoReflect.Descriptor instead.
+func (*SetAliasRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *SetAliasRequest) GetAlias() string {
+	if x != nil {
+		return x.Alias
+	}
+	return ""
+}
+
+func (x *SetAliasRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *SetAliasRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type DeleteAliasRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Alias         string                 `protobuf:"bytes,1,opt,name=alias,proto3" json:"alias,omitempty"`
+	RequestId     string                 `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteAliasRequest) Reset() {
+	*x = DeleteAliasRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteAliasRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteAliasRequest) ProtoMessage() {}
+
+func (x *DeleteAliasRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteAliasRequest.ProtoReflect.Descriptor instead.
+func (*DeleteAliasRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *DeleteAliasRequest) GetAlias() string {
+	if x != nil {
+		return x.Alias
+	}
+	return ""
+}
+
+func (x *DeleteAliasRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type DeleteAliasResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteAliasResponse) Reset() {
+	*x = DeleteAliasResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteAliasResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteAliasResponse) ProtoMessage() {}
+
+func (x *DeleteAliasResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteAliasResponse.ProtoReflect.Descriptor instead.
+func (*DeleteAliasResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{44}
+}
+
+type RevokeKeyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	KeyId         string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	Reason        RevocationReason       `protobuf:"varint,2,opt,name=reason,proto3,enum=cabinet.v1.RevocationReason" json:"reason,omitempty"`
+	Comment       string                 `protobuf:"bytes,3,opt,name=comment,proto3" json:"comment,omitempty"`
+	RequestId     string                 `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeKeyRequest) Reset() {
+	*x = RevokeKeyRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeKeyRequest) ProtoMessage() {}
+
+func (x *RevokeKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeKeyRequest.ProtoReflect.Descriptor instead.
+func (*RevokeKeyRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{45}
+}
+
+func (x *RevokeKeyRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *RevokeKeyRequest) GetReason() RevocationReason {
+	if x != nil {
+		return x.Reason
+	}
+	return RevocationReason_REVOCATION_REASON_UNSPECIFIED
+}
+
+func (x *RevokeKeyRequest) GetComment() string {
+	if x != nil {
+		return x.Comment
+	}
+	return ""
+}
+
+func (x *RevokeKeyRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type SetRotationPolicyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	KeyId         string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	PeriodSeconds int64                  `protobuf:"varint,2,opt,name=period_seconds,json=periodSeconds,proto3" json:"period_seconds,omitempty"`
+	RequestId     string                 `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetRotationPolicyRequest) Reset() {
+	*x = SetRotationPolicyRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetRotationPolicyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetRotationPolicyRequest) ProtoMessage() {}
+
+func (x *SetRotationPolicyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetRotationPolicyRequest.ProtoReflect.Descriptor instead.
+func (*SetRotationPolicyRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{46}
+}
+
+func (x *SetRotationPolicyRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *SetRotationPolicyRequest) GetPeriodSeconds() int64 {
+	if x != nil {
+		return x.PeriodSeconds
+	}
+	return 0
+}
+
+func (x *SetRotationPolicyRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type SetKeyVersionStateRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	KeyId         string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	Version       uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	Enabled       bool                   `protobuf:"varint,3,opt,name=enabled,proto3" json:"enabled,omitempty"`
+	RequestId     string                 `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetKeyVersionStateRequest) Reset() {
+	*x = SetKeyVersionStateRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[47]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetKeyVersionStateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetKeyVersionStateRequest) ProtoMessage() {}
+
+func (x *SetKeyVersionStateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[47]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetKeyVersionStateRequest.ProtoReflect.Descriptor instead.
+func (*SetKeyVersionStateRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{47}
+}
+
+func (x *SetKeyVersionStateRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *SetKeyVersionStateRequest) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *SetKeyVersionStateRequest) GetEnabled() bool {
+	if x != nil {
+		return x.Enabled
+	}
+	return false
+}
+
+func (x *SetKeyVersionStateRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type SetMinDecryptionVersionRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	KeyId         string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	Version       uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	RequestId     string                 `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetMinDecryptionVersionRequest) Reset() {
+	*x = SetMinDecryptionVersionRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[48]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetMinDecryptionVersionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetMinDecryptionVersionRequest) ProtoMessage() {}
+
+func (x *SetMinDecryptionVersionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[48]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetMinDecryptionVersionRequest.ProtoReflect.Descriptor instead.
+func (*SetMinDecryptionVersionRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{48}
+}
+
+func (x *SetMinDecryptionVersionRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *SetMinDecryptionVersionRequest) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *SetMinDecryptionVersionRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type ScheduleKeyDestructionRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	KeyId string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	// 0 = 30 days; at least the server's --min-pending-window.
+	PendingWindowSeconds int64  `protobuf:"varint,2,opt,name=pending_window_seconds,json=pendingWindowSeconds,proto3" json:"pending_window_seconds,omitempty"`
+	RequestId            string `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
+}
+
+func (x *ScheduleKeyDestructionRequest) Reset() {
+	*x = ScheduleKeyDestructionRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[49]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScheduleKeyDestructionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScheduleKeyDestructionRequest) ProtoMessage() {}
+
+func (x *ScheduleKeyDestructionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[49]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScheduleKeyDestructionRequest.ProtoReflect.Descriptor instead.
+func (*ScheduleKeyDestructionRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{49}
+}
+
+func (x *ScheduleKeyDestructionRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *ScheduleKeyDestructionRequest) GetPendingWindowSeconds() int64 {
+	if x != nil {
+		return x.PendingWindowSeconds
+	}
+	return 0
+}
+
+func (x *ScheduleKeyDestructionRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type GetImportParametersRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Spec          KeySpec                `protobuf:"varint,1,opt,name=spec,proto3,enum=cabinet.v1.KeySpec" json:"spec,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetImportParametersRequest) Reset() {
+	*x = GetImportParametersRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[50]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetImportParametersRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetImportParametersRequest) ProtoMessage() {}
+
+func (x *GetImportParametersRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[50]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetImportParametersRequest.ProtoReflect.Descriptor instead.
+func (*GetImportParametersRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{50}
+}
+
+func (x *GetImportParametersRequest) GetSpec() KeySpec {
+	if x != nil {
+		return x.Spec
+	}
+	return KeySpec_KEY_SPEC_UNSPECIFIED
+}
+
+type GetImportParametersResponse struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	ImportToken  string                 `protobuf:"bytes,1,opt,name=import_token,json=importToken,proto3" json:"import_token,omitempty"`
+	PublicKeyDer []byte                 `protobuf:"bytes,2,opt,name=public_key_der,json=publicKeyDer,proto3" json:"public_key_der,omitempty"`
+	PublicKeyPem string                 `protobuf:"bytes,3,opt,name=public_key_pem,json=publicKeyPem,proto3" json:"public_key_pem,omitempty"`
+	ExpiresAt    *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	// RSA_AES_KEY_WRAP_SHA_256: a random AES-256 key wrapped with RSA-OAEP
+	// (SHA-256, MGF1-SHA-256) under public_key, then the material wrapped with
+	// AES key wrap with padding (RFC 5649) under that AES key.
+	WrappingAlgorithm string  `protobuf:"bytes,5,opt,name=wrapping_algorithm,json=wrappingAlgorithm,proto3" json:"wrapping_algorithm,omitempty"`
+	Spec              KeySpec `protobuf:"varint,6,opt,name=spec,proto3,enum=cabinet.v1.KeySpec" json:"spec,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *GetImportParametersResponse) Reset() {
+	*x = GetImportParametersResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[51]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetImportParametersResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetImportParametersResponse) ProtoMessage() {}
+
+func (x *GetImportParametersResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[51]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetImportParametersResponse.ProtoReflect.Descriptor instead.
+func (*GetImportParametersResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{51}
+}
+
+func (x *GetImportParametersResponse) GetImportToken() string {
+	if x != nil {
+		return x.ImportToken
+	}
+	return ""
+}
+
+func (x *GetImportParametersResponse) GetPublicKeyDer() []byte {
+	if x != nil {
+		return x.PublicKeyDer
+	}
+	return nil
+}
+
+func (x *GetImportParametersResponse) GetPublicKeyPem() string {
+	if x != nil {
+		return x.PublicKeyPem
+	}
+	return ""
+}
+
+func (x *GetImportParametersResponse) GetExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return nil
+}
+
+func (x *GetImportParametersResponse) GetWrappingAlgorithm() string {
+	if x != nil {
+		return x.WrappingAlgorithm
+	}
+	return ""
+}
+
+func (x *GetImportParametersResponse) GetSpec() KeySpec {
+	if x != nil {
+		return x.Spec
+	}
+	return KeySpec_KEY_SPEC_UNSPECIFIED
+}
+
+type ImportKeyRequest struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	ImportToken     string                 `protobuf:"bytes,1,opt,name=import_token,json=importToken,proto3" json:"import_token,omitempty"`
+	WrappedMaterial []byte                 `protobuf:"bytes,2,opt,name=wrapped_material,json=wrappedMaterial,proto3" json:"wrapped_material,omitempty"`
+	Spec            KeySpec                `protobuf:"varint,3,opt,name=spec,proto3,enum=cabinet.v1.KeySpec" json:"spec,omitempty"`
+	Usage           KeyUsage               `protobuf:"varint,4,opt,name=usage,proto3,enum=cabinet.v1.KeyUsage" json:"usage,omitempty"`
+	Alias           string                 `protobuf:"bytes,5,opt,name=alias,proto3" json:"alias,omitempty"`
+	Description     string                 `protobuf:"bytes,6,opt,name=description,proto3" json:"description,omitempty"`
+	Tags            map[string]string      `protobuf:"bytes,7,rep,name=tags,proto3" json:"tags,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	RequestId       string                 `protobuf:"bytes,8,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *ImportKeyRequest) Reset() {
+	*x = ImportKeyRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[52]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImportKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImportKeyRequest) ProtoMessage() {}
+
+func (x *ImportKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[52]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImportKeyRequest.ProtoReflect.Descriptor instead.
+func (*ImportKeyRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{52}
+}
+
+func (x *ImportKeyRequest) GetImportToken() string {
+	if x != nil {
+		return x.ImportToken
+	}
+	return ""
+}
+
+func (x *ImportKeyRequest) GetWrappedMaterial() []byte {
+	if x != nil {
+		return x.WrappedMaterial
+	}
+	return nil
+}
+
+func (x *ImportKeyRequest) GetSpec() KeySpec {
+	if x != nil {
+		return x.Spec
+	}
+	return KeySpec_KEY_SPEC_UNSPECIFIED
+}
+
+func (x *ImportKeyRequest) GetUsage() KeyUsage {
+	if x != nil {
+		return x.Usage
+	}
+	return KeyUsage_KEY_USAGE_UNSPECIFIED
+}
+
+func (x *ImportKeyRequest) GetAlias() string {
+	if x != nil {
+		return x.Alias
+	}
+	return ""
+}
+
+func (x *ImportKeyRequest) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+func (x *ImportKeyRequest) GetTags() map[string]string {
+	if x != nil {
+		return x.Tags
+	}
+	return nil
+}
+
+func (x *ImportKeyRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
 type StatusRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -1166,7 +3768,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[14]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1178,7 +3780,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[14]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1191,7 +3793,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{14}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{53}
 }
 
 type StatusResponse struct {
@@ -1228,7 +3830,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[15]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1240,7 +3842,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[15]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1253,7 +3855,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{15}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *StatusResponse) GetNodeId() string {
@@ -1411,7 +4013,7 @@ type ListPeersRequest struct {
 
 func (x *ListPeersRequest) Reset() {
 	*x = ListPeersRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[16]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1423,7 +4025,7 @@ func (x *ListPeersRequest) String() string {
 func (*ListPeersRequest) ProtoMessage() {}
 
 func (x *ListPeersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[16]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1436,7 +4038,7 @@ func (x *ListPeersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPeersRequest.ProtoReflect.Descriptor instead.
 func (*ListPeersRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{16}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{55}
 }
 
 type Peer struct {
@@ -1459,7 +4061,7 @@ type Peer struct {
 
 func (x *Peer) Reset() {
 	*x = Peer{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[17]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1471,7 +4073,7 @@ func (x *Peer) String() string {
 func (*Peer) ProtoMessage() {}
 
 func (x *Peer) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[17]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1484,7 +4086,7 @@ func (x *Peer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Peer.ProtoReflect.Descriptor instead.
 func (*Peer) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{17}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *Peer) GetNodeId() string {
@@ -1573,7 +4175,7 @@ type ListPeersResponse struct {
 
 func (x *ListPeersResponse) Reset() {
 	*x = ListPeersResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[18]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1585,7 +4187,7 @@ func (x *ListPeersResponse) String() string {
 func (*ListPeersResponse) ProtoMessage() {}
 
 func (x *ListPeersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[18]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1598,7 +4200,7 @@ func (x *ListPeersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPeersResponse.ProtoReflect.Descriptor instead.
 func (*ListPeersResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{18}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *ListPeersResponse) GetPeers() []*Peer {
@@ -1619,7 +4221,7 @@ type CreateJoinTokenRequest struct {
 
 func (x *CreateJoinTokenRequest) Reset() {
 	*x = CreateJoinTokenRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[19]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1631,7 +4233,7 @@ func (x *CreateJoinTokenRequest) String() string {
 func (*CreateJoinTokenRequest) ProtoMessage() {}
 
 func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[19]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1644,7 +4246,7 @@ func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{19}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *CreateJoinTokenRequest) GetTtlSeconds() int64 {
@@ -1673,7 +4275,7 @@ type CreateJoinTokenResponse struct {
 
 func (x *CreateJoinTokenResponse) Reset() {
 	*x = CreateJoinTokenResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[20]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1685,7 +4287,7 @@ func (x *CreateJoinTokenResponse) String() string {
 func (*CreateJoinTokenResponse) ProtoMessage() {}
 
 func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[20]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1698,7 +4300,7 @@ func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{20}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *CreateJoinTokenResponse) GetToken() string {
@@ -1733,7 +4335,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[21]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1745,7 +4347,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[21]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1758,7 +4360,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{21}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *JoinRequest) GetTokenId() string {
@@ -1830,7 +4432,7 @@ type WrappedKEK struct {
 
 func (x *WrappedKEK) Reset() {
 	*x = WrappedKEK{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[22]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1842,7 +4444,7 @@ func (x *WrappedKEK) String() string {
 func (*WrappedKEK) ProtoMessage() {}
 
 func (x *WrappedKEK) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[22]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1855,7 +4457,7 @@ func (x *WrappedKEK) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WrappedKEK.ProtoReflect.Descriptor instead.
 func (*WrappedKEK) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{22}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *WrappedKEK) GetVersion() uint32 {
@@ -1894,7 +4496,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[23]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1906,7 +4508,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[23]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1919,7 +4521,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{23}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *JoinResponse) GetClusterId() string {
@@ -1974,7 +4576,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[24]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1986,7 +4588,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[24]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1999,7 +4601,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{24}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *ApplyRequest) GetCommand() []byte {
@@ -2020,7 +4622,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[25]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2032,7 +4634,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[25]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2045,7 +4647,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{25}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *ApplyResponse) GetResult() []byte {
@@ -2070,7 +4672,7 @@ type ReadIndexRequest struct {
 
 func (x *ReadIndexRequest) Reset() {
 	*x = ReadIndexRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[26]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2082,7 +4684,7 @@ func (x *ReadIndexRequest) String() string {
 func (*ReadIndexRequest) ProtoMessage() {}
 
 func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[26]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2095,7 +4697,7 @@ func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexRequest.ProtoReflect.Descriptor instead.
 func (*ReadIndexRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{26}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{65}
 }
 
 type ReadIndexResponse struct {
@@ -2107,7 +4709,7 @@ type ReadIndexResponse struct {
 
 func (x *ReadIndexResponse) Reset() {
 	*x = ReadIndexResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[27]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2119,7 +4721,7 @@ func (x *ReadIndexResponse) String() string {
 func (*ReadIndexResponse) ProtoMessage() {}
 
 func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[27]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2132,7 +4734,7 @@ func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexResponse.ProtoReflect.Descriptor instead.
 func (*ReadIndexResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{27}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *ReadIndexResponse) GetIndex() uint64 {
@@ -2151,7 +4753,7 @@ type AddPeerRequest struct {
 
 func (x *AddPeerRequest) Reset() {
 	*x = AddPeerRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[28]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2163,7 +4765,7 @@ func (x *AddPeerRequest) String() string {
 func (*AddPeerRequest) ProtoMessage() {}
 
 func (x *AddPeerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[28]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2176,7 +4778,7 @@ func (x *AddPeerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddPeerRequest.ProtoReflect.Descriptor instead.
 func (*AddPeerRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{28}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *AddPeerRequest) GetVoter() bool {
@@ -2198,7 +4800,7 @@ type AddPeerResponse struct {
 
 func (x *AddPeerResponse) Reset() {
 	*x = AddPeerResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[29]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2210,7 +4812,7 @@ func (x *AddPeerResponse) String() string {
 func (*AddPeerResponse) ProtoMessage() {}
 
 func (x *AddPeerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[29]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2223,7 +4825,7 @@ func (x *AddPeerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddPeerResponse.ProtoReflect.Descriptor instead.
 func (*AddPeerResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{29}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *AddPeerResponse) GetAdded() bool {
@@ -2245,12 +4847,14 @@ var File_transport_cabinetpb_cabinet_proto protoreflect.FileDescriptor
 const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\n" +
 	"!transport/cabinetpb/cabinet.proto\x12\n" +
-	"cabinet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"{\n" +
+	"cabinet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe0\x01\n" +
 	"\x0eKeyVersionInfo\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x129\n" +
 	"\n" +
-	"created_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"\xb3\x04\n" +
+	"created_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12=\n" +
+	"\fdestroyed_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\vdestroyedAt\x12$\n" +
+	"\x0ehas_public_key\x18\x05 \x01(\bR\fhasPublicKey\"\x96\b\n" +
 	"\x03Key\x12\x15\n" +
 	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x14\n" +
 	"\x05alias\x18\x02 \x01(\tR\x05alias\x12'\n" +
@@ -2267,10 +4871,20 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"created_by\x18\n" +
 	" \x01(\tR\tcreatedBy\x12'\n" +
 	"\x0fprimary_version\x18\v \x01(\rR\x0eprimaryVersion\x126\n" +
-	"\bversions\x18\f \x03(\v2\x1a.cabinet.v1.KeyVersionInfoR\bversions\x1a7\n" +
+	"\bversions\x18\f \x03(\v2\x1a.cabinet.v1.KeyVersionInfoR\bversions\x12\x16\n" +
+	"\x06origin\x18\r \x01(\tR\x06origin\x126\n" +
+	"\x17rotation_period_seconds\x18\x0e \x01(\x03R\x15rotationPeriodSeconds\x12D\n" +
+	"\x10next_rotation_at\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\x0enextRotationAt\x124\n" +
+	"\x16min_decryption_version\x18\x10 \x01(\rR\x14minDecryptionVersion\x12+\n" +
+	"\x11revocation_reason\x18\x11 \x01(\tR\x10revocationReason\x12-\n" +
+	"\x12revocation_comment\x18\x12 \x01(\tR\x11revocationComment\x129\n" +
+	"\n" +
+	"revoked_at\x18\x13 \x01(\v2\x1a.google.protobuf.TimestampR\trevokedAt\x12?\n" +
+	"\rdestroy_after\x18\x14 \x01(\v2\x1a.google.protobuf.TimestampR\fdestroyAfter\x12=\n" +
+	"\fdestroyed_at\x18\x15 \x01(\v2\x1a.google.protobuf.TimestampR\vdestroyedAt\x1a7\n" +
 	"\tTagsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb3\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xeb\x02\n" +
 	"\x10CreateKeyRequest\x12'\n" +
 	"\x04spec\x18\x01 \x01(\x0e2\x13.cabinet.v1.KeySpecR\x04spec\x12*\n" +
 	"\x05usage\x18\x02 \x01(\x0e2\x14.cabinet.v1.KeyUsageR\x05usage\x12\x14\n" +
@@ -2278,7 +4892,8 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\vdescription\x18\x04 \x01(\tR\vdescription\x12:\n" +
 	"\x04tags\x18\x05 \x03(\v2&.cabinet.v1.CreateKeyRequest.TagsEntryR\x04tags\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x06 \x01(\tR\trequestId\x1a7\n" +
+	"request_id\x18\x06 \x01(\tR\trequestId\x126\n" +
+	"\x17rotation_period_seconds\x18\a \x01(\x03R\x15rotationPeriodSeconds\x1a7\n" +
 	"\tTagsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"6\n" +
@@ -2309,13 +4924,17 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"ciphertext\x12\x15\n" +
 	"\x06key_id\x18\x02 \x01(\tR\x05keyId\x12\x1f\n" +
 	"\vkey_version\x18\x03 \x01(\rR\n" +
-	"keyVersion\"\x93\x02\n" +
+	"keyVersion\"\xf8\x02\n" +
 	"\x0eDecryptRequest\x12\x1e\n" +
 	"\n" +
 	"ciphertext\x18\x01 \x01(\fR\n" +
 	"ciphertext\x12`\n" +
 	"\x12encryption_context\x18\x02 \x03(\v21.cabinet.v1.DecryptRequest.EncryptionContextEntryR\x11encryptionContext\x129\n" +
-	"\vconsistency\x18\x03 \x01(\x0e2\x17.cabinet.v1.ConsistencyR\vconsistency\x1aD\n" +
+	"\vconsistency\x18\x03 \x01(\x0e2\x17.cabinet.v1.ConsistencyR\vconsistency\x12\x15\n" +
+	"\x06key_id\x18\x04 \x01(\tR\x05keyId\x12\x1f\n" +
+	"\vkey_version\x18\x05 \x01(\rR\n" +
+	"keyVersion\x12+\n" +
+	"\x11allow_compromised\x18\x06 \x01(\bR\x10allowCompromised\x1aD\n" +
 	"\x16EncryptionContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"g\n" +
@@ -2339,7 +4958,206 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"ciphertext\x12\x15\n" +
 	"\x06key_id\x18\x03 \x01(\tR\x05keyId\x12\x1f\n" +
 	"\vkey_version\x18\x04 \x01(\rR\n" +
-	"keyVersion\"\x0f\n" +
+	"keyVersion\"\x81\x01\n" +
+	"'GenerateDataKeyWithoutPlaintextResponse\x12\x1e\n" +
+	"\n" +
+	"ciphertext\x18\x01 \x01(\fR\n" +
+	"ciphertext\x12\x15\n" +
+	"\x06key_id\x18\x02 \x01(\tR\x05keyId\x12\x1f\n" +
+	"\vkey_version\x18\x03 \x01(\rR\n" +
+	"keyVersion\"\xe3\x04\n" +
+	"\x10ReEncryptRequest\x12\x1e\n" +
+	"\n" +
+	"ciphertext\x18\x01 \x01(\fR\n" +
+	"ciphertext\x12u\n" +
+	"\x19source_encryption_context\x18\x02 \x03(\v29.cabinet.v1.ReEncryptRequest.SourceEncryptionContextEntryR\x17sourceEncryptionContext\x12,\n" +
+	"\x12destination_key_id\x18\x03 \x01(\tR\x10destinationKeyId\x12\x84\x01\n" +
+	"\x1edestination_encryption_context\x18\x04 \x03(\v2>.cabinet.v1.ReEncryptRequest.DestinationEncryptionContextEntryR\x1cdestinationEncryptionContext\x129\n" +
+	"\vconsistency\x18\x05 \x01(\x0e2\x17.cabinet.v1.ConsistencyR\vconsistency\x12+\n" +
+	"\x11allow_compromised\x18\x06 \x01(\bR\x10allowCompromised\x1aJ\n" +
+	"\x1cSourceEncryptionContextEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1aO\n" +
+	"!DestinationEncryptionContextEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xbd\x01\n" +
+	"\x11ReEncryptResponse\x12\x1e\n" +
+	"\n" +
+	"ciphertext\x18\x01 \x01(\fR\n" +
+	"ciphertext\x12\"\n" +
+	"\rsource_key_id\x18\x02 \x01(\tR\vsourceKeyId\x12,\n" +
+	"\x12source_key_version\x18\x03 \x01(\rR\x10sourceKeyVersion\x12\x15\n" +
+	"\x06key_id\x18\x04 \x01(\tR\x05keyId\x12\x1f\n" +
+	"\vkey_version\x18\x05 \x01(\rR\n" +
+	"keyVersion\"9\n" +
+	"\tItemError\x12\x12\n" +
+	"\x04code\x18\x01 \x01(\tR\x04code\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\"G\n" +
+	"\x13BatchEncryptRequest\x120\n" +
+	"\x05items\x18\x01 \x03(\v2\x1a.cabinet.v1.EncryptRequestR\x05items\"z\n" +
+	"\x12BatchEncryptResult\x127\n" +
+	"\bresponse\x18\x01 \x01(\v2\x1b.cabinet.v1.EncryptResponseR\bresponse\x12+\n" +
+	"\x05error\x18\x02 \x01(\v2\x15.cabinet.v1.ItemErrorR\x05error\"P\n" +
+	"\x14BatchEncryptResponse\x128\n" +
+	"\aresults\x18\x01 \x03(\v2\x1e.cabinet.v1.BatchEncryptResultR\aresults\"G\n" +
+	"\x13BatchDecryptRequest\x120\n" +
+	"\x05items\x18\x01 \x03(\v2\x1a.cabinet.v1.DecryptRequestR\x05items\"z\n" +
+	"\x12BatchDecryptResult\x127\n" +
+	"\bresponse\x18\x01 \x01(\v2\x1b.cabinet.v1.DecryptResponseR\bresponse\x12+\n" +
+	"\x05error\x18\x02 \x01(\v2\x15.cabinet.v1.ItemErrorR\x05error\"P\n" +
+	"\x14BatchDecryptResponse\x128\n" +
+	"\aresults\x18\x01 \x03(\v2\x1e.cabinet.v1.BatchDecryptResultR\aresults\"K\n" +
+	"\x15BatchReEncryptRequest\x122\n" +
+	"\x05items\x18\x01 \x03(\v2\x1c.cabinet.v1.ReEncryptRequestR\x05items\"~\n" +
+	"\x14BatchReEncryptResult\x129\n" +
+	"\bresponse\x18\x01 \x01(\v2\x1d.cabinet.v1.ReEncryptResponseR\bresponse\x12+\n" +
+	"\x05error\x18\x02 \x01(\v2\x15.cabinet.v1.ItemErrorR\x05error\"T\n" +
+	"\x16BatchReEncryptResponse\x12:\n" +
+	"\aresults\x18\x01 \x03(\v2 .cabinet.v1.BatchReEncryptResultR\aresults\"\xe2\x01\n" +
+	"\vSignRequest\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\fR\amessage\x12:\n" +
+	"\fmessage_type\x18\x03 \x01(\x0e2\x17.cabinet.v1.MessageTypeR\vmessageType\x12+\n" +
+	"\x11signing_algorithm\x18\x04 \x01(\tR\x10signingAlgorithm\x129\n" +
+	"\vconsistency\x18\x05 \x01(\x0e2\x17.cabinet.v1.ConsistencyR\vconsistency\"\x91\x01\n" +
+	"\fSignResponse\x12\x1c\n" +
+	"\tsignature\x18\x01 \x01(\fR\tsignature\x12\x15\n" +
+	"\x06key_id\x18\x02 \x01(\tR\x05keyId\x12\x1f\n" +
+	"\vkey_version\x18\x03 \x01(\rR\n" +
+	"keyVersion\x12+\n" +
+	"\x11signing_algorithm\x18\x04 \x01(\tR\x10signingAlgorithm\"\xd0\x02\n" +
+	"\rVerifyRequest\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x1f\n" +
+	"\vkey_version\x18\x02 \x01(\rR\n" +
+	"keyVersion\x12\x18\n" +
+	"\amessage\x18\x03 \x01(\fR\amessage\x12:\n" +
+	"\fmessage_type\x18\x04 \x01(\x0e2\x17.cabinet.v1.MessageTypeR\vmessageType\x12+\n" +
+	"\x11signing_algorithm\x18\x05 \x01(\tR\x10signingAlgorithm\x12\x1c\n" +
+	"\tsignature\x18\x06 \x01(\fR\tsignature\x129\n" +
+	"\vconsistency\x18\a \x01(\x0e2\x17.cabinet.v1.ConsistencyR\vconsistency\x12+\n" +
+	"\x11allow_compromised\x18\b \x01(\bR\x10allowCompromised\"^\n" +
+	"\x0eVerifyResponse\x12\x14\n" +
+	"\x05valid\x18\x01 \x01(\bR\x05valid\x12\x15\n" +
+	"\x06key_id\x18\x02 \x01(\tR\x05keyId\x12\x1f\n" +
+	"\vkey_version\x18\x03 \x01(\rR\n" +
+	"keyVersion\"M\n" +
+	"\x13GetPublicKeyRequest\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x1f\n" +
+	"\vkey_version\x18\x02 \x01(\rR\n" +
+	"keyVersion\"\xd3\x02\n" +
+	"\x14GetPublicKeyResponse\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x1f\n" +
+	"\vkey_version\x18\x02 \x01(\rR\n" +
+	"keyVersion\x12$\n" +
+	"\x0epublic_key_der\x18\x03 \x01(\fR\fpublicKeyDer\x12$\n" +
+	"\x0epublic_key_pem\x18\x04 \x01(\tR\fpublicKeyPem\x12'\n" +
+	"\x04spec\x18\x05 \x01(\x0e2\x13.cabinet.v1.KeySpecR\x04spec\x12*\n" +
+	"\x05usage\x18\x06 \x01(\x0e2\x14.cabinet.v1.KeyUsageR\x05usage\x12-\n" +
+	"\x12signing_algorithms\x18\a \x03(\tR\x11signingAlgorithms\x123\n" +
+	"\x15encryption_algorithms\x18\b \x03(\tR\x14encryptionAlgorithms\"\x80\x01\n" +
+	"\x12GenerateMacRequest\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\fR\amessage\x129\n" +
+	"\vconsistency\x18\x03 \x01(\x0e2\x17.cabinet.v1.ConsistencyR\vconsistency\"_\n" +
+	"\x13GenerateMacResponse\x12\x10\n" +
+	"\x03mac\x18\x01 \x01(\fR\x03mac\x12\x15\n" +
+	"\x06key_id\x18\x02 \x01(\tR\x05keyId\x12\x1f\n" +
+	"\vkey_version\x18\x03 \x01(\rR\n" +
+	"keyVersion\"\xde\x01\n" +
+	"\x10VerifyMacRequest\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x1f\n" +
+	"\vkey_version\x18\x02 \x01(\rR\n" +
+	"keyVersion\x12\x18\n" +
+	"\amessage\x18\x03 \x01(\fR\amessage\x12\x10\n" +
+	"\x03mac\x18\x04 \x01(\fR\x03mac\x129\n" +
+	"\vconsistency\x18\x05 \x01(\x0e2\x17.cabinet.v1.ConsistencyR\vconsistency\x12+\n" +
+	"\x11allow_compromised\x18\x06 \x01(\bR\x10allowCompromised\"a\n" +
+	"\x11VerifyMacResponse\x12\x14\n" +
+	"\x05valid\x18\x01 \x01(\bR\x05valid\x12\x15\n" +
+	"\x06key_id\x18\x02 \x01(\tR\x05keyId\x12\x1f\n" +
+	"\vkey_version\x18\x03 \x01(\rR\n" +
+	"keyVersion\"?\n" +
+	"\x15GenerateRandomRequest\x12&\n" +
+	"\x0fnumber_of_bytes\x18\x01 \x01(\x05R\rnumberOfBytes\"0\n" +
+	"\x16GenerateRandomResponse\x12\x16\n" +
+	"\x06random\x18\x01 \x01(\fR\x06random\"0\n" +
+	"\vKeyResponse\x12!\n" +
+	"\x03key\x18\x01 \x01(\v2\x0f.cabinet.v1.KeyR\x03key\"E\n" +
+	"\rKeyRefRequest\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\"\x97\x02\n" +
+	"\x10UpdateKeyRequest\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12%\n" +
+	"\vdescription\x18\x02 \x01(\tH\x00R\vdescription\x88\x01\x01\x12!\n" +
+	"\freplace_tags\x18\x03 \x01(\bR\vreplaceTags\x12:\n" +
+	"\x04tags\x18\x04 \x03(\v2&.cabinet.v1.UpdateKeyRequest.TagsEntryR\x04tags\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x05 \x01(\tR\trequestId\x1a7\n" +
+	"\tTagsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x0e\n" +
+	"\f_description\"]\n" +
+	"\x0fSetAliasRequest\x12\x14\n" +
+	"\x05alias\x18\x01 \x01(\tR\x05alias\x12\x15\n" +
+	"\x06key_id\x18\x02 \x01(\tR\x05keyId\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x03 \x01(\tR\trequestId\"I\n" +
+	"\x12DeleteAliasRequest\x12\x14\n" +
+	"\x05alias\x18\x01 \x01(\tR\x05alias\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\"\x15\n" +
+	"\x13DeleteAliasResponse\"\x98\x01\n" +
+	"\x10RevokeKeyRequest\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x124\n" +
+	"\x06reason\x18\x02 \x01(\x0e2\x1c.cabinet.v1.RevocationReasonR\x06reason\x12\x18\n" +
+	"\acomment\x18\x03 \x01(\tR\acomment\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x04 \x01(\tR\trequestId\"w\n" +
+	"\x18SetRotationPolicyRequest\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12%\n" +
+	"\x0eperiod_seconds\x18\x02 \x01(\x03R\rperiodSeconds\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x03 \x01(\tR\trequestId\"\x85\x01\n" +
+	"\x19SetKeyVersionStateRequest\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\x12\x18\n" +
+	"\aenabled\x18\x03 \x01(\bR\aenabled\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x04 \x01(\tR\trequestId\"p\n" +
+	"\x1eSetMinDecryptionVersionRequest\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x03 \x01(\tR\trequestId\"\x8b\x01\n" +
+	"\x1dScheduleKeyDestructionRequest\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x124\n" +
+	"\x16pending_window_seconds\x18\x02 \x01(\x03R\x14pendingWindowSeconds\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x03 \x01(\tR\trequestId\"E\n" +
+	"\x1aGetImportParametersRequest\x12'\n" +
+	"\x04spec\x18\x01 \x01(\x0e2\x13.cabinet.v1.KeySpecR\x04spec\"\x9f\x02\n" +
+	"\x1bGetImportParametersResponse\x12!\n" +
+	"\fimport_token\x18\x01 \x01(\tR\vimportToken\x12$\n" +
+	"\x0epublic_key_der\x18\x02 \x01(\fR\fpublicKeyDer\x12$\n" +
+	"\x0epublic_key_pem\x18\x03 \x01(\tR\fpublicKeyPem\x129\n" +
+	"\n" +
+	"expires_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12-\n" +
+	"\x12wrapping_algorithm\x18\x05 \x01(\tR\x11wrappingAlgorithm\x12'\n" +
+	"\x04spec\x18\x06 \x01(\x0e2\x13.cabinet.v1.KeySpecR\x04spec\"\x81\x03\n" +
+	"\x10ImportKeyRequest\x12!\n" +
+	"\fimport_token\x18\x01 \x01(\tR\vimportToken\x12)\n" +
+	"\x10wrapped_material\x18\x02 \x01(\fR\x0fwrappedMaterial\x12'\n" +
+	"\x04spec\x18\x03 \x01(\x0e2\x13.cabinet.v1.KeySpecR\x04spec\x12*\n" +
+	"\x05usage\x18\x04 \x01(\x0e2\x14.cabinet.v1.KeyUsageR\x05usage\x12\x14\n" +
+	"\x05alias\x18\x05 \x01(\tR\x05alias\x12 \n" +
+	"\vdescription\x18\x06 \x01(\tR\vdescription\x12:\n" +
+	"\x04tags\x18\a \x03(\v2&.cabinet.v1.ImportKeyRequest.TagsEntryR\x04tags\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\b \x01(\tR\trequestId\x1a7\n" +
+	"\tTagsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x0f\n" +
 	"\rStatusRequest\"\x9b\x05\n" +
 	"\x0eStatusResponse\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1d\n" +
@@ -2460,7 +5278,18 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\vConsistency\x12\x15\n" +
 	"\x11BOUNDED_STALENESS\x10\x00\x12\n" +
 	"\n" +
-	"\x06STRONG\x10\x012\xd1\x03\n" +
+	"\x06STRONG\x10\x01*\"\n" +
+	"\vMessageType\x12\a\n" +
+	"\x03RAW\x10\x00\x12\n" +
+	"\n" +
+	"\x06DIGEST\x10\x01*e\n" +
+	"\x10RevocationReason\x12!\n" +
+	"\x1dREVOCATION_REASON_UNSPECIFIED\x10\x00\x12\x0e\n" +
+	"\n" +
+	"SUPERSEDED\x10\x01\x12\n" +
+	"\n" +
+	"\x06CEASED\x10\x02\x12\x12\n" +
+	"\x0eKEY_COMPROMISE\x10\x032\x96\x13\n" +
 	"\n" +
 	"KeyService\x12H\n" +
 	"\tCreateKey\x12\x1c.cabinet.v1.CreateKeyRequest\x1a\x1d.cabinet.v1.CreateKeyResponse\x12E\n" +
@@ -2468,7 +5297,33 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\vDescribeKey\x12\x1e.cabinet.v1.DescribeKeyRequest\x1a\x1f.cabinet.v1.DescribeKeyResponse\x12B\n" +
 	"\aEncrypt\x12\x1a.cabinet.v1.EncryptRequest\x1a\x1b.cabinet.v1.EncryptResponse\x12B\n" +
 	"\aDecrypt\x12\x1a.cabinet.v1.DecryptRequest\x1a\x1b.cabinet.v1.DecryptResponse\x12Z\n" +
-	"\x0fGenerateDataKey\x12\".cabinet.v1.GenerateDataKeyRequest\x1a#.cabinet.v1.GenerateDataKeyResponse2\xb3\x02\n" +
+	"\x0fGenerateDataKey\x12\".cabinet.v1.GenerateDataKeyRequest\x1a#.cabinet.v1.GenerateDataKeyResponse\x12z\n" +
+	"\x1fGenerateDataKeyWithoutPlaintext\x12\".cabinet.v1.GenerateDataKeyRequest\x1a3.cabinet.v1.GenerateDataKeyWithoutPlaintextResponse\x12H\n" +
+	"\tReEncrypt\x12\x1c.cabinet.v1.ReEncryptRequest\x1a\x1d.cabinet.v1.ReEncryptResponse\x12Q\n" +
+	"\fBatchEncrypt\x12\x1f.cabinet.v1.BatchEncryptRequest\x1a .cabinet.v1.BatchEncryptResponse\x12Q\n" +
+	"\fBatchDecrypt\x12\x1f.cabinet.v1.BatchDecryptRequest\x1a .cabinet.v1.BatchDecryptResponse\x12W\n" +
+	"\x0eBatchReEncrypt\x12!.cabinet.v1.BatchReEncryptRequest\x1a\".cabinet.v1.BatchReEncryptResponse\x129\n" +
+	"\x04Sign\x12\x17.cabinet.v1.SignRequest\x1a\x18.cabinet.v1.SignResponse\x12?\n" +
+	"\x06Verify\x12\x19.cabinet.v1.VerifyRequest\x1a\x1a.cabinet.v1.VerifyResponse\x12Q\n" +
+	"\fGetPublicKey\x12\x1f.cabinet.v1.GetPublicKeyRequest\x1a .cabinet.v1.GetPublicKeyResponse\x12N\n" +
+	"\vGenerateMac\x12\x1e.cabinet.v1.GenerateMacRequest\x1a\x1f.cabinet.v1.GenerateMacResponse\x12H\n" +
+	"\tVerifyMac\x12\x1c.cabinet.v1.VerifyMacRequest\x1a\x1d.cabinet.v1.VerifyMacResponse\x12W\n" +
+	"\x0eGenerateRandom\x12!.cabinet.v1.GenerateRandomRequest\x1a\".cabinet.v1.GenerateRandomResponse\x12B\n" +
+	"\tUpdateKey\x12\x1c.cabinet.v1.UpdateKeyRequest\x1a\x17.cabinet.v1.KeyResponse\x12@\n" +
+	"\bSetAlias\x12\x1b.cabinet.v1.SetAliasRequest\x1a\x17.cabinet.v1.KeyResponse\x12N\n" +
+	"\vDeleteAlias\x12\x1e.cabinet.v1.DeleteAliasRequest\x1a\x1f.cabinet.v1.DeleteAliasResponse\x12?\n" +
+	"\tEnableKey\x12\x19.cabinet.v1.KeyRefRequest\x1a\x17.cabinet.v1.KeyResponse\x12@\n" +
+	"\n" +
+	"DisableKey\x12\x19.cabinet.v1.KeyRefRequest\x1a\x17.cabinet.v1.KeyResponse\x12B\n" +
+	"\tRevokeKey\x12\x1c.cabinet.v1.RevokeKeyRequest\x1a\x17.cabinet.v1.KeyResponse\x12?\n" +
+	"\tRotateKey\x12\x19.cabinet.v1.KeyRefRequest\x1a\x17.cabinet.v1.KeyResponse\x12R\n" +
+	"\x11SetRotationPolicy\x12$.cabinet.v1.SetRotationPolicyRequest\x1a\x17.cabinet.v1.KeyResponse\x12T\n" +
+	"\x12SetKeyVersionState\x12%.cabinet.v1.SetKeyVersionStateRequest\x1a\x17.cabinet.v1.KeyResponse\x12^\n" +
+	"\x17SetMinDecryptionVersion\x12*.cabinet.v1.SetMinDecryptionVersionRequest\x1a\x17.cabinet.v1.KeyResponse\x12\\\n" +
+	"\x16ScheduleKeyDestruction\x12).cabinet.v1.ScheduleKeyDestructionRequest\x1a\x17.cabinet.v1.KeyResponse\x12J\n" +
+	"\x14CancelKeyDestruction\x12\x19.cabinet.v1.KeyRefRequest\x1a\x17.cabinet.v1.KeyResponse\x12f\n" +
+	"\x13GetImportParameters\x12&.cabinet.v1.GetImportParametersRequest\x1a'.cabinet.v1.GetImportParametersResponse\x12B\n" +
+	"\tImportKey\x12\x1c.cabinet.v1.ImportKeyRequest\x1a\x17.cabinet.v1.KeyResponse2\xb3\x02\n" +
 	"\x0fOperatorService\x12?\n" +
 	"\x06Status\x12\x19.cabinet.v1.StatusRequest\x1a\x1a.cabinet.v1.StatusResponse\x12H\n" +
 	"\tListPeers\x12\x1c.cabinet.v1.ListPeersRequest\x1a\x1d.cabinet.v1.ListPeersResponse\x12Z\n" +
@@ -2491,105 +5346,237 @@ func file_transport_cabinetpb_cabinet_proto_rawDescGZIP() []byte {
 	return file_transport_cabinetpb_cabinet_proto_rawDescData
 }
 
-var file_transport_cabinetpb_cabinet_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_transport_cabinetpb_cabinet_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
+var file_transport_cabinetpb_cabinet_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
+var file_transport_cabinetpb_cabinet_proto_msgTypes = make([]protoimpl.MessageInfo, 78)
 var file_transport_cabinetpb_cabinet_proto_goTypes = []any{
-	(KeySpec)(0),                    // 0: cabinet.v1.KeySpec
-	(KeyUsage)(0),                   // 1: cabinet.v1.KeyUsage
-	(KeyState)(0),                   // 2: cabinet.v1.KeyState
-	(Consistency)(0),                // 3: cabinet.v1.Consistency
-	(*KeyVersionInfo)(nil),          // 4: cabinet.v1.KeyVersionInfo
-	(*Key)(nil),                     // 5: cabinet.v1.Key
-	(*CreateKeyRequest)(nil),        // 6: cabinet.v1.CreateKeyRequest
-	(*CreateKeyResponse)(nil),       // 7: cabinet.v1.CreateKeyResponse
-	(*ListKeysRequest)(nil),         // 8: cabinet.v1.ListKeysRequest
-	(*ListKeysResponse)(nil),        // 9: cabinet.v1.ListKeysResponse
-	(*DescribeKeyRequest)(nil),      // 10: cabinet.v1.DescribeKeyRequest
-	(*DescribeKeyResponse)(nil),     // 11: cabinet.v1.DescribeKeyResponse
-	(*EncryptRequest)(nil),          // 12: cabinet.v1.EncryptRequest
-	(*EncryptResponse)(nil),         // 13: cabinet.v1.EncryptResponse
-	(*DecryptRequest)(nil),          // 14: cabinet.v1.DecryptRequest
-	(*DecryptResponse)(nil),         // 15: cabinet.v1.DecryptResponse
-	(*GenerateDataKeyRequest)(nil),  // 16: cabinet.v1.GenerateDataKeyRequest
-	(*GenerateDataKeyResponse)(nil), // 17: cabinet.v1.GenerateDataKeyResponse
-	(*StatusRequest)(nil),           // 18: cabinet.v1.StatusRequest
-	(*StatusResponse)(nil),          // 19: cabinet.v1.StatusResponse
-	(*ListPeersRequest)(nil),        // 20: cabinet.v1.ListPeersRequest
-	(*Peer)(nil),                    // 21: cabinet.v1.Peer
-	(*ListPeersResponse)(nil),       // 22: cabinet.v1.ListPeersResponse
-	(*CreateJoinTokenRequest)(nil),  // 23: cabinet.v1.CreateJoinTokenRequest
-	(*CreateJoinTokenResponse)(nil), // 24: cabinet.v1.CreateJoinTokenResponse
-	(*JoinRequest)(nil),             // 25: cabinet.v1.JoinRequest
-	(*WrappedKEK)(nil),              // 26: cabinet.v1.WrappedKEK
-	(*JoinResponse)(nil),            // 27: cabinet.v1.JoinResponse
-	(*ApplyRequest)(nil),            // 28: cabinet.v1.ApplyRequest
-	(*ApplyResponse)(nil),           // 29: cabinet.v1.ApplyResponse
-	(*ReadIndexRequest)(nil),        // 30: cabinet.v1.ReadIndexRequest
-	(*ReadIndexResponse)(nil),       // 31: cabinet.v1.ReadIndexResponse
-	(*AddPeerRequest)(nil),          // 32: cabinet.v1.AddPeerRequest
-	(*AddPeerResponse)(nil),         // 33: cabinet.v1.AddPeerResponse
-	nil,                             // 34: cabinet.v1.Key.TagsEntry
-	nil,                             // 35: cabinet.v1.CreateKeyRequest.TagsEntry
-	nil,                             // 36: cabinet.v1.EncryptRequest.EncryptionContextEntry
-	nil,                             // 37: cabinet.v1.DecryptRequest.EncryptionContextEntry
-	nil,                             // 38: cabinet.v1.GenerateDataKeyRequest.EncryptionContextEntry
-	(*timestamppb.Timestamp)(nil),   // 39: google.protobuf.Timestamp
+	(KeySpec)(0),                                    // 0: cabinet.v1.KeySpec
+	(KeyUsage)(0),                                   // 1: cabinet.v1.KeyUsage
+	(KeyState)(0),                                   // 2: cabinet.v1.KeyState
+	(Consistency)(0),                                // 3: cabinet.v1.Consistency
+	(MessageType)(0),                                // 4: cabinet.v1.MessageType
+	(RevocationReason)(0),                           // 5: cabinet.v1.RevocationReason
+	(*KeyVersionInfo)(nil),                          // 6: cabinet.v1.KeyVersionInfo
+	(*Key)(nil),                                     // 7: cabinet.v1.Key
+	(*CreateKeyRequest)(nil),                        // 8: cabinet.v1.CreateKeyRequest
+	(*CreateKeyResponse)(nil),                       // 9: cabinet.v1.CreateKeyResponse
+	(*ListKeysRequest)(nil),                         // 10: cabinet.v1.ListKeysRequest
+	(*ListKeysResponse)(nil),                        // 11: cabinet.v1.ListKeysResponse
+	(*DescribeKeyRequest)(nil),                      // 12: cabinet.v1.DescribeKeyRequest
+	(*DescribeKeyResponse)(nil),                     // 13: cabinet.v1.DescribeKeyResponse
+	(*EncryptRequest)(nil),                          // 14: cabinet.v1.EncryptRequest
+	(*EncryptResponse)(nil),                         // 15: cabinet.v1.EncryptResponse
+	(*DecryptRequest)(nil),                          // 16: cabinet.v1.DecryptRequest
+	(*DecryptResponse)(nil),                         // 17: cabinet.v1.DecryptResponse
+	(*GenerateDataKeyRequest)(nil),                  // 18: cabinet.v1.GenerateDataKeyRequest
+	(*GenerateDataKeyResponse)(nil),                 // 19: cabinet.v1.GenerateDataKeyResponse
+	(*GenerateDataKeyWithoutPlaintextResponse)(nil), // 20: cabinet.v1.GenerateDataKeyWithoutPlaintextResponse
+	(*ReEncryptRequest)(nil),                        // 21: cabinet.v1.ReEncryptRequest
+	(*ReEncryptResponse)(nil),                       // 22: cabinet.v1.ReEncryptResponse
+	(*ItemError)(nil),                               // 23: cabinet.v1.ItemError
+	(*BatchEncryptRequest)(nil),                     // 24: cabinet.v1.BatchEncryptRequest
+	(*BatchEncryptResult)(nil),                      // 25: cabinet.v1.BatchEncryptResult
+	(*BatchEncryptResponse)(nil),                    // 26: cabinet.v1.BatchEncryptResponse
+	(*BatchDecryptRequest)(nil),                     // 27: cabinet.v1.BatchDecryptRequest
+	(*BatchDecryptResult)(nil),                      // 28: cabinet.v1.BatchDecryptResult
+	(*BatchDecryptResponse)(nil),                    // 29: cabinet.v1.BatchDecryptResponse
+	(*BatchReEncryptRequest)(nil),                   // 30: cabinet.v1.BatchReEncryptRequest
+	(*BatchReEncryptResult)(nil),                    // 31: cabinet.v1.BatchReEncryptResult
+	(*BatchReEncryptResponse)(nil),                  // 32: cabinet.v1.BatchReEncryptResponse
+	(*SignRequest)(nil),                             // 33: cabinet.v1.SignRequest
+	(*SignResponse)(nil),                            // 34: cabinet.v1.SignResponse
+	(*VerifyRequest)(nil),                           // 35: cabinet.v1.VerifyRequest
+	(*VerifyResponse)(nil),                          // 36: cabinet.v1.VerifyResponse
+	(*GetPublicKeyRequest)(nil),                     // 37: cabinet.v1.GetPublicKeyRequest
+	(*GetPublicKeyResponse)(nil),                    // 38: cabinet.v1.GetPublicKeyResponse
+	(*GenerateMacRequest)(nil),                      // 39: cabinet.v1.GenerateMacRequest
+	(*GenerateMacResponse)(nil),                     // 40: cabinet.v1.GenerateMacResponse
+	(*VerifyMacRequest)(nil),                        // 41: cabinet.v1.VerifyMacRequest
+	(*VerifyMacResponse)(nil),                       // 42: cabinet.v1.VerifyMacResponse
+	(*GenerateRandomRequest)(nil),                   // 43: cabinet.v1.GenerateRandomRequest
+	(*GenerateRandomResponse)(nil),                  // 44: cabinet.v1.GenerateRandomResponse
+	(*KeyResponse)(nil),                             // 45: cabinet.v1.KeyResponse
+	(*KeyRefRequest)(nil),                           // 46: cabinet.v1.KeyRefRequest
+	(*UpdateKeyRequest)(nil),                        // 47: cabinet.v1.UpdateKeyRequest
+	(*SetAliasRequest)(nil),                         // 48: cabinet.v1.SetAliasRequest
+	(*DeleteAliasRequest)(nil),                      // 49: cabinet.v1.DeleteAliasRequest
+	(*DeleteAliasResponse)(nil),                     // 50: cabinet.v1.DeleteAliasResponse
+	(*RevokeKeyRequest)(nil),                        // 51: cabinet.v1.RevokeKeyRequest
+	(*SetRotationPolicyRequest)(nil),                // 52: cabinet.v1.SetRotationPolicyRequest
+	(*SetKeyVersionStateRequest)(nil),               // 53: cabinet.v1.SetKeyVersionStateRequest
+	(*SetMinDecryptionVersionRequest)(nil),          // 54: cabinet.v1.SetMinDecryptionVersionRequest
+	(*ScheduleKeyDestructionRequest)(nil),           // 55: cabinet.v1.ScheduleKeyDestructionRequest
+	(*GetImportParametersRequest)(nil),              // 56: cabinet.v1.GetImportParametersRequest
+	(*GetImportParametersResponse)(nil),             // 57: cabinet.v1.GetImportParametersResponse
+	(*ImportKeyRequest)(nil),                        // 58: cabinet.v1.ImportKeyRequest
+	(*StatusRequest)(nil),                           // 59: cabinet.v1.StatusRequest
+	(*StatusResponse)(nil),                          // 60: cabinet.v1.StatusResponse
+	(*ListPeersRequest)(nil),                        // 61: cabinet.v1.ListPeersRequest
+	(*Peer)(nil),                                    // 62: cabinet.v1.Peer
+	(*ListPeersResponse)(nil),                       // 63: cabinet.v1.ListPeersResponse
+	(*CreateJoinTokenRequest)(nil),                  // 64: cabinet.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil),                 // 65: cabinet.v1.CreateJoinTokenResponse
+	(*JoinRequest)(nil),                             // 66: cabinet.v1.JoinRequest
+	(*WrappedKEK)(nil),                              // 67: cabinet.v1.WrappedKEK
+	(*JoinResponse)(nil),                            // 68: cabinet.v1.JoinResponse
+	(*ApplyRequest)(nil),                            // 69: cabinet.v1.ApplyRequest
+	(*ApplyResponse)(nil),                           // 70: cabinet.v1.ApplyResponse
+	(*ReadIndexRequest)(nil),                        // 71: cabinet.v1.ReadIndexRequest
+	(*ReadIndexResponse)(nil),                       // 72: cabinet.v1.ReadIndexResponse
+	(*AddPeerRequest)(nil),                          // 73: cabinet.v1.AddPeerRequest
+	(*AddPeerResponse)(nil),                         // 74: cabinet.v1.AddPeerResponse
+	nil,                                             // 75: cabinet.v1.Key.TagsEntry
+	nil,                                             // 76: cabinet.v1.CreateKeyRequest.TagsEntry
+	nil,                                             // 77: cabinet.v1.EncryptRequest.EncryptionContextEntry
+	nil,                                             // 78: cabinet.v1.DecryptRequest.EncryptionContextEntry
+	nil,                                             // 79: cabinet.v1.GenerateDataKeyRequest.EncryptionContextEntry
+	nil,                                             // 80: cabinet.v1.ReEncryptRequest.SourceEncryptionContextEntry
+	nil,                                             // 81: cabinet.v1.ReEncryptRequest.DestinationEncryptionContextEntry
+	nil,                                             // 82: cabinet.v1.UpdateKeyRequest.TagsEntry
+	nil,                                             // 83: cabinet.v1.ImportKeyRequest.TagsEntry
+	(*timestamppb.Timestamp)(nil),                   // 84: google.protobuf.Timestamp
 }
 var file_transport_cabinetpb_cabinet_proto_depIdxs = []int32{
-	39, // 0: cabinet.v1.KeyVersionInfo.created_at:type_name -> google.protobuf.Timestamp
-	0,  // 1: cabinet.v1.Key.spec:type_name -> cabinet.v1.KeySpec
-	1,  // 2: cabinet.v1.Key.usage:type_name -> cabinet.v1.KeyUsage
-	2,  // 3: cabinet.v1.Key.state:type_name -> cabinet.v1.KeyState
-	34, // 4: cabinet.v1.Key.tags:type_name -> cabinet.v1.Key.TagsEntry
-	39, // 5: cabinet.v1.Key.created_at:type_name -> google.protobuf.Timestamp
-	39, // 6: cabinet.v1.Key.updated_at:type_name -> google.protobuf.Timestamp
-	4,  // 7: cabinet.v1.Key.versions:type_name -> cabinet.v1.KeyVersionInfo
-	0,  // 8: cabinet.v1.CreateKeyRequest.spec:type_name -> cabinet.v1.KeySpec
-	1,  // 9: cabinet.v1.CreateKeyRequest.usage:type_name -> cabinet.v1.KeyUsage
-	35, // 10: cabinet.v1.CreateKeyRequest.tags:type_name -> cabinet.v1.CreateKeyRequest.TagsEntry
-	5,  // 11: cabinet.v1.CreateKeyResponse.key:type_name -> cabinet.v1.Key
-	5,  // 12: cabinet.v1.ListKeysResponse.keys:type_name -> cabinet.v1.Key
-	5,  // 13: cabinet.v1.DescribeKeyResponse.key:type_name -> cabinet.v1.Key
-	36, // 14: cabinet.v1.EncryptRequest.encryption_context:type_name -> cabinet.v1.EncryptRequest.EncryptionContextEntry
-	3,  // 15: cabinet.v1.EncryptRequest.consistency:type_name -> cabinet.v1.Consistency
-	37, // 16: cabinet.v1.DecryptRequest.encryption_context:type_name -> cabinet.v1.DecryptRequest.EncryptionContextEntry
-	3,  // 17: cabinet.v1.DecryptRequest.consistency:type_name -> cabinet.v1.Consistency
-	38, // 18: cabinet.v1.GenerateDataKeyRequest.encryption_context:type_name -> cabinet.v1.GenerateDataKeyRequest.EncryptionContextEntry
-	3,  // 19: cabinet.v1.GenerateDataKeyRequest.consistency:type_name -> cabinet.v1.Consistency
-	21, // 20: cabinet.v1.ListPeersResponse.peers:type_name -> cabinet.v1.Peer
-	39, // 21: cabinet.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
-	26, // 22: cabinet.v1.JoinResponse.keks:type_name -> cabinet.v1.WrappedKEK
-	6,  // 23: cabinet.v1.KeyService.CreateKey:input_type -> cabinet.v1.CreateKeyRequest
-	8,  // 24: cabinet.v1.KeyService.ListKeys:input_type -> cabinet.v1.ListKeysRequest
-	10, // 25: cabinet.v1.KeyService.DescribeKey:input_type -> cabinet.v1.DescribeKeyRequest
-	12, // 26: cabinet.v1.KeyService.Encrypt:input_type -> cabinet.v1.EncryptRequest
-	14, // 27: cabinet.v1.KeyService.Decrypt:input_type -> cabinet.v1.DecryptRequest
-	16, // 28: cabinet.v1.KeyService.GenerateDataKey:input_type -> cabinet.v1.GenerateDataKeyRequest
-	18, // 29: cabinet.v1.OperatorService.Status:input_type -> cabinet.v1.StatusRequest
-	20, // 30: cabinet.v1.OperatorService.ListPeers:input_type -> cabinet.v1.ListPeersRequest
-	23, // 31: cabinet.v1.OperatorService.CreateJoinToken:input_type -> cabinet.v1.CreateJoinTokenRequest
-	25, // 32: cabinet.v1.OperatorService.Join:input_type -> cabinet.v1.JoinRequest
-	28, // 33: cabinet.v1.NodeService.Apply:input_type -> cabinet.v1.ApplyRequest
-	30, // 34: cabinet.v1.NodeService.ReadIndex:input_type -> cabinet.v1.ReadIndexRequest
-	32, // 35: cabinet.v1.NodeService.AddPeer:input_type -> cabinet.v1.AddPeerRequest
-	7,  // 36: cabinet.v1.KeyService.CreateKey:output_type -> cabinet.v1.CreateKeyResponse
-	9,  // 37: cabinet.v1.KeyService.ListKeys:output_type -> cabinet.v1.ListKeysResponse
-	11, // 38: cabinet.v1.KeyService.DescribeKey:output_type -> cabinet.v1.DescribeKeyResponse
-	13, // 39: cabinet.v1.KeyService.Encrypt:output_type -> cabinet.v1.EncryptResponse
-	15, // 40: cabinet.v1.KeyService.Decrypt:output_type -> cabinet.v1.DecryptResponse
-	17, // 41: cabinet.v1.KeyService.GenerateDataKey:output_type -> cabinet.v1.GenerateDataKeyResponse
-	19, // 42: cabinet.v1.OperatorService.Status:output_type -> cabinet.v1.StatusResponse
-	22, // 43: cabinet.v1.OperatorService.ListPeers:output_type -> cabinet.v1.ListPeersResponse
-	24, // 44: cabinet.v1.OperatorService.CreateJoinToken:output_type -> cabinet.v1.CreateJoinTokenResponse
-	27, // 45: cabinet.v1.OperatorService.Join:output_type -> cabinet.v1.JoinResponse
-	29, // 46: cabinet.v1.NodeService.Apply:output_type -> cabinet.v1.ApplyResponse
-	31, // 47: cabinet.v1.NodeService.ReadIndex:output_type -> cabinet.v1.ReadIndexResponse
-	33, // 48: cabinet.v1.NodeService.AddPeer:output_type -> cabinet.v1.AddPeerResponse
-	36, // [36:49] is the sub-list for method output_type
-	23, // [23:36] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	84, // 0: cabinet.v1.KeyVersionInfo.created_at:type_name -> google.protobuf.Timestamp
+	84, // 1: cabinet.v1.KeyVersionInfo.destroyed_at:type_name -> google.protobuf.Timestamp
+	0,  // 2: cabinet.v1.Key.spec:type_name -> cabinet.v1.KeySpec
+	1,  // 3: cabinet.v1.Key.usage:type_name -> cabinet.v1.KeyUsage
+	2,  // 4: cabinet.v1.Key.state:type_name -> cabinet.v1.KeyState
+	75, // 5: cabinet.v1.Key.tags:type_name -> cabinet.v1.Key.TagsEntry
+	84, // 6: cabinet.v1.Key.created_at:type_name -> google.protobuf.Timestamp
+	84, // 7: cabinet.v1.Key.updated_at:type_name -> google.protobuf.Timestamp
+	6,  // 8: cabinet.v1.Key.versions:type_name -> cabinet.v1.KeyVersionInfo
+	84, // 9: cabinet.v1.Key.next_rotation_at:type_name -> google.protobuf.Timestamp
+	84, // 10: cabinet.v1.Key.revoked_at:type_name -> google.protobuf.Timestamp
+	84, // 11: cabinet.v1.Key.destroy_after:type_name -> google.protobuf.Timestamp
+	84, // 12: cabinet.v1.Key.destroyed_at:type_name -> google.protobuf.Timestamp
+	0,  // 13: cabinet.v1.CreateKeyRequest.spec:type_name -> cabinet.v1.KeySpec
+	1,  // 14: cabinet.v1.CreateKeyRequest.usage:type_name -> cabinet.v1.KeyUsage
+	76, // 15: cabinet.v1.CreateKeyRequest.tags:type_name -> cabinet.v1.CreateKeyRequest.TagsEntry
+	7,  // 16: cabinet.v1.CreateKeyResponse.key:type_name -> cabinet.v1.Key
+	7,  // 17: cabinet.v1.ListKeysResponse.keys:type_name -> cabinet.v1.Key
+	7,  // 18: cabinet.v1.DescribeKeyResponse.key:type_name -> cabinet.v1.Key
+	77, // 19: cabinet.v1.EncryptRequest.encryption_context:type_name -> cabinet.v1.EncryptRequest.EncryptionContextEntry
+	3,  // 20: cabinet.v1.EncryptRequest.consistency:type_name -> cabinet.v1.Consistency
+	78, // 21: cabinet.v1.DecryptRequest.encryption_context:type_name -> cabinet.v1.DecryptRequest.EncryptionContextEntry
+	3,  // 22: cabinet.v1.DecryptRequest.consistency:type_name -> cabinet.v1.Consistency
+	79, // 23: cabinet.v1.GenerateDataKeyRequest.encryption_context:type_name -> cabinet.v1.GenerateDataKeyRequest.EncryptionContextEntry
+	3,  // 24: cabinet.v1.GenerateDataKeyRequest.consistency:type_name -> cabinet.v1.Consistency
+	80, // 25: cabinet.v1.ReEncryptRequest.source_encryption_context:type_name -> cabinet.v1.ReEncryptRequest.SourceEncryptionContextEntry
+	81, // 26: cabinet.v1.ReEncryptRequest.destination_encryption_context:type_name -> cabinet.v1.ReEncryptRequest.DestinationEncryptionContextEntry
+	3,  // 27: cabinet.v1.ReEncryptRequest.consistency:type_name -> cabinet.v1.Consistency
+	14, // 28: cabinet.v1.BatchEncryptRequest.items:type_name -> cabinet.v1.EncryptRequest
+	15, // 29: cabinet.v1.BatchEncryptResult.response:type_name -> cabinet.v1.EncryptResponse
+	23, // 30: cabinet.v1.BatchEncryptResult.error:type_name -> cabinet.v1.ItemError
+	25, // 31: cabinet.v1.BatchEncryptResponse.results:type_name -> cabinet.v1.BatchEncryptResult
+	16, // 32: cabinet.v1.BatchDecryptRequest.items:type_name -> cabinet.v1.DecryptRequest
+	17, // 33: cabinet.v1.BatchDecryptResult.response:type_name -> cabinet.v1.DecryptResponse
+	23, // 34: cabinet.v1.BatchDecryptResult.error:type_name -> cabinet.v1.ItemError
+	28, // 35: cabinet.v1.BatchDecryptResponse.results:type_name -> cabinet.v1.BatchDecryptResult
+	21, // 36: cabinet.v1.BatchReEncryptRequest.items:type_name -> cabinet.v1.ReEncryptRequest
+	22, // 37: cabinet.v1.BatchReEncryptResult.response:type_name -> cabinet.v1.ReEncryptResponse
+	23, // 38: cabinet.v1.BatchReEncryptResult.error:type_name -> cabinet.v1.ItemError
+	31, // 39: cabinet.v1.BatchReEncryptResponse.results:type_name -> cabinet.v1.BatchReEncryptResult
+	4,  // 40: cabinet.v1.SignRequest.message_type:type_name -> cabinet.v1.MessageType
+	3,  // 41: cabinet.v1.SignRequest.consistency:type_name -> cabinet.v1.Consistency
+	4,  // 42: cabinet.v1.VerifyRequest.message_type:type_name -> cabinet.v1.MessageType
+	3,  // 43: cabinet.v1.VerifyRequest.consistency:type_name -> cabinet.v1.Consistency
+	0,  // 44: cabinet.v1.GetPublicKeyResponse.spec:type_name -> cabinet.v1.KeySpec
+	1,  // 45: cabinet.v1.GetPublicKeyResponse.usage:type_name -> cabinet.v1.KeyUsage
+	3,  // 46: cabinet.v1.GenerateMacRequest.consistency:type_name -> cabinet.v1.Consistency
+	3,  // 47: cabinet.v1.VerifyMacRequest.consistency:type_name -> cabinet.v1.Consistency
+	7,  // 48: cabinet.v1.KeyResponse.key:type_name -> cabinet.v1.Key
+	82, // 49: cabinet.v1.UpdateKeyRequest.tags:type_name -> cabinet.v1.UpdateKeyRequest.TagsEntry
+	5,  // 50: cabinet.v1.RevokeKeyRequest.reason:type_name -> cabinet.v1.RevocationReason
+	0,  // 51: cabinet.v1.GetImportParametersRequest.spec:type_name -> cabinet.v1.KeySpec
+	84, // 52: cabinet.v1.GetImportParametersResponse.expires_at:type_name -> google.protobuf.Timestamp
+	0,  // 53: cabinet.v1.GetImportParametersResponse.spec:type_name -> cabinet.v1.KeySpec
+	0,  // 54: cabinet.v1.ImportKeyRequest.spec:type_name -> cabinet.v1.KeySpec
+	1,  // 55: cabinet.v1.ImportKeyRequest.usage:type_name -> cabinet.v1.KeyUsage
+	83, // 56: cabinet.v1.ImportKeyRequest.tags:type_name -> cabinet.v1.ImportKeyRequest.TagsEntry
+	62, // 57: cabinet.v1.ListPeersResponse.peers:type_name -> cabinet.v1.Peer
+	84, // 58: cabinet.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	67, // 59: cabinet.v1.JoinResponse.keks:type_name -> cabinet.v1.WrappedKEK
+	8,  // 60: cabinet.v1.KeyService.CreateKey:input_type -> cabinet.v1.CreateKeyRequest
+	10, // 61: cabinet.v1.KeyService.ListKeys:input_type -> cabinet.v1.ListKeysRequest
+	12, // 62: cabinet.v1.KeyService.DescribeKey:input_type -> cabinet.v1.DescribeKeyRequest
+	14, // 63: cabinet.v1.KeyService.Encrypt:input_type -> cabinet.v1.EncryptRequest
+	16, // 64: cabinet.v1.KeyService.Decrypt:input_type -> cabinet.v1.DecryptRequest
+	18, // 65: cabinet.v1.KeyService.GenerateDataKey:input_type -> cabinet.v1.GenerateDataKeyRequest
+	18, // 66: cabinet.v1.KeyService.GenerateDataKeyWithoutPlaintext:input_type -> cabinet.v1.GenerateDataKeyRequest
+	21, // 67: cabinet.v1.KeyService.ReEncrypt:input_type -> cabinet.v1.ReEncryptRequest
+	24, // 68: cabinet.v1.KeyService.BatchEncrypt:input_type -> cabinet.v1.BatchEncryptRequest
+	27, // 69: cabinet.v1.KeyService.BatchDecrypt:input_type -> cabinet.v1.BatchDecryptRequest
+	30, // 70: cabinet.v1.KeyService.BatchReEncrypt:input_type -> cabinet.v1.BatchReEncryptRequest
+	33, // 71: cabinet.v1.KeyService.Sign:input_type -> cabinet.v1.SignRequest
+	35, // 72: cabinet.v1.KeyService.Verify:input_type -> cabinet.v1.VerifyRequest
+	37, // 73: cabinet.v1.KeyService.GetPublicKey:input_type -> cabinet.v1.GetPublicKeyRequest
+	39, // 74: cabinet.v1.KeyService.GenerateMac:input_type -> cabinet.v1.GenerateMacRequest
+	41, // 75: cabinet.v1.KeyService.VerifyMac:input_type -> cabinet.v1.VerifyMacRequest
+	43, // 76: cabinet.v1.KeyService.GenerateRandom:input_type -> cabinet.v1.GenerateRandomRequest
+	47, // 77: cabinet.v1.KeyService.UpdateKey:input_type -> cabinet.v1.UpdateKeyRequest
+	48, // 78: cabinet.v1.KeyService.SetAlias:input_type -> cabinet.v1.SetAliasRequest
+	49, // 79: cabinet.v1.KeyService.DeleteAlias:input_type -> cabinet.v1.DeleteAliasRequest
+	46, // 80: cabinet.v1.KeyService.EnableKey:input_type -> cabinet.v1.KeyRefRequest
+	46, // 81: cabinet.v1.KeyService.DisableKey:input_type -> cabinet.v1.KeyRefRequest
+	51, // 82: cabinet.v1.KeyService.RevokeKey:input_type -> cabinet.v1.RevokeKeyRequest
+	46, // 83: cabinet.v1.KeyService.RotateKey:input_type -> cabinet.v1.KeyRefRequest
+	52, // 84: cabinet.v1.KeyService.SetRotationPolicy:input_type -> cabinet.v1.SetRotationPolicyRequest
+	53, // 85: cabinet.v1.KeyService.SetKeyVersionState:input_type -> cabinet.v1.SetKeyVersionStateRequest
+	54, // 86: cabinet.v1.KeyService.SetMinDecryptionVersion:input_type -> cabinet.v1.SetMinDecryptionVersionRequest
+	55, // 87: cabinet.v1.KeyService.ScheduleKeyDestruction:input_type -> cabinet.v1.ScheduleKeyDestructionRequest
+	46, // 88: cabinet.v1.KeyService.CancelKeyDestruction:input_type -> cabinet.v1.KeyRefRequest
+	56, // 89: cabinet.v1.KeyService.GetImportParameters:input_type -> cabinet.v1.GetImportParametersRequest
+	58, // 90: cabinet.v1.KeyService.ImportKey:input_type -> cabinet.v1.ImportKeyRequest
+	59, // 91: cabinet.v1.OperatorService.Status:input_type -> cabinet.v1.StatusRequest
+	61, // 92: cabinet.v1.OperatorService.ListPeers:input_type -> cabinet.v1.ListPeersRequest
+	64, // 93: cabinet.v1.OperatorService.CreateJoinToken:input_type -> cabinet.v1.CreateJoinTokenRequest
+	66, // 94: cabinet.v1.OperatorService.Join:input_type -> cabinet.v1.JoinRequest
+	69, // 95: cabinet.v1.NodeService.Apply:input_type -> cabinet.v1.ApplyRequest
+	71, // 96: cabinet.v1.NodeService.ReadIndex:input_type -> cabinet.v1.ReadIndexRequest
+	73, // 97: cabinet.v1.NodeService.AddPeer:input_type -> cabinet.v1.AddPeerRequest
+	9,  // 98: cabinet.v1.KeyService.CreateKey:output_type -> cabinet.v1.CreateKeyResponse
+	11, // 99: cabinet.v1.KeyService.ListKeys:output_type -> cabinet.v1.ListKeysResponse
+	13, // 100: cabinet.v1.KeyService.DescribeKey:output_type -> cabinet.v1.DescribeKeyResponse
+	15, // 101: cabinet.v1.KeyService.Encrypt:output_type -> cabinet.v1.EncryptResponse
+	17, // 102: cabinet.v1.KeyService.Decrypt:output_type -> cabinet.v1.DecryptResponse
+	19, // 103: cabinet.v1.KeyService.GenerateDataKey:output_type -> cabinet.v1.GenerateDataKeyResponse
+	20, // 104: cabinet.v1.KeyService.GenerateDataKeyWithoutPlaintext:output_type -> cabinet.v1.GenerateDataKeyWithoutPlaintextResponse
+	22, // 105: cabinet.v1.KeyService.ReEncrypt:output_type -> cabinet.v1.ReEncryptResponse
+	26, // 106: cabinet.v1.KeyService.BatchEncrypt:output_type -> cabinet.v1.BatchEncryptResponse
+	29, // 107: cabinet.v1.KeyService.BatchDecrypt:output_type -> cabinet.v1.BatchDecryptResponse
+	32, // 108: cabinet.v1.KeyService.BatchReEncrypt:output_type -> cabinet.v1.BatchReEncryptResponse
+	34, // 109: cabinet.v1.KeyService.Sign:output_type -> cabinet.v1.SignResponse
+	36, // 110: cabinet.v1.KeyService.Verify:output_type -> cabinet.v1.VerifyResponse
+	38, // 111: cabinet.v1.KeyService.GetPublicKey:output_type -> cabinet.v1.GetPublicKeyResponse
+	40, // 112: cabinet.v1.KeyService.GenerateMac:output_type -> cabinet.v1.GenerateMacResponse
+	42, // 113: cabinet.v1.KeyService.VerifyMac:output_type -> cabinet.v1.VerifyMacResponse
+	44, // 114: cabinet.v1.KeyService.GenerateRandom:output_type -> cabinet.v1.GenerateRandomResponse
+	45, // 115: cabinet.v1.KeyService.UpdateKey:output_type -> cabinet.v1.KeyResponse
+	45, // 116: cabinet.v1.KeyService.SetAlias:output_type -> cabinet.v1.KeyResponse
+	50, // 117: cabinet.v1.KeyService.DeleteAlias:output_type -> cabinet.v1.DeleteAliasResponse
+	45, // 118: cabinet.v1.KeyService.EnableKey:output_type -> cabinet.v1.KeyResponse
+	45, // 119: cabinet.v1.KeyService.DisableKey:output_type -> cabinet.v1.KeyResponse
+	45, // 120: cabinet.v1.KeyService.RevokeKey:output_type -> cabinet.v1.KeyResponse
+	45, // 121: cabinet.v1.KeyService.RotateKey:output_type -> cabinet.v1.KeyResponse
+	45, // 122: cabinet.v1.KeyService.SetRotationPolicy:output_type -> cabinet.v1.KeyResponse
+	45, // 123: cabinet.v1.KeyService.SetKeyVersionState:output_type -> cabinet.v1.KeyResponse
+	45, // 124: cabinet.v1.KeyService.SetMinDecryptionVersion:output_type -> cabinet.v1.KeyResponse
+	45, // 125: cabinet.v1.KeyService.ScheduleKeyDestruction:output_type -> cabinet.v1.KeyResponse
+	45, // 126: cabinet.v1.KeyService.CancelKeyDestruction:output_type -> cabinet.v1.KeyResponse
+	57, // 127: cabinet.v1.KeyService.GetImportParameters:output_type -> cabinet.v1.GetImportParametersResponse
+	45, // 128: cabinet.v1.KeyService.ImportKey:output_type -> cabinet.v1.KeyResponse
+	60, // 129: cabinet.v1.OperatorService.Status:output_type -> cabinet.v1.StatusResponse
+	63, // 130: cabinet.v1.OperatorService.ListPeers:output_type -> cabinet.v1.ListPeersResponse
+	65, // 131: cabinet.v1.OperatorService.CreateJoinToken:output_type -> cabinet.v1.CreateJoinTokenResponse
+	68, // 132: cabinet.v1.OperatorService.Join:output_type -> cabinet.v1.JoinResponse
+	70, // 133: cabinet.v1.NodeService.Apply:output_type -> cabinet.v1.ApplyResponse
+	72, // 134: cabinet.v1.NodeService.ReadIndex:output_type -> cabinet.v1.ReadIndexResponse
+	74, // 135: cabinet.v1.NodeService.AddPeer:output_type -> cabinet.v1.AddPeerResponse
+	98, // [98:136] is the sub-list for method output_type
+	60, // [60:98] is the sub-list for method input_type
+	60, // [60:60] is the sub-list for extension type_name
+	60, // [60:60] is the sub-list for extension extendee
+	0,  // [0:60] is the sub-list for field type_name
 }
 
 func init() { file_transport_cabinetpb_cabinet_proto_init() }
@@ -2597,13 +5584,14 @@ func file_transport_cabinetpb_cabinet_proto_init() {
 	if File_transport_cabinetpb_cabinet_proto != nil {
 		return
 	}
+	file_transport_cabinetpb_cabinet_proto_msgTypes[41].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_transport_cabinetpb_cabinet_proto_rawDesc), len(file_transport_cabinetpb_cabinet_proto_rawDesc)),
-			NumEnums:      4,
-			NumMessages:   35,
+			NumEnums:      6,
+			NumMessages:   78,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

@@ -22,12 +22,37 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	KeyService_CreateKey_FullMethodName       = "/cabinet.v1.KeyService/CreateKey"
-	KeyService_ListKeys_FullMethodName        = "/cabinet.v1.KeyService/ListKeys"
-	KeyService_DescribeKey_FullMethodName     = "/cabinet.v1.KeyService/DescribeKey"
-	KeyService_Encrypt_FullMethodName         = "/cabinet.v1.KeyService/Encrypt"
-	KeyService_Decrypt_FullMethodName         = "/cabinet.v1.KeyService/Decrypt"
-	KeyService_GenerateDataKey_FullMethodName = "/cabinet.v1.KeyService/GenerateDataKey"
+	KeyService_CreateKey_FullMethodName                       = "/cabinet.v1.KeyService/CreateKey"
+	KeyService_ListKeys_FullMethodName                        = "/cabinet.v1.KeyService/ListKeys"
+	KeyService_DescribeKey_FullMethodName                     = "/cabinet.v1.KeyService/DescribeKey"
+	KeyService_Encrypt_FullMethodName                         = "/cabinet.v1.KeyService/Encrypt"
+	KeyService_Decrypt_FullMethodName                         = "/cabinet.v1.KeyService/Decrypt"
+	KeyService_GenerateDataKey_FullMethodName                 = "/cabinet.v1.KeyService/GenerateDataKey"
+	KeyService_GenerateDataKeyWithoutPlaintext_FullMethodName = "/cabinet.v1.KeyService/GenerateDataKeyWithoutPlaintext"
+	KeyService_ReEncrypt_FullMethodName                       = "/cabinet.v1.KeyService/ReEncrypt"
+	KeyService_BatchEncrypt_FullMethodName                    = "/cabinet.v1.KeyService/BatchEncrypt"
+	KeyService_BatchDecrypt_FullMethodName                    = "/cabinet.v1.KeyService/BatchDecrypt"
+	KeyService_BatchReEncrypt_FullMethodName                  = "/cabinet.v1.KeyService/BatchReEncrypt"
+	KeyService_Sign_FullMethodName                            = "/cabinet.v1.KeyService/Sign"
+	KeyService_Verify_FullMethodName                          = "/cabinet.v1.KeyService/Verify"
+	KeyService_GetPublicKey_FullMethodName                    = "/cabinet.v1.KeyService/GetPublicKey"
+	KeyService_GenerateMac_FullMethodName                     = "/cabinet.v1.KeyService/GenerateMac"
+	KeyService_VerifyMac_FullMethodName                       = "/cabinet.v1.KeyService/VerifyMac"
+	KeyService_GenerateRandom_FullMethodName                  = "/cabinet.v1.KeyService/GenerateRandom"
+	KeyService_UpdateKey_FullMethodName                       = "/cabinet.v1.KeyService/UpdateKey"
+	KeyService_SetAlias_FullMethodName                        = "/cabinet.v1.KeyService/SetAlias"
+	KeyService_DeleteAlias_FullMethodName                     = "/cabinet.v1.KeyService/DeleteAlias"
+	KeyService_EnableKey_FullMethodName                       = "/cabinet.v1.KeyService/EnableKey"
+	KeyService_DisableKey_FullMethodName                      = "/cabinet.v1.KeyService/DisableKey"
+	KeyService_RevokeKey_FullMethodName                       = "/cabinet.v1.KeyService/RevokeKey"
+	KeyService_RotateKey_FullMethodName                       = "/cabinet.v1.KeyService/RotateKey"
+	KeyService_SetRotationPolicy_FullMethodName               = "/cabinet.v1.KeyService/SetRotationPolicy"
+	KeyService_SetKeyVersionState_FullMethodName              = "/cabinet.v1.KeyService/SetKeyVersionState"
+	KeyService_SetMinDecryptionVersion_FullMethodName         = "/cabinet.v1.KeyService/SetMinDecryptionVersion"
+	KeyService_ScheduleKeyDestruction_FullMethodName          = "/cabinet.v1.KeyService/ScheduleKeyDestruction"
+	KeyService_CancelKeyDestruction_FullMethodName            = "/cabinet.v1.KeyService/CancelKeyDestruction"
+	KeyService_GetImportParameters_FullMethodName             = "/cabinet.v1.KeyService/GetImportParameters"
+	KeyService_ImportKey_FullMethodName                       = "/cabinet.v1.KeyService/ImportKey"
 )
 
 // KeyServiceClient is the client API for KeyService service.
@@ -53,6 +78,51 @@ type KeyServiceClient interface {
 	// GenerateDataKey returns a fresh random data key in plaintext and
 	// encrypted under the key, for envelope encryption.
 	GenerateDataKey(ctx context.Context, in *GenerateDataKeyRequest, opts ...grpc.CallOption) (*GenerateDataKeyResponse, error)
+	// GenerateDataKeyWithoutPlaintext returns only the encrypted data key.
+	GenerateDataKeyWithoutPlaintext(ctx context.Context, in *GenerateDataKeyRequest, opts ...grpc.CallOption) (*GenerateDataKeyWithoutPlaintextResponse, error)
+	// ReEncrypt decrypts and re-encrypts under the destination key's primary
+	// version (the same key after rotation, or another key) inside the node;
+	// the plaintext never leaves it.
+	ReEncrypt(ctx context.Context, in *ReEncryptRequest, opts ...grpc.CallOption) (*ReEncryptResponse, error)
+	// Batch forms: up to 1000 items, one result per item (per-item errors).
+	BatchEncrypt(ctx context.Context, in *BatchEncryptRequest, opts ...grpc.CallOption) (*BatchEncryptResponse, error)
+	BatchDecrypt(ctx context.Context, in *BatchDecryptRequest, opts ...grpc.CallOption) (*BatchDecryptResponse, error)
+	BatchReEncrypt(ctx context.Context, in *BatchReEncryptRequest, opts ...grpc.CallOption) (*BatchReEncryptResponse, error)
+	// Sign signs a message or digest with a SIGN_VERIFY key's primary version.
+	Sign(ctx context.Context, in *SignRequest, opts ...grpc.CallOption) (*SignResponse, error)
+	// Verify checks a signature (valid=false for a bad signature).
+	Verify(ctx context.Context, in *VerifyRequest, opts ...grpc.CallOption) (*VerifyResponse, error)
+	// GetPublicKey exports an asymmetric key version's public key.
+	GetPublicKey(ctx context.Context, in *GetPublicKeyRequest, opts ...grpc.CallOption) (*GetPublicKeyResponse, error)
+	// GenerateMac computes an HMAC with a GENERATE_VERIFY_MAC key.
+	GenerateMac(ctx context.Context, in *GenerateMacRequest, opts ...grpc.CallOption) (*GenerateMacResponse, error)
+	// VerifyMac checks an HMAC in constant time.
+	VerifyMac(ctx context.Context, in *VerifyMacRequest, opts ...grpc.CallOption) (*VerifyMacResponse, error)
+	// GenerateRandom returns random bytes from the node's HSM.
+	GenerateRandom(ctx context.Context, in *GenerateRandomRequest, opts ...grpc.CallOption) (*GenerateRandomResponse, error)
+	// Lifecycle (writes, forwarded to the leader).
+	UpdateKey(ctx context.Context, in *UpdateKeyRequest, opts ...grpc.CallOption) (*KeyResponse, error)
+	SetAlias(ctx context.Context, in *SetAliasRequest, opts ...grpc.CallOption) (*KeyResponse, error)
+	DeleteAlias(ctx context.Context, in *DeleteAliasRequest, opts ...grpc.CallOption) (*DeleteAliasResponse, error)
+	EnableKey(ctx context.Context, in *KeyRefRequest, opts ...grpc.CallOption) (*KeyResponse, error)
+	DisableKey(ctx context.Context, in *KeyRefRequest, opts ...grpc.CallOption) (*KeyResponse, error)
+	RevokeKey(ctx context.Context, in *RevokeKeyRequest, opts ...grpc.CallOption) (*KeyResponse, error)
+	// RotateKey adds a version and makes it primary.
+	RotateKey(ctx context.Context, in *KeyRefRequest, opts ...grpc.CallOption) (*KeyResponse, error)
+	// SetRotationPolicy sets the automatic rotation period (0 disables).
+	SetRotationPolicy(ctx context.Context, in *SetRotationPolicyRequest, opts ...grpc.CallOption) (*KeyResponse, error)
+	SetKeyVersionState(ctx context.Context, in *SetKeyVersionStateRequest, opts ...grpc.CallOption) (*KeyResponse, error)
+	SetMinDecryptionVersion(ctx context.Context, in *SetMinDecryptionVersionRequest, opts ...grpc.CallOption) (*KeyResponse, error)
+	// ScheduleKeyDestruction: PENDING_DESTRUCTION now, destroyed by the
+	// leader after the waiting period (default 30 days).
+	ScheduleKeyDestruction(ctx context.Context, in *ScheduleKeyDestructionRequest, opts ...grpc.CallOption) (*KeyResponse, error)
+	// CancelKeyDestruction returns the key to DISABLED.
+	CancelKeyDestruction(ctx context.Context, in *KeyRefRequest, opts ...grpc.CallOption) (*KeyResponse, error)
+	// GetImportParameters returns a wrapping public key and an expiring import
+	// token for importing key material (BYOK).
+	GetImportParameters(ctx context.Context, in *GetImportParametersRequest, opts ...grpc.CallOption) (*GetImportParametersResponse, error)
+	// ImportKey creates a key from material wrapped with GetImportParameters.
+	ImportKey(ctx context.Context, in *ImportKeyRequest, opts ...grpc.CallOption) (*KeyResponse, error)
 }
 
 type keyServiceClient struct {
@@ -123,6 +193,256 @@ func (c *keyServiceClient) GenerateDataKey(ctx context.Context, in *GenerateData
 	return out, nil
 }
 
+func (c *keyServiceClient) GenerateDataKeyWithoutPlaintext(ctx context.Context, in *GenerateDataKeyRequest, opts ...grpc.CallOption) (*GenerateDataKeyWithoutPlaintextResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GenerateDataKeyWithoutPlaintextResponse)
+	err := c.cc.Invoke(ctx, KeyService_GenerateDataKeyWithoutPlaintext_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) ReEncrypt(ctx context.Context, in *ReEncryptRequest, opts ...grpc.CallOption) (*ReEncryptResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReEncryptResponse)
+	err := c.cc.Invoke(ctx, KeyService_ReEncrypt_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) BatchEncrypt(ctx context.Context, in *BatchEncryptRequest, opts ...grpc.CallOption) (*BatchEncryptResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BatchEncryptResponse)
+	err := c.cc.Invoke(ctx, KeyService_BatchEncrypt_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) BatchDecrypt(ctx context.Context, in *BatchDecryptRequest, opts ...grpc.CallOption) (*BatchDecryptResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BatchDecryptResponse)
+	err := c.cc.Invoke(ctx, KeyService_BatchDecrypt_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) BatchReEncrypt(ctx context.Context, in *BatchReEncryptRequest, opts ...grpc.CallOption) (*BatchReEncryptResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BatchReEncryptResponse)
+	err := c.cc.Invoke(ctx, KeyService_BatchReEncrypt_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) Sign(ctx context.Context, in *SignRequest, opts ...grpc.CallOption) (*SignResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SignResponse)
+	err := c.cc.Invoke(ctx, KeyService_Sign_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) Verify(ctx context.Context, in *VerifyRequest, opts ...grpc.CallOption) (*VerifyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VerifyResponse)
+	err := c.cc.Invoke(ctx, KeyService_Verify_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) GetPublicKey(ctx context.Context, in *GetPublicKeyRequest, opts ...grpc.CallOption) (*GetPublicKeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetPublicKeyResponse)
+	err := c.cc.Invoke(ctx, KeyService_GetPublicKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) GenerateMac(ctx context.Context, in *GenerateMacRequest, opts ...grpc.CallOption) (*GenerateMacResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GenerateMacResponse)
+	err := c.cc.Invoke(ctx, KeyService_GenerateMac_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) VerifyMac(ctx context.Context, in *VerifyMacRequest, opts ...grpc.CallOption) (*VerifyMacResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VerifyMacResponse)
+	err := c.cc.Invoke(ctx, KeyService_VerifyMac_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) GenerateRandom(ctx context.Context, in *GenerateRandomRequest, opts ...grpc.CallOption) (*GenerateRandomResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GenerateRandomResponse)
+	err := c.cc.Invoke(ctx, KeyService_GenerateRandom_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) UpdateKey(ctx context.Context, in *UpdateKeyRequest, opts ...grpc.CallOption) (*KeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(KeyResponse)
+	err := c.cc.Invoke(ctx, KeyService_UpdateKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) SetAlias(ctx context.Context, in *SetAliasRequest, opts ...grpc.CallOption) (*KeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(KeyResponse)
+	err := c.cc.Invoke(ctx, KeyService_SetAlias_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) DeleteAlias(ctx context.Context, in *DeleteAliasRequest, opts ...grpc.CallOption) (*DeleteAliasResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteAliasResponse)
+	err := c.cc.Invoke(ctx, KeyService_DeleteAlias_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) EnableKey(ctx context.Context, in *KeyRefRequest, opts ...grpc.CallOption) (*KeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(KeyResponse)
+	err := c.cc.Invoke(ctx, KeyService_EnableKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) DisableKey(ctx context.Context, in *KeyRefRequest, opts ...grpc.CallOption) (*KeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(KeyResponse)
+	err := c.cc.Invoke(ctx, KeyService_DisableKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) RevokeKey(ctx context.Context, in *RevokeKeyRequest, opts ...grpc.CallOption) (*KeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(KeyResponse)
+	err := c.cc.Invoke(ctx, KeyService_RevokeKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) RotateKey(ctx context.Context, in *KeyRefRequest, opts ...grpc.CallOption) (*KeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(KeyResponse)
+	err := c.cc.Invoke(ctx, KeyService_RotateKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) SetRotationPolicy(ctx context.Context, in *SetRotationPolicyRequest, opts ...grpc.CallOption) (*KeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(KeyResponse)
+	err := c.cc.Invoke(ctx, KeyService_SetRotationPolicy_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) SetKeyVersionState(ctx context.Context, in *SetKeyVersionStateRequest, opts ...grpc.CallOption) (*KeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(KeyResponse)
+	err := c.cc.Invoke(ctx, KeyService_SetKeyVersionState_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) SetMinDecryptionVersion(ctx context.Context, in *SetMinDecryptionVersionRequest, opts ...grpc.CallOption) (*KeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(KeyResponse)
+	err := c.cc.Invoke(ctx, KeyService_SetMinDecryptionVersion_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) ScheduleKeyDestruction(ctx context.Context, in *ScheduleKeyDestructionRequest, opts ...grpc.CallOption) (*KeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(KeyResponse)
+	err := c.cc.Invoke(ctx, KeyService_ScheduleKeyDestruction_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) CancelKeyDestruction(ctx context.Context, in *KeyRefRequest, opts ...grpc.CallOption) (*KeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(KeyResponse)
+	err := c.cc.Invoke(ctx, KeyService_CancelKeyDestruction_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) GetImportParameters(ctx context.Context, in *GetImportParametersRequest, opts ...grpc.CallOption) (*GetImportParametersResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetImportParametersResponse)
+	err := c.cc.Invoke(ctx, KeyService_GetImportParameters_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) ImportKey(ctx context.Context, in *ImportKeyRequest, opts ...grpc.CallOption) (*KeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(KeyResponse)
+	err := c.cc.Invoke(ctx, KeyService_ImportKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // KeyServiceServer is the server API for KeyService service.
 // All implementations must embed UnimplementedKeyServiceServer
 // for forward compatibility.
@@ -146,6 +466,51 @@ type KeyServiceServer interface {
 	// GenerateDataKey returns a fresh random data key in plaintext and
 	// encrypted under the key, for envelope encryption.
 	GenerateDataKey(context.Context, *GenerateDataKeyRequest) (*GenerateDataKeyResponse, error)
+	// GenerateDataKeyWithoutPlaintext returns only the encrypted data key.
+	GenerateDataKeyWithoutPlaintext(context.Context, *GenerateDataKeyRequest) (*GenerateDataKeyWithoutPlaintextResponse, error)
+	// ReEncrypt decrypts and re-encrypts under the destination key's primary
+	// version (the same key after rotation, or another key) inside the node;
+	// the plaintext never leaves it.
+	ReEncrypt(context.Context, *ReEncryptRequest) (*ReEncryptResponse, error)
+	// Batch forms: up to 1000 items, one result per item (per-item errors).
+	BatchEncrypt(context.Context, *BatchEncryptRequest) (*BatchEncryptResponse, error)
+	BatchDecrypt(context.Context, *BatchDecryptRequest) (*BatchDecryptResponse, error)
+	BatchReEncrypt(context.Context, *BatchReEncryptRequest) (*BatchReEncryptResponse, error)
+	// Sign signs a message or digest with a SIGN_VERIFY key's primary version.
+	Sign(context.Context, *SignRequest) (*SignResponse, error)
+	// Verify checks a signature (valid=false for a bad signature).
+	Verify(context.Context, *VerifyRequest) (*VerifyResponse, error)
+	// GetPublicKey exports an asymmetric key version's public key.
+	GetPublicKey(context.Context, *GetPublicKeyRequest) (*GetPublicKeyResponse, error)
+	// GenerateMac computes an HMAC with a GENERATE_VERIFY_MAC key.
+	GenerateMac(context.Context, *GenerateMacRequest) (*GenerateMacResponse, error)
+	// VerifyMac checks an HMAC in constant time.
+	VerifyMac(context.Context, *VerifyMacRequest) (*VerifyMacResponse, error)
+	// GenerateRandom returns random bytes from the node's HSM.
+	GenerateRandom(context.Context, *GenerateRandomRequest) (*GenerateRandomResponse, error)
+	// Lifecycle (writes, forwarded to the leader).
+	UpdateKey(context.Context, *UpdateKeyRequest) (*KeyResponse, error)
+	SetAlias(context.Context, *SetAliasRequest) (*KeyResponse, error)
+	DeleteAlias(context.Context, *DeleteAliasRequest) (*DeleteAliasResponse, error)
+	EnableKey(context.Context, *KeyRefRequest) (*KeyResponse, error)
+	DisableKey(context.Context, *KeyRefRequest) (*KeyResponse, error)
+	RevokeKey(context.Context, *RevokeKeyRequest) (*KeyResponse, error)
+	// RotateKey adds a version and makes it primary.
+	RotateKey(context.Context, *KeyRefRequest) (*KeyResponse, error)
+	// SetRotationPolicy sets the automatic rotation period (0 disables).
+	SetRotationPolicy(context.Context, *SetRotationPolicyRequest) (*KeyResponse, error)
+	SetKeyVersionState(context.Context, *SetKeyVersionStateRequest) (*KeyResponse, error)
+	SetMinDecryptionVersion(context.Context, *SetMinDecryptionVersionRequest) (*KeyResponse, error)
+	// ScheduleKeyDestruction: PENDING_DESTRUCTION now, destroyed by the
+	// leader after the waiting period (default 30 days).
+	ScheduleKeyDestruction(context.Context, *ScheduleKeyDestructionRequest) (*KeyResponse, error)
+	// CancelKeyDestruction returns the key to DISABLED.
+	CancelKeyDestruction(context.Context, *KeyRefRequest) (*KeyResponse, error)
+	// GetImportParameters returns a wrapping public key and an expiring import
+	// token for importing key material (BYOK).
+	GetImportParameters(context.Context, *GetImportParametersRequest) (*GetImportParametersResponse, error)
+	// ImportKey creates a key from material wrapped with GetImportParameters.
+	ImportKey(context.Context, *ImportKeyRequest) (*KeyResponse, error)
 	mustEmbedUnimplementedKeyServiceServer()
 }
 
@@ -173,6 +538,81 @@ func (UnimplementedKeyServiceServer) Decrypt(context.Context, *DecryptRequest) (
 }
 func (UnimplementedKeyServiceServer) GenerateDataKey(context.Context, *GenerateDataKeyRequest) (*GenerateDataKeyResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method GenerateDataKey not implemented")
+}
+func (UnimplementedKeyServiceServer) GenerateDataKeyWithoutPlaintext(context.Context, *GenerateDataKeyRequest) (*GenerateDataKeyWithoutPlaintextResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GenerateDataKeyWithoutPlaintext not implemented")
+}
+func (UnimplementedKeyServiceServer) ReEncrypt(context.Context, *ReEncryptRequest) (*ReEncryptResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ReEncrypt not implemented")
+}
+func (UnimplementedKeyServiceServer) BatchEncrypt(context.Context, *BatchEncryptRequest) (*BatchEncryptResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method BatchEncrypt not implemented")
+}
+func (UnimplementedKeyServiceServer) BatchDecrypt(context.Context, *BatchDecryptRequest) (*BatchDecryptResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method BatchDecrypt not implemented")
+}
+func (UnimplementedKeyServiceServer) BatchReEncrypt(context.Context, *BatchReEncryptRequest) (*BatchReEncryptResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method BatchReEncrypt not implemented")
+}
+func (UnimplementedKeyServiceServer) Sign(context.Context, *SignRequest) (*SignResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Sign not implemented")
+}
+func (UnimplementedKeyServiceServer) Verify(context.Context, *VerifyRequest) (*VerifyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Verify not implemented")
+}
+func (UnimplementedKeyServiceServer) GetPublicKey(context.Context, *GetPublicKeyRequest) (*GetPublicKeyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetPublicKey not implemented")
+}
+func (UnimplementedKeyServiceServer) GenerateMac(context.Context, *GenerateMacRequest) (*GenerateMacResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GenerateMac not implemented")
+}
+func (UnimplementedKeyServiceServer) VerifyMac(context.Context, *VerifyMacRequest) (*VerifyMacResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method VerifyMac not implemented")
+}
+func (UnimplementedKeyServiceServer) GenerateRandom(context.Context, *GenerateRandomRequest) (*GenerateRandomResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GenerateRandom not implemented")
+}
+func (UnimplementedKeyServiceServer) UpdateKey(context.Context, *UpdateKeyRequest) (*KeyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method UpdateKey not implemented")
+}
+func (UnimplementedKeyServiceServer) SetAlias(context.Context, *SetAliasRequest) (*KeyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method SetAlias not implemented")
+}
+func (UnimplementedKeyServiceServer) DeleteAlias(context.Context, *DeleteAliasRequest) (*DeleteAliasResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DeleteAlias not implemented")
+}
+func (UnimplementedKeyServiceServer) EnableKey(context.Context, *KeyRefRequest) (*KeyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method EnableKey not implemented")
+}
+func (UnimplementedKeyServiceServer) DisableKey(context.Context, *KeyRefRequest) (*KeyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DisableKey not implemented")
+}
+func (UnimplementedKeyServiceServer) RevokeKey(context.Context, *RevokeKeyRequest) (*KeyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RevokeKey not implemented")
+}
+func (UnimplementedKeyServiceServer) RotateKey(context.Context, *KeyRefRequest) (*KeyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RotateKey not implemented")
+}
+func (UnimplementedKeyServiceServer) SetRotationPolicy(context.Context, *SetRotationPolicyRequest) (*KeyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method SetRotationPolicy not implemented")
+}
+func (UnimplementedKeyServiceServer) SetKeyVersionState(context.Context, *SetKeyVersionStateRequest) (*KeyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method SetKeyVersionState not implemented")
+}
+func (UnimplementedKeyServiceServer) SetMinDecryptionVersion(context.Context, *SetMinDecryptionVersionRequest) (*KeyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method SetMinDecryptionVersion not implemented")
+}
+func (UnimplementedKeyServiceServer) ScheduleKeyDestruction(context.Context, *ScheduleKeyDestructionRequest) (*KeyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ScheduleKeyDestruction not implemented")
+}
+func (UnimplementedKeyServiceServer) CancelKeyDestruction(context.Context, *KeyRefRequest) (*KeyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CancelKeyDestruction not implemented")
+}
+func (UnimplementedKeyServiceServer) GetImportParameters(context.Context, *GetImportParametersRequest) (*GetImportParametersResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetImportParameters not implemented")
+}
+func (UnimplementedKeyServiceServer) ImportKey(context.Context, *ImportKeyRequest) (*KeyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ImportKey not implemented")
 }
 func (UnimplementedKeyServiceServer) mustEmbedUnimplementedKeyServiceServer() {}
 func (UnimplementedKeyServiceServer) testEmbeddedByValue()                    {}
@@ -303,6 +743,456 @@ func _KeyService_GenerateDataKey_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _KeyService_GenerateDataKeyWithoutPlaintext_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GenerateDataKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).GenerateDataKeyWithoutPlaintext(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_GenerateDataKeyWithoutPlaintext_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).GenerateDataKeyWithoutPlaintext(ctx, req.(*GenerateDataKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_ReEncrypt_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReEncryptRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).ReEncrypt(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_ReEncrypt_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).ReEncrypt(ctx, req.(*ReEncryptRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_BatchEncrypt_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BatchEncryptRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).BatchEncrypt(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_BatchEncrypt_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).BatchEncrypt(ctx, req.(*BatchEncryptRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_BatchDecrypt_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BatchDecryptRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).BatchDecrypt(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_BatchDecrypt_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).BatchDecrypt(ctx, req.(*BatchDecryptRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_BatchReEncrypt_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BatchReEncryptRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).BatchReEncrypt(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_BatchReEncrypt_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).BatchReEncrypt(ctx, req.(*BatchReEncryptRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_Sign_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SignRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).Sign(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_Sign_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).Sign(ctx, req.(*SignRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_Verify_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VerifyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).Verify(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_Verify_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).Verify(ctx, req.(*VerifyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_GetPublicKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetPublicKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).GetPublicKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_GetPublicKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).GetPublicKey(ctx, req.(*GetPublicKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_GenerateMac_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GenerateMacRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).GenerateMac(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_GenerateMac_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).GenerateMac(ctx, req.(*GenerateMacRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_VerifyMac_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VerifyMacRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).VerifyMac(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_VerifyMac_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).VerifyMac(ctx, req.(*VerifyMacRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_GenerateRandom_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GenerateRandomRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).GenerateRandom(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_GenerateRandom_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).GenerateRandom(ctx, req.(*GenerateRandomRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_UpdateKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdateKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).UpdateKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_UpdateKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).UpdateKey(ctx, req.(*UpdateKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_SetAlias_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetAliasRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).SetAlias(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_SetAlias_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).SetAlias(ctx, req.(*SetAliasRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_DeleteAlias_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteAliasRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).DeleteAlias(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_DeleteAlias_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).DeleteAlias(ctx, req.(*DeleteAliasRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_EnableKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(KeyRefRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).EnableKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_EnableKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).EnableKey(ctx, req.(*KeyRefRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_DisableKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(KeyRefRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).DisableKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_DisableKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).DisableKey(ctx, req.(*KeyRefRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_RevokeKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RevokeKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).RevokeKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_RevokeKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).RevokeKey(ctx, req.(*RevokeKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_RotateKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(KeyRefRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).RotateKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_RotateKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).RotateKey(ctx, req.(*KeyRefRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_SetRotationPolicy_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetRotationPolicyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).SetRotationPolicy(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_SetRotationPolicy_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).SetRotationPolicy(ctx, req.(*SetRotationPolicyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_SetKeyVersionState_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetKeyVersionStateRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).SetKeyVersionState(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_SetKeyVersionState_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).SetKeyVersionState(ctx, req.(*SetKeyVersionStateRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_SetMinDecryptionVersion_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetMinDecryptionVersionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).SetMinDecryptionVersion(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_SetMinDecryptionVersion_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).SetMinDecryptionVersion(ctx, req.(*SetMinDecryptionVersionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_ScheduleKeyDestruction_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ScheduleKeyDestructionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).ScheduleKeyDestruction(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_ScheduleKeyDestruction_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).ScheduleKeyDestruction(ctx, req.(*ScheduleKeyDestructionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_CancelKeyDestruction_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(KeyRefRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).CancelKeyDestruction(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_CancelKeyDestruction_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).CancelKeyDestruction(ctx, req.(*KeyRefRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_GetImportParameters_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetImportParametersRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).GetImportParameters(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_GetImportParameters_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).GetImportParameters(ctx, req.(*GetImportParametersRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_ImportKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ImportKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).ImportKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_ImportKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).ImportKey(ctx, req.(*ImportKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // KeyService_ServiceDesc is the grpc.ServiceDesc for KeyService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -333,6 +1223,106 @@ var KeyService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GenerateDataKey",
 			Handler:    _KeyService_GenerateDataKey_Handler,
+		},
+		{
+			MethodName: "GenerateDataKeyWithoutPlaintext",
+			Handler:    _KeyService_GenerateDataKeyWithoutPlaintext_Handler,
+		},
+		{
+			MethodName: "ReEncrypt",
+			Handler:    _KeyService_ReEncrypt_Handler,
+		},
+		{
+			MethodName: "BatchEncrypt",
+			Handler:    _KeyService_BatchEncrypt_Handler,
+		},
+		{
+			MethodName: "BatchDecrypt",
+			Handler:    _KeyService_BatchDecrypt_Handler,
+		},
+		{
+			MethodName: "BatchReEncrypt",
+			Handler:    _KeyService_BatchReEncrypt_Handler,
+		},
+		{
+			MethodName: "Sign",
+			Handler:    _KeyService_Sign_Handler,
+		},
+		{
+			MethodName: "Verify",
+			Handler:    _KeyService_Verify_Handler,
+		},
+		{
+			MethodName: "GetPublicKey",
+			Handler:    _KeyService_GetPublicKey_Handler,
+		},
+		{
+			MethodName: "GenerateMac",
+			Handler:    _KeyService_GenerateMac_Handler,
+		},
+		{
+			MethodName: "VerifyMac",
+			Handler:    _KeyService_VerifyMac_Handler,
+		},
+		{
+			MethodName: "GenerateRandom",
+			Handler:    _KeyService_GenerateRandom_Handler,
+		},
+		{
+			MethodName: "UpdateKey",
+			Handler:    _KeyService_UpdateKey_Handler,
+		},
+		{
+			MethodName: "SetAlias",
+			Handler:    _KeyService_SetAlias_Handler,
+		},
+		{
+			MethodName: "DeleteAlias",
+			Handler:    _KeyService_DeleteAlias_Handler,
+		},
+		{
+			MethodName: "EnableKey",
+			Handler:    _KeyService_EnableKey_Handler,
+		},
+		{
+			MethodName: "DisableKey",
+			Handler:    _KeyService_DisableKey_Handler,
+		},
+		{
+			MethodName: "RevokeKey",
+			Handler:    _KeyService_RevokeKey_Handler,
+		},
+		{
+			MethodName: "RotateKey",
+			Handler:    _KeyService_RotateKey_Handler,
+		},
+		{
+			MethodName: "SetRotationPolicy",
+			Handler:    _KeyService_SetRotationPolicy_Handler,
+		},
+		{
+			MethodName: "SetKeyVersionState",
+			Handler:    _KeyService_SetKeyVersionState_Handler,
+		},
+		{
+			MethodName: "SetMinDecryptionVersion",
+			Handler:    _KeyService_SetMinDecryptionVersion_Handler,
+		},
+		{
+			MethodName: "ScheduleKeyDestruction",
+			Handler:    _KeyService_ScheduleKeyDestruction_Handler,
+		},
+		{
+			MethodName: "CancelKeyDestruction",
+			Handler:    _KeyService_CancelKeyDestruction_Handler,
+		},
+		{
+			MethodName: "GetImportParameters",
+			Handler:    _KeyService_GetImportParameters_Handler,
+		},
+		{
+			MethodName: "ImportKey",
+			Handler:    _KeyService_ImportKey_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -1,0 +1,362 @@
+package transport
+
+import (
+	"context"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
+	"github.com/cabinet-kms/cabinet/keyops"
+	"github.com/cabinet-kms/cabinet/transport/cabinetpb"
+	"github.com/cabinet-kms/cabinet/transport/tlsutil"
+)
+
+// MaxBatchItems bounds every batch request.
+const MaxBatchItems = 1000
+
+// checkOverride allows the COMPROMISED-key recovery override only to admins.
+func checkOverride(ctx context.Context, allow bool) error {
+	if !allow {
+		return nil
+	}
+	if id, ok := IdentityFrom(ctx); ok && id.Role == tlsutil.RoleAdmin {
+		return nil
+	}
+	return status.Error(codes.PermissionDenied, "allow_compromised is an admin-only recovery override")
+}
+
+func isRSA(spec fsmpb.KeySpec) bool {
+	return spec == fsmpb.KeySpec_KEY_SPEC_RSA_2048 || spec == fsmpb.KeySpec_KEY_SPEC_RSA_3072 || spec == fsmpb.KeySpec_KEY_SPEC_RSA_4096
+}
+
+func (s *Server) Encrypt(ctx context.Context, req *cabinetpb.EncryptRequest) (*cabinetpb.EncryptResponse, error) {
+	if err := s.readyForCrypto(ctx, req.GetConsistency()); err != nil {
+		return nil, err
+	}
+	k, err := s.lookupKey(ctx, req.GetKeyId())
+	if err != nil {
+		return nil, err
+	}
+	var ct []byte
+	var v uint32
+	if isRSA(k.GetSpec()) {
+		if len(req.GetEncryptionContext()) > 0 {
+			return nil, status.Error(codes.InvalidArgument, "RSA keys encrypt with RSAES_OAEP_SHA_256, which has no encryption context; omit it")
+		}
+		ct, v, err = s.cfg.Crypto.EncryptAsymmetric(ctx, k, 0, req.GetPlaintext())
+	} else {
+		ct, v, err = s.cfg.Crypto.Encrypt(ctx, k, req.GetPlaintext(), req.GetEncryptionContext())
+	}
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &cabinetpb.EncryptResponse{Ciphertext: ct, KeyId: k.GetKeyId(), KeyVersion: v}, nil
+}
+
+func (s *Server) Decrypt(ctx context.Context, req *cabinetpb.DecryptRequest) (*cabinetpb.DecryptResponse, error) {
+	if err := s.readyForCrypto(ctx, req.GetConsistency()); err != nil {
+		return nil, err
+	}
+	if err := checkOverride(ctx, req.GetAllowCompromised()); err != nil {
+		return nil, err
+	}
+	if req.GetKeyId() != "" {
+		k, err := s.lookupKey(ctx, req.GetKeyId())
+		if err != nil {
+			return nil, err
+		}
+		if isRSA(k.GetSpec()) {
+			v := req.GetKeyVersion()
+			if v == 0 {
+				v = k.GetPrimaryVersion()
+			}
+			pt, err := s.cfg.Crypto.DecryptAsymmetric(ctx, k, v, req.GetCiphertext(), req.GetAllowCompromised())
+			if err != nil {
+				return nil, toStatus(err)
+			}
+			return &cabinetpb.DecryptResponse{Plaintext: pt, KeyId: k.GetKeyId(), KeyVersion: v}, nil
+		}
+	}
+	lookup := func(id string) (*fsmpb.KeyRecord, bool) { return s.findKey(ctx, id) }
+	pt, id, v, err := s.cfg.Crypto.Decrypt(ctx, lookup, req.GetCiphertext(), req.GetEncryptionContext(), req.GetAllowCompromised())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if req.GetKeyId() != "" {
+		if k, ok := s.findKey(ctx, req.GetKeyId()); !ok || k.GetKeyId() != id {
+			return nil, status.Error(codes.InvalidArgument, "the ciphertext was not made with the key named in key_id")
+		}
+	}
+	return &cabinetpb.DecryptResponse{Plaintext: pt, KeyId: id, KeyVersion: v}, nil
+}
+
+func (s *Server) generateDataKey(ctx context.Context, req *cabinetpb.GenerateDataKeyRequest) ([]byte, []byte, *fsmpb.KeyRecord, uint32, error) {
+	if err := s.readyForCrypto(ctx, req.GetConsistency()); err != nil {
+		return nil, nil, nil, 0, err
+	}
+	k, err := s.lookupKey(ctx, req.GetKeyId())
+	if err != nil {
+		return nil, nil, nil, 0, err
+	}
+	n := int(req.GetNumberOfBytes())
+	if n < 0 || n > 1024 {
+		return nil, nil, nil, 0, status.Error(codes.InvalidArgument, "number_of_bytes must be between 1 and 1024 (0 means 32)")
+	}
+	pt, ct, v, err := s.cfg.Crypto.GenerateDataKey(ctx, k, n, req.GetEncryptionContext())
+	if err != nil {
+		return nil, nil, nil, 0, toStatus(err)
+	}
+	return pt, ct, k, v, nil
+}
+
+func (s *Server) GenerateDataKey(ctx context.Context, req *cabinetpb.GenerateDataKeyRequest) (*cabinetpb.GenerateDataKeyResponse, error) {
+	pt, ct, k, v, err := s.generateDataKey(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	return &cabinetpb.GenerateDataKeyResponse{Plaintext: pt, Ciphertext: ct, KeyId: k.GetKeyId(), KeyVersion: v}, nil
+}
+
+func (s *Server) GenerateDataKeyWithoutPlaintext(ctx context.Context, req *cabinetpb.GenerateDataKeyRequest) (*cabinetpb.GenerateDataKeyWithoutPlaintextResponse, error) {
+	pt, ct, k, v, err := s.generateDataKey(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	clear(pt)
+	return &cabinetpb.GenerateDataKeyWithoutPlaintextResponse{Ciphertext: ct, KeyId: k.GetKeyId(), KeyVersion: v}, nil
+}
+
+func (s *Server) ReEncrypt(ctx context.Context, req *cabinetpb.ReEncryptRequest) (*cabinetpb.ReEncryptResponse, error) {
+	if err := s.readyForCrypto(ctx, req.GetConsistency()); err != nil {
+		return nil, err
+	}
+	if err := checkOverride(ctx, req.GetAllowCompromised()); err != nil {
+		return nil, err
+	}
+	dest := req.GetDestinationKeyId()
+	if dest == "" {
+		h, err := keyops.ParseCiphertext(req.GetCiphertext())
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		dest = h.KeyID
+	}
+	dk, err := s.lookupKey(ctx, dest)
+	if err != nil {
+		return nil, err
+	}
+	lookup := func(id string) (*fsmpb.KeyRecord, bool) { return s.findKey(ctx, id) }
+	ct, srcID, srcV, dstV, err := s.cfg.Crypto.ReEncrypt(ctx, lookup, req.GetCiphertext(), req.GetSourceEncryptionContext(),
+		dk, req.GetDestinationEncryptionContext(), req.GetAllowCompromised())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &cabinetpb.ReEncryptResponse{Ciphertext: ct, SourceKeyId: srcID, SourceKeyVersion: srcV, KeyId: dk.GetKeyId(), KeyVersion: dstV}, nil
+}
+
+func itemError(err error) *cabinetpb.ItemError {
+	st := status.Convert(err)
+	return &cabinetpb.ItemError{Code: st.Code().String(), Message: st.Message()}
+}
+
+func checkBatch(n int) error {
+	if n == 0 || n > MaxBatchItems {
+		return status.Errorf(codes.InvalidArgument, "a batch holds 1 to %d items, not %d", MaxBatchItems, n)
+	}
+	return nil
+}
+
+func (s *Server) BatchEncrypt(ctx context.Context, req *cabinetpb.BatchEncryptRequest) (*cabinetpb.BatchEncryptResponse, error) {
+	if err := checkBatch(len(req.GetItems())); err != nil {
+		return nil, err
+	}
+	out := &cabinetpb.BatchEncryptResponse{Results: make([]*cabinetpb.BatchEncryptResult, len(req.GetItems()))}
+	for i, it := range req.GetItems() {
+		r, err := s.Encrypt(ctx, it)
+		if err != nil {
+			out.Results[i] = &cabinetpb.BatchEncryptResult{Error: itemError(err)}
+			continue
+		}
+		out.Results[i] = &cabinetpb.BatchEncryptResult{Response: r}
+	}
+	return out, nil
+}
+
+func (s *Server) BatchDecrypt(ctx context.Context, req *cabinetpb.BatchDecryptRequest) (*cabinetpb.BatchDecryptResponse, error) {
+	if err := checkBatch(len(req.GetItems())); err != nil {
+		return nil, err
+	}
+	out := &cabinetpb.BatchDecryptResponse{Results: make([]*cabinetpb.BatchDecryptResult, len(req.GetItems()))}
+	for i, it := range req.GetItems() {
+		r, err := s.Decrypt(ctx, it)
+		if err != nil {
+			out.Results[i] = &cabinetpb.BatchDecryptResult{Error: itemError(err)}
+			continue
+		}
+		out.Results[i] = &cabinetpb.BatchDecryptResult{Response: r}
+	}
+	return out, nil
+}
+
+func (s *Server) BatchReEncrypt(ctx context.Context, req *cabinetpb.BatchReEncryptRequest) (*cabinetpb.BatchReEncryptResponse, error) {
+	if err := checkBatch(len(req.GetItems())); err != nil {
+		return nil, err
+	}
+	out := &cabinetpb.BatchReEncryptResponse{Results: make([]*cabinetpb.BatchReEncryptResult, len(req.GetItems()))}
+	for i, it := range req.GetItems() {
+		r, err := s.ReEncrypt(ctx, it)
+		if err != nil {
+			out.Results[i] = &cabinetpb.BatchReEncryptResult{Error: itemError(err)}
+			continue
+		}
+		out.Results[i] = &cabinetpb.BatchReEncryptResult{Response: r}
+	}
+	return out, nil
+}
+
+func parseSigning(alg string, mt cabinetpb.MessageType) (keyops.SigningAlgorithm, keyops.MessageType, error) {
+	a, err := keyops.ParseSigningAlgorithm(alg)
+	if err != nil {
+		return 0, 0, status.Error(codes.InvalidArgument, err.Error())
+	}
+	m := keyops.MessageRaw
+	if mt == cabinetpb.MessageType_DIGEST {
+		m = keyops.MessageDigest
+	}
+	return a, m, nil
+}
+
+func (s *Server) Sign(ctx context.Context, req *cabinetpb.SignRequest) (*cabinetpb.SignResponse, error) {
+	if err := s.readyForCrypto(ctx, req.GetConsistency()); err != nil {
+		return nil, err
+	}
+	k, err := s.lookupKey(ctx, req.GetKeyId())
+	if err != nil {
+		return nil, err
+	}
+	alg, mt, err := parseSigning(req.GetSigningAlgorithm(), req.GetMessageType())
+	if err != nil {
+		return nil, err
+	}
+	sig, v, err := s.cfg.Crypto.Sign(ctx, k, req.GetMessage(), mt, alg)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &cabinetpb.SignResponse{Signature: sig, KeyId: k.GetKeyId(), KeyVersion: v, SigningAlgorithm: alg.String()}, nil
+}
+
+func (s *Server) Verify(ctx context.Context, req *cabinetpb.VerifyRequest) (*cabinetpb.VerifyResponse, error) {
+	if err := s.readyForCrypto(ctx, req.GetConsistency()); err != nil {
+		return nil, err
+	}
+	if err := checkOverride(ctx, req.GetAllowCompromised()); err != nil {
+		return nil, err
+	}
+	k, err := s.lookupKey(ctx, req.GetKeyId())
+	if err != nil {
+		return nil, err
+	}
+	alg, mt, err := parseSigning(req.GetSigningAlgorithm(), req.GetMessageType())
+	if err != nil {
+		return nil, err
+	}
+	v := req.GetKeyVersion()
+	if v == 0 {
+		v = k.GetPrimaryVersion()
+	}
+	ok, err := s.cfg.Crypto.Verify(ctx, k, v, req.GetMessage(), mt, alg, req.GetSignature(), req.GetAllowCompromised())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &cabinetpb.VerifyResponse{Valid: ok, KeyId: k.GetKeyId(), KeyVersion: v}, nil
+}
+
+// signingAlgorithms lists what a key can sign with (for GetPublicKey).
+func signingAlgorithms(spec fsmpb.KeySpec) []string {
+	switch {
+	case isRSA(spec):
+		return []string{"RSASSA_PSS_SHA_256", "RSASSA_PSS_SHA_384", "RSASSA_PSS_SHA_512",
+			"RSASSA_PKCS1_V1_5_SHA_256", "RSASSA_PKCS1_V1_5_SHA_384", "RSASSA_PKCS1_V1_5_SHA_512"}
+	case spec == fsmpb.KeySpec_KEY_SPEC_EC_P256:
+		return []string{"ECDSA_SHA_256"}
+	case spec == fsmpb.KeySpec_KEY_SPEC_EC_P384:
+		return []string{"ECDSA_SHA_384"}
+	case spec == fsmpb.KeySpec_KEY_SPEC_ED25519:
+		return []string{"ED25519"}
+	}
+	return nil
+}
+
+func (s *Server) GetPublicKey(ctx context.Context, req *cabinetpb.GetPublicKeyRequest) (*cabinetpb.GetPublicKeyResponse, error) {
+	k, err := s.lookupKey(ctx, req.GetKeyId())
+	if err != nil {
+		return nil, err
+	}
+	v := req.GetKeyVersion()
+	if v == 0 {
+		v = k.GetPrimaryVersion()
+	}
+	der, err := keyops.PublicKey(k, v)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	out := &cabinetpb.GetPublicKeyResponse{KeyId: k.GetKeyId(), KeyVersion: v, PublicKeyDer: der, PublicKeyPem: pemPublicKey(der),
+		Spec: cabinetpb.KeySpec(k.GetSpec()), Usage: cabinetpb.KeyUsage(k.GetUsage())}
+	switch k.GetUsage() {
+	case fsmpb.KeyUsage_KEY_USAGE_SIGN_VERIFY:
+		out.SigningAlgorithms = signingAlgorithms(k.GetSpec())
+	case fsmpb.KeyUsage_KEY_USAGE_ENCRYPT_DECRYPT:
+		out.EncryptionAlgorithms = []string{"RSAES_OAEP_SHA_256"}
+	}
+	return out, nil
+}
+
+func (s *Server) GenerateMac(ctx context.Context, req *cabinetpb.GenerateMacRequest) (*cabinetpb.GenerateMacResponse, error) {
+	if err := s.readyForCrypto(ctx, req.GetConsistency()); err != nil {
+		return nil, err
+	}
+	k, err := s.lookupKey(ctx, req.GetKeyId())
+	if err != nil {
+		return nil, err
+	}
+	mac, v, err := s.cfg.Crypto.GenerateMac(ctx, k, req.GetMessage())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &cabinetpb.GenerateMacResponse{Mac: mac, KeyId: k.GetKeyId(), KeyVersion: v}, nil
+}
+
+func (s *Server) VerifyMac(ctx context.Context, req *cabinetpb.VerifyMacRequest) (*cabinetpb.VerifyMacResponse, error) {
+	if err := s.readyForCrypto(ctx, req.GetConsistency()); err != nil {
+		return nil, err
+	}
+	if err := checkOverride(ctx, req.GetAllowCompromised()); err != nil {
+		return nil, err
+	}
+	k, err := s.lookupKey(ctx, req.GetKeyId())
+	if err != nil {
+		return nil, err
+	}
+	v := req.GetKeyVersion()
+	if v == 0 {
+		v = k.GetPrimaryVersion()
+	}
+	ok, err := s.cfg.Crypto.VerifyMac(ctx, k, v, req.GetMessage(), req.GetMac(), req.GetAllowCompromised())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &cabinetpb.VerifyMacResponse{Valid: ok, KeyId: k.GetKeyId(), KeyVersion: v}, nil
+}
+
+func (s *Server) GenerateRandom(ctx context.Context, req *cabinetpb.GenerateRandomRequest) (*cabinetpb.GenerateRandomResponse, error) {
+	n := int(req.GetNumberOfBytes())
+	if n < 1 || n > 1024 {
+		return nil, status.Error(codes.InvalidArgument, "number_of_bytes must be between 1 and 1024")
+	}
+	b, err := s.cfg.HSM.GenerateRandom(ctx, n)
+	if err != nil {
+		return nil, status.Errorf(codes.Unavailable, "this node's HSM could not generate random bytes: %v", err)
+	}
+	return &cabinetpb.GenerateRandomResponse{Random: b}, nil
+}
