@@ -113,6 +113,11 @@ func (s *State) applyRotateKey(c *cmdContext, p *fsmpb.RotateKey) *fsmpb.Result 
 	if st := rec.GetState(); st != stActive {
 		return failf(codePrecondition, "key %s is %s; only ACTIVE keys rotate (%s)", id, stateName(st), stateHint(st))
 	}
+	if rec.GetOrigin() == fsmpb.KeyOrigin_KEY_ORIGIN_IMPORTED {
+		// As AWS KMS: Cabinet-generated material never joins imported
+		// material under one key; import a new key instead.
+		return failf(codePrecondition, "key %s holds imported material and cannot be rotated; import a new key and move the alias", id)
+	}
 	if p.GetAutomatic() && !rotationDue(rec, c.time) {
 		if rec.GetRotationPeriodSeconds() <= 0 {
 			return failf(codePrecondition, "key %s has no automatic rotation period; automatic rotation refused, nothing changed", id)
@@ -381,6 +386,9 @@ func (s *State) applySetRotationPolicy(c *cmdContext, p *fsmpb.SetRotationPolicy
 	period := p.GetPeriodSeconds()
 	if res := checkRotationPeriod(rec.GetSpec(), keySpecRules[rec.GetSpec()], period); res != nil {
 		return res
+	}
+	if period > 0 && rec.GetOrigin() == fsmpb.KeyOrigin_KEY_ORIGIN_IMPORTED {
+		return failf(codePrecondition, "key %s holds imported material and cannot rotate automatically", rec.GetKeyId())
 	}
 	if st := rec.GetState(); st != stActive && st != stDisabled {
 		return failf(codePrecondition, "key %s is %s; only ACTIVE or DISABLED keys take a rotation policy (%s)",

@@ -966,3 +966,20 @@ func readCloser(b []byte) *nopCloser { return &nopCloser{bytes.NewReader(b)} }
 type nopCloser struct{ *bytes.Reader }
 
 func (nopCloser) Close() error { return nil }
+
+// Imported material never shares a key with Cabinet-generated material:
+// imported keys refuse manual and automatic rotation.
+func TestImportedKeysDoNotRotate(t *testing.T) {
+	a := initialised(t)
+	const tok = "it-abcdefgh"
+	a.mustOK(typImportToken, importTokenPayload(tok, t0+day))
+	a.mustOK(typImport, importPayload(tok, k1))
+	res := a.apply(typRotate, &fsmpb.RotateKey{KeyId: k1, Version: 2, Material: blob("v2")}, env{})
+	if res.GetCode() != codePrecondition || !strings.Contains(res.GetMessage(), "imported material") {
+		t.Fatalf("rotate imported key: %v %s", res.GetCode(), res.GetMessage())
+	}
+	res = a.apply(fsmpb.CommandType_COMMAND_TYPE_SET_ROTATION_POLICY, &fsmpb.SetRotationPolicy{KeyId: k1, PeriodSeconds: 86400}, env{})
+	if res.GetCode() != codePrecondition {
+		t.Fatalf("rotation policy on imported key: %v %s", res.GetCode(), res.GetMessage())
+	}
+}

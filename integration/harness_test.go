@@ -108,6 +108,8 @@ type testCluster struct {
 	adminDir string
 	witness  string // outside every node dir: material observed via test hooks
 	nodes    []*node
+	// serverArgs are extra flags for every `cabinet server`.
+	serverArgs []string
 }
 
 func newTestCluster(t *testing.T, n int) *testCluster {

@@ -161,21 +161,13 @@ func runServer(ctx context.Context, f *serverFlags) error {
 	}
 	state.OnRestore(engine.Purge)
 	// Every applied change to a key drops its cached material on this node at
-	// once; a destruction also compacts this node's Raft log (below) so no
-	// file keeps the destroyed material.
-	compact := make(chan struct{}, 1)
+	// once (CreateKey has nothing cached yet).
 	state.OnApply(func(_ uint64, cmd *fsmpb.Command, res *fsmpb.Result) {
 		if res.GetCode() != fsmpb.ResultCode_RESULT_CODE_OK {
 			return
 		}
 		if id := res.GetKey().GetKeyId(); id != "" && cmd.GetType() != fsmpb.CommandType_COMMAND_TYPE_CREATE_KEY {
 			engine.Forget(id)
-		}
-		if cmd.GetType() == fsmpb.CommandType_COMMAND_TYPE_DESTROY_KEY {
-			select {
-			case compact <- struct{}{}:
-			default:
-			}
 		}
 	})
 
@@ -192,14 +184,19 @@ func runServer(ctx context.Context, f *serverFlags) error {
 	}
 	stream := tlsutil.NewStreamLayer(raftLn, advertise, tlsutil.NodeServerConfig(cert, pool), tlsutil.NodeClientConfig(cert, pool))
 	node, err := cluster.Open(cluster.Config{
-		NodeID:           nc.NodeID,
-		RaftAddr:         nc.RaftAddr,
-		Dir:              filepath.Join(f.dataDir, "raft"),
-		StreamLayer:      stream,
-		FSM:              state,
-		Forwarder:        peers,
-		Logger:           log.With("component", "cluster"),
-		MaxStaleness:     f.maxStaleness,
+		NodeID:       nc.NodeID,
+		RaftAddr:     nc.RaftAddr,
+		Dir:          filepath.Join(f.dataDir, "raft"),
+		StreamLayer:  stream,
+		FSM:          state,
+		Forwarder:    peers,
+		Logger:       log.With("component", "cluster"),
+		MaxStaleness: f.maxStaleness,
+		// A destruction compacts every node's Raft log (snapshot, truncate,
+		// rewrite raft.db) so no file keeps the destroyed material.
+		CompactAfter: func(cmd *fsmpb.Command, res *fsmpb.Result) bool {
+			return cmd.GetType() == fsmpb.CommandType_COMMAND_TYPE_DESTROY_KEY && res.GetCode() == fsmpb.ResultCode_RESULT_CODE_OK
+		},
 		HeartbeatTimeout: f.heartbeat,
 		ElectionTimeout:  f.election,
 	})
@@ -231,20 +228,6 @@ func runServer(ctx context.Context, f *serverFlags) error {
 	defer cancelBG()
 	go srv.WatchHealth(bg, time.Second)
 	go node.RunLeaderLoop(bg, time.Second, srv.ProposeDue)
-	go func() {
-		for {
-			select {
-			case <-bg.Done():
-				return
-			case <-compact:
-				if err := node.CompactLog(bg); err != nil && bg.Err() == nil {
-					log.Error("compact the Raft log after a key destruction", "err", err)
-				} else {
-					log.Info("compacted the Raft log after a key destruction")
-				}
-			}
-		}
-	}()
 	if _, err := os.Stat(filepath.Join(f.dataDir, initFile)); err == nil {
 		go applyPendingInit(bg, log, node, state, f.dataDir)
 	}
