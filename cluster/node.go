@@ -302,13 +302,19 @@ func (n *Node) Propose(ctx context.Context, cmd *fsmpb.Command) (*fsmpb.Result, 
 		if n.cfg.Forwarder == nil {
 			return nil, fmt.Errorf("%w: forwarding is not configured", ErrNotLeader)
 		}
-		resBytes, _, err := n.cfg.Forwarder.ForwardApply(ctx, addr, data)
+		resBytes, index, err := n.cfg.Forwarder.ForwardApply(ctx, addr, data)
 		if errors.Is(err, ErrNotLeader) && attempt < 3 {
 			continue // the leader we knew just stepped down
 		}
 		if err != nil {
 			return nil, fmt.Errorf("forward to leader %s: %w", lid, err)
 		}
+		// Read-your-writes through this node: wait (briefly) until it has
+		// applied the entry, so a client that disabled or revoked a key here
+		// is refused here at once. The write is committed either way.
+		wctx, cancel := context.WithTimeout(ctx, n.cfg.MaxStaleness)
+		_ = n.applied.wait(wctx, index)
+		cancel()
 		return fsm.DecodeResult(resBytes)
 	}
 }

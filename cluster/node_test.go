@@ -153,3 +153,17 @@ func TestSnapshotAndRestoreFromDisk(t *testing.T) {
 	})
 	c.waitConverged()
 }
+
+// A write through a follower is visible on that follower when Propose
+// returns (read-your-writes through one node).
+func TestForwardedWriteVisibleOnReturn(t *testing.T) {
+	c := newTestCluster(t, 3)
+	c.waitLeader()
+	f := followers(c)[0]
+	for i := 0; i < 20; i++ {
+		res := c.mustPropose(f, fsmpb.CommandType_COMMAND_TYPE_CREATE_KEY, createKey(500+i), "")
+		if _, ok := f.fsm.Key(res.GetKey().GetKeyId()); !ok {
+			t.Fatalf("write %d not yet applied on the follower it went through", i)
+		}
+	}
+}

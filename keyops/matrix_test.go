@@ -354,14 +354,23 @@ func renderMatrix() string {
 
 // TestKeyStatesDoc keeps docs/KEY-STATES.md in step with Matrix(); run
 // `go test ./keyops -run TestKeyStatesDoc -update` after changing it.
+// TestKeyStatesDoc keeps the generated matrix in docs/KEY-STATES.md and in
+// the README identical to Matrix().
 func TestKeyStatesDoc(t *testing.T) {
-	doc, err := os.ReadFile(statesDoc)
+	for _, path := range []string{statesDoc, "../README.md"} {
+		checkMatrixBlock(t, path)
+	}
+}
+
+func checkMatrixBlock(t *testing.T, path string) {
+	t.Helper()
+	doc, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	b, a := bytes.Index(doc, []byte(statesDocBegin)), bytes.Index(doc, []byte(statesDocEnd))
 	if b < 0 || a < b {
-		t.Fatalf("%s lacks the matrix markers", statesDoc)
+		t.Fatalf("%s lacks the matrix markers", path)
 	}
 	want := statesDocBegin + "\n\n" + renderMatrix() + "\n" + statesDocEnd
 	got := string(doc[b : a+len(statesDocEnd)])
@@ -370,12 +379,12 @@ func TestKeyStatesDoc(t *testing.T) {
 	}
 	if *update {
 		out := append(append(bytes.Clone(doc[:b]), want...), doc[a+len(statesDocEnd):]...)
-		if err := os.WriteFile(statesDoc, out, 0o644); err != nil {
+		if err := os.WriteFile(path, out, 0o644); err != nil {
 			t.Fatal(err)
 		}
 		return
 	}
-	t.Fatalf("%s is out of date with Matrix(); run go test ./keyops -run TestKeyStatesDoc -update\n got:\n%s\nwant:\n%s", statesDoc, got, want)
+	t.Fatalf("%s is out of date with Matrix(); run go test ./keyops -run TestKeyStatesDoc -update\n got:\n%s\nwant:\n%s", path, got, want)
 }
 
 // engineCall is one Engine method applied to a key version.
