@@ -51,6 +51,11 @@ const (
 	CommandType_COMMAND_TYPE_DESTROY_KEY                CommandType = 18
 	CommandType_COMMAND_TYPE_CREATE_IMPORT_TOKEN        CommandType = 19
 	CommandType_COMMAND_TYPE_IMPORT_KEY                 CommandType = 20
+	// Authorization (issue 5).
+	CommandType_COMMAND_TYPE_CREATE_GRANT    CommandType = 21
+	CommandType_COMMAND_TYPE_REVOKE_GRANT    CommandType = 22
+	CommandType_COMMAND_TYPE_DENY_PRINCIPAL  CommandType = 23
+	CommandType_COMMAND_TYPE_ALLOW_PRINCIPAL CommandType = 24
 )
 
 // Enum value maps for CommandType.
@@ -77,6 +82,10 @@ var (
 		18: "COMMAND_TYPE_DESTROY_KEY",
 		19: "COMMAND_TYPE_CREATE_IMPORT_TOKEN",
 		20: "COMMAND_TYPE_IMPORT_KEY",
+		21: "COMMAND_TYPE_CREATE_GRANT",
+		22: "COMMAND_TYPE_REVOKE_GRANT",
+		23: "COMMAND_TYPE_DENY_PRINCIPAL",
+		24: "COMMAND_TYPE_ALLOW_PRINCIPAL",
 	}
 	CommandType_value = map[string]int32{
 		"COMMAND_TYPE_UNSPECIFIED":                0,
@@ -100,6 +109,10 @@ var (
 		"COMMAND_TYPE_DESTROY_KEY":                18,
 		"COMMAND_TYPE_CREATE_IMPORT_TOKEN":        19,
 		"COMMAND_TYPE_IMPORT_KEY":                 20,
+		"COMMAND_TYPE_CREATE_GRANT":               21,
+		"COMMAND_TYPE_REVOKE_GRANT":               22,
+		"COMMAND_TYPE_DENY_PRINCIPAL":             23,
+		"COMMAND_TYPE_ALLOW_PRINCIPAL":            24,
 	}
 )
 
@@ -519,6 +532,77 @@ func (RevocationReason) EnumDescriptor() ([]byte, []int) {
 	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{7}
 }
 
+// GrantOperation is what a per-key grant allows its principal to do.
+type GrantOperation int32
+
+const (
+	GrantOperation_GRANT_OPERATION_UNSPECIFIED       GrantOperation = 0
+	GrantOperation_GRANT_OPERATION_ENCRYPT           GrantOperation = 1
+	GrantOperation_GRANT_OPERATION_DECRYPT           GrantOperation = 2
+	GrantOperation_GRANT_OPERATION_RE_ENCRYPT        GrantOperation = 3
+	GrantOperation_GRANT_OPERATION_GENERATE_DATA_KEY GrantOperation = 4
+	GrantOperation_GRANT_OPERATION_SIGN              GrantOperation = 5
+	GrantOperation_GRANT_OPERATION_VERIFY            GrantOperation = 6
+	GrantOperation_GRANT_OPERATION_GENERATE_MAC      GrantOperation = 7
+	GrantOperation_GRANT_OPERATION_VERIFY_MAC        GrantOperation = 8
+	GrantOperation_GRANT_OPERATION_DESCRIBE          GrantOperation = 9
+)
+
+// Enum value maps for GrantOperation.
+var (
+	GrantOperation_name = map[int32]string{
+		0: "GRANT_OPERATION_UNSPECIFIED",
+		1: "GRANT_OPERATION_ENCRYPT",
+		2: "GRANT_OPERATION_DECRYPT",
+		3: "GRANT_OPERATION_RE_ENCRYPT",
+		4: "GRANT_OPERATION_GENERATE_DATA_KEY",
+		5: "GRANT_OPERATION_SIGN",
+		6: "GRANT_OPERATION_VERIFY",
+		7: "GRANT_OPERATION_GENERATE_MAC",
+		8: "GRANT_OPERATION_VERIFY_MAC",
+		9: "GRANT_OPERATION_DESCRIBE",
+	}
+	GrantOperation_value = map[string]int32{
+		"GRANT_OPERATION_UNSPECIFIED":       0,
+		"GRANT_OPERATION_ENCRYPT":           1,
+		"GRANT_OPERATION_DECRYPT":           2,
+		"GRANT_OPERATION_RE_ENCRYPT":        3,
+		"GRANT_OPERATION_GENERATE_DATA_KEY": 4,
+		"GRANT_OPERATION_SIGN":              5,
+		"GRANT_OPERATION_VERIFY":            6,
+		"GRANT_OPERATION_GENERATE_MAC":      7,
+		"GRANT_OPERATION_VERIFY_MAC":        8,
+		"GRANT_OPERATION_DESCRIBE":          9,
+	}
+)
+
+func (x GrantOperation) Enum() *GrantOperation {
+	p := new(GrantOperation)
+	*p = x
+	return p
+}
+
+func (x GrantOperation) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (GrantOperation) Descriptor() protoreflect.EnumDescriptor {
+	return file_fsm_fsmpb_fsm_proto_enumTypes[8].Descriptor()
+}
+
+func (GrantOperation) Type() protoreflect.EnumType {
+	return &file_fsm_fsmpb_fsm_proto_enumTypes[8]
+}
+
+func (x GrantOperation) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use GrantOperation.Descriptor instead.
+func (GrantOperation) EnumDescriptor() ([]byte, []int) {
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{8}
+}
+
 type ResultCode int32
 
 const (
@@ -561,11 +645,11 @@ func (x ResultCode) String() string {
 }
 
 func (ResultCode) Descriptor() protoreflect.EnumDescriptor {
-	return file_fsm_fsmpb_fsm_proto_enumTypes[8].Descriptor()
+	return file_fsm_fsmpb_fsm_proto_enumTypes[9].Descriptor()
 }
 
 func (ResultCode) Type() protoreflect.EnumType {
-	return &file_fsm_fsmpb_fsm_proto_enumTypes[8]
+	return &file_fsm_fsmpb_fsm_proto_enumTypes[9]
 }
 
 func (x ResultCode) Number() protoreflect.EnumNumber {
@@ -574,7 +658,7 @@ func (x ResultCode) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ResultCode.Descriptor instead.
 func (ResultCode) EnumDescriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{8}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{9}
 }
 
 // Command is the envelope of every Raft log entry.
@@ -2407,6 +2491,361 @@ func (x *KeyRecord) GetDestroyedUnixNano() int64 {
 	return 0
 }
 
+// Grant lets `principal` (a client certificate's common name) perform
+// `operations` with key `key_id`. When encryption_context_equals is not
+// empty, every pair must be present, with that value, in the request's
+// encryption context (for example tenant=acme).
+type Grant struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Chosen by the proposing node: "g-" + 26 lowercase base32 chars.
+	GrantId                 string            `protobuf:"bytes,1,opt,name=grant_id,json=grantId,proto3" json:"grant_id,omitempty"`
+	KeyId                   string            `protobuf:"bytes,2,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	Principal               string            `protobuf:"bytes,3,opt,name=principal,proto3" json:"principal,omitempty"`
+	Operations              []GrantOperation  `protobuf:"varint,4,rep,packed,name=operations,proto3,enum=cabinet.fsm.v1.GrantOperation" json:"operations,omitempty"`
+	EncryptionContextEquals map[string]string `protobuf:"bytes,5,rep,name=encryption_context_equals,json=encryptionContextEquals,proto3" json:"encryption_context_equals,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	CreatedUnixNano         int64             `protobuf:"varint,6,opt,name=created_unix_nano,json=createdUnixNano,proto3" json:"created_unix_nano,omitempty"`
+	CreatedBy               string            `protobuf:"bytes,7,opt,name=created_by,json=createdBy,proto3" json:"created_by,omitempty"`
+	unknownFields           protoimpl.UnknownFields
+	sizeCache               protoimpl.SizeCache
+}
+
+func (x *Grant) Reset() {
+	*x = Grant{}
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Grant) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Grant) ProtoMessage() {}
+
+func (x *Grant) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Grant.ProtoReflect.Descriptor instead.
+func (*Grant) Descriptor() ([]byte, []int) {
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *Grant) GetGrantId() string {
+	if x != nil {
+		return x.GrantId
+	}
+	return ""
+}
+
+func (x *Grant) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *Grant) GetPrincipal() string {
+	if x != nil {
+		return x.Principal
+	}
+	return ""
+}
+
+func (x *Grant) GetOperations() []GrantOperation {
+	if x != nil {
+		return x.Operations
+	}
+	return nil
+}
+
+func (x *Grant) GetEncryptionContextEquals() map[string]string {
+	if x != nil {
+		return x.EncryptionContextEquals
+	}
+	return nil
+}
+
+func (x *Grant) GetCreatedUnixNano() int64 {
+	if x != nil {
+		return x.CreatedUnixNano
+	}
+	return 0
+}
+
+func (x *Grant) GetCreatedBy() string {
+	if x != nil {
+		return x.CreatedBy
+	}
+	return ""
+}
+
+// CreateGrant records a grant (created_* are set by Apply). The key must
+// exist and not be DESTROYED; grant_id unique; operations non-empty, no
+// duplicates, no UNSPECIFIED.
+type CreateGrant struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Grant         *Grant                 `protobuf:"bytes,1,opt,name=grant,proto3" json:"grant,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateGrant) Reset() {
+	*x = CreateGrant{}
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateGrant) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateGrant) ProtoMessage() {}
+
+func (x *CreateGrant) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateGrant.ProtoReflect.Descriptor instead.
+func (*CreateGrant) Descriptor() ([]byte, []int) {
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *CreateGrant) GetGrant() *Grant {
+	if x != nil {
+		return x.Grant
+	}
+	return nil
+}
+
+type RevokeGrant struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	GrantId       string                 `protobuf:"bytes,1,opt,name=grant_id,json=grantId,proto3" json:"grant_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeGrant) Reset() {
+	*x = RevokeGrant{}
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeGrant) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeGrant) ProtoMessage() {}
+
+func (x *RevokeGrant) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeGrant.ProtoReflect.Descriptor instead.
+func (*RevokeGrant) Descriptor() ([]byte, []int) {
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *RevokeGrant) GetGrantId() string {
+	if x != nil {
+		return x.GrantId
+	}
+	return ""
+}
+
+// DenyPrincipal puts a principal on the cluster-wide deny list: every node
+// refuses its requests from the moment it applies the entry, whatever its
+// certificate and grants say.
+type DenyPrincipal struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Principal     string                 `protobuf:"bytes,1,opt,name=principal,proto3" json:"principal,omitempty"`
+	Reason        string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DenyPrincipal) Reset() {
+	*x = DenyPrincipal{}
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DenyPrincipal) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DenyPrincipal) ProtoMessage() {}
+
+func (x *DenyPrincipal) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DenyPrincipal.ProtoReflect.Descriptor instead.
+func (*DenyPrincipal) Descriptor() ([]byte, []int) {
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *DenyPrincipal) GetPrincipal() string {
+	if x != nil {
+		return x.Principal
+	}
+	return ""
+}
+
+func (x *DenyPrincipal) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type AllowPrincipal struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Principal     string                 `protobuf:"bytes,1,opt,name=principal,proto3" json:"principal,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AllowPrincipal) Reset() {
+	*x = AllowPrincipal{}
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AllowPrincipal) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AllowPrincipal) ProtoMessage() {}
+
+func (x *AllowPrincipal) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AllowPrincipal.ProtoReflect.Descriptor instead.
+func (*AllowPrincipal) Descriptor() ([]byte, []int) {
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *AllowPrincipal) GetPrincipal() string {
+	if x != nil {
+		return x.Principal
+	}
+	return ""
+}
+
+type DeniedPrincipal struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Principal      string                 `protobuf:"bytes,1,opt,name=principal,proto3" json:"principal,omitempty"`
+	Reason         string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	DeniedUnixNano int64                  `protobuf:"varint,3,opt,name=denied_unix_nano,json=deniedUnixNano,proto3" json:"denied_unix_nano,omitempty"`
+	DeniedBy       string                 `protobuf:"bytes,4,opt,name=denied_by,json=deniedBy,proto3" json:"denied_by,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *DeniedPrincipal) Reset() {
+	*x = DeniedPrincipal{}
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeniedPrincipal) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeniedPrincipal) ProtoMessage() {}
+
+func (x *DeniedPrincipal) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeniedPrincipal.ProtoReflect.Descriptor instead.
+func (*DeniedPrincipal) Descriptor() ([]byte, []int) {
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *DeniedPrincipal) GetPrincipal() string {
+	if x != nil {
+		return x.Principal
+	}
+	return ""
+}
+
+func (x *DeniedPrincipal) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *DeniedPrincipal) GetDeniedUnixNano() int64 {
+	if x != nil {
+		return x.DeniedUnixNano
+	}
+	return 0
+}
+
+func (x *DeniedPrincipal) GetDeniedBy() string {
+	if x != nil {
+		return x.DeniedBy
+	}
+	return ""
+}
+
 type ImportToken struct {
 	state        protoimpl.MessageState `protogen:"open.v1"`
 	TokenId      string                 `protobuf:"bytes,1,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
@@ -2424,7 +2863,7 @@ type ImportToken struct {
 
 func (x *ImportToken) Reset() {
 	*x = ImportToken{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[26]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2436,7 +2875,7 @@ func (x *ImportToken) String() string {
 func (*ImportToken) ProtoMessage() {}
 
 func (x *ImportToken) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[26]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2449,7 +2888,7 @@ func (x *ImportToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportToken.ProtoReflect.Descriptor instead.
 func (*ImportToken) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{26}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ImportToken) GetTokenId() string {
@@ -2523,7 +2962,7 @@ type JoinToken struct {
 
 func (x *JoinToken) Reset() {
 	*x = JoinToken{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[27]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2535,7 +2974,7 @@ func (x *JoinToken) String() string {
 func (*JoinToken) ProtoMessage() {}
 
 func (x *JoinToken) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[27]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2548,7 +2987,7 @@ func (x *JoinToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinToken.ProtoReflect.Descriptor instead.
 func (*JoinToken) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{27}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *JoinToken) GetTokenId() string {
@@ -2601,13 +3040,14 @@ type Result struct {
 	Message       string                 `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
 	Key           *KeyRecord             `protobuf:"bytes,3,opt,name=key,proto3" json:"key,omitempty"`
 	Node          *NodeRecord            `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`
+	Grant         *Grant                 `protobuf:"bytes,5,opt,name=grant,proto3" json:"grant,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[28]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2619,7 +3059,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[28]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2632,7 +3072,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{28}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *Result) GetCode() ResultCode {
@@ -2663,6 +3103,13 @@ func (x *Result) GetNode() *NodeRecord {
 	return nil
 }
 
+func (x *Result) GetGrant() *Grant {
+	if x != nil {
+		return x.Grant
+	}
+	return nil
+}
+
 type RequestRecord struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	RequestId     string                 `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
@@ -2674,7 +3121,7 @@ type RequestRecord struct {
 
 func (x *RequestRecord) Reset() {
 	*x = RequestRecord{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[29]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2686,7 +3133,7 @@ func (x *RequestRecord) String() string {
 func (*RequestRecord) ProtoMessage() {}
 
 func (x *RequestRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[29]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2699,7 +3146,7 @@ func (x *RequestRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestRecord.ProtoReflect.Descriptor instead.
 func (*RequestRecord) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{29}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *RequestRecord) GetRequestId() string {
@@ -2737,7 +3184,7 @@ type ClusterInfo struct {
 
 func (x *ClusterInfo) Reset() {
 	*x = ClusterInfo{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[30]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2749,7 +3196,7 @@ func (x *ClusterInfo) String() string {
 func (*ClusterInfo) ProtoMessage() {}
 
 func (x *ClusterInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[30]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2762,7 +3209,7 @@ func (x *ClusterInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterInfo.ProtoReflect.Descriptor instead.
 func (*ClusterInfo) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{30}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ClusterInfo) GetClusterId() string {
@@ -2820,13 +3267,17 @@ type State struct {
 	// Time of the last applied command (leader time), for expiry decisions.
 	LastAppliedTimeUnixNano int64          `protobuf:"varint,7,opt,name=last_applied_time_unix_nano,json=lastAppliedTimeUnixNano,proto3" json:"last_applied_time_unix_nano,omitempty"`
 	ImportTokens            []*ImportToken `protobuf:"bytes,8,rep,name=import_tokens,json=importTokens,proto3" json:"import_tokens,omitempty"`
-	unknownFields           protoimpl.UnknownFields
-	sizeCache               protoimpl.SizeCache
+	// Sorted by grant id.
+	Grants []*Grant `protobuf:"bytes,9,rep,name=grants,proto3" json:"grants,omitempty"`
+	// Sorted by principal.
+	DeniedPrincipals []*DeniedPrincipal `protobuf:"bytes,10,rep,name=denied_principals,json=deniedPrincipals,proto3" json:"denied_principals,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *State) Reset() {
 	*x = State{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[31]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2838,7 +3289,7 @@ func (x *State) String() string {
 func (*State) ProtoMessage() {}
 
 func (x *State) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[31]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2851,7 +3302,7 @@ func (x *State) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use State.ProtoReflect.Descriptor instead.
 func (*State) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{31}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *State) GetFormat() uint32 {
@@ -2906,6 +3357,20 @@ func (x *State) GetLastAppliedTimeUnixNano() int64 {
 func (x *State) GetImportTokens() []*ImportToken {
 	if x != nil {
 		return x.ImportTokens
+	}
+	return nil
+}
+
+func (x *State) GetGrants() []*Grant {
+	if x != nil {
+		return x.Grants
+	}
+	return nil
+}
+
+func (x *State) GetDeniedPrincipals() []*DeniedPrincipal {
+	if x != nil {
+		return x.DeniedPrincipals
 	}
 	return nil
 }
@@ -3069,7 +3534,35 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\x13destroyed_unix_nano\x18\x15 \x01(\x03R\x11destroyedUnixNano\x1a7\n" +
 	"\tTagsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd0\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x9e\x03\n" +
+	"\x05Grant\x12\x19\n" +
+	"\bgrant_id\x18\x01 \x01(\tR\agrantId\x12\x15\n" +
+	"\x06key_id\x18\x02 \x01(\tR\x05keyId\x12\x1c\n" +
+	"\tprincipal\x18\x03 \x01(\tR\tprincipal\x12>\n" +
+	"\n" +
+	"operations\x18\x04 \x03(\x0e2\x1e.cabinet.fsm.v1.GrantOperationR\n" +
+	"operations\x12n\n" +
+	"\x19encryption_context_equals\x18\x05 \x03(\v22.cabinet.fsm.v1.Grant.EncryptionContextEqualsEntryR\x17encryptionContextEquals\x12*\n" +
+	"\x11created_unix_nano\x18\x06 \x01(\x03R\x0fcreatedUnixNano\x12\x1d\n" +
+	"\n" +
+	"created_by\x18\a \x01(\tR\tcreatedBy\x1aJ\n" +
+	"\x1cEncryptionContextEqualsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\":\n" +
+	"\vCreateGrant\x12+\n" +
+	"\x05grant\x18\x01 \x01(\v2\x15.cabinet.fsm.v1.GrantR\x05grant\"(\n" +
+	"\vRevokeGrant\x12\x19\n" +
+	"\bgrant_id\x18\x01 \x01(\tR\agrantId\"E\n" +
+	"\rDenyPrincipal\x12\x1c\n" +
+	"\tprincipal\x18\x01 \x01(\tR\tprincipal\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\".\n" +
+	"\x0eAllowPrincipal\x12\x1c\n" +
+	"\tprincipal\x18\x01 \x01(\tR\tprincipal\"\x8e\x01\n" +
+	"\x0fDeniedPrincipal\x12\x1c\n" +
+	"\tprincipal\x18\x01 \x01(\tR\tprincipal\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12(\n" +
+	"\x10denied_unix_nano\x18\x03 \x01(\x03R\x0edeniedUnixNano\x12\x1b\n" +
+	"\tdenied_by\x18\x04 \x01(\tR\bdeniedBy\"\xd0\x02\n" +
 	"\vImportToken\x12\x19\n" +
 	"\btoken_id\x18\x01 \x01(\tR\atokenId\x12$\n" +
 	"\x0epublic_key_der\x18\x02 \x01(\fR\fpublicKeyDer\x12<\n" +
@@ -3090,12 +3583,13 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\n" +
 	"created_by\x18\x05 \x01(\tR\tcreatedBy\x12 \n" +
 	"\fused_by_node\x18\x06 \x01(\tR\n" +
-	"usedByNode\"\xaf\x01\n" +
+	"usedByNode\"\xdc\x01\n" +
 	"\x06Result\x12.\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x1a.cabinet.fsm.v1.ResultCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12+\n" +
 	"\x03key\x18\x03 \x01(\v2\x19.cabinet.fsm.v1.KeyRecordR\x03key\x12.\n" +
-	"\x04node\x18\x04 \x01(\v2\x1a.cabinet.fsm.v1.NodeRecordR\x04node\"\x84\x01\n" +
+	"\x04node\x18\x04 \x01(\v2\x1a.cabinet.fsm.v1.NodeRecordR\x04node\x12+\n" +
+	"\x05grant\x18\x05 \x01(\v2\x15.cabinet.fsm.v1.GrantR\x05grant\"\x84\x01\n" +
 	"\rRequestRecord\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12$\n" +
@@ -3108,7 +3602,7 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\x06ca_key\x18\x03 \x01(\v2\x1b.cabinet.fsm.v1.WrappedBlobR\x05caKey\x12=\n" +
 	"\fkek_versions\x18\x04 \x03(\v2\x1a.cabinet.fsm.v1.KEKVersionR\vkekVersions\x12.\n" +
 	"\x13current_kek_version\x18\x05 \x01(\rR\x11currentKekVersion\x12*\n" +
-	"\x11created_unix_nano\x18\x06 \x01(\x03R\x0fcreatedUnixNano\"\xae\x03\n" +
+	"\x11created_unix_nano\x18\x06 \x01(\x03R\x0fcreatedUnixNano\"\xab\x04\n" +
 	"\x05State\x12\x16\n" +
 	"\x06format\x18\x01 \x01(\rR\x06format\x125\n" +
 	"\acluster\x18\x02 \x01(\v2\x1b.cabinet.fsm.v1.ClusterInfoR\acluster\x12-\n" +
@@ -3118,7 +3612,10 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"joinTokens\x129\n" +
 	"\brequests\x18\x06 \x03(\v2\x1d.cabinet.fsm.v1.RequestRecordR\brequests\x12<\n" +
 	"\x1blast_applied_time_unix_nano\x18\a \x01(\x03R\x17lastAppliedTimeUnixNano\x12@\n" +
-	"\rimport_tokens\x18\b \x03(\v2\x1b.cabinet.fsm.v1.ImportTokenR\fimportTokens*\xb5\x05\n" +
+	"\rimport_tokens\x18\b \x03(\v2\x1b.cabinet.fsm.v1.ImportTokenR\fimportTokens\x12-\n" +
+	"\x06grants\x18\t \x03(\v2\x15.cabinet.fsm.v1.GrantR\x06grants\x12L\n" +
+	"\x11denied_principals\x18\n" +
+	" \x03(\v2\x1f.cabinet.fsm.v1.DeniedPrincipalR\x10deniedPrincipals*\xb6\x06\n" +
 	"\vCommandType\x12\x1c\n" +
 	"\x18COMMAND_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19COMMAND_TYPE_INIT_CLUSTER\x10\x01\x12\x1b\n" +
@@ -3141,7 +3638,11 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\x1fCOMMAND_TYPE_CANCEL_DESTRUCTION\x10\x11\x12\x1c\n" +
 	"\x18COMMAND_TYPE_DESTROY_KEY\x10\x12\x12$\n" +
 	" COMMAND_TYPE_CREATE_IMPORT_TOKEN\x10\x13\x12\x1b\n" +
-	"\x17COMMAND_TYPE_IMPORT_KEY\x10\x14*R\n" +
+	"\x17COMMAND_TYPE_IMPORT_KEY\x10\x14\x12\x1d\n" +
+	"\x19COMMAND_TYPE_CREATE_GRANT\x10\x15\x12\x1d\n" +
+	"\x19COMMAND_TYPE_REVOKE_GRANT\x10\x16\x12\x1f\n" +
+	"\x1bCOMMAND_TYPE_DENY_PRINCIPAL\x10\x17\x12 \n" +
+	"\x1cCOMMAND_TYPE_ALLOW_PRINCIPAL\x10\x18*R\n" +
 	"\bKEKState\x12\x19\n" +
 	"\x15KEK_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10KEK_STATE_ACTIVE\x10\x01\x12\x15\n" +
@@ -3183,7 +3684,18 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\x1dREVOCATION_REASON_UNSPECIFIED\x10\x00\x12 \n" +
 	"\x1cREVOCATION_REASON_SUPERSEDED\x10\x01\x12\x1c\n" +
 	"\x18REVOCATION_REASON_CEASED\x10\x02\x12!\n" +
-	"\x1dREVOCATION_REASON_COMPROMISED\x10\x03*\xc5\x01\n" +
+	"\x1dREVOCATION_REASON_COMPROMISED\x10\x03*\xc8\x02\n" +
+	"\x0eGrantOperation\x12\x1f\n" +
+	"\x1bGRANT_OPERATION_UNSPECIFIED\x10\x00\x12\x1b\n" +
+	"\x17GRANT_OPERATION_ENCRYPT\x10\x01\x12\x1b\n" +
+	"\x17GRANT_OPERATION_DECRYPT\x10\x02\x12\x1e\n" +
+	"\x1aGRANT_OPERATION_RE_ENCRYPT\x10\x03\x12%\n" +
+	"!GRANT_OPERATION_GENERATE_DATA_KEY\x10\x04\x12\x18\n" +
+	"\x14GRANT_OPERATION_SIGN\x10\x05\x12\x1a\n" +
+	"\x16GRANT_OPERATION_VERIFY\x10\x06\x12 \n" +
+	"\x1cGRANT_OPERATION_GENERATE_MAC\x10\a\x12\x1e\n" +
+	"\x1aGRANT_OPERATION_VERIFY_MAC\x10\b\x12\x1c\n" +
+	"\x18GRANT_OPERATION_DESCRIBE\x10\t*\xc5\x01\n" +
 	"\n" +
 	"ResultCode\x12\x12\n" +
 	"\x0eRESULT_CODE_OK\x10\x00\x12 \n" +
@@ -3205,8 +3717,8 @@ func file_fsm_fsmpb_fsm_proto_rawDescGZIP() []byte {
 	return file_fsm_fsmpb_fsm_proto_rawDescData
 }
 
-var file_fsm_fsmpb_fsm_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
-var file_fsm_fsmpb_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
+var file_fsm_fsmpb_fsm_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
+var file_fsm_fsmpb_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
 var file_fsm_fsmpb_fsm_proto_goTypes = []any{
 	(CommandType)(0),                // 0: cabinet.fsm.v1.CommandType
 	(KEKState)(0),                   // 1: cabinet.fsm.v1.KEKState
@@ -3216,89 +3728,103 @@ var file_fsm_fsmpb_fsm_proto_goTypes = []any{
 	(KeyVersionState)(0),            // 5: cabinet.fsm.v1.KeyVersionState
 	(KeyOrigin)(0),                  // 6: cabinet.fsm.v1.KeyOrigin
 	(RevocationReason)(0),           // 7: cabinet.fsm.v1.RevocationReason
-	(ResultCode)(0),                 // 8: cabinet.fsm.v1.ResultCode
-	(*Command)(nil),                 // 9: cabinet.fsm.v1.Command
-	(*WrappedBlob)(nil),             // 10: cabinet.fsm.v1.WrappedBlob
-	(*KEKVersion)(nil),              // 11: cabinet.fsm.v1.KEKVersion
-	(*NodeRecord)(nil),              // 12: cabinet.fsm.v1.NodeRecord
-	(*InitCluster)(nil),             // 13: cabinet.fsm.v1.InitCluster
-	(*CreateKey)(nil),               // 14: cabinet.fsm.v1.CreateKey
-	(*RotateKey)(nil),               // 15: cabinet.fsm.v1.RotateKey
-	(*UpdateKey)(nil),               // 16: cabinet.fsm.v1.UpdateKey
-	(*SetAlias)(nil),                // 17: cabinet.fsm.v1.SetAlias
-	(*DeleteAlias)(nil),             // 18: cabinet.fsm.v1.DeleteAlias
-	(*SetKeyEnabled)(nil),           // 19: cabinet.fsm.v1.SetKeyEnabled
-	(*RevokeKey)(nil),               // 20: cabinet.fsm.v1.RevokeKey
-	(*SetVersionState)(nil),         // 21: cabinet.fsm.v1.SetVersionState
-	(*SetMinDecryptionVersion)(nil), // 22: cabinet.fsm.v1.SetMinDecryptionVersion
-	(*SetRotationPolicy)(nil),       // 23: cabinet.fsm.v1.SetRotationPolicy
-	(*ScheduleDestruction)(nil),     // 24: cabinet.fsm.v1.ScheduleDestruction
-	(*CancelDestruction)(nil),       // 25: cabinet.fsm.v1.CancelDestruction
-	(*DestroyKey)(nil),              // 26: cabinet.fsm.v1.DestroyKey
-	(*CreateImportToken)(nil),       // 27: cabinet.fsm.v1.CreateImportToken
-	(*ImportKey)(nil),               // 28: cabinet.fsm.v1.ImportKey
-	(*CreateJoinToken)(nil),         // 29: cabinet.fsm.v1.CreateJoinToken
-	(*AdmitNode)(nil),               // 30: cabinet.fsm.v1.AdmitNode
-	(*RemoveNode)(nil),              // 31: cabinet.fsm.v1.RemoveNode
-	(*Noop)(nil),                    // 32: cabinet.fsm.v1.Noop
-	(*KeyVersion)(nil),              // 33: cabinet.fsm.v1.KeyVersion
-	(*KeyRecord)(nil),               // 34: cabinet.fsm.v1.KeyRecord
-	(*ImportToken)(nil),             // 35: cabinet.fsm.v1.ImportToken
-	(*JoinToken)(nil),               // 36: cabinet.fsm.v1.JoinToken
-	(*Result)(nil),                  // 37: cabinet.fsm.v1.Result
-	(*RequestRecord)(nil),           // 38: cabinet.fsm.v1.RequestRecord
-	(*ClusterInfo)(nil),             // 39: cabinet.fsm.v1.ClusterInfo
-	(*State)(nil),                   // 40: cabinet.fsm.v1.State
-	nil,                             // 41: cabinet.fsm.v1.CreateKey.TagsEntry
-	nil,                             // 42: cabinet.fsm.v1.UpdateKey.TagsEntry
-	nil,                             // 43: cabinet.fsm.v1.KeyRecord.TagsEntry
+	(GrantOperation)(0),             // 8: cabinet.fsm.v1.GrantOperation
+	(ResultCode)(0),                 // 9: cabinet.fsm.v1.ResultCode
+	(*Command)(nil),                 // 10: cabinet.fsm.v1.Command
+	(*WrappedBlob)(nil),             // 11: cabinet.fsm.v1.WrappedBlob
+	(*KEKVersion)(nil),              // 12: cabinet.fsm.v1.KEKVersion
+	(*NodeRecord)(nil),              // 13: cabinet.fsm.v1.NodeRecord
+	(*InitCluster)(nil),             // 14: cabinet.fsm.v1.InitCluster
+	(*CreateKey)(nil),               // 15: cabinet.fsm.v1.CreateKey
+	(*RotateKey)(nil),               // 16: cabinet.fsm.v1.RotateKey
+	(*UpdateKey)(nil),               // 17: cabinet.fsm.v1.UpdateKey
+	(*SetAlias)(nil),                // 18: cabinet.fsm.v1.SetAlias
+	(*DeleteAlias)(nil),             // 19: cabinet.fsm.v1.DeleteAlias
+	(*SetKeyEnabled)(nil),           // 20: cabinet.fsm.v1.SetKeyEnabled
+	(*RevokeKey)(nil),               // 21: cabinet.fsm.v1.RevokeKey
+	(*SetVersionState)(nil),         // 22: cabinet.fsm.v1.SetVersionState
+	(*SetMinDecryptionVersion)(nil), // 23: cabinet.fsm.v1.SetMinDecryptionVersion
+	(*SetRotationPolicy)(nil),       // 24: cabinet.fsm.v1.SetRotationPolicy
+	(*ScheduleDestruction)(nil),     // 25: cabinet.fsm.v1.ScheduleDestruction
+	(*CancelDestruction)(nil),       // 26: cabinet.fsm.v1.CancelDestruction
+	(*DestroyKey)(nil),              // 27: cabinet.fsm.v1.DestroyKey
+	(*CreateImportToken)(nil),       // 28: cabinet.fsm.v1.CreateImportToken
+	(*ImportKey)(nil),               // 29: cabinet.fsm.v1.ImportKey
+	(*CreateJoinToken)(nil),         // 30: cabinet.fsm.v1.CreateJoinToken
+	(*AdmitNode)(nil),               // 31: cabinet.fsm.v1.AdmitNode
+	(*RemoveNode)(nil),              // 32: cabinet.fsm.v1.RemoveNode
+	(*Noop)(nil),                    // 33: cabinet.fsm.v1.Noop
+	(*KeyVersion)(nil),              // 34: cabinet.fsm.v1.KeyVersion
+	(*KeyRecord)(nil),               // 35: cabinet.fsm.v1.KeyRecord
+	(*Grant)(nil),                   // 36: cabinet.fsm.v1.Grant
+	(*CreateGrant)(nil),             // 37: cabinet.fsm.v1.CreateGrant
+	(*RevokeGrant)(nil),             // 38: cabinet.fsm.v1.RevokeGrant
+	(*DenyPrincipal)(nil),           // 39: cabinet.fsm.v1.DenyPrincipal
+	(*AllowPrincipal)(nil),          // 40: cabinet.fsm.v1.AllowPrincipal
+	(*DeniedPrincipal)(nil),         // 41: cabinet.fsm.v1.DeniedPrincipal
+	(*ImportToken)(nil),             // 42: cabinet.fsm.v1.ImportToken
+	(*JoinToken)(nil),               // 43: cabinet.fsm.v1.JoinToken
+	(*Result)(nil),                  // 44: cabinet.fsm.v1.Result
+	(*RequestRecord)(nil),           // 45: cabinet.fsm.v1.RequestRecord
+	(*ClusterInfo)(nil),             // 46: cabinet.fsm.v1.ClusterInfo
+	(*State)(nil),                   // 47: cabinet.fsm.v1.State
+	nil,                             // 48: cabinet.fsm.v1.CreateKey.TagsEntry
+	nil,                             // 49: cabinet.fsm.v1.UpdateKey.TagsEntry
+	nil,                             // 50: cabinet.fsm.v1.KeyRecord.TagsEntry
+	nil,                             // 51: cabinet.fsm.v1.Grant.EncryptionContextEqualsEntry
 }
 var file_fsm_fsmpb_fsm_proto_depIdxs = []int32{
 	0,  // 0: cabinet.fsm.v1.Command.type:type_name -> cabinet.fsm.v1.CommandType
 	1,  // 1: cabinet.fsm.v1.KEKVersion.state:type_name -> cabinet.fsm.v1.KEKState
-	10, // 2: cabinet.fsm.v1.InitCluster.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	11, // 3: cabinet.fsm.v1.InitCluster.kek:type_name -> cabinet.fsm.v1.KEKVersion
-	12, // 4: cabinet.fsm.v1.InitCluster.first_node:type_name -> cabinet.fsm.v1.NodeRecord
+	11, // 2: cabinet.fsm.v1.InitCluster.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	12, // 3: cabinet.fsm.v1.InitCluster.kek:type_name -> cabinet.fsm.v1.KEKVersion
+	13, // 4: cabinet.fsm.v1.InitCluster.first_node:type_name -> cabinet.fsm.v1.NodeRecord
 	2,  // 5: cabinet.fsm.v1.CreateKey.spec:type_name -> cabinet.fsm.v1.KeySpec
 	3,  // 6: cabinet.fsm.v1.CreateKey.usage:type_name -> cabinet.fsm.v1.KeyUsage
-	41, // 7: cabinet.fsm.v1.CreateKey.tags:type_name -> cabinet.fsm.v1.CreateKey.TagsEntry
-	10, // 8: cabinet.fsm.v1.CreateKey.material:type_name -> cabinet.fsm.v1.WrappedBlob
-	10, // 9: cabinet.fsm.v1.RotateKey.material:type_name -> cabinet.fsm.v1.WrappedBlob
-	42, // 10: cabinet.fsm.v1.UpdateKey.tags:type_name -> cabinet.fsm.v1.UpdateKey.TagsEntry
+	48, // 7: cabinet.fsm.v1.CreateKey.tags:type_name -> cabinet.fsm.v1.CreateKey.TagsEntry
+	11, // 8: cabinet.fsm.v1.CreateKey.material:type_name -> cabinet.fsm.v1.WrappedBlob
+	11, // 9: cabinet.fsm.v1.RotateKey.material:type_name -> cabinet.fsm.v1.WrappedBlob
+	49, // 10: cabinet.fsm.v1.UpdateKey.tags:type_name -> cabinet.fsm.v1.UpdateKey.TagsEntry
 	7,  // 11: cabinet.fsm.v1.RevokeKey.reason:type_name -> cabinet.fsm.v1.RevocationReason
 	5,  // 12: cabinet.fsm.v1.SetVersionState.state:type_name -> cabinet.fsm.v1.KeyVersionState
-	10, // 13: cabinet.fsm.v1.CreateImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	11, // 13: cabinet.fsm.v1.CreateImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
 	2,  // 14: cabinet.fsm.v1.CreateImportToken.spec:type_name -> cabinet.fsm.v1.KeySpec
-	14, // 15: cabinet.fsm.v1.ImportKey.key:type_name -> cabinet.fsm.v1.CreateKey
-	12, // 16: cabinet.fsm.v1.AdmitNode.node:type_name -> cabinet.fsm.v1.NodeRecord
-	10, // 17: cabinet.fsm.v1.KeyVersion.material:type_name -> cabinet.fsm.v1.WrappedBlob
+	15, // 15: cabinet.fsm.v1.ImportKey.key:type_name -> cabinet.fsm.v1.CreateKey
+	13, // 16: cabinet.fsm.v1.AdmitNode.node:type_name -> cabinet.fsm.v1.NodeRecord
+	11, // 17: cabinet.fsm.v1.KeyVersion.material:type_name -> cabinet.fsm.v1.WrappedBlob
 	5,  // 18: cabinet.fsm.v1.KeyVersion.state:type_name -> cabinet.fsm.v1.KeyVersionState
 	2,  // 19: cabinet.fsm.v1.KeyRecord.spec:type_name -> cabinet.fsm.v1.KeySpec
 	3,  // 20: cabinet.fsm.v1.KeyRecord.usage:type_name -> cabinet.fsm.v1.KeyUsage
 	4,  // 21: cabinet.fsm.v1.KeyRecord.state:type_name -> cabinet.fsm.v1.KeyState
-	43, // 22: cabinet.fsm.v1.KeyRecord.tags:type_name -> cabinet.fsm.v1.KeyRecord.TagsEntry
-	33, // 23: cabinet.fsm.v1.KeyRecord.versions:type_name -> cabinet.fsm.v1.KeyVersion
+	50, // 22: cabinet.fsm.v1.KeyRecord.tags:type_name -> cabinet.fsm.v1.KeyRecord.TagsEntry
+	34, // 23: cabinet.fsm.v1.KeyRecord.versions:type_name -> cabinet.fsm.v1.KeyVersion
 	6,  // 24: cabinet.fsm.v1.KeyRecord.origin:type_name -> cabinet.fsm.v1.KeyOrigin
 	7,  // 25: cabinet.fsm.v1.KeyRecord.revocation_reason:type_name -> cabinet.fsm.v1.RevocationReason
-	10, // 26: cabinet.fsm.v1.ImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	2,  // 27: cabinet.fsm.v1.ImportToken.spec:type_name -> cabinet.fsm.v1.KeySpec
-	8,  // 28: cabinet.fsm.v1.Result.code:type_name -> cabinet.fsm.v1.ResultCode
-	34, // 29: cabinet.fsm.v1.Result.key:type_name -> cabinet.fsm.v1.KeyRecord
-	12, // 30: cabinet.fsm.v1.Result.node:type_name -> cabinet.fsm.v1.NodeRecord
-	37, // 31: cabinet.fsm.v1.RequestRecord.result:type_name -> cabinet.fsm.v1.Result
-	10, // 32: cabinet.fsm.v1.ClusterInfo.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	11, // 33: cabinet.fsm.v1.ClusterInfo.kek_versions:type_name -> cabinet.fsm.v1.KEKVersion
-	39, // 34: cabinet.fsm.v1.State.cluster:type_name -> cabinet.fsm.v1.ClusterInfo
-	34, // 35: cabinet.fsm.v1.State.keys:type_name -> cabinet.fsm.v1.KeyRecord
-	12, // 36: cabinet.fsm.v1.State.nodes:type_name -> cabinet.fsm.v1.NodeRecord
-	36, // 37: cabinet.fsm.v1.State.join_tokens:type_name -> cabinet.fsm.v1.JoinToken
-	38, // 38: cabinet.fsm.v1.State.requests:type_name -> cabinet.fsm.v1.RequestRecord
-	35, // 39: cabinet.fsm.v1.State.import_tokens:type_name -> cabinet.fsm.v1.ImportToken
-	40, // [40:40] is the sub-list for method output_type
-	40, // [40:40] is the sub-list for method input_type
-	40, // [40:40] is the sub-list for extension type_name
-	40, // [40:40] is the sub-list for extension extendee
-	0,  // [0:40] is the sub-list for field type_name
+	8,  // 26: cabinet.fsm.v1.Grant.operations:type_name -> cabinet.fsm.v1.GrantOperation
+	51, // 27: cabinet.fsm.v1.Grant.encryption_context_equals:type_name -> cabinet.fsm.v1.Grant.EncryptionContextEqualsEntry
+	36, // 28: cabinet.fsm.v1.CreateGrant.grant:type_name -> cabinet.fsm.v1.Grant
+	11, // 29: cabinet.fsm.v1.ImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	2,  // 30: cabinet.fsm.v1.ImportToken.spec:type_name -> cabinet.fsm.v1.KeySpec
+	9,  // 31: cabinet.fsm.v1.Result.code:type_name -> cabinet.fsm.v1.ResultCode
+	35, // 32: cabinet.fsm.v1.Result.key:type_name -> cabinet.fsm.v1.KeyRecord
+	13, // 33: cabinet.fsm.v1.Result.node:type_name -> cabinet.fsm.v1.NodeRecord
+	36, // 34: cabinet.fsm.v1.Result.grant:type_name -> cabinet.fsm.v1.Grant
+	44, // 35: cabinet.fsm.v1.RequestRecord.result:type_name -> cabinet.fsm.v1.Result
+	11, // 36: cabinet.fsm.v1.ClusterInfo.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	12, // 37: cabinet.fsm.v1.ClusterInfo.kek_versions:type_name -> cabinet.fsm.v1.KEKVersion
+	46, // 38: cabinet.fsm.v1.State.cluster:type_name -> cabinet.fsm.v1.ClusterInfo
+	35, // 39: cabinet.fsm.v1.State.keys:type_name -> cabinet.fsm.v1.KeyRecord
+	13, // 40: cabinet.fsm.v1.State.nodes:type_name -> cabinet.fsm.v1.NodeRecord
+	43, // 41: cabinet.fsm.v1.State.join_tokens:type_name -> cabinet.fsm.v1.JoinToken
+	45, // 42: cabinet.fsm.v1.State.requests:type_name -> cabinet.fsm.v1.RequestRecord
+	42, // 43: cabinet.fsm.v1.State.import_tokens:type_name -> cabinet.fsm.v1.ImportToken
+	36, // 44: cabinet.fsm.v1.State.grants:type_name -> cabinet.fsm.v1.Grant
+	41, // 45: cabinet.fsm.v1.State.denied_principals:type_name -> cabinet.fsm.v1.DeniedPrincipal
+	46, // [46:46] is the sub-list for method output_type
+	46, // [46:46] is the sub-list for method input_type
+	46, // [46:46] is the sub-list for extension type_name
+	46, // [46:46] is the sub-list for extension extendee
+	0,  // [0:46] is the sub-list for field type_name
 }
 
 func init() { file_fsm_fsmpb_fsm_proto_init() }
@@ -3311,8 +3837,8 @@ func file_fsm_fsmpb_fsm_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fsm_fsmpb_fsm_proto_rawDesc), len(file_fsm_fsmpb_fsm_proto_rawDesc)),
-			NumEnums:      9,
-			NumMessages:   35,
+			NumEnums:      10,
+			NumMessages:   42,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -3760,6 +3760,1387 @@ func (x *ImportKeyRequest) GetRequestId() string {
 	return ""
 }
 
+type Grant struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	GrantId   string                 `protobuf:"bytes,1,opt,name=grant_id,json=grantId,proto3" json:"grant_id,omitempty"`
+	KeyId     string                 `protobuf:"bytes,2,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	Principal string                 `protobuf:"bytes,3,opt,name=principal,proto3" json:"principal,omitempty"`
+	// encrypt, decrypt, re-encrypt, generate-data-key, sign, verify,
+	// generate-mac, verify-mac, describe.
+	Operations              []string               `protobuf:"bytes,4,rep,name=operations,proto3" json:"operations,omitempty"`
+	EncryptionContextEquals map[string]string      `protobuf:"bytes,5,rep,name=encryption_context_equals,json=encryptionContextEquals,proto3" json:"encryption_context_equals,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	CreatedAt               *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	CreatedBy               string                 `protobuf:"bytes,7,opt,name=created_by,json=createdBy,proto3" json:"created_by,omitempty"`
+	unknownFields           protoimpl.UnknownFields
+	sizeCache               protoimpl.SizeCache
+}
+
+func (x *Grant) Reset() {
+	*x = Grant{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[53]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Grant) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Grant) ProtoMessage() {}
+
+func (x *Grant) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[53]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Grant.ProtoReflect.Descriptor instead.
+func (*Grant) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{53}
+}
+
+func (x *Grant) GetGrantId() string {
+	if x != nil {
+		return x.GrantId
+	}
+	return ""
+}
+
+func (x *Grant) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *Grant) GetPrincipal() string {
+	if x != nil {
+		return x.Principal
+	}
+	return ""
+}
+
+func (x *Grant) GetOperations() []string {
+	if x != nil {
+		return x.Operations
+	}
+	return nil
+}
+
+func (x *Grant) GetEncryptionContextEquals() map[string]string {
+	if x != nil {
+		return x.EncryptionContextEquals
+	}
+	return nil
+}
+
+func (x *Grant) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *Grant) GetCreatedBy() string {
+	if x != nil {
+		return x.CreatedBy
+	}
+	return ""
+}
+
+type CreateGrantRequest struct {
+	state                   protoimpl.MessageState `protogen:"open.v1"`
+	KeyId                   string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	Principal               string                 `protobuf:"bytes,2,opt,name=principal,proto3" json:"principal,omitempty"`
+	Operations              []string               `protobuf:"bytes,3,rep,name=operations,proto3" json:"operations,omitempty"`
+	EncryptionContextEquals map[string]string      `protobuf:"bytes,4,rep,name=encryption_context_equals,json=encryptionContextEquals,proto3" json:"encryption_context_equals,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	RequestId               string                 `protobuf:"bytes,5,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields           protoimpl.UnknownFields
+	sizeCache               protoimpl.SizeCache
+}
+
+func (x *CreateGrantRequest) Reset() {
+	*x = CreateGrantRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[54]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateGrantRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateGrantRequest) ProtoMessage() {}
+
+func (x *CreateGrantRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[54]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateGrantRequest.ProtoReflect.Descriptor instead.
+func (*CreateGrantRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{54}
+}
+
+func (x *CreateGrantRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *CreateGrantRequest) GetPrincipal() string {
+	if x != nil {
+		return x.Principal
+	}
+	return ""
+}
+
+func (x *CreateGrantRequest) GetOperations() []string {
+	if x != nil {
+		return x.Operations
+	}
+	return nil
+}
+
+func (x *CreateGrantRequest) GetEncryptionContextEquals() map[string]string {
+	if x != nil {
+		return x.EncryptionContextEquals
+	}
+	return nil
+}
+
+func (x *CreateGrantRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type GrantResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Grant         *Grant                 `protobuf:"bytes,1,opt,name=grant,proto3" json:"grant,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GrantResponse) Reset() {
+	*x = GrantResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[55]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GrantResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GrantResponse) ProtoMessage() {}
+
+func (x *GrantResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[55]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GrantResponse.ProtoReflect.Descriptor instead.
+func (*GrantResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{55}
+}
+
+func (x *GrantResponse) GetGrant() *Grant {
+	if x != nil {
+		return x.Grant
+	}
+	return nil
+}
+
+type RevokeGrantRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	GrantId       string                 `protobuf:"bytes,1,opt,name=grant_id,json=grantId,proto3" json:"grant_id,omitempty"`
+	RequestId     string                 `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeGrantRequest) Reset() {
+	*x = RevokeGrantRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[56]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeGrantRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeGrantRequest) ProtoMessage() {}
+
+func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[56]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeGrantRequest.ProtoReflect.Descriptor instead.
+func (*RevokeGrantRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{56}
+}
+
+func (x *RevokeGrantRequest) GetGrantId() string {
+	if x != nil {
+		return x.GrantId
+	}
+	return ""
+}
+
+func (x *RevokeGrantRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type RevokeGrantResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeGrantResponse) Reset() {
+	*x = RevokeGrantResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[57]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeGrantResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeGrantResponse) ProtoMessage() {}
+
+func (x *RevokeGrantResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[57]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeGrantResponse.ProtoReflect.Descriptor instead.
+func (*RevokeGrantResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{57}
+}
+
+type ListGrantsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// A key id or alias; all grants when empty.
+	KeyId         string `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	Principal     string `protobuf:"bytes,2,opt,name=principal,proto3" json:"principal,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListGrantsRequest) Reset() {
+	*x = ListGrantsRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[58]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListGrantsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListGrantsRequest) ProtoMessage() {}
+
+func (x *ListGrantsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[58]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListGrantsRequest.ProtoReflect.Descriptor instead.
+func (*ListGrantsRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{58}
+}
+
+func (x *ListGrantsRequest) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *ListGrantsRequest) GetPrincipal() string {
+	if x != nil {
+		return x.Principal
+	}
+	return ""
+}
+
+type ListGrantsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Grants        []*Grant               `protobuf:"bytes,1,rep,name=grants,proto3" json:"grants,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListGrantsResponse) Reset() {
+	*x = ListGrantsResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[59]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListGrantsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListGrantsResponse) ProtoMessage() {}
+
+func (x *ListGrantsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[59]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListGrantsResponse.ProtoReflect.Descriptor instead.
+func (*ListGrantsResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{59}
+}
+
+func (x *ListGrantsResponse) GetGrants() []*Grant {
+	if x != nil {
+		return x.Grants
+	}
+	return nil
+}
+
+type IssueCertificateRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// PKCS#10 DER; its public key is certified, the subject is ignored.
+	CsrDer []byte `protobuf:"bytes,1,opt,name=csr_der,json=csrDer,proto3" json:"csr_der,omitempty"`
+	Name   string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// admin, operator or client.
+	Role          string `protobuf:"bytes,3,opt,name=role,proto3" json:"role,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IssueCertificateRequest) Reset() {
+	*x = IssueCertificateRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[60]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IssueCertificateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IssueCertificateRequest) ProtoMessage() {}
+
+func (x *IssueCertificateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[60]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IssueCertificateRequest.ProtoReflect.Descriptor instead.
+func (*IssueCertificateRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{60}
+}
+
+func (x *IssueCertificateRequest) GetCsrDer() []byte {
+	if x != nil {
+		return x.CsrDer
+	}
+	return nil
+}
+
+func (x *IssueCertificateRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *IssueCertificateRequest) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+type IssueCertificateResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	CertDer       []byte                 `protobuf:"bytes,1,opt,name=cert_der,json=certDer,proto3" json:"cert_der,omitempty"`
+	CaCertDer     []byte                 `protobuf:"bytes,2,opt,name=ca_cert_der,json=caCertDer,proto3" json:"ca_cert_der,omitempty"`
+	NotAfter      *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=not_after,json=notAfter,proto3" json:"not_after,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IssueCertificateResponse) Reset() {
+	*x = IssueCertificateResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[61]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IssueCertificateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IssueCertificateResponse) ProtoMessage() {}
+
+func (x *IssueCertificateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[61]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IssueCertificateResponse.ProtoReflect.Descriptor instead.
+func (*IssueCertificateResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{61}
+}
+
+func (x *IssueCertificateResponse) GetCertDer() []byte {
+	if x != nil {
+		return x.CertDer
+	}
+	return nil
+}
+
+func (x *IssueCertificateResponse) GetCaCertDer() []byte {
+	if x != nil {
+		return x.CaCertDer
+	}
+	return nil
+}
+
+func (x *IssueCertificateResponse) GetNotAfter() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NotAfter
+	}
+	return nil
+}
+
+type DenyPrincipalRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Principal     string                 `protobuf:"bytes,1,opt,name=principal,proto3" json:"principal,omitempty"`
+	Reason        string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	RequestId     string                 `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DenyPrincipalRequest) Reset() {
+	*x = DenyPrincipalRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[62]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DenyPrincipalRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DenyPrincipalRequest) ProtoMessage() {}
+
+func (x *DenyPrincipalRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[62]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DenyPrincipalRequest.ProtoReflect.Descriptor instead.
+func (*DenyPrincipalRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{62}
+}
+
+func (x *DenyPrincipalRequest) GetPrincipal() string {
+	if x != nil {
+		return x.Principal
+	}
+	return ""
+}
+
+func (x *DenyPrincipalRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *DenyPrincipalRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type DenyPrincipalResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DenyPrincipalResponse) Reset() {
+	*x = DenyPrincipalResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[63]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DenyPrincipalResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DenyPrincipalResponse) ProtoMessage() {}
+
+func (x *DenyPrincipalResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[63]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DenyPrincipalResponse.ProtoReflect.Descriptor instead.
+func (*DenyPrincipalResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{63}
+}
+
+type AllowPrincipalRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Principal     string                 `protobuf:"bytes,1,opt,name=principal,proto3" json:"principal,omitempty"`
+	RequestId     string                 `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AllowPrincipalRequest) Reset() {
+	*x = AllowPrincipalRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[64]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AllowPrincipalRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AllowPrincipalRequest) ProtoMessage() {}
+
+func (x *AllowPrincipalRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[64]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AllowPrincipalRequest.ProtoReflect.Descriptor instead.
+func (*AllowPrincipalRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{64}
+}
+
+func (x *AllowPrincipalRequest) GetPrincipal() string {
+	if x != nil {
+		return x.Principal
+	}
+	return ""
+}
+
+func (x *AllowPrincipalRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type AllowPrincipalResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AllowPrincipalResponse) Reset() {
+	*x = AllowPrincipalResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[65]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AllowPrincipalResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AllowPrincipalResponse) ProtoMessage() {}
+
+func (x *AllowPrincipalResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[65]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AllowPrincipalResponse.ProtoReflect.Descriptor instead.
+func (*AllowPrincipalResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{65}
+}
+
+type DeniedPrincipal struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Principal     string                 `protobuf:"bytes,1,opt,name=principal,proto3" json:"principal,omitempty"`
+	Reason        string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	DeniedAt      *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=denied_at,json=deniedAt,proto3" json:"denied_at,omitempty"`
+	DeniedBy      string                 `protobuf:"bytes,4,opt,name=denied_by,json=deniedBy,proto3" json:"denied_by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeniedPrincipal) Reset() {
+	*x = DeniedPrincipal{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[66]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeniedPrincipal) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeniedPrincipal) ProtoMessage() {}
+
+func (x *DeniedPrincipal) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[66]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeniedPrincipal.ProtoReflect.Descriptor instead.
+func (*DeniedPrincipal) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{66}
+}
+
+func (x *DeniedPrincipal) GetPrincipal() string {
+	if x != nil {
+		return x.Principal
+	}
+	return ""
+}
+
+func (x *DeniedPrincipal) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *DeniedPrincipal) GetDeniedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DeniedAt
+	}
+	return nil
+}
+
+func (x *DeniedPrincipal) GetDeniedBy() string {
+	if x != nil {
+		return x.DeniedBy
+	}
+	return ""
+}
+
+type ListDeniedPrincipalsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListDeniedPrincipalsRequest) Reset() {
+	*x = ListDeniedPrincipalsRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[67]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListDeniedPrincipalsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListDeniedPrincipalsRequest) ProtoMessage() {}
+
+func (x *ListDeniedPrincipalsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[67]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListDeniedPrincipalsRequest.ProtoReflect.Descriptor instead.
+func (*ListDeniedPrincipalsRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{67}
+}
+
+type ListDeniedPrincipalsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Principals    []*DeniedPrincipal     `protobuf:"bytes,1,rep,name=principals,proto3" json:"principals,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListDeniedPrincipalsResponse) Reset() {
+	*x = ListDeniedPrincipalsResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[68]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListDeniedPrincipalsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListDeniedPrincipalsResponse) ProtoMessage() {}
+
+func (x *ListDeniedPrincipalsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[68]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListDeniedPrincipalsResponse.ProtoReflect.Descriptor instead.
+func (*ListDeniedPrincipalsResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{68}
+}
+
+func (x *ListDeniedPrincipalsResponse) GetPrincipals() []*DeniedPrincipal {
+	if x != nil {
+		return x.Principals
+	}
+	return nil
+}
+
+type AuditRecord struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Seq        uint64                 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
+	Time       *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=time,proto3" json:"time,omitempty"`
+	Node       string                 `protobuf:"bytes,3,opt,name=node,proto3" json:"node,omitempty"`
+	Principal  string                 `protobuf:"bytes,4,opt,name=principal,proto3" json:"principal,omitempty"`
+	Role       string                 `protobuf:"bytes,5,opt,name=role,proto3" json:"role,omitempty"`
+	Operation  string                 `protobuf:"bytes,6,opt,name=operation,proto3" json:"operation,omitempty"`
+	KeyId      string                 `protobuf:"bytes,7,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	KeyVersion uint32                 `protobuf:"varint,8,opt,name=key_version,json=keyVersion,proto3" json:"key_version,omitempty"`
+	// OK or the gRPC code name.
+	Outcome    string `protobuf:"bytes,9,opt,name=outcome,proto3" json:"outcome,omitempty"`
+	RequestId  string `protobuf:"bytes,10,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	ClientAddr string `protobuf:"bytes,11,opt,name=client_addr,json=clientAddr,proto3" json:"client_addr,omitempty"`
+	// Hex SHA-256 of the previous record's hash and this record.
+	PrevHash      string `protobuf:"bytes,12,opt,name=prev_hash,json=prevHash,proto3" json:"prev_hash,omitempty"`
+	Hash          string `protobuf:"bytes,13,opt,name=hash,proto3" json:"hash,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditRecord) Reset() {
+	*x = AuditRecord{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[69]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditRecord) ProtoMessage() {}
+
+func (x *AuditRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[69]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
+func (*AuditRecord) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{69}
+}
+
+func (x *AuditRecord) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *AuditRecord) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *AuditRecord) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetPrincipal() string {
+	if x != nil {
+		return x.Principal
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetOperation() string {
+	if x != nil {
+		return x.Operation
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetKeyVersion() uint32 {
+	if x != nil {
+		return x.KeyVersion
+	}
+	return 0
+}
+
+func (x *AuditRecord) GetOutcome() string {
+	if x != nil {
+		return x.Outcome
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetClientAddr() string {
+	if x != nil {
+		return x.ClientAddr
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetPrevHash() string {
+	if x != nil {
+		return x.PrevHash
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetHash() string {
+	if x != nil {
+		return x.Hash
+	}
+	return ""
+}
+
+type AuditTailRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Count         int32                  `protobuf:"varint,1,opt,name=count,proto3" json:"count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditTailRequest) Reset() {
+	*x = AuditTailRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[70]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditTailRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditTailRequest) ProtoMessage() {}
+
+func (x *AuditTailRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[70]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditTailRequest.ProtoReflect.Descriptor instead.
+func (*AuditTailRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{70}
+}
+
+func (x *AuditTailRequest) GetCount() int32 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+type AuditTailResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Records       []*AuditRecord         `protobuf:"bytes,1,rep,name=records,proto3" json:"records,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditTailResponse) Reset() {
+	*x = AuditTailResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[71]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditTailResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditTailResponse) ProtoMessage() {}
+
+func (x *AuditTailResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[71]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditTailResponse.ProtoReflect.Descriptor instead.
+func (*AuditTailResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{71}
+}
+
+func (x *AuditTailResponse) GetRecords() []*AuditRecord {
+	if x != nil {
+		return x.Records
+	}
+	return nil
+}
+
+type AuditVerifyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditVerifyRequest) Reset() {
+	*x = AuditVerifyRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[72]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditVerifyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditVerifyRequest) ProtoMessage() {}
+
+func (x *AuditVerifyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[72]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditVerifyRequest.ProtoReflect.Descriptor instead.
+func (*AuditVerifyRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{72}
+}
+
+type AuditVerifyResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Ok      bool                   `protobuf:"varint,1,opt,name=ok,proto3" json:"ok,omitempty"`
+	Records uint64                 `protobuf:"varint,2,opt,name=records,proto3" json:"records,omitempty"`
+	// When !ok: the first bad record's sequence number (1-based line) and why.
+	FirstBadSeq   uint64 `protobuf:"varint,3,opt,name=first_bad_seq,json=firstBadSeq,proto3" json:"first_bad_seq,omitempty"`
+	Problem       string `protobuf:"bytes,4,opt,name=problem,proto3" json:"problem,omitempty"`
+	File          string `protobuf:"bytes,5,opt,name=file,proto3" json:"file,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditVerifyResponse) Reset() {
+	*x = AuditVerifyResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[73]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditVerifyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditVerifyResponse) ProtoMessage() {}
+
+func (x *AuditVerifyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[73]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditVerifyResponse.ProtoReflect.Descriptor instead.
+func (*AuditVerifyResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{73}
+}
+
+func (x *AuditVerifyResponse) GetOk() bool {
+	if x != nil {
+		return x.Ok
+	}
+	return false
+}
+
+func (x *AuditVerifyResponse) GetRecords() uint64 {
+	if x != nil {
+		return x.Records
+	}
+	return 0
+}
+
+func (x *AuditVerifyResponse) GetFirstBadSeq() uint64 {
+	if x != nil {
+		return x.FirstBadSeq
+	}
+	return 0
+}
+
+func (x *AuditVerifyResponse) GetProblem() string {
+	if x != nil {
+		return x.Problem
+	}
+	return ""
+}
+
+func (x *AuditVerifyResponse) GetFile() string {
+	if x != nil {
+		return x.File
+	}
+	return ""
+}
+
+type EchoRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Payload []byte                 `protobuf:"bytes,1,opt,name=payload,proto3" json:"payload,omitempty"`
+	// Size of the payload to send back (0: echo the payload).
+	ResponseSize  int32 `protobuf:"varint,2,opt,name=response_size,json=responseSize,proto3" json:"response_size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EchoRequest) Reset() {
+	*x = EchoRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[74]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EchoRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EchoRequest) ProtoMessage() {}
+
+func (x *EchoRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[74]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EchoRequest.ProtoReflect.Descriptor instead.
+func (*EchoRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{74}
+}
+
+func (x *EchoRequest) GetPayload() []byte {
+	if x != nil {
+		return x.Payload
+	}
+	return nil
+}
+
+func (x *EchoRequest) GetResponseSize() int32 {
+	if x != nil {
+		return x.ResponseSize
+	}
+	return 0
+}
+
+type EchoResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Payload       []byte                 `protobuf:"bytes,1,opt,name=payload,proto3" json:"payload,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EchoResponse) Reset() {
+	*x = EchoResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[75]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EchoResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EchoResponse) ProtoMessage() {}
+
+func (x *EchoResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[75]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EchoResponse.ProtoReflect.Descriptor instead.
+func (*EchoResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{75}
+}
+
+func (x *EchoResponse) GetPayload() []byte {
+	if x != nil {
+		return x.Payload
+	}
+	return nil
+}
+
+type ApplyNoopRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Size          int32                  `protobuf:"varint,1,opt,name=size,proto3" json:"size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApplyNoopRequest) Reset() {
+	*x = ApplyNoopRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[76]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApplyNoopRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApplyNoopRequest) ProtoMessage() {}
+
+func (x *ApplyNoopRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[76]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApplyNoopRequest.ProtoReflect.Descriptor instead.
+func (*ApplyNoopRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{76}
+}
+
+func (x *ApplyNoopRequest) GetSize() int32 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+type ApplyNoopResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApplyNoopResponse) Reset() {
+	*x = ApplyNoopResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[77]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApplyNoopResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApplyNoopResponse) ProtoMessage() {}
+
+func (x *ApplyNoopResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[77]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApplyNoopResponse.ProtoReflect.Descriptor instead.
+func (*ApplyNoopResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{77}
+}
+
+func (x *ApplyNoopResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
 type StatusRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -3768,7 +5149,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[53]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3780,7 +5161,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[53]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3793,7 +5174,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{53}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{78}
 }
 
 type StatusResponse struct {
@@ -3830,7 +5211,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[54]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3842,7 +5223,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[54]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3855,7 +5236,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{54}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *StatusResponse) GetNodeId() string {
@@ -4013,7 +5394,7 @@ type ListPeersRequest struct {
 
 func (x *ListPeersRequest) Reset() {
 	*x = ListPeersRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[55]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4025,7 +5406,7 @@ func (x *ListPeersRequest) String() string {
 func (*ListPeersRequest) ProtoMessage() {}
 
 func (x *ListPeersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[55]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4038,7 +5419,7 @@ func (x *ListPeersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPeersRequest.ProtoReflect.Descriptor instead.
 func (*ListPeersRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{55}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{80}
 }
 
 type Peer struct {
@@ -4061,7 +5442,7 @@ type Peer struct {
 
 func (x *Peer) Reset() {
 	*x = Peer{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[56]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4073,7 +5454,7 @@ func (x *Peer) String() string {
 func (*Peer) ProtoMessage() {}
 
 func (x *Peer) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[56]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4086,7 +5467,7 @@ func (x *Peer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Peer.ProtoReflect.Descriptor instead.
 func (*Peer) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{56}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *Peer) GetNodeId() string {
@@ -4175,7 +5556,7 @@ type ListPeersResponse struct {
 
 func (x *ListPeersResponse) Reset() {
 	*x = ListPeersResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[57]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4187,7 +5568,7 @@ func (x *ListPeersResponse) String() string {
 func (*ListPeersResponse) ProtoMessage() {}
 
 func (x *ListPeersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[57]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4200,7 +5581,7 @@ func (x *ListPeersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPeersResponse.ProtoReflect.Descriptor instead.
 func (*ListPeersResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{57}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *ListPeersResponse) GetPeers() []*Peer {
@@ -4221,7 +5602,7 @@ type CreateJoinTokenRequest struct {
 
 func (x *CreateJoinTokenRequest) Reset() {
 	*x = CreateJoinTokenRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[58]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4233,7 +5614,7 @@ func (x *CreateJoinTokenRequest) String() string {
 func (*CreateJoinTokenRequest) ProtoMessage() {}
 
 func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[58]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4246,7 +5627,7 @@ func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{58}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *CreateJoinTokenRequest) GetTtlSeconds() int64 {
@@ -4275,7 +5656,7 @@ type CreateJoinTokenResponse struct {
 
 func (x *CreateJoinTokenResponse) Reset() {
 	*x = CreateJoinTokenResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[59]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4287,7 +5668,7 @@ func (x *CreateJoinTokenResponse) String() string {
 func (*CreateJoinTokenResponse) ProtoMessage() {}
 
 func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[59]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4300,7 +5681,7 @@ func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{59}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *CreateJoinTokenResponse) GetToken() string {
@@ -4335,7 +5716,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[60]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4347,7 +5728,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[60]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4360,7 +5741,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{60}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *JoinRequest) GetTokenId() string {
@@ -4432,7 +5813,7 @@ type WrappedKEK struct {
 
 func (x *WrappedKEK) Reset() {
 	*x = WrappedKEK{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[61]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4444,7 +5825,7 @@ func (x *WrappedKEK) String() string {
 func (*WrappedKEK) ProtoMessage() {}
 
 func (x *WrappedKEK) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[61]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4457,7 +5838,7 @@ func (x *WrappedKEK) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WrappedKEK.ProtoReflect.Descriptor instead.
 func (*WrappedKEK) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{61}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *WrappedKEK) GetVersion() uint32 {
@@ -4496,7 +5877,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[62]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4508,7 +5889,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[62]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4521,7 +5902,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{62}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *JoinResponse) GetClusterId() string {
@@ -4576,7 +5957,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[63]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4588,7 +5969,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[63]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4601,7 +5982,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{63}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{88}
 }
 
 func (x *ApplyRequest) GetCommand() []byte {
@@ -4622,7 +6003,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[64]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4634,7 +6015,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[64]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4647,7 +6028,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{64}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *ApplyResponse) GetResult() []byte {
@@ -4672,7 +6053,7 @@ type ReadIndexRequest struct {
 
 func (x *ReadIndexRequest) Reset() {
 	*x = ReadIndexRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[65]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4684,7 +6065,7 @@ func (x *ReadIndexRequest) String() string {
 func (*ReadIndexRequest) ProtoMessage() {}
 
 func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[65]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4697,7 +6078,7 @@ func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexRequest.ProtoReflect.Descriptor instead.
 func (*ReadIndexRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{65}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{90}
 }
 
 type ReadIndexResponse struct {
@@ -4709,7 +6090,7 @@ type ReadIndexResponse struct {
 
 func (x *ReadIndexResponse) Reset() {
 	*x = ReadIndexResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[66]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4721,7 +6102,7 @@ func (x *ReadIndexResponse) String() string {
 func (*ReadIndexResponse) ProtoMessage() {}
 
 func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[66]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4734,7 +6115,7 @@ func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexResponse.ProtoReflect.Descriptor instead.
 func (*ReadIndexResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{66}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{91}
 }
 
 func (x *ReadIndexResponse) GetIndex() uint64 {
@@ -4753,7 +6134,7 @@ type AddPeerRequest struct {
 
 func (x *AddPeerRequest) Reset() {
 	*x = AddPeerRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[67]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4765,7 +6146,7 @@ func (x *AddPeerRequest) String() string {
 func (*AddPeerRequest) ProtoMessage() {}
 
 func (x *AddPeerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[67]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4778,7 +6159,7 @@ func (x *AddPeerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddPeerRequest.ProtoReflect.Descriptor instead.
 func (*AddPeerRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{67}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{92}
 }
 
 func (x *AddPeerRequest) GetVoter() bool {
@@ -4800,7 +6181,7 @@ type AddPeerResponse struct {
 
 func (x *AddPeerResponse) Reset() {
 	*x = AddPeerResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[68]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4812,7 +6193,7 @@ func (x *AddPeerResponse) String() string {
 func (*AddPeerResponse) ProtoMessage() {}
 
 func (x *AddPeerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[68]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4825,7 +6206,7 @@ func (x *AddPeerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddPeerResponse.ProtoReflect.Descriptor instead.
 func (*AddPeerResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{68}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{93}
 }
 
 func (x *AddPeerResponse) GetAdded() bool {
@@ -5157,7 +6538,113 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"request_id\x18\b \x01(\tR\trequestId\x1a7\n" +
 	"\tTagsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x0f\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x89\x03\n" +
+	"\x05Grant\x12\x19\n" +
+	"\bgrant_id\x18\x01 \x01(\tR\agrantId\x12\x15\n" +
+	"\x06key_id\x18\x02 \x01(\tR\x05keyId\x12\x1c\n" +
+	"\tprincipal\x18\x03 \x01(\tR\tprincipal\x12\x1e\n" +
+	"\n" +
+	"operations\x18\x04 \x03(\tR\n" +
+	"operations\x12j\n" +
+	"\x19encryption_context_equals\x18\x05 \x03(\v2..cabinet.v1.Grant.EncryptionContextEqualsEntryR\x17encryptionContextEquals\x129\n" +
+	"\n" +
+	"created_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x1d\n" +
+	"\n" +
+	"created_by\x18\a \x01(\tR\tcreatedBy\x1aJ\n" +
+	"\x1cEncryptionContextEqualsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xcd\x02\n" +
+	"\x12CreateGrantRequest\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x1c\n" +
+	"\tprincipal\x18\x02 \x01(\tR\tprincipal\x12\x1e\n" +
+	"\n" +
+	"operations\x18\x03 \x03(\tR\n" +
+	"operations\x12w\n" +
+	"\x19encryption_context_equals\x18\x04 \x03(\v2;.cabinet.v1.CreateGrantRequest.EncryptionContextEqualsEntryR\x17encryptionContextEquals\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x05 \x01(\tR\trequestId\x1aJ\n" +
+	"\x1cEncryptionContextEqualsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"8\n" +
+	"\rGrantResponse\x12'\n" +
+	"\x05grant\x18\x01 \x01(\v2\x11.cabinet.v1.GrantR\x05grant\"N\n" +
+	"\x12RevokeGrantRequest\x12\x19\n" +
+	"\bgrant_id\x18\x01 \x01(\tR\agrantId\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\"\x15\n" +
+	"\x13RevokeGrantResponse\"H\n" +
+	"\x11ListGrantsRequest\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x1c\n" +
+	"\tprincipal\x18\x02 \x01(\tR\tprincipal\"?\n" +
+	"\x12ListGrantsResponse\x12)\n" +
+	"\x06grants\x18\x01 \x03(\v2\x11.cabinet.v1.GrantR\x06grants\"Z\n" +
+	"\x17IssueCertificateRequest\x12\x17\n" +
+	"\acsr_der\x18\x01 \x01(\fR\x06csrDer\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +
+	"\x04role\x18\x03 \x01(\tR\x04role\"\x8e\x01\n" +
+	"\x18IssueCertificateResponse\x12\x19\n" +
+	"\bcert_der\x18\x01 \x01(\fR\acertDer\x12\x1e\n" +
+	"\vca_cert_der\x18\x02 \x01(\fR\tcaCertDer\x127\n" +
+	"\tnot_after\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\bnotAfter\"k\n" +
+	"\x14DenyPrincipalRequest\x12\x1c\n" +
+	"\tprincipal\x18\x01 \x01(\tR\tprincipal\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x03 \x01(\tR\trequestId\"\x17\n" +
+	"\x15DenyPrincipalResponse\"T\n" +
+	"\x15AllowPrincipalRequest\x12\x1c\n" +
+	"\tprincipal\x18\x01 \x01(\tR\tprincipal\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\"\x18\n" +
+	"\x16AllowPrincipalResponse\"\x9d\x01\n" +
+	"\x0fDeniedPrincipal\x12\x1c\n" +
+	"\tprincipal\x18\x01 \x01(\tR\tprincipal\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x127\n" +
+	"\tdenied_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\bdeniedAt\x12\x1b\n" +
+	"\tdenied_by\x18\x04 \x01(\tR\bdeniedBy\"\x1d\n" +
+	"\x1bListDeniedPrincipalsRequest\"[\n" +
+	"\x1cListDeniedPrincipalsResponse\x12;\n" +
+	"\n" +
+	"principals\x18\x01 \x03(\v2\x1b.cabinet.v1.DeniedPrincipalR\n" +
+	"principals\"\xf6\x02\n" +
+	"\vAuditRecord\x12\x10\n" +
+	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12.\n" +
+	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x12\n" +
+	"\x04node\x18\x03 \x01(\tR\x04node\x12\x1c\n" +
+	"\tprincipal\x18\x04 \x01(\tR\tprincipal\x12\x12\n" +
+	"\x04role\x18\x05 \x01(\tR\x04role\x12\x1c\n" +
+	"\toperation\x18\x06 \x01(\tR\toperation\x12\x15\n" +
+	"\x06key_id\x18\a \x01(\tR\x05keyId\x12\x1f\n" +
+	"\vkey_version\x18\b \x01(\rR\n" +
+	"keyVersion\x12\x18\n" +
+	"\aoutcome\x18\t \x01(\tR\aoutcome\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\n" +
+	" \x01(\tR\trequestId\x12\x1f\n" +
+	"\vclient_addr\x18\v \x01(\tR\n" +
+	"clientAddr\x12\x1b\n" +
+	"\tprev_hash\x18\f \x01(\tR\bprevHash\x12\x12\n" +
+	"\x04hash\x18\r \x01(\tR\x04hash\"(\n" +
+	"\x10AuditTailRequest\x12\x14\n" +
+	"\x05count\x18\x01 \x01(\x05R\x05count\"F\n" +
+	"\x11AuditTailResponse\x121\n" +
+	"\arecords\x18\x01 \x03(\v2\x17.cabinet.v1.AuditRecordR\arecords\"\x14\n" +
+	"\x12AuditVerifyRequest\"\x91\x01\n" +
+	"\x13AuditVerifyResponse\x12\x0e\n" +
+	"\x02ok\x18\x01 \x01(\bR\x02ok\x12\x18\n" +
+	"\arecords\x18\x02 \x01(\x04R\arecords\x12\"\n" +
+	"\rfirst_bad_seq\x18\x03 \x01(\x04R\vfirstBadSeq\x12\x18\n" +
+	"\aproblem\x18\x04 \x01(\tR\aproblem\x12\x12\n" +
+	"\x04file\x18\x05 \x01(\tR\x04file\"L\n" +
+	"\vEchoRequest\x12\x18\n" +
+	"\apayload\x18\x01 \x01(\fR\apayload\x12#\n" +
+	"\rresponse_size\x18\x02 \x01(\x05R\fresponseSize\"(\n" +
+	"\fEchoResponse\x12\x18\n" +
+	"\apayload\x18\x01 \x01(\fR\apayload\"&\n" +
+	"\x10ApplyNoopRequest\x12\x12\n" +
+	"\x04size\x18\x01 \x01(\x05R\x04size\")\n" +
+	"\x11ApplyNoopResponse\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\"\x0f\n" +
 	"\rStatusRequest\"\x9b\x05\n" +
 	"\x0eStatusResponse\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1d\n" +
@@ -5289,7 +6776,7 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"SUPERSEDED\x10\x01\x12\n" +
 	"\n" +
 	"\x06CEASED\x10\x02\x12\x12\n" +
-	"\x0eKEY_COMPROMISE\x10\x032\x96\x13\n" +
+	"\x0eKEY_COMPROMISE\x10\x032\xfd\x14\n" +
 	"\n" +
 	"KeyService\x12H\n" +
 	"\tCreateKey\x12\x1c.cabinet.v1.CreateKeyRequest\x1a\x1d.cabinet.v1.CreateKeyResponse\x12E\n" +
@@ -5323,12 +6810,24 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\x16ScheduleKeyDestruction\x12).cabinet.v1.ScheduleKeyDestructionRequest\x1a\x17.cabinet.v1.KeyResponse\x12J\n" +
 	"\x14CancelKeyDestruction\x12\x19.cabinet.v1.KeyRefRequest\x1a\x17.cabinet.v1.KeyResponse\x12f\n" +
 	"\x13GetImportParameters\x12&.cabinet.v1.GetImportParametersRequest\x1a'.cabinet.v1.GetImportParametersResponse\x12B\n" +
-	"\tImportKey\x12\x1c.cabinet.v1.ImportKeyRequest\x1a\x17.cabinet.v1.KeyResponse2\xb3\x02\n" +
+	"\tImportKey\x12\x1c.cabinet.v1.ImportKeyRequest\x1a\x17.cabinet.v1.KeyResponse\x12H\n" +
+	"\vCreateGrant\x12\x1e.cabinet.v1.CreateGrantRequest\x1a\x19.cabinet.v1.GrantResponse\x12N\n" +
+	"\vRevokeGrant\x12\x1e.cabinet.v1.RevokeGrantRequest\x1a\x1f.cabinet.v1.RevokeGrantResponse\x12K\n" +
+	"\n" +
+	"ListGrants\x12\x1d.cabinet.v1.ListGrantsRequest\x1a\x1e.cabinet.v1.ListGrantsResponse2\xcb\a\n" +
 	"\x0fOperatorService\x12?\n" +
 	"\x06Status\x12\x19.cabinet.v1.StatusRequest\x1a\x1a.cabinet.v1.StatusResponse\x12H\n" +
 	"\tListPeers\x12\x1c.cabinet.v1.ListPeersRequest\x1a\x1d.cabinet.v1.ListPeersResponse\x12Z\n" +
 	"\x0fCreateJoinToken\x12\".cabinet.v1.CreateJoinTokenRequest\x1a#.cabinet.v1.CreateJoinTokenResponse\x129\n" +
-	"\x04Join\x12\x17.cabinet.v1.JoinRequest\x1a\x18.cabinet.v1.JoinResponse2\xd9\x01\n" +
+	"\x04Join\x12\x17.cabinet.v1.JoinRequest\x1a\x18.cabinet.v1.JoinResponse\x12]\n" +
+	"\x10IssueCertificate\x12#.cabinet.v1.IssueCertificateRequest\x1a$.cabinet.v1.IssueCertificateResponse\x12T\n" +
+	"\rDenyPrincipal\x12 .cabinet.v1.DenyPrincipalRequest\x1a!.cabinet.v1.DenyPrincipalResponse\x12W\n" +
+	"\x0eAllowPrincipal\x12!.cabinet.v1.AllowPrincipalRequest\x1a\".cabinet.v1.AllowPrincipalResponse\x12i\n" +
+	"\x14ListDeniedPrincipals\x12'.cabinet.v1.ListDeniedPrincipalsRequest\x1a(.cabinet.v1.ListDeniedPrincipalsResponse\x12H\n" +
+	"\tAuditTail\x12\x1c.cabinet.v1.AuditTailRequest\x1a\x1d.cabinet.v1.AuditTailResponse\x12N\n" +
+	"\vAuditVerify\x12\x1e.cabinet.v1.AuditVerifyRequest\x1a\x1f.cabinet.v1.AuditVerifyResponse\x129\n" +
+	"\x04Echo\x12\x17.cabinet.v1.EchoRequest\x1a\x18.cabinet.v1.EchoResponse\x12H\n" +
+	"\tApplyNoop\x12\x1c.cabinet.v1.ApplyNoopRequest\x1a\x1d.cabinet.v1.ApplyNoopResponse2\xd9\x01\n" +
 	"\vNodeService\x12<\n" +
 	"\x05Apply\x12\x18.cabinet.v1.ApplyRequest\x1a\x19.cabinet.v1.ApplyResponse\x12H\n" +
 	"\tReadIndex\x12\x1c.cabinet.v1.ReadIndexRequest\x1a\x1d.cabinet.v1.ReadIndexResponse\x12B\n" +
@@ -5347,7 +6846,7 @@ func file_transport_cabinetpb_cabinet_proto_rawDescGZIP() []byte {
 }
 
 var file_transport_cabinetpb_cabinet_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
-var file_transport_cabinetpb_cabinet_proto_msgTypes = make([]protoimpl.MessageInfo, 78)
+var file_transport_cabinetpb_cabinet_proto_msgTypes = make([]protoimpl.MessageInfo, 105)
 var file_transport_cabinetpb_cabinet_proto_goTypes = []any{
 	(KeySpec)(0),                                    // 0: cabinet.v1.KeySpec
 	(KeyUsage)(0),                                   // 1: cabinet.v1.KeyUsage
@@ -5408,175 +6907,234 @@ var file_transport_cabinetpb_cabinet_proto_goTypes = []any{
 	(*GetImportParametersRequest)(nil),              // 56: cabinet.v1.GetImportParametersRequest
 	(*GetImportParametersResponse)(nil),             // 57: cabinet.v1.GetImportParametersResponse
 	(*ImportKeyRequest)(nil),                        // 58: cabinet.v1.ImportKeyRequest
-	(*StatusRequest)(nil),                           // 59: cabinet.v1.StatusRequest
-	(*StatusResponse)(nil),                          // 60: cabinet.v1.StatusResponse
-	(*ListPeersRequest)(nil),                        // 61: cabinet.v1.ListPeersRequest
-	(*Peer)(nil),                                    // 62: cabinet.v1.Peer
-	(*ListPeersResponse)(nil),                       // 63: cabinet.v1.ListPeersResponse
-	(*CreateJoinTokenRequest)(nil),                  // 64: cabinet.v1.CreateJoinTokenRequest
-	(*CreateJoinTokenResponse)(nil),                 // 65: cabinet.v1.CreateJoinTokenResponse
-	(*JoinRequest)(nil),                             // 66: cabinet.v1.JoinRequest
-	(*WrappedKEK)(nil),                              // 67: cabinet.v1.WrappedKEK
-	(*JoinResponse)(nil),                            // 68: cabinet.v1.JoinResponse
-	(*ApplyRequest)(nil),                            // 69: cabinet.v1.ApplyRequest
-	(*ApplyResponse)(nil),                           // 70: cabinet.v1.ApplyResponse
-	(*ReadIndexRequest)(nil),                        // 71: cabinet.v1.ReadIndexRequest
-	(*ReadIndexResponse)(nil),                       // 72: cabinet.v1.ReadIndexResponse
-	(*AddPeerRequest)(nil),                          // 73: cabinet.v1.AddPeerRequest
-	(*AddPeerResponse)(nil),                         // 74: cabinet.v1.AddPeerResponse
-	nil,                                             // 75: cabinet.v1.Key.TagsEntry
-	nil,                                             // 76: cabinet.v1.CreateKeyRequest.TagsEntry
-	nil,                                             // 77: cabinet.v1.EncryptRequest.EncryptionContextEntry
-	nil,                                             // 78: cabinet.v1.DecryptRequest.EncryptionContextEntry
-	nil,                                             // 79: cabinet.v1.GenerateDataKeyRequest.EncryptionContextEntry
-	nil,                                             // 80: cabinet.v1.ReEncryptRequest.SourceEncryptionContextEntry
-	nil,                                             // 81: cabinet.v1.ReEncryptRequest.DestinationEncryptionContextEntry
-	nil,                                             // 82: cabinet.v1.UpdateKeyRequest.TagsEntry
-	nil,                                             // 83: cabinet.v1.ImportKeyRequest.TagsEntry
-	(*timestamppb.Timestamp)(nil),                   // 84: google.protobuf.Timestamp
+	(*Grant)(nil),                                   // 59: cabinet.v1.Grant
+	(*CreateGrantRequest)(nil),                      // 60: cabinet.v1.CreateGrantRequest
+	(*GrantResponse)(nil),                           // 61: cabinet.v1.GrantResponse
+	(*RevokeGrantRequest)(nil),                      // 62: cabinet.v1.RevokeGrantRequest
+	(*RevokeGrantResponse)(nil),                     // 63: cabinet.v1.RevokeGrantResponse
+	(*ListGrantsRequest)(nil),                       // 64: cabinet.v1.ListGrantsRequest
+	(*ListGrantsResponse)(nil),                      // 65: cabinet.v1.ListGrantsResponse
+	(*IssueCertificateRequest)(nil),                 // 66: cabinet.v1.IssueCertificateRequest
+	(*IssueCertificateResponse)(nil),                // 67: cabinet.v1.IssueCertificateResponse
+	(*DenyPrincipalRequest)(nil),                    // 68: cabinet.v1.DenyPrincipalRequest
+	(*DenyPrincipalResponse)(nil),                   // 69: cabinet.v1.DenyPrincipalResponse
+	(*AllowPrincipalRequest)(nil),                   // 70: cabinet.v1.AllowPrincipalRequest
+	(*AllowPrincipalResponse)(nil),                  // 71: cabinet.v1.AllowPrincipalResponse
+	(*DeniedPrincipal)(nil),                         // 72: cabinet.v1.DeniedPrincipal
+	(*ListDeniedPrincipalsRequest)(nil),             // 73: cabinet.v1.ListDeniedPrincipalsRequest
+	(*ListDeniedPrincipalsResponse)(nil),            // 74: cabinet.v1.ListDeniedPrincipalsResponse
+	(*AuditRecord)(nil),                             // 75: cabinet.v1.AuditRecord
+	(*AuditTailRequest)(nil),                        // 76: cabinet.v1.AuditTailRequest
+	(*AuditTailResponse)(nil),                       // 77: cabinet.v1.AuditTailResponse
+	(*AuditVerifyRequest)(nil),                      // 78: cabinet.v1.AuditVerifyRequest
+	(*AuditVerifyResponse)(nil),                     // 79: cabinet.v1.AuditVerifyResponse
+	(*EchoRequest)(nil),                             // 80: cabinet.v1.EchoRequest
+	(*EchoResponse)(nil),                            // 81: cabinet.v1.EchoResponse
+	(*ApplyNoopRequest)(nil),                        // 82: cabinet.v1.ApplyNoopRequest
+	(*ApplyNoopResponse)(nil),                       // 83: cabinet.v1.ApplyNoopResponse
+	(*StatusRequest)(nil),                           // 84: cabinet.v1.StatusRequest
+	(*StatusResponse)(nil),                          // 85: cabinet.v1.StatusResponse
+	(*ListPeersRequest)(nil),                        // 86: cabinet.v1.ListPeersRequest
+	(*Peer)(nil),                                    // 87: cabinet.v1.Peer
+	(*ListPeersResponse)(nil),                       // 88: cabinet.v1.ListPeersResponse
+	(*CreateJoinTokenRequest)(nil),                  // 89: cabinet.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil),                 // 90: cabinet.v1.CreateJoinTokenResponse
+	(*JoinRequest)(nil),                             // 91: cabinet.v1.JoinRequest
+	(*WrappedKEK)(nil),                              // 92: cabinet.v1.WrappedKEK
+	(*JoinResponse)(nil),                            // 93: cabinet.v1.JoinResponse
+	(*ApplyRequest)(nil),                            // 94: cabinet.v1.ApplyRequest
+	(*ApplyResponse)(nil),                           // 95: cabinet.v1.ApplyResponse
+	(*ReadIndexRequest)(nil),                        // 96: cabinet.v1.ReadIndexRequest
+	(*ReadIndexResponse)(nil),                       // 97: cabinet.v1.ReadIndexResponse
+	(*AddPeerRequest)(nil),                          // 98: cabinet.v1.AddPeerRequest
+	(*AddPeerResponse)(nil),                         // 99: cabinet.v1.AddPeerResponse
+	nil,                                             // 100: cabinet.v1.Key.TagsEntry
+	nil,                                             // 101: cabinet.v1.CreateKeyRequest.TagsEntry
+	nil,                                             // 102: cabinet.v1.EncryptRequest.EncryptionContextEntry
+	nil,                                             // 103: cabinet.v1.DecryptRequest.EncryptionContextEntry
+	nil,                                             // 104: cabinet.v1.GenerateDataKeyRequest.EncryptionContextEntry
+	nil,                                             // 105: cabinet.v1.ReEncryptRequest.SourceEncryptionContextEntry
+	nil,                                             // 106: cabinet.v1.ReEncryptRequest.DestinationEncryptionContextEntry
+	nil,                                             // 107: cabinet.v1.UpdateKeyRequest.TagsEntry
+	nil,                                             // 108: cabinet.v1.ImportKeyRequest.TagsEntry
+	nil,                                             // 109: cabinet.v1.Grant.EncryptionContextEqualsEntry
+	nil,                                             // 110: cabinet.v1.CreateGrantRequest.EncryptionContextEqualsEntry
+	(*timestamppb.Timestamp)(nil),                   // 111: google.protobuf.Timestamp
 }
 var file_transport_cabinetpb_cabinet_proto_depIdxs = []int32{
-	84, // 0: cabinet.v1.KeyVersionInfo.created_at:type_name -> google.protobuf.Timestamp
-	84, // 1: cabinet.v1.KeyVersionInfo.destroyed_at:type_name -> google.protobuf.Timestamp
-	0,  // 2: cabinet.v1.Key.spec:type_name -> cabinet.v1.KeySpec
-	1,  // 3: cabinet.v1.Key.usage:type_name -> cabinet.v1.KeyUsage
-	2,  // 4: cabinet.v1.Key.state:type_name -> cabinet.v1.KeyState
-	75, // 5: cabinet.v1.Key.tags:type_name -> cabinet.v1.Key.TagsEntry
-	84, // 6: cabinet.v1.Key.created_at:type_name -> google.protobuf.Timestamp
-	84, // 7: cabinet.v1.Key.updated_at:type_name -> google.protobuf.Timestamp
-	6,  // 8: cabinet.v1.Key.versions:type_name -> cabinet.v1.KeyVersionInfo
-	84, // 9: cabinet.v1.Key.next_rotation_at:type_name -> google.protobuf.Timestamp
-	84, // 10: cabinet.v1.Key.revoked_at:type_name -> google.protobuf.Timestamp
-	84, // 11: cabinet.v1.Key.destroy_after:type_name -> google.protobuf.Timestamp
-	84, // 12: cabinet.v1.Key.destroyed_at:type_name -> google.protobuf.Timestamp
-	0,  // 13: cabinet.v1.CreateKeyRequest.spec:type_name -> cabinet.v1.KeySpec
-	1,  // 14: cabinet.v1.CreateKeyRequest.usage:type_name -> cabinet.v1.KeyUsage
-	76, // 15: cabinet.v1.CreateKeyRequest.tags:type_name -> cabinet.v1.CreateKeyRequest.TagsEntry
-	7,  // 16: cabinet.v1.CreateKeyResponse.key:type_name -> cabinet.v1.Key
-	7,  // 17: cabinet.v1.ListKeysResponse.keys:type_name -> cabinet.v1.Key
-	7,  // 18: cabinet.v1.DescribeKeyResponse.key:type_name -> cabinet.v1.Key
-	77, // 19: cabinet.v1.EncryptRequest.encryption_context:type_name -> cabinet.v1.EncryptRequest.EncryptionContextEntry
-	3,  // 20: cabinet.v1.EncryptRequest.consistency:type_name -> cabinet.v1.Consistency
-	78, // 21: cabinet.v1.DecryptRequest.encryption_context:type_name -> cabinet.v1.DecryptRequest.EncryptionContextEntry
-	3,  // 22: cabinet.v1.DecryptRequest.consistency:type_name -> cabinet.v1.Consistency
-	79, // 23: cabinet.v1.GenerateDataKeyRequest.encryption_context:type_name -> cabinet.v1.GenerateDataKeyRequest.EncryptionContextEntry
-	3,  // 24: cabinet.v1.GenerateDataKeyRequest.consistency:type_name -> cabinet.v1.Consistency
-	80, // 25: cabinet.v1.ReEncryptRequest.source_encryption_context:type_name -> cabinet.v1.ReEncryptRequest.SourceEncryptionContextEntry
-	81, // 26: cabinet.v1.ReEncryptRequest.destination_encryption_context:type_name -> cabinet.v1.ReEncryptRequest.DestinationEncryptionContextEntry
-	3,  // 27: cabinet.v1.ReEncryptRequest.consistency:type_name -> cabinet.v1.Consistency
-	14, // 28: cabinet.v1.BatchEncryptRequest.items:type_name -> cabinet.v1.EncryptRequest
-	15, // 29: cabinet.v1.BatchEncryptResult.response:type_name -> cabinet.v1.EncryptResponse
-	23, // 30: cabinet.v1.BatchEncryptResult.error:type_name -> cabinet.v1.ItemError
-	25, // 31: cabinet.v1.BatchEncryptResponse.results:type_name -> cabinet.v1.BatchEncryptResult
-	16, // 32: cabinet.v1.BatchDecryptRequest.items:type_name -> cabinet.v1.DecryptRequest
-	17, // 33: cabinet.v1.BatchDecryptResult.response:type_name -> cabinet.v1.DecryptResponse
-	23, // 34: cabinet.v1.BatchDecryptResult.error:type_name -> cabinet.v1.ItemError
-	28, // 35: cabinet.v1.BatchDecryptResponse.results:type_name -> cabinet.v1.BatchDecryptResult
-	21, // 36: cabinet.v1.BatchReEncryptRequest.items:type_name -> cabinet.v1.ReEncryptRequest
-	22, // 37: cabinet.v1.BatchReEncryptResult.response:type_name -> cabinet.v1.ReEncryptResponse
-	23, // 38: cabinet.v1.BatchReEncryptResult.error:type_name -> cabinet.v1.ItemError
-	31, // 39: cabinet.v1.BatchReEncryptResponse.results:type_name -> cabinet.v1.BatchReEncryptResult
-	4,  // 40: cabinet.v1.SignRequest.message_type:type_name -> cabinet.v1.MessageType
-	3,  // 41: cabinet.v1.SignRequest.consistency:type_name -> cabinet.v1.Consistency
-	4,  // 42: cabinet.v1.VerifyRequest.message_type:type_name -> cabinet.v1.MessageType
-	3,  // 43: cabinet.v1.VerifyRequest.consistency:type_name -> cabinet.v1.Consistency
-	0,  // 44: cabinet.v1.GetPublicKeyResponse.spec:type_name -> cabinet.v1.KeySpec
-	1,  // 45: cabinet.v1.GetPublicKeyResponse.usage:type_name -> cabinet.v1.KeyUsage
-	3,  // 46: cabinet.v1.GenerateMacRequest.consistency:type_name -> cabinet.v1.Consistency
-	3,  // 47: cabinet.v1.VerifyMacRequest.consistency:type_name -> cabinet.v1.Consistency
-	7,  // 48: cabinet.v1.KeyResponse.key:type_name -> cabinet.v1.Key
-	82, // 49: cabinet.v1.UpdateKeyRequest.tags:type_name -> cabinet.v1.UpdateKeyRequest.TagsEntry
-	5,  // 50: cabinet.v1.RevokeKeyRequest.reason:type_name -> cabinet.v1.RevocationReason
-	0,  // 51: cabinet.v1.GetImportParametersRequest.spec:type_name -> cabinet.v1.KeySpec
-	84, // 52: cabinet.v1.GetImportParametersResponse.expires_at:type_name -> google.protobuf.Timestamp
-	0,  // 53: cabinet.v1.GetImportParametersResponse.spec:type_name -> cabinet.v1.KeySpec
-	0,  // 54: cabinet.v1.ImportKeyRequest.spec:type_name -> cabinet.v1.KeySpec
-	1,  // 55: cabinet.v1.ImportKeyRequest.usage:type_name -> cabinet.v1.KeyUsage
-	83, // 56: cabinet.v1.ImportKeyRequest.tags:type_name -> cabinet.v1.ImportKeyRequest.TagsEntry
-	62, // 57: cabinet.v1.ListPeersResponse.peers:type_name -> cabinet.v1.Peer
-	84, // 58: cabinet.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
-	67, // 59: cabinet.v1.JoinResponse.keks:type_name -> cabinet.v1.WrappedKEK
-	8,  // 60: cabinet.v1.KeyService.CreateKey:input_type -> cabinet.v1.CreateKeyRequest
-	10, // 61: cabinet.v1.KeyService.ListKeys:input_type -> cabinet.v1.ListKeysRequest
-	12, // 62: cabinet.v1.KeyService.DescribeKey:input_type -> cabinet.v1.DescribeKeyRequest
-	14, // 63: cabinet.v1.KeyService.Encrypt:input_type -> cabinet.v1.EncryptRequest
-	16, // 64: cabinet.v1.KeyService.Decrypt:input_type -> cabinet.v1.DecryptRequest
-	18, // 65: cabinet.v1.KeyService.GenerateDataKey:input_type -> cabinet.v1.GenerateDataKeyRequest
-	18, // 66: cabinet.v1.KeyService.GenerateDataKeyWithoutPlaintext:input_type -> cabinet.v1.GenerateDataKeyRequest
-	21, // 67: cabinet.v1.KeyService.ReEncrypt:input_type -> cabinet.v1.ReEncryptRequest
-	24, // 68: cabinet.v1.KeyService.BatchEncrypt:input_type -> cabinet.v1.BatchEncryptRequest
-	27, // 69: cabinet.v1.KeyService.BatchDecrypt:input_type -> cabinet.v1.BatchDecryptRequest
-	30, // 70: cabinet.v1.KeyService.BatchReEncrypt:input_type -> cabinet.v1.BatchReEncryptRequest
-	33, // 71: cabinet.v1.KeyService.Sign:input_type -> cabinet.v1.SignRequest
-	35, // 72: cabinet.v1.KeyService.Verify:input_type -> cabinet.v1.VerifyRequest
-	37, // 73: cabinet.v1.KeyService.GetPublicKey:input_type -> cabinet.v1.GetPublicKeyRequest
-	39, // 74: cabinet.v1.KeyService.GenerateMac:input_type -> cabinet.v1.GenerateMacRequest
-	41, // 75: cabinet.v1.KeyService.VerifyMac:input_type -> cabinet.v1.VerifyMacRequest
-	43, // 76: cabinet.v1.KeyService.GenerateRandom:input_type -> cabinet.v1.GenerateRandomRequest
-	47, // 77: cabinet.v1.KeyService.UpdateKey:input_type -> cabinet.v1.UpdateKeyRequest
-	48, // 78: cabinet.v1.KeyService.SetAlias:input_type -> cabinet.v1.SetAliasRequest
-	49, // 79: cabinet.v1.KeyService.DeleteAlias:input_type -> cabinet.v1.DeleteAliasRequest
-	46, // 80: cabinet.v1.KeyService.EnableKey:input_type -> cabinet.v1.KeyRefRequest
-	46, // 81: cabinet.v1.KeyService.DisableKey:input_type -> cabinet.v1.KeyRefRequest
-	51, // 82: cabinet.v1.KeyService.RevokeKey:input_type -> cabinet.v1.RevokeKeyRequest
-	46, // 83: cabinet.v1.KeyService.RotateKey:input_type -> cabinet.v1.KeyRefRequest
-	52, // 84: cabinet.v1.KeyService.SetRotationPolicy:input_type -> cabinet.v1.SetRotationPolicyRequest
-	53, // 85: cabinet.v1.KeyService.SetKeyVersionState:input_type -> cabinet.v1.SetKeyVersionStateRequest
-	54, // 86: cabinet.v1.KeyService.SetMinDecryptionVersion:input_type -> cabinet.v1.SetMinDecryptionVersionRequest
-	55, // 87: cabinet.v1.KeyService.ScheduleKeyDestruction:input_type -> cabinet.v1.ScheduleKeyDestructionRequest
-	46, // 88: cabinet.v1.KeyService.CancelKeyDestruction:input_type -> cabinet.v1.KeyRefRequest
-	56, // 89: cabinet.v1.KeyService.GetImportParameters:input_type -> cabinet.v1.GetImportParametersRequest
-	58, // 90: cabinet.v1.KeyService.ImportKey:input_type -> cabinet.v1.ImportKeyRequest
-	59, // 91: cabinet.v1.OperatorService.Status:input_type -> cabinet.v1.StatusRequest
-	61, // 92: cabinet.v1.OperatorService.ListPeers:input_type -> cabinet.v1.ListPeersRequest
-	64, // 93: cabinet.v1.OperatorService.CreateJoinToken:input_type -> cabinet.v1.CreateJoinTokenRequest
-	66, // 94: cabinet.v1.OperatorService.Join:input_type -> cabinet.v1.JoinRequest
-	69, // 95: cabinet.v1.NodeService.Apply:input_type -> cabinet.v1.ApplyRequest
-	71, // 96: cabinet.v1.NodeService.ReadIndex:input_type -> cabinet.v1.ReadIndexRequest
-	73, // 97: cabinet.v1.NodeService.AddPeer:input_type -> cabinet.v1.AddPeerRequest
-	9,  // 98: cabinet.v1.KeyService.CreateKey:output_type -> cabinet.v1.CreateKeyResponse
-	11, // 99: cabinet.v1.KeyService.ListKeys:output_type -> cabinet.v1.ListKeysResponse
-	13, // 100: cabinet.v1.KeyService.DescribeKey:output_type -> cabinet.v1.DescribeKeyResponse
-	15, // 101: cabinet.v1.KeyService.Encrypt:output_type -> cabinet.v1.EncryptResponse
-	17, // 102: cabinet.v1.KeyService.Decrypt:output_type -> cabinet.v1.DecryptResponse
-	19, // 103: cabinet.v1.KeyService.GenerateDataKey:output_type -> cabinet.v1.GenerateDataKeyResponse
-	20, // 104: cabinet.v1.KeyService.GenerateDataKeyWithoutPlaintext:output_type -> cabinet.v1.GenerateDataKeyWithoutPlaintextResponse
-	22, // 105: cabinet.v1.KeyService.ReEncrypt:output_type -> cabinet.v1.ReEncryptResponse
-	26, // 106: cabinet.v1.KeyService.BatchEncrypt:output_type -> cabinet.v1.BatchEncryptResponse
-	29, // 107: cabinet.v1.KeyService.BatchDecrypt:output_type -> cabinet.v1.BatchDecryptResponse
-	32, // 108: cabinet.v1.KeyService.BatchReEncrypt:output_type -> cabinet.v1.BatchReEncryptResponse
-	34, // 109: cabinet.v1.KeyService.Sign:output_type -> cabinet.v1.SignResponse
-	36, // 110: cabinet.v1.KeyService.Verify:output_type -> cabinet.v1.VerifyResponse
-	38, // 111: cabinet.v1.KeyService.GetPublicKey:output_type -> cabinet.v1.GetPublicKeyResponse
-	40, // 112: cabinet.v1.KeyService.GenerateMac:output_type -> cabinet.v1.GenerateMacResponse
-	42, // 113: cabinet.v1.KeyService.VerifyMac:output_type -> cabinet.v1.VerifyMacResponse
-	44, // 114: cabinet.v1.KeyService.GenerateRandom:output_type -> cabinet.v1.GenerateRandomResponse
-	45, // 115: cabinet.v1.KeyService.UpdateKey:output_type -> cabinet.v1.KeyResponse
-	45, // 116: cabinet.v1.KeyService.SetAlias:output_type -> cabinet.v1.KeyResponse
-	50, // 117: cabinet.v1.KeyService.DeleteAlias:output_type -> cabinet.v1.DeleteAliasResponse
-	45, // 118: cabinet.v1.KeyService.EnableKey:output_type -> cabinet.v1.KeyResponse
-	45, // 119: cabinet.v1.KeyService.DisableKey:output_type -> cabinet.v1.KeyResponse
-	45, // 120: cabinet.v1.KeyService.RevokeKey:output_type -> cabinet.v1.KeyResponse
-	45, // 121: cabinet.v1.KeyService.RotateKey:output_type -> cabinet.v1.KeyResponse
-	45, // 122: cabinet.v1.KeyService.SetRotationPolicy:output_type -> cabinet.v1.KeyResponse
-	45, // 123: cabinet.v1.KeyService.SetKeyVersionState:output_type -> cabinet.v1.KeyResponse
-	45, // 124: cabinet.v1.KeyService.SetMinDecryptionVersion:output_type -> cabinet.v1.KeyResponse
-	45, // 125: cabinet.v1.KeyService.ScheduleKeyDestruction:output_type -> cabinet.v1.KeyResponse
-	45, // 126: cabinet.v1.KeyService.CancelKeyDestruction:output_type -> cabinet.v1.KeyResponse
-	57, // 127: cabinet.v1.KeyService.GetImportParameters:output_type -> cabinet.v1.GetImportParametersResponse
-	45, // 128: cabinet.v1.KeyService.ImportKey:output_type -> cabinet.v1.KeyResponse
-	60, // 129: cabinet.v1.OperatorService.Status:output_type -> cabinet.v1.StatusResponse
-	63, // 130: cabinet.v1.OperatorService.ListPeers:output_type -> cabinet.v1.ListPeersResponse
-	65, // 131: cabinet.v1.OperatorService.CreateJoinToken:output_type -> cabinet.v1.CreateJoinTokenResponse
-	68, // 132: cabinet.v1.OperatorService.Join:output_type -> cabinet.v1.JoinResponse
-	70, // 133: cabinet.v1.NodeService.Apply:output_type -> cabinet.v1.ApplyResponse
-	72, // 134: cabinet.v1.NodeService.ReadIndex:output_type -> cabinet.v1.ReadIndexResponse
-	74, // 135: cabinet.v1.NodeService.AddPeer:output_type -> cabinet.v1.AddPeerResponse
-	98, // [98:136] is the sub-list for method output_type
-	60, // [60:98] is the sub-list for method input_type
-	60, // [60:60] is the sub-list for extension type_name
-	60, // [60:60] is the sub-list for extension extendee
-	0,  // [0:60] is the sub-list for field type_name
+	111, // 0: cabinet.v1.KeyVersionInfo.created_at:type_name -> google.protobuf.Timestamp
+	111, // 1: cabinet.v1.KeyVersionInfo.destroyed_at:type_name -> google.protobuf.Timestamp
+	0,   // 2: cabinet.v1.Key.spec:type_name -> cabinet.v1.KeySpec
+	1,   // 3: cabinet.v1.Key.usage:type_name -> cabinet.v1.KeyUsage
+	2,   // 4: cabinet.v1.Key.state:type_name -> cabinet.v1.KeyState
+	100, // 5: cabinet.v1.Key.tags:type_name -> cabinet.v1.Key.TagsEntry
+	111, // 6: cabinet.v1.Key.created_at:type_name -> google.protobuf.Timestamp
+	111, // 7: cabinet.v1.Key.updated_at:type_name -> google.protobuf.Timestamp
+	6,   // 8: cabinet.v1.Key.versions:type_name -> cabinet.v1.KeyVersionInfo
+	111, // 9: cabinet.v1.Key.next_rotation_at:type_name -> google.protobuf.Timestamp
+	111, // 10: cabinet.v1.Key.revoked_at:type_name -> google.protobuf.Timestamp
+	111, // 11: cabinet.v1.Key.destroy_after:type_name -> google.protobuf.Timestamp
+	111, // 12: cabinet.v1.Key.destroyed_at:type_name -> google.protobuf.Timestamp
+	0,   // 13: cabinet.v1.CreateKeyRequest.spec:type_name -> cabinet.v1.KeySpec
+	1,   // 14: cabinet.v1.CreateKeyRequest.usage:type_name -> cabinet.v1.KeyUsage
+	101, // 15: cabinet.v1.CreateKeyRequest.tags:type_name -> cabinet.v1.CreateKeyRequest.TagsEntry
+	7,   // 16: cabinet.v1.CreateKeyResponse.key:type_name -> cabinet.v1.Key
+	7,   // 17: cabinet.v1.ListKeysResponse.keys:type_name -> cabinet.v1.Key
+	7,   // 18: cabinet.v1.DescribeKeyResponse.key:type_name -> cabinet.v1.Key
+	102, // 19: cabinet.v1.EncryptRequest.encryption_context:type_name -> cabinet.v1.EncryptRequest.EncryptionContextEntry
+	3,   // 20: cabinet.v1.EncryptRequest.consistency:type_name -> cabinet.v1.Consistency
+	103, // 21: cabinet.v1.DecryptRequest.encryption_context:type_name -> cabinet.v1.DecryptRequest.EncryptionContextEntry
+	3,   // 22: cabinet.v1.DecryptRequest.consistency:type_name -> cabinet.v1.Consistency
+	104, // 23: cabinet.v1.GenerateDataKeyRequest.encryption_context:type_name -> cabinet.v1.GenerateDataKeyRequest.EncryptionContextEntry
+	3,   // 24: cabinet.v1.GenerateDataKeyRequest.consistency:type_name -> cabinet.v1.Consistency
+	105, // 25: cabinet.v1.ReEncryptRequest.source_encryption_context:type_name -> cabinet.v1.ReEncryptRequest.SourceEncryptionContextEntry
+	106, // 26: cabinet.v1.ReEncryptRequest.destination_encryption_context:type_name -> cabinet.v1.ReEncryptRequest.DestinationEncryptionContextEntry
+	3,   // 27: cabinet.v1.ReEncryptRequest.consistency:type_name -> cabinet.v1.Consistency
+	14,  // 28: cabinet.v1.BatchEncryptRequest.items:type_name -> cabinet.v1.EncryptRequest
+	15,  // 29: cabinet.v1.BatchEncryptResult.response:type_name -> cabinet.v1.EncryptResponse
+	23,  // 30: cabinet.v1.BatchEncryptResult.error:type_name -> cabinet.v1.ItemError
+	25,  // 31: cabinet.v1.BatchEncryptResponse.results:type_name -> cabinet.v1.BatchEncryptResult
+	16,  // 32: cabinet.v1.BatchDecryptRequest.items:type_name -> cabinet.v1.DecryptRequest
+	17,  // 33: cabinet.v1.BatchDecryptResult.response:type_name -> cabinet.v1.DecryptResponse
+	23,  // 34: cabinet.v1.BatchDecryptResult.error:type_name -> cabinet.v1.ItemError
+	28,  // 35: cabinet.v1.BatchDecryptResponse.results:type_name -> cabinet.v1.BatchDecryptResult
+	21,  // 36: cabinet.v1.BatchReEncryptRequest.items:type_name -> cabinet.v1.ReEncryptRequest
+	22,  // 37: cabinet.v1.BatchReEncryptResult.response:type_name -> cabinet.v1.ReEncryptResponse
+	23,  // 38: cabinet.v1.BatchReEncryptResult.error:type_name -> cabinet.v1.ItemError
+	31,  // 39: cabinet.v1.BatchReEncryptResponse.results:type_name -> cabinet.v1.BatchReEncryptResult
+	4,   // 40: cabinet.v1.SignRequest.message_type:type_name -> cabinet.v1.MessageType
+	3,   // 41: cabinet.v1.SignRequest.consistency:type_name -> cabinet.v1.Consistency
+	4,   // 42: cabinet.v1.VerifyRequest.message_type:type_name -> cabinet.v1.MessageType
+	3,   // 43: cabinet.v1.VerifyRequest.consistency:type_name -> cabinet.v1.Consistency
+	0,   // 44: cabinet.v1.GetPublicKeyResponse.spec:type_name -> cabinet.v1.KeySpec
+	1,   // 45: cabinet.v1.GetPublicKeyResponse.usage:type_name -> cabinet.v1.KeyUsage
+	3,   // 46: cabinet.v1.GenerateMacRequest.consistency:type_name -> cabinet.v1.Consistency
+	3,   // 47: cabinet.v1.VerifyMacRequest.consistency:type_name -> cabinet.v1.Consistency
+	7,   // 48: cabinet.v1.KeyResponse.key:type_name -> cabinet.v1.Key
+	107, // 49: cabinet.v1.UpdateKeyRequest.tags:type_name -> cabinet.v1.UpdateKeyRequest.TagsEntry
+	5,   // 50: cabinet.v1.RevokeKeyRequest.reason:type_name -> cabinet.v1.RevocationReason
+	0,   // 51: cabinet.v1.GetImportParametersRequest.spec:type_name -> cabinet.v1.KeySpec
+	111, // 52: cabinet.v1.GetImportParametersResponse.expires_at:type_name -> google.protobuf.Timestamp
+	0,   // 53: cabinet.v1.GetImportParametersResponse.spec:type_name -> cabinet.v1.KeySpec
+	0,   // 54: cabinet.v1.ImportKeyRequest.spec:type_name -> cabinet.v1.KeySpec
+	1,   // 55: cabinet.v1.ImportKeyRequest.usage:type_name -> cabinet.v1.KeyUsage
+	108, // 56: cabinet.v1.ImportKeyRequest.tags:type_name -> cabinet.v1.ImportKeyRequest.TagsEntry
+	109, // 57: cabinet.v1.Grant.encryption_context_equals:type_name -> cabinet.v1.Grant.EncryptionContextEqualsEntry
+	111, // 58: cabinet.v1.Grant.created_at:type_name -> google.protobuf.Timestamp
+	110, // 59: cabinet.v1.CreateGrantRequest.encryption_context_equals:type_name -> cabinet.v1.CreateGrantRequest.EncryptionContextEqualsEntry
+	59,  // 60: cabinet.v1.GrantResponse.grant:type_name -> cabinet.v1.Grant
+	59,  // 61: cabinet.v1.ListGrantsResponse.grants:type_name -> cabinet.v1.Grant
+	111, // 62: cabinet.v1.IssueCertificateResponse.not_after:type_name -> google.protobuf.Timestamp
+	111, // 63: cabinet.v1.DeniedPrincipal.denied_at:type_name -> google.protobuf.Timestamp
+	72,  // 64: cabinet.v1.ListDeniedPrincipalsResponse.principals:type_name -> cabinet.v1.DeniedPrincipal
+	111, // 65: cabinet.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
+	75,  // 66: cabinet.v1.AuditTailResponse.records:type_name -> cabinet.v1.AuditRecord
+	87,  // 67: cabinet.v1.ListPeersResponse.peers:type_name -> cabinet.v1.Peer
+	111, // 68: cabinet.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	92,  // 69: cabinet.v1.JoinResponse.keks:type_name -> cabinet.v1.WrappedKEK
+	8,   // 70: cabinet.v1.KeyService.CreateKey:input_type -> cabinet.v1.CreateKeyRequest
+	10,  // 71: cabinet.v1.KeyService.ListKeys:input_type -> cabinet.v1.ListKeysRequest
+	12,  // 72: cabinet.v1.KeyService.DescribeKey:input_type -> cabinet.v1.DescribeKeyRequest
+	14,  // 73: cabinet.v1.KeyService.Encrypt:input_type -> cabinet.v1.EncryptRequest
+	16,  // 74: cabinet.v1.KeyService.Decrypt:input_type -> cabinet.v1.DecryptRequest
+	18,  // 75: cabinet.v1.KeyService.GenerateDataKey:input_type -> cabinet.v1.GenerateDataKeyRequest
+	18,  // 76: cabinet.v1.KeyService.GenerateDataKeyWithoutPlaintext:input_type -> cabinet.v1.GenerateDataKeyRequest
+	21,  // 77: cabinet.v1.KeyService.ReEncrypt:input_type -> cabinet.v1.ReEncryptRequest
+	24,  // 78: cabinet.v1.KeyService.BatchEncrypt:input_type -> cabinet.v1.BatchEncryptRequest
+	27,  // 79: cabinet.v1.KeyService.BatchDecrypt:input_type -> cabinet.v1.BatchDecryptRequest
+	30,  // 80: cabinet.v1.KeyService.BatchReEncrypt:input_type -> cabinet.v1.BatchReEncryptRequest
+	33,  // 81: cabinet.v1.KeyService.Sign:input_type -> cabinet.v1.SignRequest
+	35,  // 82: cabinet.v1.KeyService.Verify:input_type -> cabinet.v1.VerifyRequest
+	37,  // 83: cabinet.v1.KeyService.GetPublicKey:input_type -> cabinet.v1.GetPublicKeyRequest
+	39,  // 84: cabinet.v1.KeyService.GenerateMac:input_type -> cabinet.v1.GenerateMacRequest
+	41,  // 85: cabinet.v1.KeyService.VerifyMac:input_type -> cabinet.v1.VerifyMacRequest
+	43,  // 86: cabinet.v1.KeyService.GenerateRandom:input_type -> cabinet.v1.GenerateRandomRequest
+	47,  // 87: cabinet.v1.KeyService.UpdateKey:input_type -> cabinet.v1.UpdateKeyRequest
+	48,  // 88: cabinet.v1.KeyService.SetAlias:input_type -> cabinet.v1.SetAliasRequest
+	49,  // 89: cabinet.v1.KeyService.DeleteAlias:input_type -> cabinet.v1.DeleteAliasRequest
+	46,  // 90: cabinet.v1.KeyService.EnableKey:input_type -> cabinet.v1.KeyRefRequest
+	46,  // 91: cabinet.v1.KeyService.DisableKey:input_type -> cabinet.v1.KeyRefRequest
+	51,  // 92: cabinet.v1.KeyService.RevokeKey:input_type -> cabinet.v1.RevokeKeyRequest
+	46,  // 93: cabinet.v1.KeyService.RotateKey:input_type -> cabinet.v1.KeyRefRequest
+	52,  // 94: cabinet.v1.KeyService.SetRotationPolicy:input_type -> cabinet.v1.SetRotationPolicyRequest
+	53,  // 95: cabinet.v1.KeyService.SetKeyVersionState:input_type -> cabinet.v1.SetKeyVersionStateRequest
+	54,  // 96: cabinet.v1.KeyService.SetMinDecryptionVersion:input_type -> cabinet.v1.SetMinDecryptionVersionRequest
+	55,  // 97: cabinet.v1.KeyService.ScheduleKeyDestruction:input_type -> cabinet.v1.ScheduleKeyDestructionRequest
+	46,  // 98: cabinet.v1.KeyService.CancelKeyDestruction:input_type -> cabinet.v1.KeyRefRequest
+	56,  // 99: cabinet.v1.KeyService.GetImportParameters:input_type -> cabinet.v1.GetImportParametersRequest
+	58,  // 100: cabinet.v1.KeyService.ImportKey:input_type -> cabinet.v1.ImportKeyRequest
+	60,  // 101: cabinet.v1.KeyService.CreateGrant:input_type -> cabinet.v1.CreateGrantRequest
+	62,  // 102: cabinet.v1.KeyService.RevokeGrant:input_type -> cabinet.v1.RevokeGrantRequest
+	64,  // 103: cabinet.v1.KeyService.ListGrants:input_type -> cabinet.v1.ListGrantsRequest
+	84,  // 104: cabinet.v1.OperatorService.Status:input_type -> cabinet.v1.StatusRequest
+	86,  // 105: cabinet.v1.OperatorService.ListPeers:input_type -> cabinet.v1.ListPeersRequest
+	89,  // 106: cabinet.v1.OperatorService.CreateJoinToken:input_type -> cabinet.v1.CreateJoinTokenRequest
+	91,  // 107: cabinet.v1.OperatorService.Join:input_type -> cabinet.v1.JoinRequest
+	66,  // 108: cabinet.v1.OperatorService.IssueCertificate:input_type -> cabinet.v1.IssueCertificateRequest
+	68,  // 109: cabinet.v1.OperatorService.DenyPrincipal:input_type -> cabinet.v1.DenyPrincipalRequest
+	70,  // 110: cabinet.v1.OperatorService.AllowPrincipal:input_type -> cabinet.v1.AllowPrincipalRequest
+	73,  // 111: cabinet.v1.OperatorService.ListDeniedPrincipals:input_type -> cabinet.v1.ListDeniedPrincipalsRequest
+	76,  // 112: cabinet.v1.OperatorService.AuditTail:input_type -> cabinet.v1.AuditTailRequest
+	78,  // 113: cabinet.v1.OperatorService.AuditVerify:input_type -> cabinet.v1.AuditVerifyRequest
+	80,  // 114: cabinet.v1.OperatorService.Echo:input_type -> cabinet.v1.EchoRequest
+	82,  // 115: cabinet.v1.OperatorService.ApplyNoop:input_type -> cabinet.v1.ApplyNoopRequest
+	94,  // 116: cabinet.v1.NodeService.Apply:input_type -> cabinet.v1.ApplyRequest
+	96,  // 117: cabinet.v1.NodeService.ReadIndex:input_type -> cabinet.v1.ReadIndexRequest
+	98,  // 118: cabinet.v1.NodeService.AddPeer:input_type -> cabinet.v1.AddPeerRequest
+	9,   // 119: cabinet.v1.KeyService.CreateKey:output_type -> cabinet.v1.CreateKeyResponse
+	11,  // 120: cabinet.v1.KeyService.ListKeys:output_type -> cabinet.v1.ListKeysResponse
+	13,  // 121: cabinet.v1.KeyService.DescribeKey:output_type -> cabinet.v1.DescribeKeyResponse
+	15,  // 122: cabinet.v1.KeyService.Encrypt:output_type -> cabinet.v1.EncryptResponse
+	17,  // 123: cabinet.v1.KeyService.Decrypt:output_type -> cabinet.v1.DecryptResponse
+	19,  // 124: cabinet.v1.KeyService.GenerateDataKey:output_type -> cabinet.v1.GenerateDataKeyResponse
+	20,  // 125: cabinet.v1.KeyService.GenerateDataKeyWithoutPlaintext:output_type -> cabinet.v1.GenerateDataKeyWithoutPlaintextResponse
+	22,  // 126: cabinet.v1.KeyService.ReEncrypt:output_type -> cabinet.v1.ReEncryptResponse
+	26,  // 127: cabinet.v1.KeyService.BatchEncrypt:output_type -> cabinet.v1.BatchEncryptResponse
+	29,  // 128: cabinet.v1.KeyService.BatchDecrypt:output_type -> cabinet.v1.BatchDecryptResponse
+	32,  // 129: cabinet.v1.KeyService.BatchReEncrypt:output_type -> cabinet.v1.BatchReEncryptResponse
+	34,  // 130: cabinet.v1.KeyService.Sign:output_type -> cabinet.v1.SignResponse
+	36,  // 131: cabinet.v1.KeyService.Verify:output_type -> cabinet.v1.VerifyResponse
+	38,  // 132: cabinet.v1.KeyService.GetPublicKey:output_type -> cabinet.v1.GetPublicKeyResponse
+	40,  // 133: cabinet.v1.KeyService.GenerateMac:output_type -> cabinet.v1.GenerateMacResponse
+	42,  // 134: cabinet.v1.KeyService.VerifyMac:output_type -> cabinet.v1.VerifyMacResponse
+	44,  // 135: cabinet.v1.KeyService.GenerateRandom:output_type -> cabinet.v1.GenerateRandomResponse
+	45,  // 136: cabinet.v1.KeyService.UpdateKey:output_type -> cabinet.v1.KeyResponse
+	45,  // 137: cabinet.v1.KeyService.SetAlias:output_type -> cabinet.v1.KeyResponse
+	50,  // 138: cabinet.v1.KeyService.DeleteAlias:output_type -> cabinet.v1.DeleteAliasResponse
+	45,  // 139: cabinet.v1.KeyService.EnableKey:output_type -> cabinet.v1.KeyResponse
+	45,  // 140: cabinet.v1.KeyService.DisableKey:output_type -> cabinet.v1.KeyResponse
+	45,  // 141: cabinet.v1.KeyService.RevokeKey:output_type -> cabinet.v1.KeyResponse
+	45,  // 142: cabinet.v1.KeyService.RotateKey:output_type -> cabinet.v1.KeyResponse
+	45,  // 143: cabinet.v1.KeyService.SetRotationPolicy:output_type -> cabinet.v1.KeyResponse
+	45,  // 144: cabinet.v1.KeyService.SetKeyVersionState:output_type -> cabinet.v1.KeyResponse
+	45,  // 145: cabinet.v1.KeyService.SetMinDecryptionVersion:output_type -> cabinet.v1.KeyResponse
+	45,  // 146: cabinet.v1.KeyService.ScheduleKeyDestruction:output_type -> cabinet.v1.KeyResponse
+	45,  // 147: cabinet.v1.KeyService.CancelKeyDestruction:output_type -> cabinet.v1.KeyResponse
+	57,  // 148: cabinet.v1.KeyService.GetImportParameters:output_type -> cabinet.v1.GetImportParametersResponse
+	45,  // 149: cabinet.v1.KeyService.ImportKey:output_type -> cabinet.v1.KeyResponse
+	61,  // 150: cabinet.v1.KeyService.CreateGrant:output_type -> cabinet.v1.GrantResponse
+	63,  // 151: cabinet.v1.KeyService.RevokeGrant:output_type -> cabinet.v1.RevokeGrantResponse
+	65,  // 152: cabinet.v1.KeyService.ListGrants:output_type -> cabinet.v1.ListGrantsResponse
+	85,  // 153: cabinet.v1.OperatorService.Status:output_type -> cabinet.v1.StatusResponse
+	88,  // 154: cabinet.v1.OperatorService.ListPeers:output_type -> cabinet.v1.ListPeersResponse
+	90,  // 155: cabinet.v1.OperatorService.CreateJoinToken:output_type -> cabinet.v1.CreateJoinTokenResponse
+	93,  // 156: cabinet.v1.OperatorService.Join:output_type -> cabinet.v1.JoinResponse
+	67,  // 157: cabinet.v1.OperatorService.IssueCertificate:output_type -> cabinet.v1.IssueCertificateResponse
+	69,  // 158: cabinet.v1.OperatorService.DenyPrincipal:output_type -> cabinet.v1.DenyPrincipalResponse
+	71,  // 159: cabinet.v1.OperatorService.AllowPrincipal:output_type -> cabinet.v1.AllowPrincipalResponse
+	74,  // 160: cabinet.v1.OperatorService.ListDeniedPrincipals:output_type -> cabinet.v1.ListDeniedPrincipalsResponse
+	77,  // 161: cabinet.v1.OperatorService.AuditTail:output_type -> cabinet.v1.AuditTailResponse
+	79,  // 162: cabinet.v1.OperatorService.AuditVerify:output_type -> cabinet.v1.AuditVerifyResponse
+	81,  // 163: cabinet.v1.OperatorService.Echo:output_type -> cabinet.v1.EchoResponse
+	83,  // 164: cabinet.v1.OperatorService.ApplyNoop:output_type -> cabinet.v1.ApplyNoopResponse
+	95,  // 165: cabinet.v1.NodeService.Apply:output_type -> cabinet.v1.ApplyResponse
+	97,  // 166: cabinet.v1.NodeService.ReadIndex:output_type -> cabinet.v1.ReadIndexResponse
+	99,  // 167: cabinet.v1.NodeService.AddPeer:output_type -> cabinet.v1.AddPeerResponse
+	119, // [119:168] is the sub-list for method output_type
+	70,  // [70:119] is the sub-list for method input_type
+	70,  // [70:70] is the sub-list for extension type_name
+	70,  // [70:70] is the sub-list for extension extendee
+	0,   // [0:70] is the sub-list for field type_name
 }
 
 func init() { file_transport_cabinetpb_cabinet_proto_init() }
@@ -5591,7 +7149,7 @@ func file_transport_cabinetpb_cabinet_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_transport_cabinetpb_cabinet_proto_rawDesc), len(file_transport_cabinetpb_cabinet_proto_rawDesc)),
 			NumEnums:      6,
-			NumMessages:   78,
+			NumMessages:   105,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

@@ -53,6 +53,9 @@ const (
 	KeyService_CancelKeyDestruction_FullMethodName            = "/cabinet.v1.KeyService/CancelKeyDestruction"
 	KeyService_GetImportParameters_FullMethodName             = "/cabinet.v1.KeyService/GetImportParameters"
 	KeyService_ImportKey_FullMethodName                       = "/cabinet.v1.KeyService/ImportKey"
+	KeyService_CreateGrant_FullMethodName                     = "/cabinet.v1.KeyService/CreateGrant"
+	KeyService_RevokeGrant_FullMethodName                     = "/cabinet.v1.KeyService/RevokeGrant"
+	KeyService_ListGrants_FullMethodName                      = "/cabinet.v1.KeyService/ListGrants"
 )
 
 // KeyServiceClient is the client API for KeyService service.
@@ -123,6 +126,10 @@ type KeyServiceClient interface {
 	GetImportParameters(ctx context.Context, in *GetImportParametersRequest, opts ...grpc.CallOption) (*GetImportParametersResponse, error)
 	// ImportKey creates a key from material wrapped with GetImportParameters.
 	ImportKey(ctx context.Context, in *ImportKeyRequest, opts ...grpc.CallOption) (*KeyResponse, error)
+	// Grants (admin): let a plain principal use one key for some operations.
+	CreateGrant(ctx context.Context, in *CreateGrantRequest, opts ...grpc.CallOption) (*GrantResponse, error)
+	RevokeGrant(ctx context.Context, in *RevokeGrantRequest, opts ...grpc.CallOption) (*RevokeGrantResponse, error)
+	ListGrants(ctx context.Context, in *ListGrantsRequest, opts ...grpc.CallOption) (*ListGrantsResponse, error)
 }
 
 type keyServiceClient struct {
@@ -443,6 +450,36 @@ func (c *keyServiceClient) ImportKey(ctx context.Context, in *ImportKeyRequest, 
 	return out, nil
 }
 
+func (c *keyServiceClient) CreateGrant(ctx context.Context, in *CreateGrantRequest, opts ...grpc.CallOption) (*GrantResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GrantResponse)
+	err := c.cc.Invoke(ctx, KeyService_CreateGrant_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) RevokeGrant(ctx context.Context, in *RevokeGrantRequest, opts ...grpc.CallOption) (*RevokeGrantResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RevokeGrantResponse)
+	err := c.cc.Invoke(ctx, KeyService_RevokeGrant_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keyServiceClient) ListGrants(ctx context.Context, in *ListGrantsRequest, opts ...grpc.CallOption) (*ListGrantsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListGrantsResponse)
+	err := c.cc.Invoke(ctx, KeyService_ListGrants_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // KeyServiceServer is the server API for KeyService service.
 // All implementations must embed UnimplementedKeyServiceServer
 // for forward compatibility.
@@ -511,6 +548,10 @@ type KeyServiceServer interface {
 	GetImportParameters(context.Context, *GetImportParametersRequest) (*GetImportParametersResponse, error)
 	// ImportKey creates a key from material wrapped with GetImportParameters.
 	ImportKey(context.Context, *ImportKeyRequest) (*KeyResponse, error)
+	// Grants (admin): let a plain principal use one key for some operations.
+	CreateGrant(context.Context, *CreateGrantRequest) (*GrantResponse, error)
+	RevokeGrant(context.Context, *RevokeGrantRequest) (*RevokeGrantResponse, error)
+	ListGrants(context.Context, *ListGrantsRequest) (*ListGrantsResponse, error)
 	mustEmbedUnimplementedKeyServiceServer()
 }
 
@@ -613,6 +654,15 @@ func (UnimplementedKeyServiceServer) GetImportParameters(context.Context, *GetIm
 }
 func (UnimplementedKeyServiceServer) ImportKey(context.Context, *ImportKeyRequest) (*KeyResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ImportKey not implemented")
+}
+func (UnimplementedKeyServiceServer) CreateGrant(context.Context, *CreateGrantRequest) (*GrantResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CreateGrant not implemented")
+}
+func (UnimplementedKeyServiceServer) RevokeGrant(context.Context, *RevokeGrantRequest) (*RevokeGrantResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RevokeGrant not implemented")
+}
+func (UnimplementedKeyServiceServer) ListGrants(context.Context, *ListGrantsRequest) (*ListGrantsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListGrants not implemented")
 }
 func (UnimplementedKeyServiceServer) mustEmbedUnimplementedKeyServiceServer() {}
 func (UnimplementedKeyServiceServer) testEmbeddedByValue()                    {}
@@ -1193,6 +1243,60 @@ func _KeyService_ImportKey_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _KeyService_CreateGrant_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateGrantRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).CreateGrant(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_CreateGrant_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).CreateGrant(ctx, req.(*CreateGrantRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_RevokeGrant_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RevokeGrantRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).RevokeGrant(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_RevokeGrant_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).RevokeGrant(ctx, req.(*RevokeGrantRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _KeyService_ListGrants_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListGrantsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).ListGrants(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_ListGrants_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).ListGrants(ctx, req.(*ListGrantsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // KeyService_ServiceDesc is the grpc.ServiceDesc for KeyService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1324,16 +1428,36 @@ var KeyService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "ImportKey",
 			Handler:    _KeyService_ImportKey_Handler,
 		},
+		{
+			MethodName: "CreateGrant",
+			Handler:    _KeyService_CreateGrant_Handler,
+		},
+		{
+			MethodName: "RevokeGrant",
+			Handler:    _KeyService_RevokeGrant_Handler,
+		},
+		{
+			MethodName: "ListGrants",
+			Handler:    _KeyService_ListGrants_Handler,
+		},
 	},
 	Streams:  []grpc.StreamDesc{},
 	Metadata: "transport/cabinetpb/cabinet.proto",
 }
 
 const (
-	OperatorService_Status_FullMethodName          = "/cabinet.v1.OperatorService/Status"
-	OperatorService_ListPeers_FullMethodName       = "/cabinet.v1.OperatorService/ListPeers"
-	OperatorService_CreateJoinToken_FullMethodName = "/cabinet.v1.OperatorService/CreateJoinToken"
-	OperatorService_Join_FullMethodName            = "/cabinet.v1.OperatorService/Join"
+	OperatorService_Status_FullMethodName               = "/cabinet.v1.OperatorService/Status"
+	OperatorService_ListPeers_FullMethodName            = "/cabinet.v1.OperatorService/ListPeers"
+	OperatorService_CreateJoinToken_FullMethodName      = "/cabinet.v1.OperatorService/CreateJoinToken"
+	OperatorService_Join_FullMethodName                 = "/cabinet.v1.OperatorService/Join"
+	OperatorService_IssueCertificate_FullMethodName     = "/cabinet.v1.OperatorService/IssueCertificate"
+	OperatorService_DenyPrincipal_FullMethodName        = "/cabinet.v1.OperatorService/DenyPrincipal"
+	OperatorService_AllowPrincipal_FullMethodName       = "/cabinet.v1.OperatorService/AllowPrincipal"
+	OperatorService_ListDeniedPrincipals_FullMethodName = "/cabinet.v1.OperatorService/ListDeniedPrincipals"
+	OperatorService_AuditTail_FullMethodName            = "/cabinet.v1.OperatorService/AuditTail"
+	OperatorService_AuditVerify_FullMethodName          = "/cabinet.v1.OperatorService/AuditVerify"
+	OperatorService_Echo_FullMethodName                 = "/cabinet.v1.OperatorService/Echo"
+	OperatorService_ApplyNoop_FullMethodName            = "/cabinet.v1.OperatorService/ApplyNoop"
 )
 
 // OperatorServiceClient is the client API for OperatorService service.
@@ -1353,6 +1477,23 @@ type OperatorServiceClient interface {
 	// Join admits a new node. It is the only method callable without a client
 	// certificate: the join token authenticates the caller.
 	Join(ctx context.Context, in *JoinRequest, opts ...grpc.CallOption) (*JoinResponse, error)
+	// IssueCertificate (admin) signs a client CSR with the cluster CA for a
+	// principal and role; the private key never leaves the caller.
+	IssueCertificate(ctx context.Context, in *IssueCertificateRequest, opts ...grpc.CallOption) (*IssueCertificateResponse, error)
+	// DenyPrincipal (admin) refuses a principal on every node at once.
+	DenyPrincipal(ctx context.Context, in *DenyPrincipalRequest, opts ...grpc.CallOption) (*DenyPrincipalResponse, error)
+	AllowPrincipal(ctx context.Context, in *AllowPrincipalRequest, opts ...grpc.CallOption) (*AllowPrincipalResponse, error)
+	ListDeniedPrincipals(ctx context.Context, in *ListDeniedPrincipalsRequest, opts ...grpc.CallOption) (*ListDeniedPrincipalsResponse, error)
+	// AuditTail returns this node's most recent audit records.
+	AuditTail(ctx context.Context, in *AuditTailRequest, opts ...grpc.CallOption) (*AuditTailResponse, error)
+	// AuditVerify checks this node's audit hash chain.
+	AuditVerify(ctx context.Context, in *AuditVerifyRequest, opts ...grpc.CallOption) (*AuditVerifyResponse, error)
+	// Echo does no work: the benchmark's ceiling (a) for a request and
+	// response of the given sizes over the same TLS and interceptors.
+	Echo(ctx context.Context, in *EchoRequest, opts ...grpc.CallOption) (*EchoResponse, error)
+	// ApplyNoop (admin) appends a no-op command of `size` bytes through the
+	// leader: the benchmark's ceiling (b) for Raft writes.
+	ApplyNoop(ctx context.Context, in *ApplyNoopRequest, opts ...grpc.CallOption) (*ApplyNoopResponse, error)
 }
 
 type operatorServiceClient struct {
@@ -1403,6 +1544,86 @@ func (c *operatorServiceClient) Join(ctx context.Context, in *JoinRequest, opts 
 	return out, nil
 }
 
+func (c *operatorServiceClient) IssueCertificate(ctx context.Context, in *IssueCertificateRequest, opts ...grpc.CallOption) (*IssueCertificateResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(IssueCertificateResponse)
+	err := c.cc.Invoke(ctx, OperatorService_IssueCertificate_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *operatorServiceClient) DenyPrincipal(ctx context.Context, in *DenyPrincipalRequest, opts ...grpc.CallOption) (*DenyPrincipalResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DenyPrincipalResponse)
+	err := c.cc.Invoke(ctx, OperatorService_DenyPrincipal_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *operatorServiceClient) AllowPrincipal(ctx context.Context, in *AllowPrincipalRequest, opts ...grpc.CallOption) (*AllowPrincipalResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AllowPrincipalResponse)
+	err := c.cc.Invoke(ctx, OperatorService_AllowPrincipal_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *operatorServiceClient) ListDeniedPrincipals(ctx context.Context, in *ListDeniedPrincipalsRequest, opts ...grpc.CallOption) (*ListDeniedPrincipalsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListDeniedPrincipalsResponse)
+	err := c.cc.Invoke(ctx, OperatorService_ListDeniedPrincipals_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *operatorServiceClient) AuditTail(ctx context.Context, in *AuditTailRequest, opts ...grpc.CallOption) (*AuditTailResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AuditTailResponse)
+	err := c.cc.Invoke(ctx, OperatorService_AuditTail_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *operatorServiceClient) AuditVerify(ctx context.Context, in *AuditVerifyRequest, opts ...grpc.CallOption) (*AuditVerifyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AuditVerifyResponse)
+	err := c.cc.Invoke(ctx, OperatorService_AuditVerify_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *operatorServiceClient) Echo(ctx context.Context, in *EchoRequest, opts ...grpc.CallOption) (*EchoResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(EchoResponse)
+	err := c.cc.Invoke(ctx, OperatorService_Echo_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *operatorServiceClient) ApplyNoop(ctx context.Context, in *ApplyNoopRequest, opts ...grpc.CallOption) (*ApplyNoopResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ApplyNoopResponse)
+	err := c.cc.Invoke(ctx, OperatorService_ApplyNoop_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // OperatorServiceServer is the server API for OperatorService service.
 // All implementations must embed UnimplementedOperatorServiceServer
 // for forward compatibility.
@@ -1420,6 +1641,23 @@ type OperatorServiceServer interface {
 	// Join admits a new node. It is the only method callable without a client
 	// certificate: the join token authenticates the caller.
 	Join(context.Context, *JoinRequest) (*JoinResponse, error)
+	// IssueCertificate (admin) signs a client CSR with the cluster CA for a
+	// principal and role; the private key never leaves the caller.
+	IssueCertificate(context.Context, *IssueCertificateRequest) (*IssueCertificateResponse, error)
+	// DenyPrincipal (admin) refuses a principal on every node at once.
+	DenyPrincipal(context.Context, *DenyPrincipalRequest) (*DenyPrincipalResponse, error)
+	AllowPrincipal(context.Context, *AllowPrincipalRequest) (*AllowPrincipalResponse, error)
+	ListDeniedPrincipals(context.Context, *ListDeniedPrincipalsRequest) (*ListDeniedPrincipalsResponse, error)
+	// AuditTail returns this node's most recent audit records.
+	AuditTail(context.Context, *AuditTailRequest) (*AuditTailResponse, error)
+	// AuditVerify checks this node's audit hash chain.
+	AuditVerify(context.Context, *AuditVerifyRequest) (*AuditVerifyResponse, error)
+	// Echo does no work: the benchmark's ceiling (a) for a request and
+	// response of the given sizes over the same TLS and interceptors.
+	Echo(context.Context, *EchoRequest) (*EchoResponse, error)
+	// ApplyNoop (admin) appends a no-op command of `size` bytes through the
+	// leader: the benchmark's ceiling (b) for Raft writes.
+	ApplyNoop(context.Context, *ApplyNoopRequest) (*ApplyNoopResponse, error)
 	mustEmbedUnimplementedOperatorServiceServer()
 }
 
@@ -1441,6 +1679,30 @@ func (UnimplementedOperatorServiceServer) CreateJoinToken(context.Context, *Crea
 }
 func (UnimplementedOperatorServiceServer) Join(context.Context, *JoinRequest) (*JoinResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Join not implemented")
+}
+func (UnimplementedOperatorServiceServer) IssueCertificate(context.Context, *IssueCertificateRequest) (*IssueCertificateResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method IssueCertificate not implemented")
+}
+func (UnimplementedOperatorServiceServer) DenyPrincipal(context.Context, *DenyPrincipalRequest) (*DenyPrincipalResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DenyPrincipal not implemented")
+}
+func (UnimplementedOperatorServiceServer) AllowPrincipal(context.Context, *AllowPrincipalRequest) (*AllowPrincipalResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method AllowPrincipal not implemented")
+}
+func (UnimplementedOperatorServiceServer) ListDeniedPrincipals(context.Context, *ListDeniedPrincipalsRequest) (*ListDeniedPrincipalsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListDeniedPrincipals not implemented")
+}
+func (UnimplementedOperatorServiceServer) AuditTail(context.Context, *AuditTailRequest) (*AuditTailResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method AuditTail not implemented")
+}
+func (UnimplementedOperatorServiceServer) AuditVerify(context.Context, *AuditVerifyRequest) (*AuditVerifyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method AuditVerify not implemented")
+}
+func (UnimplementedOperatorServiceServer) Echo(context.Context, *EchoRequest) (*EchoResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Echo not implemented")
+}
+func (UnimplementedOperatorServiceServer) ApplyNoop(context.Context, *ApplyNoopRequest) (*ApplyNoopResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ApplyNoop not implemented")
 }
 func (UnimplementedOperatorServiceServer) mustEmbedUnimplementedOperatorServiceServer() {}
 func (UnimplementedOperatorServiceServer) testEmbeddedByValue()                         {}
@@ -1535,6 +1797,150 @@ func _OperatorService_Join_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _OperatorService_IssueCertificate_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(IssueCertificateRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(OperatorServiceServer).IssueCertificate(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: OperatorService_IssueCertificate_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(OperatorServiceServer).IssueCertificate(ctx, req.(*IssueCertificateRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _OperatorService_DenyPrincipal_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DenyPrincipalRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(OperatorServiceServer).DenyPrincipal(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: OperatorService_DenyPrincipal_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(OperatorServiceServer).DenyPrincipal(ctx, req.(*DenyPrincipalRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _OperatorService_AllowPrincipal_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AllowPrincipalRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(OperatorServiceServer).AllowPrincipal(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: OperatorService_AllowPrincipal_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(OperatorServiceServer).AllowPrincipal(ctx, req.(*AllowPrincipalRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _OperatorService_ListDeniedPrincipals_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListDeniedPrincipalsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(OperatorServiceServer).ListDeniedPrincipals(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: OperatorService_ListDeniedPrincipals_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(OperatorServiceServer).ListDeniedPrincipals(ctx, req.(*ListDeniedPrincipalsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _OperatorService_AuditTail_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AuditTailRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(OperatorServiceServer).AuditTail(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: OperatorService_AuditTail_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(OperatorServiceServer).AuditTail(ctx, req.(*AuditTailRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _OperatorService_AuditVerify_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AuditVerifyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(OperatorServiceServer).AuditVerify(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: OperatorService_AuditVerify_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(OperatorServiceServer).AuditVerify(ctx, req.(*AuditVerifyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _OperatorService_Echo_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(EchoRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(OperatorServiceServer).Echo(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: OperatorService_Echo_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(OperatorServiceServer).Echo(ctx, req.(*EchoRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _OperatorService_ApplyNoop_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ApplyNoopRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(OperatorServiceServer).ApplyNoop(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: OperatorService_ApplyNoop_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(OperatorServiceServer).ApplyNoop(ctx, req.(*ApplyNoopRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // OperatorService_ServiceDesc is the grpc.ServiceDesc for OperatorService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1557,6 +1963,38 @@ var OperatorService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Join",
 			Handler:    _OperatorService_Join_Handler,
+		},
+		{
+			MethodName: "IssueCertificate",
+			Handler:    _OperatorService_IssueCertificate_Handler,
+		},
+		{
+			MethodName: "DenyPrincipal",
+			Handler:    _OperatorService_DenyPrincipal_Handler,
+		},
+		{
+			MethodName: "AllowPrincipal",
+			Handler:    _OperatorService_AllowPrincipal_Handler,
+		},
+		{
+			MethodName: "ListDeniedPrincipals",
+			Handler:    _OperatorService_ListDeniedPrincipals_Handler,
+		},
+		{
+			MethodName: "AuditTail",
+			Handler:    _OperatorService_AuditTail_Handler,
+		},
+		{
+			MethodName: "AuditVerify",
+			Handler:    _OperatorService_AuditVerify_Handler,
+		},
+		{
+			MethodName: "Echo",
+			Handler:    _OperatorService_Echo_Handler,
+		},
+		{
+			MethodName: "ApplyNoop",
+			Handler:    _OperatorService_ApplyNoop_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
