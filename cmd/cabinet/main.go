@@ -32,7 +32,9 @@ func newRootCmd() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newServerCmd(), newOperatorCmd(), newKeyCmd(), &cobra.Command{
+	root.AddCommand(newServerCmd(), newOperatorCmd(), newKeyCmd(), newBenchCmd())
+	root.AddCommand(envelopeCmds()...)
+	root.AddCommand(&cobra.Command{
 		Use:   "version",
 		Short: "Print the version",
 		Run:   func(cmd *cobra.Command, _ []string) { fmt.Fprintln(cmd.OutOrStdout(), Version) },

@@ -33,7 +33,7 @@ func newOperatorCmd() *cobra.Command {
 	addClientFlags(cmd, f)
 	jt := &cobra.Command{Use: "join-token", Short: "Manage join tokens"}
 	jt.AddCommand(joinTokenCreateCmd(f))
-	cmd.AddCommand(initCmd(), joinCmd(), jt, statusCmd(f), listPeersCmd(f))
+	cmd.AddCommand(initCmd(), joinCmd(), jt, statusCmd(f), listPeersCmd(f), auditCmd(f))
 	return cmd
 }
 
