@@ -205,29 +205,77 @@ func (ca *CA) IssueNode(csrDER []byte, nodeID string, ips []net.IP, now time.Tim
 // principal name with role: CN=name, OU=role, client auth only, one year.
 // Role "node" is refused: node certificates come only from IssueNode.
 func (ca *CA) IssueClient(name, role string, now time.Time) ([]byte, crypto.Signer, error) {
-	if !principalPattern.MatchString(name) {
-		return nil, nil, fmt.Errorf("issue client certificate: name %q must be 1-64 letters, digits or '._@+-', starting with a letter or digit", name)
-	}
-	if role == RoleNode {
-		return nil, nil, errors.New("issue client certificate: role node is reserved for node certificates; use a node CSR")
-	}
-	if !rolePattern.MatchString(role) {
-		return nil, nil, fmt.Errorf("issue client certificate: role %q must be 1-32 lowercase letters, digits or '-'", role)
+	if err := checkClientName(name, role); err != nil {
+		return nil, nil, err
 	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, nil, fmt.Errorf("issue client certificate: generate key: %w", err)
 	}
+	der, err := ca.signClient(name, role, key.Public(), now)
+	if err != nil {
+		return nil, nil, err
+	}
+	return der, key, nil
+}
+
+// IssueClientCSR certifies the public key of a PKCS#10 request (its
+// signature is checked; its subject is ignored) for principal `name` with
+// `role`, so the private key never leaves the requester.
+func (ca *CA) IssueClientCSR(csrDER []byte, name, role string, now time.Time) ([]byte, error) {
+	if err := checkClientName(name, role); err != nil {
+		return nil, err
+	}
+	csr, err := x509.ParseCertificateRequest(csrDER)
+	if err != nil {
+		return nil, fmt.Errorf("issue client certificate: parse CSR: %w", err)
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return nil, fmt.Errorf("issue client certificate: CSR signature: %w", err)
+	}
+	if err := checkLeafKey(csr.PublicKey); err != nil {
+		return nil, fmt.Errorf("issue client certificate: %w", err)
+	}
+	return ca.signClient(name, role, csr.PublicKey, now)
+}
+
+func checkClientName(name, role string) error {
+	if !principalPattern.MatchString(name) {
+		return fmt.Errorf("issue client certificate: name %q must be 1-64 letters, digits or '._@+-', starting with a letter or digit", name)
+	}
+	if role == RoleNode {
+		return errors.New("issue client certificate: role node is reserved for node certificates; use a node CSR")
+	}
+	if !rolePattern.MatchString(role) {
+		return fmt.Errorf("issue client certificate: role %q must be 1-32 lowercase letters, digits or '-'", role)
+	}
+	return nil
+}
+
+func (ca *CA) signClient(name, role string, pub crypto.PublicKey, now time.Time) ([]byte, error) {
 	tmpl := &x509.Certificate{
 		Subject:     pkix.Name{CommonName: name, OrganizationalUnit: []string{role}},
 		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	}
-	der, err := ca.sign(tmpl, key.Public(), now)
+	der, err := ca.sign(tmpl, pub, now)
 	if err != nil {
-		return nil, nil, fmt.Errorf("issue client certificate: %w", err)
+		return nil, fmt.Errorf("issue client certificate: %w", err)
 	}
-	return der, key, nil
+	return der, nil
+}
+
+// NewClientKey makes an ECDSA P-256 key and a CSR (for IssueClientCSR).
+func NewClientKey(name string) (crypto.Signer, []byte, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: name}}, key)
+	if err != nil {
+		return nil, nil, err
+	}
+	return key, csr, nil
 }
 
 // sign fills serial and validity in tmpl and signs it with the CA key.
