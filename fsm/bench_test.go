@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+
+	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
 )
 
 func benchFSM(b *testing.B, keys int) (*FSM, *applier, uint64) {
@@ -74,4 +76,79 @@ func BenchmarkDueRotations100k(b *testing.B) {
 		}
 		f.DueDestructions(now, 0)
 	}
+}
+
+// The per-request authorization lookups with 10k grants (100 keys x 100
+// grants, 10 principals per key: 10 grants per key and principal) and 1k
+// denied principals.
+func BenchmarkAuthz10k(b *testing.B) {
+	f, a, index := benchFSM(b, 100)
+	for k := range 100 {
+		for g := range 100 {
+			index++
+			p := grantPayload(grantID(k*100+g), keyID(k), fmt.Sprint("svc-", g%10), opEncrypt, opDecrypt)
+			f.Apply(logOf(b, index, a.command(typCreateGrant, p, env{})))
+		}
+	}
+	for d := range 1000 {
+		index++
+		f.Apply(logOf(b, index, a.command(typDeny, &fsmpb.DenyPrincipal{Principal: fmt.Sprint("gone-", d)}, env{})))
+	}
+	if n := len(f.Grants("", "")); n != 10_000 {
+		b.Fatalf("%d grants", n)
+	}
+	keys := make([]string, 100)
+	for i := range keys {
+		keys[i] = keyID(i)
+	}
+	users := make([]string, 10)
+	gone := make([]string, 10)
+	for i := range users {
+		users[i] = fmt.Sprint("svc-", i)
+		gone[i] = fmt.Sprint("gone-", i*97)
+	}
+	b.Run("GrantsFor", func(b *testing.B) {
+		b.ReportAllocs()
+		for i := range b.N {
+			if len(f.GrantsFor(keys[i%100], users[i%10])) != 10 {
+				b.Fatal("wrong grants")
+			}
+		}
+	})
+	b.Run("GrantsForMiss", func(b *testing.B) {
+		b.ReportAllocs()
+		for i := range b.N {
+			if f.GrantsFor(keys[i%100], gone[i%10]) != nil {
+				b.Fatal("unexpected grants")
+			}
+		}
+	})
+	b.Run("Denied", func(b *testing.B) {
+		b.ReportAllocs()
+		for i := range b.N {
+			if _, ok := f.Denied(gone[i%10]); !ok {
+				b.Fatal("not denied")
+			}
+		}
+	})
+	b.Run("NotDenied", func(b *testing.B) {
+		b.ReportAllocs()
+		for i := range b.N {
+			if _, ok := f.Denied(users[i%10]); ok {
+				b.Fatal("denied")
+			}
+		}
+	})
+	b.Run("DeniedThenGrantsForParallel", func(b *testing.B) {
+		b.ReportAllocs()
+		b.RunParallel(func(pb *testing.PB) {
+			i := 0
+			for pb.Next() {
+				if _, ok := f.Denied(users[i%10]); !ok {
+					f.GrantsFor(keys[i%100], users[i%10])
+				}
+				i++
+			}
+		})
+	})
 }

@@ -22,7 +22,9 @@ import (
 // pruning (including leader time jumping forward and stepping back). It
 // keeps a shadow State (as a leader has its own FSM) to propose plausible
 // lifecycle commands: the next version, due rotations and destructions the
-// way the scheduler does, and duplicated scheduler proposals.
+// way the scheduler does, and duplicated scheduler proposals; and grants
+// (mostly on live keys, some on destroyed or unknown ones), revocations of
+// existing grants, and deny/allow, including the issuer denying itself.
 func randomLog(t testing.TB, seed int64, n int) []*raft.Log {
 	t.Helper()
 	rng := rand.New(rand.NewSource(seed))
@@ -83,6 +85,23 @@ func randomLog(t testing.TB, seed int64, n int) []*raft.Log {
 		}
 		return aliases[rng.Intn(len(aliases))]
 	}
+	pickGrant := func() string { return grantID(rng.Intn(80)) }
+	// liveKey mostly picks a key that is not destroyed (grants need one).
+	liveKey := func() string {
+		var live []string
+		for _, rec := range shadow.listKeys("", 0) {
+			if rec.GetState() != stDestroyed {
+				live = append(live, rec.GetKeyId())
+			}
+		}
+		switch {
+		case rng.Intn(10) == 0:
+			return keyID(100 + rng.Intn(100)) // most likely unknown
+		case len(live) == 0 || rng.Intn(10) == 0:
+			return existingKey()
+		}
+		return live[rng.Intn(len(live))]
+	}
 	var lastScheduled *fsmpb.Command // a scheduler proposal, sometimes proposed again
 	now := t0
 	logs := make([]*raft.Log, 0, n)
@@ -98,7 +117,7 @@ func randomLog(t testing.TB, seed int64, n int) []*raft.Log {
 		var typ fsmpb.CommandType
 		var payload proto.Message
 		ignorable, scheduled := false, false
-		switch r := rng.Intn(100); {
+		switch r := rng.Intn(114); {
 		case i == 0 || r < 2:
 			typ, payload = typInit, initPayload()
 		case r < 22:
@@ -215,7 +234,7 @@ func randomLog(t testing.TB, seed int64, n int) []*raft.Log {
 			p := importTokenPayload(fmt.Sprintf("it-tok%05d", rng.Intn(40)), now+rng.Int63n(int64(4*time.Hour))-int64(time.Hour))
 			p.Spec = fsmpb.KeySpec(1 + rng.Intn(3))
 			typ, payload = typImportToken, p
-		default:
+		case r < 100:
 			p := &fsmpb.ImportKey{TokenId: fmt.Sprintf("it-tok%05d", rng.Intn(40)), Key: createKeyPayload(pickKey())}
 			p.Key.Spec = fsmpb.KeySpec(1 + rng.Intn(3))
 			var usable []*fsmpb.ImportToken
@@ -237,8 +256,64 @@ func randomLog(t testing.TB, seed int64, n int) []*raft.Log {
 				p.Key.Alias = pickAlias()
 			}
 			typ, payload = typImport, p
+		case r < 106:
+			p := grantPayload(pickGrant(), liveKey(), pick("user", 5))
+			if ids := shadow.listGrants("", ""); len(ids) > 0 && rng.Intn(8) == 0 {
+				p.Grant.GrantId = ids[rng.Intn(len(ids))].GetGrantId() // in use
+			}
+			if rng.Intn(8) == 0 { // a destroyed key, if any
+				for _, rec := range shadow.listKeys("", 0) {
+					if rec.GetState() == stDestroyed {
+						p.Grant.KeyId = rec.GetKeyId()
+						break
+					}
+				}
+			}
+			p.Grant.Operations = nil
+			for range 1 + rng.Intn(3) {
+				p.Grant.Operations = append(p.Grant.Operations, fsmpb.GrantOperation(1+rng.Intn(9)))
+			}
+			slices.Sort(p.Grant.Operations)
+			p.Grant.Operations = slices.Compact(p.Grant.Operations)
+			switch rng.Intn(12) {
+			case 0:
+				p.Grant.Operations = append(p.Grant.Operations, fsmpb.GrantOperation(rng.Intn(2)*10)) // UNSPECIFIED or unknown
+			case 1:
+				p.Grant.Operations = append(p.Grant.Operations, p.Grant.Operations[0]) // duplicate
+			case 2:
+				p.Grant.Principal = "bad principal"
+			case 3:
+				p.Grant.GrantId = "g-bad"
+			}
+			if rng.Intn(3) == 0 {
+				p.Grant.EncryptionContextEquals = map[string]string{pick("ctx", 4): pick("v", 4), pick("ctx", 4): "x"}
+			}
+			typ, payload = typCreateGrant, p
+		case r < 109:
+			id := pickGrant()
+			if ids := shadow.listGrants("", ""); len(ids) > 0 && rng.Intn(3) != 0 {
+				id = ids[rng.Intn(len(ids))].GetGrantId()
+			}
+			typ, payload = typRevokeGrant, &fsmpb.RevokeGrant{GrantId: id}
+		case r < 112:
+			p := &fsmpb.DenyPrincipal{Principal: pick("user", 5), Reason: pick("reason-", 3)}
+			switch rng.Intn(12) {
+			case 0:
+				p.Principal = "bad principal"
+			case 1:
+				p.Reason = strings.Repeat("r", maxDenyReasonLen+1)
+			}
+			typ, payload = typDeny, p
+		default:
+			who := pick("user", 5)
+			if denied := shadow.listDenied(); len(denied) > 0 && rng.Intn(2) == 0 {
+				who = denied[rng.Intn(len(denied))].GetPrincipal()
+			}
+			typ, payload = typAllow, &fsmpb.AllowPrincipal{Principal: who}
 		}
-		cmd, err := NewCommand(typ, payload, "", pick("user", 3))
+		// Command principals are "<role>:<name>"; a deny of the issuer's
+		// own name is refused.
+		cmd, err := NewCommand(typ, payload, "", "admin:"+pick("user", 3))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -321,6 +396,29 @@ func TestDeterminism(t *testing.T) {
 					t.Fatalf("due queries differ after restore-then-replay")
 				}
 			}
+			// So do the rebuilt grant and deny-list indexes.
+			sameGrants := func(x, y []*fsmpb.Grant) bool {
+				return slices.EqualFunc(x, y, func(g, h *fsmpb.Grant) bool { return proto.Equal(g, h) })
+			}
+			all := a.Grants("", "")
+			if !sameGrants(all, d.Grants("", "")) {
+				t.Fatalf("grants differ after restore-then-replay")
+			}
+			for _, g := range all {
+				if !sameGrants(a.GrantsFor(g.GetKeyId(), g.GetPrincipal()), d.GrantsFor(g.GetKeyId(), g.GetPrincipal())) ||
+					!sameGrants(a.Grants(g.GetKeyId(), ""), d.Grants(g.GetKeyId(), "")) ||
+					!sameGrants(a.Grants("", g.GetPrincipal()), d.Grants("", g.GetPrincipal())) {
+					t.Fatalf("grant queries for %s differ after restore-then-replay", g.GetGrantId())
+				}
+			}
+			for i := range 5 {
+				who := fmt.Sprint("user", i)
+				x, xok := a.Denied(who)
+				y, yok := d.Denied(who)
+				if xok != yok || !proto.Equal(x, y) {
+					t.Fatalf("Denied(%s) differs after restore-then-replay", who)
+				}
+			}
 
 			// A bare State (replay without a node) agrees too.
 			s := NewState()
@@ -349,6 +447,9 @@ func TestDeterminism(t *testing.T) {
 				if strings.Contains(res.GetMessage(), "wrapped-") {
 					t.Fatalf("message carries material: %q", res.GetMessage())
 				}
+				if strings.Contains(res.GetMessage(), "grant(s) on it removed") {
+					counts["DESTROY_KEY with grants"]++
+				}
 			}
 			for _, want := range []string{"CREATE_KEY/RESULT_CODE_OK", "CREATE_KEY/RESULT_CODE_INVALID_ARGUMENT",
 				"CREATE_KEY/RESULT_CODE_ALREADY_EXISTS", "ADMIT_NODE/RESULT_CODE_OK", "ADMIT_NODE/RESULT_CODE_PERMISSION_DENIED",
@@ -359,7 +460,12 @@ func TestDeterminism(t *testing.T) {
 				"SET_VERSION_STATE/RESULT_CODE_OK", "SET_MIN_DECRYPTION_VERSION/RESULT_CODE_OK", "SET_ROTATION_POLICY/RESULT_CODE_OK",
 				"SCHEDULE_DESTRUCTION/RESULT_CODE_OK", "CANCEL_DESTRUCTION/RESULT_CODE_OK",
 				"DESTROY_KEY/RESULT_CODE_OK", "DESTROY_KEY/RESULT_CODE_FAILED_PRECONDITION",
-				"CREATE_IMPORT_TOKEN/RESULT_CODE_OK", "IMPORT_KEY/RESULT_CODE_OK", "IMPORT_KEY/RESULT_CODE_PERMISSION_DENIED"} {
+				"CREATE_IMPORT_TOKEN/RESULT_CODE_OK", "IMPORT_KEY/RESULT_CODE_OK", "IMPORT_KEY/RESULT_CODE_PERMISSION_DENIED",
+				"CREATE_GRANT/RESULT_CODE_OK", "CREATE_GRANT/RESULT_CODE_INVALID_ARGUMENT", "CREATE_GRANT/RESULT_CODE_ALREADY_EXISTS",
+				"CREATE_GRANT/RESULT_CODE_NOT_FOUND", "CREATE_GRANT/RESULT_CODE_FAILED_PRECONDITION",
+				"REVOKE_GRANT/RESULT_CODE_OK", "REVOKE_GRANT/RESULT_CODE_NOT_FOUND",
+				"DENY_PRINCIPAL/RESULT_CODE_OK", "DENY_PRINCIPAL/RESULT_CODE_FAILED_PRECONDITION", "DENY_PRINCIPAL/RESULT_CODE_INVALID_ARGUMENT",
+				"ALLOW_PRINCIPAL/RESULT_CODE_OK", "ALLOW_PRINCIPAL/RESULT_CODE_NOT_FOUND", "DESTROY_KEY with grants"} {
 				if counts[want] == 0 {
 					t.Errorf("the random log never produced %s", want)
 				}

@@ -339,3 +339,49 @@ func (f *FSM) DueDestructions(now int64, limit int) []*fsmpb.KeyRecord {
 	defer f.mu.RUnlock()
 	return f.state.dueDestructions(now, limit)
 }
+
+// GrantsFor returns the grants that let principal use key keyID, sorted by
+// grant id (nil if none): the per-request authorization lookup, one map
+// read without allocation. The slice and the records are shared with the
+// state and never change afterwards (a later grant or revocation replaces
+// the slice): do not modify either.
+func (f *FSM) GrantsFor(keyID, principal string) []*fsmpb.Grant {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.state.grantsFor[grantKey{keyID, principal}]
+}
+
+// Grants returns the grants on keyID to principal, sorted by grant id; an
+// empty filter matches every key or every principal, so Grants("", "")
+// lists all. The slice is the caller's; do not modify the records.
+func (f *FSM) Grants(keyID, principal string) []*fsmpb.Grant {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.state.listGrants(keyID, principal)
+}
+
+// Grant returns a grant by id. Do not modify the record.
+func (f *FSM) Grant(id string) (*fsmpb.Grant, bool) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	g, ok := f.state.grants[id]
+	return g, ok
+}
+
+// Denied reports whether principal is on the cluster-wide deny list, with
+// its record (reason, time, by whom). It is checked on every request: one
+// map read, no allocation. Do not modify the record.
+func (f *FSM) Denied(principal string) (*fsmpb.DeniedPrincipal, bool) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	d, ok := f.state.denied[principal]
+	return d, ok
+}
+
+// DeniedPrincipals returns the deny list sorted by principal. The slice is
+// the caller's; do not modify the records.
+func (f *FSM) DeniedPrincipals() []*fsmpb.DeniedPrincipal {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.state.listDenied()
+}

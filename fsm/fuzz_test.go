@@ -37,6 +37,14 @@ func fuzzSeeds(f *testing.F) {
 		{typDestroy, &fsmpb.DestroyKey{KeyId: k1}, env{}},
 		{typImportToken, importTokenPayload("it-abcdefgh", t0+1), env{}},
 		{typImport, importPayload("it-abcdefgh", k2), env{}},
+		{typCreateGrant, with(grantPayload(grantID(1), k2, "bob"), func(p *fsmpb.CreateGrant) {
+			p.Grant.EncryptionContextEquals = map[string]string{"tenant": "acme"}
+		}), env{principal: "admin:alice"}},
+		{typCreateGrant, grantPayload(grantID(2), k1, "carol", opDescribe), env{requestID: "g"}},
+		{typRevokeGrant, &fsmpb.RevokeGrant{GrantId: grantID(1)}, env{}},
+		{typDeny, &fsmpb.DenyPrincipal{Principal: "bob", Reason: "left"}, env{principal: "admin:alice"}},
+		{typDeny, &fsmpb.DenyPrincipal{Principal: "alice"}, env{principal: "admin:alice"}},
+		{typAllow, &fsmpb.AllowPrincipal{Principal: "bob"}, env{}},
 		{77, nil, env{ignorable: true}},
 		{77, nil, env{}},
 		{typNoop, nil, env{format: 2}},
@@ -52,7 +60,8 @@ func fuzzSeeds(f *testing.F) {
 }
 
 // lifecycleState holds k1 (ACTIVE, rotated, aliased, rotating hourly), k2
-// pending destruction, k3 destroyed, and an unused import token.
+// pending destruction, k3 destroyed, an unused import token, grants on k1
+// and k2 (whose destruction removes its grants), and a denied principal.
 func lifecycleState(t testing.TB) *State {
 	a := initialised(t)
 	a.mustOK(typCreate, with(createKeyPayload(k1), func(p *fsmpb.CreateKey) { p.Alias = "a"; p.RotationPeriodSeconds = 3600 }))
@@ -62,6 +71,9 @@ func lifecycleState(t testing.TB) *State {
 	a.mustOK(typCreate, createKeyPayload(keyID(3)))
 	driveTo(a, keyID(3), stDestroyed)
 	a.mustOK(typImportToken, importTokenPayload("it-abcdefgh", a.now+int64(time.Hour)))
+	a.mustOK(typCreateGrant, grantPayload(grantID(1), k2, "bob"))
+	a.mustOK(typCreateGrant, grantPayload(grantID(3), k1, "bob", opDescribe))
+	a.mustOK(typDeny, &fsmpb.DenyPrincipal{Principal: "carol", Reason: "r"})
 	return a.s
 }
 
@@ -83,6 +95,7 @@ func FuzzDecodeCommand(f *testing.F) {
 			if _, err := EncodeResult(res); err != nil {
 				t.Fatalf("result does not encode: %v", err)
 			}
+			checkGrantIndexes(t, s)
 			var buf bytes.Buffer
 			if err := WriteSnapshot(&buf, s.ToProto()); err != nil {
 				t.Fatalf("state does not snapshot: %v", err)
@@ -121,6 +134,18 @@ func FuzzReadSnapshot(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Add(lifecycle.Bytes())
+	// Built field by field so the fuzzer can mutate grants and the deny list
+	// (including on keys that do not exist or are destroyed).
+	var authz bytes.Buffer
+	if err := WriteSnapshot(&authz, &fsmpb.State{
+		Format:           StateFormat,
+		Keys:             []*fsmpb.KeyRecord{{KeyId: k1, State: stActive, PrimaryVersion: 1, Versions: []*fsmpb.KeyVersion{{Version: 1}}}},
+		Grants:           []*fsmpb.Grant{{GrantId: grantID(1), KeyId: k1, Principal: "bob", Operations: []fsmpb.GrantOperation{opDecrypt}}},
+		DeniedPrincipals: []*fsmpb.DeniedPrincipal{{Principal: "carol"}},
+	}); err != nil {
+		f.Fatal(err)
+	}
+	f.Add(authz.Bytes())
 
 	f.Fuzz(func(t *testing.T, data []byte) {
 		st, err := ReadSnapshot(bytes.NewReader(data))
@@ -131,6 +156,7 @@ func FuzzReadSnapshot(f *testing.F) {
 		if err != nil {
 			return
 		}
+		checkGrantIndexes(t, s)
 		var buf bytes.Buffer
 		if err := WriteSnapshot(&buf, s.ToProto()); err != nil {
 			t.Fatalf("accepted state does not write: %v", err)

@@ -1,6 +1,7 @@
 package fsm
 
 import (
+	"fmt"
 	"strings"
 	"time"
 
@@ -477,7 +478,12 @@ func (s *State) applyDestroyKey(c *cmdContext, p *fsmpb.DestroyKey) *fsmpb.Resul
 		return failf(codePrecondition, "key %s is not due for destruction until %s; nothing changed",
 			id, fmtTime(rec.GetDestroyAfterUnixNano()))
 	}
-	return s.store(tombstone(rec, c.time))
+	res = s.store(tombstone(rec, c.time))
+	// A destroyed key's grants go with it, in the same apply.
+	if n := s.removeKeyGrants(id); n > 0 {
+		res.Message = fmt.Sprintf("key %s destroyed; %d grant(s) on it removed", id, n)
+	}
+	return res
 }
 
 // tombstone builds a destroyed key's record field by field (an allow-list,

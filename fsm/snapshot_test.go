@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -46,6 +47,15 @@ func populated(t *testing.T) *FSM {
 	apply(typImportToken, importTokenPayload("it-zzzzzzzz", t0+int64(time.Hour)), env{})
 	apply(typImportToken, importTokenPayload("it-aaaaaaaa", t0+int64(time.Hour)), env{})
 	apply(typImport, importPayload("it-zzzzzzzz", keyID(10)), env{})
+	// Authorization: grants (one with a context constraint) and denied
+	// principals, added out of order.
+	apply(typCreateGrant, grantPayload(grantID(3), keyID(4), "bob", opDecrypt), env{principal: "admin:alice"})
+	apply(typCreateGrant, with(grantPayload(grantID(1), keyID(2), "carol"), func(p *fsmpb.CreateGrant) {
+		p.Grant.EncryptionContextEquals = map[string]string{"tenant": "acme", "env": "prod"}
+	}), env{})
+	apply(typCreateGrant, grantPayload(grantID(2), keyID(4), "bob", opEncrypt), env{})
+	apply(typDeny, &fsmpb.DenyPrincipal{Principal: "zed", Reason: "left"}, env{})
+	apply(typDeny, &fsmpb.DenyPrincipal{Principal: "amy"}, env{})
 	return f
 }
 
@@ -100,6 +110,24 @@ func TestSnapshotRoundTrip(t *testing.T) {
 	if tok, ok := g.ImportToken("it-aaaaaaaa"); !ok || tok.GetPrivateKey() == nil {
 		t.Fatalf("import token %v", tok)
 	}
+	// Grants and the deny list, with their rebuilt indexes.
+	sameGrants := func(x, y []*fsmpb.Grant) bool {
+		return slices.EqualFunc(x, y, func(a, b *fsmpb.Grant) bool { return proto.Equal(a, b) })
+	}
+	for _, q := range [][2]string{{"", ""}, {keyID(4), ""}, {"", "bob"}, {keyID(4), "bob"}, {keyID(2), "carol"}, {keyID(2), "bob"}} {
+		if !sameGrants(f.Grants(q[0], q[1]), g.Grants(q[0], q[1])) || !sameGrants(f.GrantsFor(q[0], q[1]), g.GrantsFor(q[0], q[1])) {
+			t.Fatalf("grants for %v differ after restore", q)
+		}
+	}
+	if got := grantIDs(g.GrantsFor(keyID(4), "bob")); got != "2,3" {
+		t.Fatalf("GrantsFor after restore = %s", got)
+	}
+	if gr, ok := g.Grant(grantID(1)); !ok || gr.GetEncryptionContextEquals()["tenant"] != "acme" {
+		t.Fatalf("grant 1 after restore = %v", gr)
+	}
+	if d, ok := g.Denied("zed"); !ok || d.GetReason() != "left" || len(g.DeniedPrincipals()) != 2 {
+		t.Fatalf("deny list after restore: %v %v", d, g.DeniedPrincipals())
+	}
 	// Request records survive: a retry after restore returns the first result.
 	a := newApplier(t)
 	res := g.Apply(logOf(t, 100, a.command(typCreate, createKeyPayload(keyID(99)), env{requestID: "create-" + keyID(2)})))
@@ -118,7 +146,17 @@ func TestToProtoIsSorted(t *testing.T) {
 	for _, it := range st.GetImportTokens() {
 		importIDs = append(importIDs, it.GetTokenId())
 	}
-	for _, list := range [][]string{ids, nodeIDs(st), tokenIDs(st), requestIDs(st), importIDs} {
+	var grantIDs, denied []string
+	for _, g := range st.GetGrants() {
+		grantIDs = append(grantIDs, g.GetGrantId())
+	}
+	for _, d := range st.GetDeniedPrincipals() {
+		denied = append(denied, d.GetPrincipal())
+	}
+	if len(grantIDs) != 3 || len(denied) != 2 {
+		t.Fatalf("grants %v denied %v", grantIDs, denied)
+	}
+	for _, list := range [][]string{ids, nodeIDs(st), tokenIDs(st), requestIDs(st), importIDs, grantIDs, denied} {
 		for i := 1; i < len(list); i++ {
 			if list[i-1] >= list[i] {
 				t.Fatalf("not sorted: %v", list)
@@ -297,6 +335,21 @@ func TestStateFromProtoValidation(t *testing.T) {
 		{"request without id", mutate(func(st *fsmpb.State) { st.Requests[0].RequestId = "" }), "request record 0"},
 		{"request without result", mutate(func(st *fsmpb.State) { st.Requests[0].Result = nil }), "has no result"},
 		{"duplicate request", mutate(func(st *fsmpb.State) { st.Requests[1].RequestId = st.Requests[0].RequestId }), "duplicate request id"},
+		{"nil grant", mutate(func(st *fsmpb.State) { st.Grants = append(st.Grants, nil) }), "grant entry 3 has no grant id"},
+		{"grant without id", mutate(func(st *fsmpb.State) { st.Grants[0].GrantId = "" }), "grant entry 0 has no grant id"},
+		{"malformed grant id", mutate(func(st *fsmpb.State) { st.Grants[0].GrantId = "g-X" }), `grant id "g-X" is malformed`},
+		{"duplicate grant", mutate(func(st *fsmpb.State) { st.Grants[1].GrantId = st.Grants[0].GrantId }), "duplicate grant id " + grantID(1)},
+		{"grant on an unknown key", mutate(func(st *fsmpb.State) { st.Grants[0].KeyId = keyID(77) }),
+			"grant " + grantID(1) + " is on key \"" + keyID(77) + "\", which does not exist"},
+		{"grant on a destroyed key", mutate(func(st *fsmpb.State) { st.Keys[0] = tombstone(st.Keys[0], t0) }), // grant 1 is on keyID(2)
+			"grant " + grantID(1) + " is on key " + keyID(2) + ", which is destroyed"},
+		{"grant with a malformed principal", mutate(func(st *fsmpb.State) { st.Grants[2].Principal = "a b" }), "has malformed principal \"a b\""},
+		{"nil denied principal", mutate(func(st *fsmpb.State) { st.DeniedPrincipals = append(st.DeniedPrincipals, nil) }),
+			"denied principal entry 2 has no principal"},
+		{"denied principal without principal", mutate(func(st *fsmpb.State) { st.DeniedPrincipals[1].Principal = "" }),
+			"denied principal entry 1 has no principal"},
+		{"malformed denied principal", mutate(func(st *fsmpb.State) { st.DeniedPrincipals[1].Principal = "z z" }), `denied principal "z z" is malformed`},
+		{"duplicate denied principal", mutate(func(st *fsmpb.State) { st.DeniedPrincipals[1].Principal = "amy" }), "duplicate denied principal amy"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

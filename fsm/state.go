@@ -41,8 +41,8 @@ var ErrUnsupportedCommand = errors.New("unsupported command")
 // Raft log can be replayed into a State without a running node.
 //
 // Stored records (*fsmpb.KeyRecord, *fsmpb.NodeRecord, *fsmpb.JoinToken,
-// *fsmpb.ImportToken, *fsmpb.ClusterInfo, *fsmpb.RequestRecord and the
-// Results inside them) are
+// *fsmpb.ImportToken, *fsmpb.Grant, *fsmpb.DeniedPrincipal,
+// *fsmpb.ClusterInfo, *fsmpb.RequestRecord and the Results inside them) are
 // immutable once stored: Apply clones, modifies and replaces. That is what
 // lets FSM hand out stored pointers to readers and capture a snapshot
 // without copying records.
@@ -69,6 +69,19 @@ type State struct {
 	importByExpiry *btree.BTreeG[*fsmpb.ImportToken] // all, by (expiry, id), for pruning
 	importSealed   *btree.BTreeG[*fsmpb.ImportToken] // those still holding a private key, by (expiry, id)
 
+	// Grants (authz.go): the records by id in a map and a B-tree, by (key
+	// id, grant id) and (principal, grant id), and by (key id, principal)
+	// as copy-on-write slices sorted by grant id (the per-request lookup).
+	grants            map[string]*fsmpb.Grant
+	grantOrder        *btree.BTreeG[*fsmpb.Grant]
+	grantsByKey       *btree.BTreeG[*fsmpb.Grant]
+	grantsByPrincipal *btree.BTreeG[*fsmpb.Grant]
+	grantsFor         map[grantKey][]*fsmpb.Grant
+
+	// The deny list by principal (map for lookups, B-tree for order).
+	denied      map[string]*fsmpb.DeniedPrincipal
+	deniedOrder *btree.BTreeG[*fsmpb.DeniedPrincipal]
+
 	lastAppliedTime int64
 	appliedIndex    uint64
 
@@ -94,6 +107,15 @@ func NewState() *State {
 		importTokens:   btree.NewG(btreeDegree, importTokenLess),
 		importByExpiry: btree.NewG(btreeDegree, importExpiryLess),
 		importSealed:   btree.NewG(btreeDegree, importExpiryLess),
+
+		grants:            make(map[string]*fsmpb.Grant),
+		grantOrder:        btree.NewG(btreeDegree, grantLess),
+		grantsByKey:       btree.NewG(btreeDegree, grantByKeyLess),
+		grantsByPrincipal: btree.NewG(btreeDegree, grantByPrincipalLess),
+		grantsFor:         make(map[grantKey][]*fsmpb.Grant),
+
+		denied:      make(map[string]*fsmpb.DeniedPrincipal),
+		deniedOrder: btree.NewG(btreeDegree, deniedLess),
 	}
 }
 
@@ -213,6 +235,15 @@ var handlers = map[fsmpb.CommandType]handler{
 		func() *fsmpb.CreateImportToken { return &fsmpb.CreateImportToken{} }, (*State).applyCreateImportToken),
 	fsmpb.CommandType_COMMAND_TYPE_IMPORT_KEY: register(
 		func() *fsmpb.ImportKey { return &fsmpb.ImportKey{} }, (*State).applyImportKey),
+	// Authorization (authz.go).
+	fsmpb.CommandType_COMMAND_TYPE_CREATE_GRANT: register(
+		func() *fsmpb.CreateGrant { return &fsmpb.CreateGrant{} }, (*State).applyCreateGrant),
+	fsmpb.CommandType_COMMAND_TYPE_REVOKE_GRANT: register(
+		func() *fsmpb.RevokeGrant { return &fsmpb.RevokeGrant{} }, (*State).applyRevokeGrant),
+	fsmpb.CommandType_COMMAND_TYPE_DENY_PRINCIPAL: register(
+		func() *fsmpb.DenyPrincipal { return &fsmpb.DenyPrincipal{} }, (*State).applyDenyPrincipal),
+	fsmpb.CommandType_COMMAND_TYPE_ALLOW_PRINCIPAL: register(
+		func() *fsmpb.AllowPrincipal { return &fsmpb.AllowPrincipal{} }, (*State).applyAllowPrincipal),
 }
 
 // Apply processes the command at Raft index `index` and returns its outcome.
@@ -493,6 +524,8 @@ type frozenState struct {
 	tokens          []*fsmpb.JoinToken
 	importTokens    *btree.BTreeG[*fsmpb.ImportToken]
 	requests        *btree.BTreeG[*fsmpb.RequestRecord]
+	grants          *btree.BTreeG[*fsmpb.Grant]
+	denied          *btree.BTreeG[*fsmpb.DeniedPrincipal]
 	lastAppliedTime int64
 }
 
@@ -506,6 +539,8 @@ func (s *State) freeze() *frozenState {
 		tokens:          s.sortedTokens(),
 		importTokens:    s.importTokens.Clone(),
 		requests:        s.requests.Clone(),
+		grants:          s.grantOrder.Clone(),
+		denied:          s.deniedOrder.Clone(),
 		lastAppliedTime: s.lastAppliedTime,
 	}
 }
@@ -522,6 +557,8 @@ func (s *State) ToProto() *fsmpb.State {
 		tokens:          s.sortedTokens(),
 		importTokens:    s.importTokens,
 		requests:        s.requests,
+		grants:          s.grantOrder,
+		denied:          s.deniedOrder,
 		lastAppliedTime: s.lastAppliedTime,
 	}).proto()
 }
@@ -536,7 +573,17 @@ func (f *frozenState) proto() *fsmpb.State {
 		Requests:                make([]*fsmpb.RequestRecord, 0, f.requests.Len()),
 		LastAppliedTimeUnixNano: f.lastAppliedTime,
 		ImportTokens:            make([]*fsmpb.ImportToken, 0, f.importTokens.Len()),
+		Grants:                  make([]*fsmpb.Grant, 0, f.grants.Len()),
+		DeniedPrincipals:        make([]*fsmpb.DeniedPrincipal, 0, f.denied.Len()),
 	}
+	f.grants.Ascend(func(g *fsmpb.Grant) bool {
+		st.Grants = append(st.Grants, g)
+		return true
+	})
+	f.denied.Ascend(func(d *fsmpb.DeniedPrincipal) bool {
+		st.DeniedPrincipals = append(st.DeniedPrincipals, d)
+		return true
+	})
 	f.importTokens.Ascend(func(tok *fsmpb.ImportToken) bool {
 		st.ImportTokens = append(st.ImportTokens, tok)
 		return true
@@ -556,7 +603,8 @@ func (f *frozenState) proto() *fsmpb.State {
 // the snapshot is internally consistent (known format, no missing or
 // duplicate ids or aliases, key versions in ascending order with the primary
 // among them, no material left on destroyed keys or versions, well-formed
-// and unique import tokens). The State takes ownership of st's records: the
+// and unique import tokens, grants with well-formed unique ids on existing
+// keys that are not destroyed, well-formed unique denied principals). The State takes ownership of st's records: the
 // caller must not modify st afterwards. The applied index starts at 0.
 func StateFromProto(st *fsmpb.State) (*State, error) {
 	if st == nil {
@@ -641,6 +689,34 @@ func StateFromProto(st *fsmpb.State) (*State, error) {
 			return nil, fmt.Errorf("state: import token %s was used but still holds its private key", t.GetTokenId())
 		}
 		s.putImportToken(t)
+	}
+	for i, g := range st.GetGrants() {
+		switch {
+		case g == nil || g.GetGrantId() == "":
+			return nil, fmt.Errorf("state: grant entry %d has no grant id", i)
+		case !grantIDPattern.MatchString(g.GetGrantId()):
+			return nil, fmt.Errorf("state: grant id %+q is malformed", truncate(g.GetGrantId()))
+		case s.grants[g.GetGrantId()] != nil:
+			return nil, fmt.Errorf("state: duplicate grant id %s", g.GetGrantId())
+		case s.keys[g.GetKeyId()] == nil:
+			return nil, fmt.Errorf("state: grant %s is on key %+q, which does not exist", g.GetGrantId(), truncate(g.GetKeyId()))
+		case s.keys[g.GetKeyId()].GetState() == stDestroyed:
+			return nil, fmt.Errorf("state: grant %s is on key %s, which is destroyed", g.GetGrantId(), g.GetKeyId())
+		case !principalPattern.MatchString(g.GetPrincipal()):
+			return nil, fmt.Errorf("state: grant %s has malformed principal %+q", g.GetGrantId(), truncate(g.GetPrincipal()))
+		}
+		s.putGrant(g)
+	}
+	for i, d := range st.GetDeniedPrincipals() {
+		switch {
+		case d == nil || d.GetPrincipal() == "":
+			return nil, fmt.Errorf("state: denied principal entry %d has no principal", i)
+		case !principalPattern.MatchString(d.GetPrincipal()):
+			return nil, fmt.Errorf("state: denied principal %+q is malformed", truncate(d.GetPrincipal()))
+		case s.denied[d.GetPrincipal()] != nil:
+			return nil, fmt.Errorf("state: duplicate denied principal %s", d.GetPrincipal())
+		}
+		s.putDenied(d)
 	}
 	s.lastAppliedTime = st.GetLastAppliedTimeUnixNano()
 	return s, nil

@@ -38,6 +38,9 @@ func (s *Server) Encrypt(ctx context.Context, req *cabinetpb.EncryptRequest) (*c
 	if err != nil {
 		return nil, err
 	}
+	if err := s.authorizeKey(ctx, k, req.GetEncryptionContext(), fsmpb.GrantOperation_GRANT_OPERATION_ENCRYPT); err != nil {
+		return nil, err
+	}
 	var ct []byte
 	var v uint32
 	if isRSA(k.GetSpec()) {
@@ -51,6 +54,7 @@ func (s *Server) Encrypt(ctx context.Context, req *cabinetpb.EncryptRequest) (*c
 	if err != nil {
 		return nil, toStatus(err)
 	}
+	noteKey(ctx, k.GetKeyId(), v)
 	return &cabinetpb.EncryptResponse{Ciphertext: ct, KeyId: k.GetKeyId(), KeyVersion: v}, nil
 }
 
@@ -67,6 +71,9 @@ func (s *Server) Decrypt(ctx context.Context, req *cabinetpb.DecryptRequest) (*c
 			return nil, err
 		}
 		if isRSA(k.GetSpec()) {
+			if err := s.authorizeKey(ctx, k, nil, fsmpb.GrantOperation_GRANT_OPERATION_DECRYPT); err != nil {
+				return nil, err
+			}
 			v := req.GetKeyVersion()
 			if v == 0 {
 				v = k.GetPrimaryVersion()
@@ -78,6 +85,17 @@ func (s *Server) Decrypt(ctx context.Context, req *cabinetpb.DecryptRequest) (*c
 			return &cabinetpb.DecryptResponse{Plaintext: pt, KeyId: k.GetKeyId(), KeyVersion: v}, nil
 		}
 	}
+	h, err := keyops.ParseCiphertext(req.GetCiphertext())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	hk, err := s.lookupKey(ctx, h.KeyID)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.authorizeKey(ctx, hk, req.GetEncryptionContext(), fsmpb.GrantOperation_GRANT_OPERATION_DECRYPT); err != nil {
+		return nil, err
+	}
 	lookup := func(id string) (*fsmpb.KeyRecord, bool) { return s.findKey(ctx, id) }
 	pt, id, v, err := s.cfg.Crypto.Decrypt(ctx, lookup, req.GetCiphertext(), req.GetEncryptionContext(), req.GetAllowCompromised())
 	if err != nil {
@@ -88,6 +106,7 @@ func (s *Server) Decrypt(ctx context.Context, req *cabinetpb.DecryptRequest) (*c
 			return nil, status.Error(codes.InvalidArgument, "the ciphertext was not made with the key named in key_id")
 		}
 	}
+	noteKey(ctx, id, v)
 	return &cabinetpb.DecryptResponse{Plaintext: pt, KeyId: id, KeyVersion: v}, nil
 }
 
@@ -97,6 +116,9 @@ func (s *Server) generateDataKey(ctx context.Context, req *cabinetpb.GenerateDat
 	}
 	k, err := s.lookupKey(ctx, req.GetKeyId())
 	if err != nil {
+		return nil, nil, nil, 0, err
+	}
+	if err := s.authorizeKey(ctx, k, req.GetEncryptionContext(), fsmpb.GrantOperation_GRANT_OPERATION_GENERATE_DATA_KEY); err != nil {
 		return nil, nil, nil, 0, err
 	}
 	n := int(req.GetNumberOfBytes())
@@ -134,16 +156,26 @@ func (s *Server) ReEncrypt(ctx context.Context, req *cabinetpb.ReEncryptRequest)
 	if err := checkOverride(ctx, req.GetAllowCompromised()); err != nil {
 		return nil, err
 	}
+	h, err := keyops.ParseCiphertext(req.GetCiphertext())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	sk, err := s.lookupKey(ctx, h.KeyID)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.authorizeKey(ctx, sk, req.GetSourceEncryptionContext(), fsmpb.GrantOperation_GRANT_OPERATION_RE_ENCRYPT); err != nil {
+		return nil, err
+	}
 	dest := req.GetDestinationKeyId()
 	if dest == "" {
-		h, err := keyops.ParseCiphertext(req.GetCiphertext())
-		if err != nil {
-			return nil, toStatus(err)
-		}
 		dest = h.KeyID
 	}
 	dk, err := s.lookupKey(ctx, dest)
 	if err != nil {
+		return nil, err
+	}
+	if err := s.authorizeKey(ctx, dk, req.GetDestinationEncryptionContext(), fsmpb.GrantOperation_GRANT_OPERATION_RE_ENCRYPT); err != nil {
 		return nil, err
 	}
 	lookup := func(id string) (*fsmpb.KeyRecord, bool) { return s.findKey(ctx, id) }
@@ -235,6 +267,9 @@ func (s *Server) Sign(ctx context.Context, req *cabinetpb.SignRequest) (*cabinet
 	if err != nil {
 		return nil, err
 	}
+	if err := s.authorizeKey(ctx, k, nil, fsmpb.GrantOperation_GRANT_OPERATION_SIGN); err != nil {
+		return nil, err
+	}
 	alg, mt, err := parseSigning(req.GetSigningAlgorithm(), req.GetMessageType())
 	if err != nil {
 		return nil, err
@@ -255,6 +290,9 @@ func (s *Server) Verify(ctx context.Context, req *cabinetpb.VerifyRequest) (*cab
 	}
 	k, err := s.lookupKey(ctx, req.GetKeyId())
 	if err != nil {
+		return nil, err
+	}
+	if err := s.authorizeKey(ctx, k, nil, fsmpb.GrantOperation_GRANT_OPERATION_VERIFY); err != nil {
 		return nil, err
 	}
 	alg, mt, err := parseSigning(req.GetSigningAlgorithm(), req.GetMessageType())
@@ -293,6 +331,9 @@ func (s *Server) GetPublicKey(ctx context.Context, req *cabinetpb.GetPublicKeyRe
 	if err != nil {
 		return nil, err
 	}
+	if err := s.authorizeKey(ctx, k, nil, fsmpb.GrantOperation_GRANT_OPERATION_DESCRIBE, fsmpb.GrantOperation_GRANT_OPERATION_VERIFY); err != nil {
+		return nil, err
+	}
 	v := req.GetKeyVersion()
 	if v == 0 {
 		v = k.GetPrimaryVersion()
@@ -320,6 +361,9 @@ func (s *Server) GenerateMac(ctx context.Context, req *cabinetpb.GenerateMacRequ
 	if err != nil {
 		return nil, err
 	}
+	if err := s.authorizeKey(ctx, k, nil, fsmpb.GrantOperation_GRANT_OPERATION_GENERATE_MAC); err != nil {
+		return nil, err
+	}
 	mac, v, err := s.cfg.Crypto.GenerateMac(ctx, k, req.GetMessage())
 	if err != nil {
 		return nil, toStatus(err)
@@ -336,6 +380,9 @@ func (s *Server) VerifyMac(ctx context.Context, req *cabinetpb.VerifyMacRequest)
 	}
 	k, err := s.lookupKey(ctx, req.GetKeyId())
 	if err != nil {
+		return nil, err
+	}
+	if err := s.authorizeKey(ctx, k, nil, fsmpb.GrantOperation_GRANT_OPERATION_VERIFY_MAC); err != nil {
 		return nil, err
 	}
 	v := req.GetKeyVersion()

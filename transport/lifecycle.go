@@ -28,6 +28,7 @@ func (s *Server) keyWrite(ctx context.Context, ref, reqID string, typ fsmpb.Comm
 	if err != nil {
 		return nil, err
 	}
+	noteKey(ctx, k.GetKeyId(), 0)
 	payload, err := build(k)
 	if err != nil {
 		return nil, err

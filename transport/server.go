@@ -26,6 +26,7 @@ import (
 	"github.com/cabinet-kms/cabinet/fsm"
 	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
 	"github.com/cabinet-kms/cabinet/keyops"
+	"github.com/cabinet-kms/cabinet/transport/audit"
 	"github.com/cabinet-kms/cabinet/transport/cabinetpb"
 	"github.com/cabinet-kms/cabinet/transport/tlsutil"
 )
@@ -54,6 +55,11 @@ type State interface {
 	// is too old): it must not serve.
 	Halted() error
 	ImportToken(id string) (*fsmpb.ImportToken, bool)
+	GrantsFor(keyID, principal string) []*fsmpb.Grant
+	Grants(keyID, principal string) []*fsmpb.Grant
+	Grant(id string) (*fsmpb.Grant, bool)
+	Denied(principal string) (*fsmpb.DeniedPrincipal, bool)
+	DeniedPrincipals() []*fsmpb.DeniedPrincipal
 	DueRotations(now int64, limit int) []*fsmpb.KeyRecord
 	DueDestructions(now int64, limit int) []*fsmpb.KeyRecord
 }
@@ -104,6 +110,22 @@ type Config struct {
 	// MinPendingWindow is the shortest destruction waiting period accepted
 	// (default 7 days; tests use seconds).
 	MinPendingWindow time.Duration
+	// Audit receives a record for every request; nil disables auditing
+	// (unit tests only: the server always sets it).
+	Audit AuditLog
+	// AuditPath is the audit file AuditVerify checks.
+	AuditPath string
+	// RateLimit is requests per second per principal (0: unlimited), with
+	// bursts of RateBurst.
+	RateLimit float64
+	RateBurst int
+}
+
+// AuditLog is this node's hash-chained audit file (*audit.Log).
+type AuditLog interface {
+	Append(r audit.Record) (audit.Record, error)
+	Healthy() error
+	Tail(n int) ([]audit.Record, error)
 }
 
 // Server implements the gRPC services.
@@ -119,7 +141,8 @@ type Server struct {
 	kekVerified bool
 	kekErr      string
 
-	health *health.Server
+	health  *health.Server
+	limiter *principalLimiter
 }
 
 // NewServer builds the API server.
@@ -136,7 +159,7 @@ func NewServer(cfg Config) *Server {
 	if cfg.MinPendingWindow == 0 {
 		cfg.MinPendingWindow = 7 * 24 * time.Hour
 	}
-	return &Server{cfg: cfg, log: cfg.Logger}
+	return &Server{cfg: cfg, log: cfg.Logger, limiter: newPrincipalLimiter(cfg.RateLimit, cfg.RateBurst, cfg.Clock)}
 }
 
 // CAKeyAAD binds the sealed cluster CA key to its cluster.
@@ -273,6 +296,11 @@ func (s *Server) lookupKey(ctx context.Context, idOrAlias string) (*fsmpb.KeyRec
 	if k, ok := s.findKey(ctx, idOrAlias); ok {
 		return k, nil
 	}
+	if id, _ := IdentityFrom(ctx); id.Role == roleClient {
+		// No existence oracle for plain principals: a key they cannot see
+		// and a key that does not exist look the same.
+		return nil, status.Errorf(codes.PermissionDenied, "%s has no grant on key %q (or it does not exist)", id.Name, idOrAlias)
+	}
 	return nil, status.Errorf(codes.NotFound, "key %q not found: check the id or alias with `cabinet key list`", idOrAlias)
 }
 
@@ -289,6 +317,9 @@ func (s *Server) findKey(ctx context.Context, idOrAlias string) (*fsmpb.KeyRecor
 func (s *Server) DescribeKey(ctx context.Context, req *cabinetpb.DescribeKeyRequest) (*cabinetpb.DescribeKeyResponse, error) {
 	k, err := s.lookupKey(ctx, req.GetKeyId())
 	if err != nil {
+		return nil, err
+	}
+	if err := s.authorizeKey(ctx, k, nil, fsmpb.GrantOperation_GRANT_OPERATION_DESCRIBE); err != nil {
 		return nil, err
 	}
 	return &cabinetpb.DescribeKeyResponse{Key: keyToAPI(k)}, nil

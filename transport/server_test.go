@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"net"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -22,6 +23,7 @@ import (
 	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
 	"github.com/cabinet-kms/cabinet/hsm"
 	"github.com/cabinet-kms/cabinet/keyops"
+	"github.com/cabinet-kms/cabinet/transport/audit"
 	"github.com/cabinet-kms/cabinet/transport/cabinetpb"
 	"github.com/cabinet-kms/cabinet/transport/tlsutil"
 )
@@ -84,6 +86,9 @@ type apiEnv struct {
 	admin   *grpc.ClientConn
 	node    *grpc.ClientConn
 	caFP    string
+	audit     *audit.Log
+	auditPath string
+	state     *fsm.FSM
 }
 
 func issueClient(t *testing.T, ca *tlsutil.CA, name, role string) tls.Certificate {
@@ -146,7 +151,14 @@ func newAPIEnv(t *testing.T) *apiEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := NewServer(Config{NodeID: "node1", Cluster: fc, State: state, Crypto: engine, HSM: h, Version: "test"})
+	auditPath := filepath.Join(t.TempDir(), "audit.log")
+	alog, err := audit.Open(auditPath, audit.Options{Node: "node1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { alog.Close() })
+	srv := NewServer(Config{NodeID: "node1", Cluster: fc, State: state, Crypto: engine, HSM: h, Version: "test",
+		Audit: alog, AuditPath: auditPath})
 	nodeKey, csr, err := tlsutil.NewNodeKey("node1")
 	if err != nil {
 		t.Fatal(err)
@@ -166,7 +178,7 @@ func newAPIEnv(t *testing.T) *apiEnv {
 	g := srv.NewGRPCServer(tlsutil.ServerConfig(nodeCert, ca.Pool()))
 	go g.Serve(ln)
 	t.Cleanup(g.Stop)
-	e := &apiEnv{t: t, addr: ln.Addr().String(), ca: ca, cluster: fc, caFP: tlsutil.Fingerprint(ca.CertDER)}
+	e := &apiEnv{t: t, addr: ln.Addr().String(), ca: ca, cluster: fc, caFP: tlsutil.Fingerprint(ca.CertDER), audit: alog, auditPath: auditPath, state: state}
 	e.admin = dialTLS(t, e.addr, tlsutil.ClientConfig(issueClient(t, ca, "alice", tlsutil.RoleAdmin), ca.Pool()))
 	e.node = dialTLS(t, e.addr, tlsutil.ClientConfig(nodeCert, ca.Pool()))
 	return e

@@ -22,6 +22,7 @@ func newKeyCmd() *cobra.Command {
 	cmd.AddCommand(keyCreateCmd(f), keyListCmd(f), keyDescribeCmd(f), keyEncryptCmd(f), keyDecryptCmd(f), keyDataKeyCmd(f))
 	cmd.AddCommand(lifecycleCmds(f)...)
 	cmd.AddCommand(cryptoCmds(f)...)
+	cmd.AddCommand(authzKeyCmds(f)...)
 	return cmd
 }
 

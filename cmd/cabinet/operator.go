@@ -34,6 +34,7 @@ func newOperatorCmd() *cobra.Command {
 	jt := &cobra.Command{Use: "join-token", Short: "Manage join tokens"}
 	jt.AddCommand(joinTokenCreateCmd(f))
 	cmd.AddCommand(initCmd(), joinCmd(), jt, statusCmd(f), listPeersCmd(f), auditCmd(f))
+	cmd.AddCommand(authzOperatorCmds(f)...)
 	return cmd
 }
 

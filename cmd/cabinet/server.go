@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/net/netutil"
 
 	"github.com/cabinet-kms/cabinet/cluster"
 	"github.com/cabinet-kms/cabinet/fsm"
@@ -21,6 +22,7 @@ import (
 	"github.com/cabinet-kms/cabinet/hsm"
 	"github.com/cabinet-kms/cabinet/keyops"
 	"github.com/cabinet-kms/cabinet/transport"
+	"github.com/cabinet-kms/cabinet/transport/audit"
 	"github.com/cabinet-kms/cabinet/transport/tlsutil"
 )
 
@@ -34,6 +36,10 @@ type serverFlags struct {
 	cacheSize    int
 	minRotation  time.Duration
 	minPending   time.Duration
+	rateLimit    float64
+	rateBurst    int
+	maxConns     int
+	auditSync    time.Duration
 }
 
 func newServerCmd() *cobra.Command {
@@ -55,6 +61,10 @@ func newServerCmd() *cobra.Command {
 	cmd.Flags().IntVar(&f.cacheSize, "cache-size", 10000, "unwrapped key versions kept in memory")
 	cmd.Flags().DurationVar(&f.minRotation, "min-rotation-period", 24*time.Hour, "shortest automatic rotation period accepted")
 	cmd.Flags().DurationVar(&f.minPending, "min-pending-window", 7*24*time.Hour, "shortest destruction waiting period accepted")
+	cmd.Flags().Float64Var(&f.rateLimit, "rate-limit", 0, "requests per second per principal (0: unlimited)")
+	cmd.Flags().IntVar(&f.rateBurst, "rate-burst", 0, "burst per principal (default: the rate)")
+	cmd.Flags().IntVar(&f.maxConns, "max-connections", 4096, "concurrent client connections accepted by the API listener")
+	cmd.Flags().DurationVar(&f.auditSync, "audit-sync-interval", 100*time.Millisecond, "how often the audit log is fsynced (each record is written at once)")
 	_ = cmd.MarkFlagRequired("data-dir")
 	return cmd
 }
@@ -211,14 +221,24 @@ func runServer(ctx context.Context, f *serverFlags) error {
 		}
 	}
 
+	auditPath := filepath.Join(f.dataDir, "audit", "audit.log")
+	auditLog, err := audit.Open(auditPath, audit.Options{Node: nc.NodeID, SyncInterval: f.auditSync})
+	if err != nil {
+		return fmt.Errorf("open the audit log (run `cabinet operator audit verify --file %s`): %w", auditPath, err)
+	}
+	defer auditLog.Close()
 	srv := transport.NewServer(transport.Config{
 		NodeID: nc.NodeID, APIAddr: nc.APIAddr, RaftAddr: nc.RaftAddr, Version: Version,
 		Cluster: node, State: state, Crypto: engine, HSM: h, Peers: peers, Logger: log,
 		MinRotationPeriod: f.minRotation, MinPendingWindow: f.minPending,
+		Audit: auditLog, AuditPath: auditPath, RateLimit: f.rateLimit, RateBurst: f.rateBurst,
 	})
 	apiLn, err := net.Listen("tcp", nc.APIAddr)
 	if err != nil {
 		return fmt.Errorf("listen for the API on %s: %w", nc.APIAddr, err)
+	}
+	if f.maxConns > 0 {
+		apiLn = netutil.LimitListener(apiLn, f.maxConns)
 	}
 	g := srv.NewGRPCServer(tlsutil.ServerConfig(cert, pool))
 	serveErr := make(chan error, 1)
