@@ -76,7 +76,9 @@ func TestFailoverWhenLeaderStops(t *testing.T) {
 	}
 	all := tc.Endpoints()
 	endpoints := append(append([]string{}, all[leader:]...), all[:leader]...) // leader first
-	c := clusterClient(t, tc, endpoints)
+	// A generous call timeout: the test is about failover, and elections
+	// take longer when -race tests share a busy machine.
+	c := clusterClient(t, tc, endpoints, client.WithCallTimeout(30*time.Second))
 	ctx := context.Background()
 	keyID := newAESKey(t, c)
 	if c.Endpoint() != all[leader] {

@@ -79,13 +79,13 @@ func (f *fakeCluster) Leader() (string, string) { return "node1", "" }
 func (f *fakeCluster) IsLeader() bool           { return true }
 
 type apiEnv struct {
-	t       *testing.T
-	addr    string
-	ca      *tlsutil.CA
-	cluster *fakeCluster
-	admin   *grpc.ClientConn
-	node    *grpc.ClientConn
-	caFP    string
+	t         *testing.T
+	addr      string
+	ca        *tlsutil.CA
+	cluster   *fakeCluster
+	admin     *grpc.ClientConn
+	node      *grpc.ClientConn
+	caFP      string
 	audit     *audit.Log
 	auditPath string
 	state     *fsm.FSM
@@ -361,6 +361,29 @@ func TestJoinCeremony(t *testing.T) {
 	req3.TokenSecret = make([]byte, 32)
 	if _, err := cabinetpb.NewOperatorServiceClient(joiner).Join(ctx, req3); code(err) != codes.PermissionDenied {
 		t.Fatalf("wrong secret: %v", err)
+	}
+	// An expired token is refused too, and no refused join changed the
+	// membership or consumed a token.
+	short, err := cabinetpb.NewOperatorServiceClient(e.admin).CreateJoinToken(ctx, &cabinetpb.CreateJoinTokenRequest{TtlSeconds: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stok, _ := cluster.ParseJoinToken(short.GetToken())
+	nodesBefore := len(e.state.Nodes())
+	deadline := short.GetExpiresAt().AsTime()
+	for time.Now().Before(deadline.Add(50 * time.Millisecond)) {
+		time.Sleep(20 * time.Millisecond) // wait (bounded) for the token to expire
+	}
+	req5 := proto.Clone(req).(*cabinetpb.JoinRequest)
+	req5.NodeId, req5.TokenId, req5.TokenSecret = "node5", stok.ID, stok.Secret
+	if _, err := cabinetpb.NewOperatorServiceClient(joiner).Join(ctx, req5); code(err) != codes.PermissionDenied {
+		t.Fatalf("expired token: %v", err)
+	}
+	if got := len(e.state.Nodes()); got != nodesBefore {
+		t.Fatalf("refused joins changed the membership: %d -> %d nodes", nodesBefore, got)
+	}
+	if jt, ok := e.state.JoinToken(stok.ID); !ok || jt.GetUsedByNode() != "" {
+		t.Fatalf("expired token consumed: %v", jt)
 	}
 	// A joiner pinning another CA refuses to talk to this cluster.
 	other, _ := tlsutil.NewCA("other", time.Now())

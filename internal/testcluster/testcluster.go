@@ -53,7 +53,7 @@ type Config struct {
 	// Nodes is the number of nodes (default 3).
 	Nodes int
 	// MaxStaleness is how long a follower serves crypto without hearing
-	// from the leader (default 1s).
+	// from the leader (default 2s, as on a server).
 	MaxStaleness time.Duration
 	// Logger receives every node's logs (default: discarded).
 	Logger *slog.Logger
@@ -126,7 +126,7 @@ func New(cfg Config) (_ *Cluster, err error) {
 		cfg.Nodes = 3
 	}
 	if cfg.MaxStaleness == 0 {
-		cfg.MaxStaleness = time.Second
+		cfg.MaxStaleness = 2 * time.Second
 	}
 	c := &Cluster{cfg: cfg, dir: cfg.Dir, clusterID: "c-test", log: cfg.Logger}
 	if c.log == nil {
@@ -383,8 +383,9 @@ func (c *Cluster) start(nd *node) (err error) {
 		CompactAfter: func(cmd *fsmpb.Command, res *fsmpb.Result) bool {
 			return cmd.GetType() == fsmpb.CommandType_COMMAND_TYPE_DESTROY_KEY && res.GetCode() == fsmpb.ResultCode_RESULT_CODE_OK
 		},
-		HeartbeatTimeout: 500 * time.Millisecond, ElectionTimeout: 500 * time.Millisecond,
-		LeaderLeaseTimeout: 250 * time.Millisecond,
+		// The server's defaults: shorter timeouts make elections flap when
+		// -race tests share a busy machine.
+		HeartbeatTimeout: time.Second, ElectionTimeout: time.Second, LeaderLeaseTimeout: 500 * time.Millisecond,
 	})
 	if err != nil {
 		raftLn.Close()

@@ -128,19 +128,19 @@ func Open(path string, opts Options) (*Log, error) {
 		f.Close()
 		return nil, err
 	}
+	go l.syncLoop(opts.SyncInterval)
 	if created {
 		if err := syncDir(filepath.Dir(path)); err != nil {
 			l.Close()
 			return nil, err
 		}
 	}
-	go l.syncLoop(opts.SyncInterval)
 	return l, nil
 }
 
 func openFile(f *os.File, path string, opts Options) (*Log, error) {
 	if err := lockFile(f); err != nil {
-		return nil, fmt.Errorf("audit: %s is in use by another process (%w)", path, err)
+		return nil, fmt.Errorf("audit: lock %s (is another process using it?): %w", path, err)
 	}
 	fi, err := f.Stat()
 	if err != nil {
@@ -157,9 +157,12 @@ func openFile(f *os.File, path string, opts Options) (*Log, error) {
 	if l.size == 0 {
 		return l, nil
 	}
-	last, terr := readLastRecord(f, l.size)
+	last, terr, err := readLastRecord(f, l.size)
+	if err != nil {
+		return nil, fmt.Errorf("audit: read the last record of %s: %w", path, err)
+	}
 	if terr != nil {
-		line, err := lineNumber(f, terr.start)
+		line, err := lineNumber(f, terr.at)
 		if err != nil {
 			return nil, fmt.Errorf("audit: %w", err)
 		}
@@ -172,20 +175,21 @@ func openFile(f *os.File, path string, opts Options) (*Log, error) {
 	return l, nil
 }
 
-// tailError says what is wrong with the last line and where it starts.
+// tailError says what is wrong with the last line; at is an offset inside
+// it (its line number is one more than the newlines before at).
 type tailError struct {
-	start   int64
+	at      int64
 	problem string
 }
 
 // readLastRecord reads the final line of f[0:size] and checks it on its own:
-// complete, parseable, in canonical form, hash matching its contents. An I/O
-// error is reported the same way: Open refuses either way.
-func readLastRecord(f io.ReaderAt, size int64) (Record, *tailError) {
+// complete, parseable, in canonical form, hash matching its contents. The
+// error is for I/O only.
+func readLastRecord(f io.ReaderAt, size int64) (Record, *tailError, error) {
 	n := min(size, MaxLineBytes+1)
 	buf := make([]byte, n)
 	if _, err := f.ReadAt(buf, size-n); err != nil {
-		return Record{}, &tailError{start: size - n, problem: "read: " + err.Error()}
+		return Record{}, nil, err
 	}
 	complete := buf[len(buf)-1] == '\n'
 	body := buf
@@ -193,25 +197,25 @@ func readLastRecord(f io.ReaderAt, size int64) (Record, *tailError) {
 		body = buf[:len(buf)-1]
 	}
 	i := lastIndexNewline(body)
-	start := size - n + int64(i+1)
+	at := size - n + int64(len(body))
 	if i < 0 && size > n {
-		return Record{}, &tailError{start: start, problem: fmt.Sprintf("last line is longer than %d bytes", MaxLineBytes)}
+		return Record{}, &tailError{at: at, problem: fmt.Sprintf("last line is longer than %d bytes", MaxLineBytes)}, nil
 	}
 	line := body[i+1:]
 	if !complete {
-		return Record{}, &tailError{start: start, problem: "last line is incomplete (no trailing newline): a torn or truncated write"}
+		return Record{}, &tailError{at: at, problem: "last line is incomplete (no trailing newline): a torn or truncated write"}, nil
 	}
 	r, err := parseLine(line)
 	if err != nil {
-		return Record{}, &tailError{start: start, problem: "last line does not parse: " + err.Error()}
+		return Record{}, &tailError{at: at, problem: "last line does not parse: " + err.Error()}, nil
 	}
 	if r.Seq == 0 {
-		return Record{}, &tailError{start: start, problem: "last record has seq 0"}
+		return Record{}, &tailError{at: at, problem: "last record has seq 0"}, nil
 	}
 	if p := checkAlone(&r, line, sha256.New()); p != "" {
-		return Record{}, &tailError{start: start, problem: "last record (seq " + fmt.Sprint(r.Seq) + "): " + p}
+		return Record{}, &tailError{at: at, problem: "last record (seq " + fmt.Sprint(r.Seq) + "): " + p}, nil
 	}
-	return r, nil
+	return r, nil, nil
 }
 
 func lastIndexNewline(b []byte) int {
@@ -223,7 +227,7 @@ func lastIndexNewline(b []byte) int {
 	return -1
 }
 
-// lineNumber returns the 1-based number of the line starting at off.
+// lineNumber returns the 1-based number of the line holding offset off.
 func lineNumber(r io.ReaderAt, off int64) (int, error) {
 	line := 1
 	buf := make([]byte, 64<<10)

@@ -180,7 +180,7 @@ func TestReopenContinuesChain(t *testing.T) {
 func TestOpenIsExclusive(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "audit.log")
 	openLog(t, path)
-	if _, err := Open(path, Options{}); err == nil || !strings.Contains(err.Error(), "in use") {
+	if _, err := Open(path, Options{}); err == nil || !strings.Contains(err.Error(), "another process") {
 		t.Fatalf("second Open = %v, want an in-use error", err)
 	}
 }
@@ -223,6 +223,7 @@ func TestVerifyDetects(t *testing.T) {
 		}, 5, "canonical"},
 		{"garbage line inserted", func(l []string) []string { return append(l[:3:3], append([]string{"hello\n"}, l[3:]...)...) }, 4, "does not parse"},
 		{"blank line inserted", func(l []string) []string { return append(l[:3:3], append([]string{"\n"}, l[3:]...)...) }, 4, "does not parse"},
+		{"line too long", func(l []string) []string { l[4] = strings.Repeat("x", MaxLineBytes+1) + "\n"; return l }, 5, "longer than"},
 		{"record duplicated", func(l []string) []string { return append(l[:5:5], l[4:]...) }, 6, "seq 5 where 6"},
 	}
 	for _, tt := range tests {
@@ -251,9 +252,11 @@ func TestVerifyGoodAndEmpty(t *testing.T) {
 
 func TestOpenRefusesCorruptTail(t *testing.T) {
 	for name, edit := range map[string]func(l []string) []string{
-		"truncated": func(l []string) []string { l[5] = l[5][:30]; return l },
-		"modified":  func(l []string) []string { l[5] = strings.Replace(l[5], `"p6"`, `"p7"`, 1); return l },
-		"garbage":   func(l []string) []string { l[5] = "{}\n"; return l },
+		"truncated":  func(l []string) []string { l[5] = l[5][:30]; return l },
+		"modified":   func(l []string) []string { l[5] = strings.Replace(l[5], `"p6"`, `"p7"`, 1); return l },
+		"garbage":    func(l []string) []string { l[5] = "{}\n"; return l },
+		"long line":  func(l []string) []string { l[5] = strings.Repeat("x", 2*MaxLineBytes) + "\n"; return l },
+		"no newline": func(l []string) []string { l[5] = strings.TrimSuffix(l[5], "\n"); return l },
 	} {
 		t.Run(name, func(t *testing.T) {
 			path := writeLog(t, 6)
