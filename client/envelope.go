@@ -87,6 +87,7 @@ func (c *Client) openDataKey(ctx context.Context, wrapped []byte, encCtx map[str
 type Envelope struct {
 	keys      dataKeys
 	chunkSize int
+	rand      io.Reader // nonce prefixes; crypto/rand (tests make it deterministic)
 }
 
 // EnvelopeOption configures NewEnvelope.
@@ -103,7 +104,7 @@ func NewEnvelope(c *Client, opts ...EnvelopeOption) *Envelope {
 }
 
 func newEnvelope(keys dataKeys, opts ...EnvelopeOption) *Envelope {
-	e := &Envelope{keys: keys, chunkSize: DefaultChunkSize}
+	e := &Envelope{keys: keys, chunkSize: DefaultChunkSize, rand: rand.Reader}
 	for _, o := range opts {
 		o(e)
 	}
@@ -160,7 +161,7 @@ func (e *Envelope) EncryptStream(ctx context.Context, w io.Writer, r io.Reader, 
 		return fmt.Errorf("envelope: the wrapped data key is %d bytes (want 1..%d)", len(wrapped), maxWrappedKeyLen)
 	}
 	var prefix [noncePrefixLen]byte
-	if _, err := rand.Read(prefix[:]); err != nil {
+	if _, err := io.ReadFull(e.rand, prefix[:]); err != nil {
 		return fmt.Errorf("envelope: nonce prefix: %w", err)
 	}
 	header := encodeHeader(uint32(cs), prefix, wrapped)

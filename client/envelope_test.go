@@ -36,7 +36,9 @@ func (m *methodCounter) interceptor(ctx context.Context, method string, req, rep
 	return invoker(ctx, method, req, reply, cc, opts...)
 }
 
-func (m *methodCounter) count(name string) int64 { return m.calls["/cabinet.v1.KeyService/"+name].Load() }
+func (m *methodCounter) count(name string) int64 {
+	return m.calls["/cabinet.v1.KeyService/"+name].Load()
+}
 
 // sharedClient returns a client of the shared cluster with extra options.
 func sharedClient(t *testing.T, opts ...client.Option) *client.Client {
@@ -257,5 +259,3 @@ func (r *failingReader) Read(p []byte) (int, error) {
 	r.n -= n
 	return n, nil
 }
-
-

@@ -156,11 +156,17 @@ func (c *testCluster) hsmFlags(nd *node) []string {
 
 // cli runs a cabinet command with the admin's credentials against addr.
 func (c *testCluster) cli(ctx context.Context, stdin []byte, args ...string) (stdout, stderr string, err error) {
+	return c.cliAs(ctx, c.adminDir, "admin", stdin, args...)
+}
+
+// cliAs runs a cabinet command with the credentials NAME.pem/NAME-key.pem
+// and ca.pem found in dir.
+func (c *testCluster) cliAs(ctx context.Context, dir, name string, stdin []byte, args ...string) (stdout, stderr string, err error) {
 	cmd := exec.CommandContext(ctx, c.bin, args...)
 	cmd.Env = append(os.Environ(),
-		"CABINET_CACERT="+filepath.Join(c.adminDir, "ca.pem"),
-		"CABINET_CLIENT_CERT="+filepath.Join(c.adminDir, "admin.pem"),
-		"CABINET_CLIENT_KEY="+filepath.Join(c.adminDir, "admin-key.pem"),
+		"CABINET_CACERT="+filepath.Join(dir, "ca.pem"),
+		"CABINET_CLIENT_CERT="+filepath.Join(dir, name+".pem"),
+		"CABINET_CLIENT_KEY="+filepath.Join(dir, name+"-key.pem"),
 		"CABINET_ADDR=",
 	)
 	var so, se bytes.Buffer

@@ -7,7 +7,6 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
-	"github.com/cabinet-kms/cabinet/transport/audit"
 	"github.com/cabinet-kms/cabinet/transport/cabinetpb"
 )
 
@@ -38,10 +37,12 @@ func (s *Server) AuditTail(ctx context.Context, req *cabinetpb.AuditTailRequest)
 }
 
 func (s *Server) AuditVerify(ctx context.Context, _ *cabinetpb.AuditVerifyRequest) (*cabinetpb.AuditVerifyResponse, error) {
-	if s.cfg.AuditPath == "" {
+	if s.cfg.Audit == nil {
 		return nil, status.Error(codes.FailedPrecondition, "this node has no audit log")
 	}
-	rep, err := audit.Verify(s.cfg.AuditPath)
+	// The live log verifies up to its last complete record (reading the
+	// file by path could catch a record mid-write).
+	rep, err := s.cfg.Audit.Verify()
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "read the audit log: %v", err)
 	}

@@ -126,6 +126,7 @@ type AuditLog interface {
 	Append(r audit.Record) (audit.Record, error)
 	Healthy() error
 	Tail(n int) ([]audit.Record, error)
+	Verify() (audit.Report, error)
 }
 
 // Server implements the gRPC services.

@@ -259,9 +259,6 @@ func runBench(ctx context.Context, cmd *cobra.Command, f *benchFlags) (err error
 		}
 		prog.setOp(i+1, len(f.ops), name)
 		res := runBenchOp(ctx, env, benchOps[name], prog)
-		if ctx.Err() != nil && res.Error == "" {
-			res.Error = "interrupted"
-		}
 		if res.Error != "" {
 			failed++
 		}

@@ -58,10 +58,12 @@ type benchResult struct {
 	Op string `json:"op"`
 	// Error is set when the operation could not be measured at all (setup
 	// failed, or every request failed); "" otherwise.
-	Error           string `json:"error"`
-	ItemsPerRequest int    `json:"items_per_request"`
-	RequestBytes    int    `json:"request_bytes"`
-	ResponseBytes   int    `json:"response_bytes"`
+	Error string `json:"error"`
+	// Interrupted: Ctrl-C or SIGTERM cut the measurement short.
+	Interrupted     bool `json:"interrupted"`
+	ItemsPerRequest int  `json:"items_per_request"`
+	RequestBytes    int  `json:"request_bytes"`
+	ResponseBytes   int  `json:"response_bytes"`
 	// CommandBytes is the Raft command a write proposes (0 for reads).
 	CommandBytes  int          `json:"command_bytes"`
 	Ceiling       benchCeiling `json:"ceiling"`
@@ -198,6 +200,9 @@ func printBenchTable(w io.Writer, r *benchReport) error {
 			continue
 		case res.Ceiling.Error != "":
 			notes = append(notes, fmt.Sprintf("%s: ceiling not measured: %s", res.Op, res.Ceiling.Error))
+		}
+		if res.Interrupted {
+			notes = append(notes, fmt.Sprintf("%s: interrupted after %.1fs of %gs", res.Op, res.Result.Seconds, s.DurationSeconds))
 		}
 		if res.ItemsPerRequest > 1 {
 			notes = append(notes, fmt.Sprintf("%s: %s items/s (%d per request)", res.Op, fmtRate(res.Result.ItemsPerSec), res.ItemsPerRequest))

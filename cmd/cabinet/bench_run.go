@@ -123,6 +123,12 @@ func runSlice(ctx context.Context, ph *benchPhase, dur, grace time.Duration, met
 	}
 	wg.Wait()
 	cpu1 := meter.sample()
+	if ctx.Err() != nil {
+		// Interrupted: count only the time the slice really ran.
+		if el := time.Since(start); el < dur {
+			dur = el
+		}
+	}
 	ph.window += dur
 	ph.slices++
 	var in uint64
@@ -320,6 +326,7 @@ func runBenchOp(ctx context.Context, env *benchEnv, def *benchOpDef, prog *bench
 		prog.sliceDone()
 	}
 	cur.Store(nil)
+	res.Interrupted = ctx.Err() != nil
 	res.Result = opPh.stats()
 	if res.Error == "" && res.Result.OK == 0 && ctx.Err() == nil {
 		res.Error = fmt.Sprintf("all %d requests failed: %s", res.Result.Errors, res.Result.FirstError)

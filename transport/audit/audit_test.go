@@ -393,6 +393,13 @@ func TestConcurrentAppend(t *testing.T) {
 			}
 		}
 	})
+	wg.Go(func() { // and a verifier
+		for range 5 {
+			if rep, err := l.Verify(); err != nil || !rep.OK {
+				t.Errorf("Log.Verify during appends = %+v, %v", rep, err)
+			}
+		}
+	})
 	wg.Wait()
 	close(seqs)
 	seen := map[uint64]bool{}

@@ -46,6 +46,28 @@ func Verify(path string) (Report, error) {
 	return rep, nil
 }
 
+// Verify checks the open log as Verify(path) does, up to the last record
+// written when it starts: a record being appended meanwhile is not mistaken
+// for a torn line. Appends continue while it runs.
+func (l *Log) Verify() (Report, error) {
+	l.closeMu.RLock()
+	defer l.closeMu.RUnlock()
+	l.mu.Lock()
+	closed, size := l.closed, l.size
+	l.mu.Unlock()
+	if closed {
+		return Report{}, ErrClosed
+	}
+	rep, err := verifyStream(io.NewSectionReader(l.f, 0, size))
+	if err != nil {
+		return Report{}, fmt.Errorf("audit: verify %s: %w", l.path, err)
+	}
+	return rep, nil
+}
+
+// Path returns the file the Log writes.
+func (l *Log) Path() string { return l.path }
+
 func verifyStream(r io.Reader) (Report, error) {
 	br := bufio.NewReaderSize(r, MaxLineBytes)
 	h := sha256.New()
