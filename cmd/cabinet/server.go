@@ -40,6 +40,8 @@ type serverFlags struct {
 	rateBurst    int
 	maxConns     int
 	auditSync    time.Duration
+	raftListen   string
+	apiListen    string
 }
 
 func newServerCmd() *cobra.Command {
@@ -64,6 +66,8 @@ func newServerCmd() *cobra.Command {
 	cmd.Flags().Float64Var(&f.rateLimit, "rate-limit", 0, "requests per second per principal (0: unlimited)")
 	cmd.Flags().IntVar(&f.rateBurst, "rate-burst", 0, "burst per principal (default: the rate)")
 	cmd.Flags().IntVar(&f.maxConns, "max-connections", 4096, "concurrent client connections accepted by the API listener")
+	cmd.Flags().StringVar(&f.raftListen, "raft-listen", "", "listen for Raft here instead of the advertised raft address (e.g. behind a proxy)")
+	cmd.Flags().StringVar(&f.apiListen, "api-listen", "", "listen for the API here instead of the advertised API address (e.g. behind a proxy)")
 	cmd.Flags().DurationVar(&f.auditSync, "audit-sync-interval", 100*time.Millisecond, "how often the audit log is fsynced (each record is written at once)")
 	_ = cmd.MarkFlagRequired("data-dir")
 	return cmd
@@ -184,9 +188,13 @@ func runServer(ctx context.Context, f *serverFlags) error {
 	peers := transport.NewPeerClients(tlsutil.ClientConfig(cert, pool))
 	defer peers.Close()
 
-	raftLn, err := net.Listen("tcp", nc.RaftAddr)
+	raftListen := nc.RaftAddr
+	if f.raftListen != "" {
+		raftListen = f.raftListen
+	}
+	raftLn, err := net.Listen("tcp", raftListen)
 	if err != nil {
-		return fmt.Errorf("listen for Raft on %s: %w", nc.RaftAddr, err)
+		return fmt.Errorf("listen for Raft on %s: %w", raftListen, err)
 	}
 	advertise, err := net.ResolveTCPAddr("tcp", nc.RaftAddr)
 	if err != nil {
@@ -233,9 +241,13 @@ func runServer(ctx context.Context, f *serverFlags) error {
 		MinRotationPeriod: f.minRotation, MinPendingWindow: f.minPending,
 		Audit: auditLog, AuditPath: auditPath, RateLimit: f.rateLimit, RateBurst: f.rateBurst,
 	})
-	apiLn, err := net.Listen("tcp", nc.APIAddr)
+	apiListen := nc.APIAddr
+	if f.apiListen != "" {
+		apiListen = f.apiListen
+	}
+	apiLn, err := net.Listen("tcp", apiListen)
 	if err != nil {
-		return fmt.Errorf("listen for the API on %s: %w", nc.APIAddr, err)
+		return fmt.Errorf("listen for the API on %s: %w", apiListen, err)
 	}
 	if f.maxConns > 0 {
 		apiLn = netutil.LimitListener(apiLn, f.maxConns)

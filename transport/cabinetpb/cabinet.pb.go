@@ -5141,6 +5141,611 @@ func (x *ApplyNoopResponse) GetIndex() uint64 {
 	return 0
 }
 
+type RemovePeerRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	RequestId     string                 `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemovePeerRequest) Reset() {
+	*x = RemovePeerRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[78]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemovePeerRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemovePeerRequest) ProtoMessage() {}
+
+func (x *RemovePeerRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[78]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemovePeerRequest.ProtoReflect.Descriptor instead.
+func (*RemovePeerRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{78}
+}
+
+func (x *RemovePeerRequest) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *RemovePeerRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type RemovePeerResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemovePeerResponse) Reset() {
+	*x = RemovePeerResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[79]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemovePeerResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemovePeerResponse) ProtoMessage() {}
+
+func (x *RemovePeerResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[79]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemovePeerResponse.ProtoReflect.Descriptor instead.
+func (*RemovePeerResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{79}
+}
+
+type TransferLeadershipRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Target voter; empty lets Raft choose the most up-to-date one.
+	ToNodeId      string `protobuf:"bytes,1,opt,name=to_node_id,json=toNodeId,proto3" json:"to_node_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TransferLeadershipRequest) Reset() {
+	*x = TransferLeadershipRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[80]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TransferLeadershipRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TransferLeadershipRequest) ProtoMessage() {}
+
+func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[80]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
+func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{80}
+}
+
+func (x *TransferLeadershipRequest) GetToNodeId() string {
+	if x != nil {
+		return x.ToNodeId
+	}
+	return ""
+}
+
+type TransferLeadershipResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	LeaderId      string                 `protobuf:"bytes,1,opt,name=leader_id,json=leaderId,proto3" json:"leader_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TransferLeadershipResponse) Reset() {
+	*x = TransferLeadershipResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[81]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TransferLeadershipResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TransferLeadershipResponse) ProtoMessage() {}
+
+func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[81]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
+func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{81}
+}
+
+func (x *TransferLeadershipResponse) GetLeaderId() string {
+	if x != nil {
+		return x.LeaderId
+	}
+	return ""
+}
+
+type SnapshotSaveRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SnapshotSaveRequest) Reset() {
+	*x = SnapshotSaveRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[82]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SnapshotSaveRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SnapshotSaveRequest) ProtoMessage() {}
+
+func (x *SnapshotSaveRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[82]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SnapshotSaveRequest.ProtoReflect.Descriptor instead.
+func (*SnapshotSaveRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{82}
+}
+
+type SnapshotChunk struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Data  []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	// First chunk only.
+	Meta *SnapshotMeta `protobuf:"bytes,2,opt,name=meta,proto3" json:"meta,omitempty"`
+	// Last chunk only: hex SHA-256 of the concatenated data bytes.
+	Sha256        string `protobuf:"bytes,3,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SnapshotChunk) Reset() {
+	*x = SnapshotChunk{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[83]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SnapshotChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SnapshotChunk) ProtoMessage() {}
+
+func (x *SnapshotChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[83]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SnapshotChunk.ProtoReflect.Descriptor instead.
+func (*SnapshotChunk) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{83}
+}
+
+func (x *SnapshotChunk) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *SnapshotChunk) GetMeta() *SnapshotMeta {
+	if x != nil {
+		return x.Meta
+	}
+	return nil
+}
+
+func (x *SnapshotChunk) GetSha256() string {
+	if x != nil {
+		return x.Sha256
+	}
+	return ""
+}
+
+type SnapshotMeta struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Index uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	Term  uint64                 `protobuf:"varint,2,opt,name=term,proto3" json:"term,omitempty"`
+	// Bytes of data that follow (all chunks).
+	Size          uint64                 `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
+	ClusterId     string                 `protobuf:"bytes,4,opt,name=cluster_id,json=clusterId,proto3" json:"cluster_id,omitempty"`
+	TakenAt       *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=taken_at,json=takenAt,proto3" json:"taken_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SnapshotMeta) Reset() {
+	*x = SnapshotMeta{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[84]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SnapshotMeta) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SnapshotMeta) ProtoMessage() {}
+
+func (x *SnapshotMeta) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[84]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SnapshotMeta.ProtoReflect.Descriptor instead.
+func (*SnapshotMeta) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{84}
+}
+
+func (x *SnapshotMeta) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *SnapshotMeta) GetTerm() uint64 {
+	if x != nil {
+		return x.Term
+	}
+	return 0
+}
+
+func (x *SnapshotMeta) GetSize() uint64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *SnapshotMeta) GetClusterId() string {
+	if x != nil {
+		return x.ClusterId
+	}
+	return ""
+}
+
+func (x *SnapshotMeta) GetTakenAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.TakenAt
+	}
+	return nil
+}
+
+type SnapshotRestoreResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	Keys          uint64                 `protobuf:"varint,2,opt,name=keys,proto3" json:"keys,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SnapshotRestoreResponse) Reset() {
+	*x = SnapshotRestoreResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[85]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SnapshotRestoreResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SnapshotRestoreResponse) ProtoMessage() {}
+
+func (x *SnapshotRestoreResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[85]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SnapshotRestoreResponse.ProtoReflect.Descriptor instead.
+func (*SnapshotRestoreResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{85}
+}
+
+func (x *SnapshotRestoreResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *SnapshotRestoreResponse) GetKeys() uint64 {
+	if x != nil {
+		return x.Keys
+	}
+	return 0
+}
+
+type RecoveryExportRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// PKIX DER RSA-4096 public key (from `cabinet operator recovery keygen`).
+	RecoveryPublicKeyDer []byte `protobuf:"bytes,1,opt,name=recovery_public_key_der,json=recoveryPublicKeyDer,proto3" json:"recovery_public_key_der,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
+}
+
+func (x *RecoveryExportRequest) Reset() {
+	*x = RecoveryExportRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[86]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RecoveryExportRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RecoveryExportRequest) ProtoMessage() {}
+
+func (x *RecoveryExportRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[86]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RecoveryExportRequest.ProtoReflect.Descriptor instead.
+func (*RecoveryExportRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{86}
+}
+
+func (x *RecoveryExportRequest) GetRecoveryPublicKeyDer() []byte {
+	if x != nil {
+		return x.RecoveryPublicKeyDer
+	}
+	return nil
+}
+
+type RecoveryKEK struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Version uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	// The KEK wrapped under the recovery public key (RSA-OAEP, the HSM's OAEP hash).
+	Wrapped       []byte `protobuf:"bytes,2,opt,name=wrapped,proto3" json:"wrapped,omitempty"`
+	CheckValue    []byte `protobuf:"bytes,3,opt,name=check_value,json=checkValue,proto3" json:"check_value,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RecoveryKEK) Reset() {
+	*x = RecoveryKEK{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[87]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RecoveryKEK) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RecoveryKEK) ProtoMessage() {}
+
+func (x *RecoveryKEK) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[87]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RecoveryKEK.ProtoReflect.Descriptor instead.
+func (*RecoveryKEK) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{87}
+}
+
+func (x *RecoveryKEK) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *RecoveryKEK) GetWrapped() []byte {
+	if x != nil {
+		return x.Wrapped
+	}
+	return nil
+}
+
+func (x *RecoveryKEK) GetCheckValue() []byte {
+	if x != nil {
+		return x.CheckValue
+	}
+	return nil
+}
+
+type RecoveryBundle struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Format version of the bundle; 1.
+	Format            uint32         `protobuf:"varint,1,opt,name=format,proto3" json:"format,omitempty"`
+	ClusterId         string         `protobuf:"bytes,2,opt,name=cluster_id,json=clusterId,proto3" json:"cluster_id,omitempty"`
+	Keks              []*RecoveryKEK `protobuf:"bytes,3,rep,name=keks,proto3" json:"keks,omitempty"`
+	CurrentKekVersion uint32         `protobuf:"varint,4,opt,name=current_kek_version,json=currentKekVersion,proto3" json:"current_kek_version,omitempty"`
+	// SHA-256 fingerprint of the recovery public key used.
+	RecoveryKeyFingerprint string `protobuf:"bytes,5,opt,name=recovery_key_fingerprint,json=recoveryKeyFingerprint,proto3" json:"recovery_key_fingerprint,omitempty"`
+	// OAEP hash used: sha1 or sha256.
+	OaepHash      string                 `protobuf:"bytes,6,opt,name=oaep_hash,json=oaepHash,proto3" json:"oaep_hash,omitempty"`
+	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RecoveryBundle) Reset() {
+	*x = RecoveryBundle{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[88]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RecoveryBundle) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RecoveryBundle) ProtoMessage() {}
+
+func (x *RecoveryBundle) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[88]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RecoveryBundle.ProtoReflect.Descriptor instead.
+func (*RecoveryBundle) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{88}
+}
+
+func (x *RecoveryBundle) GetFormat() uint32 {
+	if x != nil {
+		return x.Format
+	}
+	return 0
+}
+
+func (x *RecoveryBundle) GetClusterId() string {
+	if x != nil {
+		return x.ClusterId
+	}
+	return ""
+}
+
+func (x *RecoveryBundle) GetKeks() []*RecoveryKEK {
+	if x != nil {
+		return x.Keks
+	}
+	return nil
+}
+
+func (x *RecoveryBundle) GetCurrentKekVersion() uint32 {
+	if x != nil {
+		return x.CurrentKekVersion
+	}
+	return 0
+}
+
+func (x *RecoveryBundle) GetRecoveryKeyFingerprint() string {
+	if x != nil {
+		return x.RecoveryKeyFingerprint
+	}
+	return ""
+}
+
+func (x *RecoveryBundle) GetOaepHash() string {
+	if x != nil {
+		return x.OaepHash
+	}
+	return ""
+}
+
+func (x *RecoveryBundle) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
 type StatusRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -5149,7 +5754,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[78]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5161,7 +5766,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[78]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5174,11 +5779,12 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{78}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{89}
 }
 
 type StatusResponse struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
+	Region    string                 `protobuf:"bytes,22,opt,name=region,proto3" json:"region,omitempty"`
 	NodeId    string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
 	ClusterId string                 `protobuf:"bytes,2,opt,name=cluster_id,json=clusterId,proto3" json:"cluster_id,omitempty"`
 	ApiAddr   string                 `protobuf:"bytes,3,opt,name=api_addr,json=apiAddr,proto3" json:"api_addr,omitempty"`
@@ -5211,7 +5817,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[79]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5223,7 +5829,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[79]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5236,7 +5842,14 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{79}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{90}
+}
+
+func (x *StatusResponse) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
 }
 
 func (x *StatusResponse) GetNodeId() string {
@@ -5394,7 +6007,7 @@ type ListPeersRequest struct {
 
 func (x *ListPeersRequest) Reset() {
 	*x = ListPeersRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[80]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5406,7 +6019,7 @@ func (x *ListPeersRequest) String() string {
 func (*ListPeersRequest) ProtoMessage() {}
 
 func (x *ListPeersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[80]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5419,14 +6032,18 @@ func (x *ListPeersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPeersRequest.ProtoReflect.Descriptor instead.
 func (*ListPeersRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{80}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{91}
 }
 
 type Peer struct {
-	state    protoimpl.MessageState `protogen:"open.v1"`
-	NodeId   string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
-	ApiAddr  string                 `protobuf:"bytes,2,opt,name=api_addr,json=apiAddr,proto3" json:"api_addr,omitempty"`
-	RaftAddr string                 `protobuf:"bytes,3,opt,name=raft_addr,json=raftAddr,proto3" json:"raft_addr,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Region  string                 `protobuf:"bytes,12,opt,name=region,proto3" json:"region,omitempty"`
+	Version string                 `protobuf:"bytes,13,opt,name=version,proto3" json:"version,omitempty"`
+	// alive, suspect, dead, or unknown (gossip's view).
+	Gossip   string `protobuf:"bytes,14,opt,name=gossip,proto3" json:"gossip,omitempty"`
+	NodeId   string `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	ApiAddr  string `protobuf:"bytes,2,opt,name=api_addr,json=apiAddr,proto3" json:"api_addr,omitempty"`
+	RaftAddr string `protobuf:"bytes,3,opt,name=raft_addr,json=raftAddr,proto3" json:"raft_addr,omitempty"`
 	// leader, follower, candidate, or unknown when the peer did not answer.
 	RaftRole      string `protobuf:"bytes,4,opt,name=raft_role,json=raftRole,proto3" json:"raft_role,omitempty"`
 	Voter         bool   `protobuf:"varint,5,opt,name=voter,proto3" json:"voter,omitempty"`
@@ -5442,7 +6059,7 @@ type Peer struct {
 
 func (x *Peer) Reset() {
 	*x = Peer{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[81]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5454,7 +6071,7 @@ func (x *Peer) String() string {
 func (*Peer) ProtoMessage() {}
 
 func (x *Peer) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[81]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5467,7 +6084,28 @@ func (x *Peer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Peer.ProtoReflect.Descriptor instead.
 func (*Peer) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{81}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{92}
+}
+
+func (x *Peer) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
+}
+
+func (x *Peer) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
+func (x *Peer) GetGossip() string {
+	if x != nil {
+		return x.Gossip
+	}
+	return ""
 }
 
 func (x *Peer) GetNodeId() string {
@@ -5556,7 +6194,7 @@ type ListPeersResponse struct {
 
 func (x *ListPeersResponse) Reset() {
 	*x = ListPeersResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[82]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5568,7 +6206,7 @@ func (x *ListPeersResponse) String() string {
 func (*ListPeersResponse) ProtoMessage() {}
 
 func (x *ListPeersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[82]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5581,7 +6219,7 @@ func (x *ListPeersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPeersResponse.ProtoReflect.Descriptor instead.
 func (*ListPeersResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{82}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{93}
 }
 
 func (x *ListPeersResponse) GetPeers() []*Peer {
@@ -5602,7 +6240,7 @@ type CreateJoinTokenRequest struct {
 
 func (x *CreateJoinTokenRequest) Reset() {
 	*x = CreateJoinTokenRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[83]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5614,7 +6252,7 @@ func (x *CreateJoinTokenRequest) String() string {
 func (*CreateJoinTokenRequest) ProtoMessage() {}
 
 func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[83]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5627,7 +6265,7 @@ func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{83}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{94}
 }
 
 func (x *CreateJoinTokenRequest) GetTtlSeconds() int64 {
@@ -5656,7 +6294,7 @@ type CreateJoinTokenResponse struct {
 
 func (x *CreateJoinTokenResponse) Reset() {
 	*x = CreateJoinTokenResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[84]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[95]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5668,7 +6306,7 @@ func (x *CreateJoinTokenResponse) String() string {
 func (*CreateJoinTokenResponse) ProtoMessage() {}
 
 func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[84]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[95]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5681,7 +6319,7 @@ func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{84}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{95}
 }
 
 func (x *CreateJoinTokenResponse) GetToken() string {
@@ -5699,12 +6337,14 @@ func (x *CreateJoinTokenResponse) GetExpiresAt() *timestamppb.Timestamp {
 }
 
 type JoinRequest struct {
-	state       protoimpl.MessageState `protogen:"open.v1"`
-	TokenId     string                 `protobuf:"bytes,1,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
-	TokenSecret []byte                 `protobuf:"bytes,2,opt,name=token_secret,json=tokenSecret,proto3" json:"token_secret,omitempty"`
-	NodeId      string                 `protobuf:"bytes,3,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
-	ApiAddr     string                 `protobuf:"bytes,4,opt,name=api_addr,json=apiAddr,proto3" json:"api_addr,omitempty"`
-	RaftAddr    string                 `protobuf:"bytes,5,opt,name=raft_addr,json=raftAddr,proto3" json:"raft_addr,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Join as a non-voter (read replica) instead of a voter.
+	NonVoter    bool   `protobuf:"varint,9,opt,name=non_voter,json=nonVoter,proto3" json:"non_voter,omitempty"`
+	TokenId     string `protobuf:"bytes,1,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
+	TokenSecret []byte `protobuf:"bytes,2,opt,name=token_secret,json=tokenSecret,proto3" json:"token_secret,omitempty"`
+	NodeId      string `protobuf:"bytes,3,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	ApiAddr     string `protobuf:"bytes,4,opt,name=api_addr,json=apiAddr,proto3" json:"api_addr,omitempty"`
+	RaftAddr    string `protobuf:"bytes,5,opt,name=raft_addr,json=raftAddr,proto3" json:"raft_addr,omitempty"`
 	// PKIX DER of the joiner's HSM identity RSA public key.
 	IdentityPublicKeyDer []byte `protobuf:"bytes,6,opt,name=identity_public_key_der,json=identityPublicKeyDer,proto3" json:"identity_public_key_der,omitempty"`
 	// PKCS#10 DER for the joiner's node TLS certificate.
@@ -5716,7 +6356,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[85]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[96]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5728,7 +6368,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[85]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[96]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5741,7 +6381,14 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{85}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{96}
+}
+
+func (x *JoinRequest) GetNonVoter() bool {
+	if x != nil {
+		return x.NonVoter
+	}
+	return false
 }
 
 func (x *JoinRequest) GetTokenId() string {
@@ -5813,7 +6460,7 @@ type WrappedKEK struct {
 
 func (x *WrappedKEK) Reset() {
 	*x = WrappedKEK{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[86]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[97]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5825,7 +6472,7 @@ func (x *WrappedKEK) String() string {
 func (*WrappedKEK) ProtoMessage() {}
 
 func (x *WrappedKEK) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[86]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[97]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5838,7 +6485,7 @@ func (x *WrappedKEK) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WrappedKEK.ProtoReflect.Descriptor instead.
 func (*WrappedKEK) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{86}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{97}
 }
 
 func (x *WrappedKEK) GetVersion() uint32 {
@@ -5877,7 +6524,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[87]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[98]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5889,7 +6536,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[87]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[98]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5902,7 +6549,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{87}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{98}
 }
 
 func (x *JoinResponse) GetClusterId() string {
@@ -5957,7 +6604,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[88]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[99]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5969,7 +6616,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[88]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[99]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5982,7 +6629,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{88}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{99}
 }
 
 func (x *ApplyRequest) GetCommand() []byte {
@@ -6003,7 +6650,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[89]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[100]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6015,7 +6662,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[89]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[100]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6028,7 +6675,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{89}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{100}
 }
 
 func (x *ApplyResponse) GetResult() []byte {
@@ -6053,7 +6700,7 @@ type ReadIndexRequest struct {
 
 func (x *ReadIndexRequest) Reset() {
 	*x = ReadIndexRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[90]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[101]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6065,7 +6712,7 @@ func (x *ReadIndexRequest) String() string {
 func (*ReadIndexRequest) ProtoMessage() {}
 
 func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[90]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[101]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6078,7 +6725,7 @@ func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexRequest.ProtoReflect.Descriptor instead.
 func (*ReadIndexRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{90}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{101}
 }
 
 type ReadIndexResponse struct {
@@ -6090,7 +6737,7 @@ type ReadIndexResponse struct {
 
 func (x *ReadIndexResponse) Reset() {
 	*x = ReadIndexResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[91]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[102]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6102,7 +6749,7 @@ func (x *ReadIndexResponse) String() string {
 func (*ReadIndexResponse) ProtoMessage() {}
 
 func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[91]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[102]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6115,7 +6762,7 @@ func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexResponse.ProtoReflect.Descriptor instead.
 func (*ReadIndexResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{91}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{102}
 }
 
 func (x *ReadIndexResponse) GetIndex() uint64 {
@@ -6134,7 +6781,7 @@ type AddPeerRequest struct {
 
 func (x *AddPeerRequest) Reset() {
 	*x = AddPeerRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[92]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[103]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6146,7 +6793,7 @@ func (x *AddPeerRequest) String() string {
 func (*AddPeerRequest) ProtoMessage() {}
 
 func (x *AddPeerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[92]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[103]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6159,7 +6806,7 @@ func (x *AddPeerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddPeerRequest.ProtoReflect.Descriptor instead.
 func (*AddPeerRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{92}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{103}
 }
 
 func (x *AddPeerRequest) GetVoter() bool {
@@ -6181,7 +6828,7 @@ type AddPeerResponse struct {
 
 func (x *AddPeerResponse) Reset() {
 	*x = AddPeerResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[93]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[104]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6193,7 +6840,7 @@ func (x *AddPeerResponse) String() string {
 func (*AddPeerResponse) ProtoMessage() {}
 
 func (x *AddPeerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[93]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[104]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6206,7 +6853,7 @@ func (x *AddPeerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddPeerResponse.ProtoReflect.Descriptor instead.
 func (*AddPeerResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{93}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{104}
 }
 
 func (x *AddPeerResponse) GetAdded() bool {
@@ -6644,9 +7291,52 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\x10ApplyNoopRequest\x12\x12\n" +
 	"\x04size\x18\x01 \x01(\x05R\x04size\")\n" +
 	"\x11ApplyNoopResponse\x12\x14\n" +
-	"\x05index\x18\x01 \x01(\x04R\x05index\"\x0f\n" +
-	"\rStatusRequest\"\x9b\x05\n" +
-	"\x0eStatusResponse\x12\x17\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\"K\n" +
+	"\x11RemovePeerRequest\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\"\x14\n" +
+	"\x12RemovePeerResponse\"9\n" +
+	"\x19TransferLeadershipRequest\x12\x1c\n" +
+	"\n" +
+	"to_node_id\x18\x01 \x01(\tR\btoNodeId\"9\n" +
+	"\x1aTransferLeadershipResponse\x12\x1b\n" +
+	"\tleader_id\x18\x01 \x01(\tR\bleaderId\"\x15\n" +
+	"\x13SnapshotSaveRequest\"i\n" +
+	"\rSnapshotChunk\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\x12,\n" +
+	"\x04meta\x18\x02 \x01(\v2\x18.cabinet.v1.SnapshotMetaR\x04meta\x12\x16\n" +
+	"\x06sha256\x18\x03 \x01(\tR\x06sha256\"\xa2\x01\n" +
+	"\fSnapshotMeta\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x12\n" +
+	"\x04term\x18\x02 \x01(\x04R\x04term\x12\x12\n" +
+	"\x04size\x18\x03 \x01(\x04R\x04size\x12\x1d\n" +
+	"\n" +
+	"cluster_id\x18\x04 \x01(\tR\tclusterId\x125\n" +
+	"\btaken_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\atakenAt\"C\n" +
+	"\x17SnapshotRestoreResponse\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x12\n" +
+	"\x04keys\x18\x02 \x01(\x04R\x04keys\"N\n" +
+	"\x15RecoveryExportRequest\x125\n" +
+	"\x17recovery_public_key_der\x18\x01 \x01(\fR\x14recoveryPublicKeyDer\"b\n" +
+	"\vRecoveryKEK\x12\x18\n" +
+	"\aversion\x18\x01 \x01(\rR\aversion\x12\x18\n" +
+	"\awrapped\x18\x02 \x01(\fR\awrapped\x12\x1f\n" +
+	"\vcheck_value\x18\x03 \x01(\fR\n" +
+	"checkValue\"\xb6\x02\n" +
+	"\x0eRecoveryBundle\x12\x16\n" +
+	"\x06format\x18\x01 \x01(\rR\x06format\x12\x1d\n" +
+	"\n" +
+	"cluster_id\x18\x02 \x01(\tR\tclusterId\x12+\n" +
+	"\x04keks\x18\x03 \x03(\v2\x17.cabinet.v1.RecoveryKEKR\x04keks\x12.\n" +
+	"\x13current_kek_version\x18\x04 \x01(\rR\x11currentKekVersion\x128\n" +
+	"\x18recovery_key_fingerprint\x18\x05 \x01(\tR\x16recoveryKeyFingerprint\x12\x1b\n" +
+	"\toaep_hash\x18\x06 \x01(\tR\boaepHash\x129\n" +
+	"\n" +
+	"created_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"\x0f\n" +
+	"\rStatusRequest\"\xb3\x05\n" +
+	"\x0eStatusResponse\x12\x16\n" +
+	"\x06region\x18\x16 \x01(\tR\x06region\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1d\n" +
 	"\n" +
 	"cluster_id\x18\x02 \x01(\tR\tclusterId\x12\x19\n" +
@@ -6674,8 +7364,11 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\tkey_count\x18\x13 \x01(\x04R\bkeyCount\x12\x18\n" +
 	"\aversion\x18\x14 \x01(\tR\aversion\x12\x14\n" +
 	"\x05voter\x18\x15 \x01(\bR\x05voter\"\x12\n" +
-	"\x10ListPeersRequest\"\xc4\x02\n" +
-	"\x04Peer\x12\x17\n" +
+	"\x10ListPeersRequest\"\x8e\x03\n" +
+	"\x04Peer\x12\x16\n" +
+	"\x06region\x18\f \x01(\tR\x06region\x12\x18\n" +
+	"\aversion\x18\r \x01(\tR\aversion\x12\x16\n" +
+	"\x06gossip\x18\x0e \x01(\tR\x06gossip\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x19\n" +
 	"\bapi_addr\x18\x02 \x01(\tR\aapiAddr\x12\x1b\n" +
 	"\traft_addr\x18\x03 \x01(\tR\braftAddr\x12\x1b\n" +
@@ -6699,8 +7392,9 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\x17CreateJoinTokenResponse\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x129\n" +
 	"\n" +
-	"expires_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"\x84\x02\n" +
-	"\vJoinRequest\x12\x19\n" +
+	"expires_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"\xa1\x02\n" +
+	"\vJoinRequest\x12\x1b\n" +
+	"\tnon_voter\x18\t \x01(\bR\bnonVoter\x12\x19\n" +
 	"\btoken_id\x18\x01 \x01(\tR\atokenId\x12!\n" +
 	"\ftoken_secret\x18\x02 \x01(\fR\vtokenSecret\x12\x17\n" +
 	"\anode_id\x18\x03 \x01(\tR\x06nodeId\x12\x19\n" +
@@ -6814,7 +7508,8 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\vCreateGrant\x12\x1e.cabinet.v1.CreateGrantRequest\x1a\x19.cabinet.v1.GrantResponse\x12N\n" +
 	"\vRevokeGrant\x12\x1e.cabinet.v1.RevokeGrantRequest\x1a\x1f.cabinet.v1.RevokeGrantResponse\x12K\n" +
 	"\n" +
-	"ListGrants\x12\x1d.cabinet.v1.ListGrantsRequest\x1a\x1e.cabinet.v1.ListGrantsResponse2\xcb\a\n" +
+	"ListGrants\x12\x1d.cabinet.v1.ListGrantsRequest\x1a\x1e.cabinet.v1.ListGrantsResponse2\xf1\n" +
+	"\n" +
 	"\x0fOperatorService\x12?\n" +
 	"\x06Status\x12\x19.cabinet.v1.StatusRequest\x1a\x1a.cabinet.v1.StatusResponse\x12H\n" +
 	"\tListPeers\x12\x1c.cabinet.v1.ListPeersRequest\x1a\x1d.cabinet.v1.ListPeersResponse\x12Z\n" +
@@ -6827,7 +7522,13 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\tAuditTail\x12\x1c.cabinet.v1.AuditTailRequest\x1a\x1d.cabinet.v1.AuditTailResponse\x12N\n" +
 	"\vAuditVerify\x12\x1e.cabinet.v1.AuditVerifyRequest\x1a\x1f.cabinet.v1.AuditVerifyResponse\x129\n" +
 	"\x04Echo\x12\x17.cabinet.v1.EchoRequest\x1a\x18.cabinet.v1.EchoResponse\x12H\n" +
-	"\tApplyNoop\x12\x1c.cabinet.v1.ApplyNoopRequest\x1a\x1d.cabinet.v1.ApplyNoopResponse2\xd9\x01\n" +
+	"\tApplyNoop\x12\x1c.cabinet.v1.ApplyNoopRequest\x1a\x1d.cabinet.v1.ApplyNoopResponse\x12K\n" +
+	"\n" +
+	"RemovePeer\x12\x1d.cabinet.v1.RemovePeerRequest\x1a\x1e.cabinet.v1.RemovePeerResponse\x12c\n" +
+	"\x12TransferLeadership\x12%.cabinet.v1.TransferLeadershipRequest\x1a&.cabinet.v1.TransferLeadershipResponse\x12L\n" +
+	"\fSnapshotSave\x12\x1f.cabinet.v1.SnapshotSaveRequest\x1a\x19.cabinet.v1.SnapshotChunk0\x01\x12S\n" +
+	"\x0fSnapshotRestore\x12\x19.cabinet.v1.SnapshotChunk\x1a#.cabinet.v1.SnapshotRestoreResponse(\x01\x12O\n" +
+	"\x0eRecoveryExport\x12!.cabinet.v1.RecoveryExportRequest\x1a\x1a.cabinet.v1.RecoveryBundle2\xd9\x01\n" +
 	"\vNodeService\x12<\n" +
 	"\x05Apply\x12\x18.cabinet.v1.ApplyRequest\x1a\x19.cabinet.v1.ApplyResponse\x12H\n" +
 	"\tReadIndex\x12\x1c.cabinet.v1.ReadIndexRequest\x1a\x1d.cabinet.v1.ReadIndexResponse\x12B\n" +
@@ -6846,7 +7547,7 @@ func file_transport_cabinetpb_cabinet_proto_rawDescGZIP() []byte {
 }
 
 var file_transport_cabinetpb_cabinet_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
-var file_transport_cabinetpb_cabinet_proto_msgTypes = make([]protoimpl.MessageInfo, 105)
+var file_transport_cabinetpb_cabinet_proto_msgTypes = make([]protoimpl.MessageInfo, 116)
 var file_transport_cabinetpb_cabinet_proto_goTypes = []any{
 	(KeySpec)(0),                                    // 0: cabinet.v1.KeySpec
 	(KeyUsage)(0),                                   // 1: cabinet.v1.KeyUsage
@@ -6932,63 +7633,74 @@ var file_transport_cabinetpb_cabinet_proto_goTypes = []any{
 	(*EchoResponse)(nil),                            // 81: cabinet.v1.EchoResponse
 	(*ApplyNoopRequest)(nil),                        // 82: cabinet.v1.ApplyNoopRequest
 	(*ApplyNoopResponse)(nil),                       // 83: cabinet.v1.ApplyNoopResponse
-	(*StatusRequest)(nil),                           // 84: cabinet.v1.StatusRequest
-	(*StatusResponse)(nil),                          // 85: cabinet.v1.StatusResponse
-	(*ListPeersRequest)(nil),                        // 86: cabinet.v1.ListPeersRequest
-	(*Peer)(nil),                                    // 87: cabinet.v1.Peer
-	(*ListPeersResponse)(nil),                       // 88: cabinet.v1.ListPeersResponse
-	(*CreateJoinTokenRequest)(nil),                  // 89: cabinet.v1.CreateJoinTokenRequest
-	(*CreateJoinTokenResponse)(nil),                 // 90: cabinet.v1.CreateJoinTokenResponse
-	(*JoinRequest)(nil),                             // 91: cabinet.v1.JoinRequest
-	(*WrappedKEK)(nil),                              // 92: cabinet.v1.WrappedKEK
-	(*JoinResponse)(nil),                            // 93: cabinet.v1.JoinResponse
-	(*ApplyRequest)(nil),                            // 94: cabinet.v1.ApplyRequest
-	(*ApplyResponse)(nil),                           // 95: cabinet.v1.ApplyResponse
-	(*ReadIndexRequest)(nil),                        // 96: cabinet.v1.ReadIndexRequest
-	(*ReadIndexResponse)(nil),                       // 97: cabinet.v1.ReadIndexResponse
-	(*AddPeerRequest)(nil),                          // 98: cabinet.v1.AddPeerRequest
-	(*AddPeerResponse)(nil),                         // 99: cabinet.v1.AddPeerResponse
-	nil,                                             // 100: cabinet.v1.Key.TagsEntry
-	nil,                                             // 101: cabinet.v1.CreateKeyRequest.TagsEntry
-	nil,                                             // 102: cabinet.v1.EncryptRequest.EncryptionContextEntry
-	nil,                                             // 103: cabinet.v1.DecryptRequest.EncryptionContextEntry
-	nil,                                             // 104: cabinet.v1.GenerateDataKeyRequest.EncryptionContextEntry
-	nil,                                             // 105: cabinet.v1.ReEncryptRequest.SourceEncryptionContextEntry
-	nil,                                             // 106: cabinet.v1.ReEncryptRequest.DestinationEncryptionContextEntry
-	nil,                                             // 107: cabinet.v1.UpdateKeyRequest.TagsEntry
-	nil,                                             // 108: cabinet.v1.ImportKeyRequest.TagsEntry
-	nil,                                             // 109: cabinet.v1.Grant.EncryptionContextEqualsEntry
-	nil,                                             // 110: cabinet.v1.CreateGrantRequest.EncryptionContextEqualsEntry
-	(*timestamppb.Timestamp)(nil),                   // 111: google.protobuf.Timestamp
+	(*RemovePeerRequest)(nil),                       // 84: cabinet.v1.RemovePeerRequest
+	(*RemovePeerResponse)(nil),                      // 85: cabinet.v1.RemovePeerResponse
+	(*TransferLeadershipRequest)(nil),               // 86: cabinet.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil),              // 87: cabinet.v1.TransferLeadershipResponse
+	(*SnapshotSaveRequest)(nil),                     // 88: cabinet.v1.SnapshotSaveRequest
+	(*SnapshotChunk)(nil),                           // 89: cabinet.v1.SnapshotChunk
+	(*SnapshotMeta)(nil),                            // 90: cabinet.v1.SnapshotMeta
+	(*SnapshotRestoreResponse)(nil),                 // 91: cabinet.v1.SnapshotRestoreResponse
+	(*RecoveryExportRequest)(nil),                   // 92: cabinet.v1.RecoveryExportRequest
+	(*RecoveryKEK)(nil),                             // 93: cabinet.v1.RecoveryKEK
+	(*RecoveryBundle)(nil),                          // 94: cabinet.v1.RecoveryBundle
+	(*StatusRequest)(nil),                           // 95: cabinet.v1.StatusRequest
+	(*StatusResponse)(nil),                          // 96: cabinet.v1.StatusResponse
+	(*ListPeersRequest)(nil),                        // 97: cabinet.v1.ListPeersRequest
+	(*Peer)(nil),                                    // 98: cabinet.v1.Peer
+	(*ListPeersResponse)(nil),                       // 99: cabinet.v1.ListPeersResponse
+	(*CreateJoinTokenRequest)(nil),                  // 100: cabinet.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil),                 // 101: cabinet.v1.CreateJoinTokenResponse
+	(*JoinRequest)(nil),                             // 102: cabinet.v1.JoinRequest
+	(*WrappedKEK)(nil),                              // 103: cabinet.v1.WrappedKEK
+	(*JoinResponse)(nil),                            // 104: cabinet.v1.JoinResponse
+	(*ApplyRequest)(nil),                            // 105: cabinet.v1.ApplyRequest
+	(*ApplyResponse)(nil),                           // 106: cabinet.v1.ApplyResponse
+	(*ReadIndexRequest)(nil),                        // 107: cabinet.v1.ReadIndexRequest
+	(*ReadIndexResponse)(nil),                       // 108: cabinet.v1.ReadIndexResponse
+	(*AddPeerRequest)(nil),                          // 109: cabinet.v1.AddPeerRequest
+	(*AddPeerResponse)(nil),                         // 110: cabinet.v1.AddPeerResponse
+	nil,                                             // 111: cabinet.v1.Key.TagsEntry
+	nil,                                             // 112: cabinet.v1.CreateKeyRequest.TagsEntry
+	nil,                                             // 113: cabinet.v1.EncryptRequest.EncryptionContextEntry
+	nil,                                             // 114: cabinet.v1.DecryptRequest.EncryptionContextEntry
+	nil,                                             // 115: cabinet.v1.GenerateDataKeyRequest.EncryptionContextEntry
+	nil,                                             // 116: cabinet.v1.ReEncryptRequest.SourceEncryptionContextEntry
+	nil,                                             // 117: cabinet.v1.ReEncryptRequest.DestinationEncryptionContextEntry
+	nil,                                             // 118: cabinet.v1.UpdateKeyRequest.TagsEntry
+	nil,                                             // 119: cabinet.v1.ImportKeyRequest.TagsEntry
+	nil,                                             // 120: cabinet.v1.Grant.EncryptionContextEqualsEntry
+	nil,                                             // 121: cabinet.v1.CreateGrantRequest.EncryptionContextEqualsEntry
+	(*timestamppb.Timestamp)(nil),                   // 122: google.protobuf.Timestamp
 }
 var file_transport_cabinetpb_cabinet_proto_depIdxs = []int32{
-	111, // 0: cabinet.v1.KeyVersionInfo.created_at:type_name -> google.protobuf.Timestamp
-	111, // 1: cabinet.v1.KeyVersionInfo.destroyed_at:type_name -> google.protobuf.Timestamp
+	122, // 0: cabinet.v1.KeyVersionInfo.created_at:type_name -> google.protobuf.Timestamp
+	122, // 1: cabinet.v1.KeyVersionInfo.destroyed_at:type_name -> google.protobuf.Timestamp
 	0,   // 2: cabinet.v1.Key.spec:type_name -> cabinet.v1.KeySpec
 	1,   // 3: cabinet.v1.Key.usage:type_name -> cabinet.v1.KeyUsage
 	2,   // 4: cabinet.v1.Key.state:type_name -> cabinet.v1.KeyState
-	100, // 5: cabinet.v1.Key.tags:type_name -> cabinet.v1.Key.TagsEntry
-	111, // 6: cabinet.v1.Key.created_at:type_name -> google.protobuf.Timestamp
-	111, // 7: cabinet.v1.Key.updated_at:type_name -> google.protobuf.Timestamp
+	111, // 5: cabinet.v1.Key.tags:type_name -> cabinet.v1.Key.TagsEntry
+	122, // 6: cabinet.v1.Key.created_at:type_name -> google.protobuf.Timestamp
+	122, // 7: cabinet.v1.Key.updated_at:type_name -> google.protobuf.Timestamp
 	6,   // 8: cabinet.v1.Key.versions:type_name -> cabinet.v1.KeyVersionInfo
-	111, // 9: cabinet.v1.Key.next_rotation_at:type_name -> google.protobuf.Timestamp
-	111, // 10: cabinet.v1.Key.revoked_at:type_name -> google.protobuf.Timestamp
-	111, // 11: cabinet.v1.Key.destroy_after:type_name -> google.protobuf.Timestamp
-	111, // 12: cabinet.v1.Key.destroyed_at:type_name -> google.protobuf.Timestamp
+	122, // 9: cabinet.v1.Key.next_rotation_at:type_name -> google.protobuf.Timestamp
+	122, // 10: cabinet.v1.Key.revoked_at:type_name -> google.protobuf.Timestamp
+	122, // 11: cabinet.v1.Key.destroy_after:type_name -> google.protobuf.Timestamp
+	122, // 12: cabinet.v1.Key.destroyed_at:type_name -> google.protobuf.Timestamp
 	0,   // 13: cabinet.v1.CreateKeyRequest.spec:type_name -> cabinet.v1.KeySpec
 	1,   // 14: cabinet.v1.CreateKeyRequest.usage:type_name -> cabinet.v1.KeyUsage
-	101, // 15: cabinet.v1.CreateKeyRequest.tags:type_name -> cabinet.v1.CreateKeyRequest.TagsEntry
+	112, // 15: cabinet.v1.CreateKeyRequest.tags:type_name -> cabinet.v1.CreateKeyRequest.TagsEntry
 	7,   // 16: cabinet.v1.CreateKeyResponse.key:type_name -> cabinet.v1.Key
 	7,   // 17: cabinet.v1.ListKeysResponse.keys:type_name -> cabinet.v1.Key
 	7,   // 18: cabinet.v1.DescribeKeyResponse.key:type_name -> cabinet.v1.Key
-	102, // 19: cabinet.v1.EncryptRequest.encryption_context:type_name -> cabinet.v1.EncryptRequest.EncryptionContextEntry
+	113, // 19: cabinet.v1.EncryptRequest.encryption_context:type_name -> cabinet.v1.EncryptRequest.EncryptionContextEntry
 	3,   // 20: cabinet.v1.EncryptRequest.consistency:type_name -> cabinet.v1.Consistency
-	103, // 21: cabinet.v1.DecryptRequest.encryption_context:type_name -> cabinet.v1.DecryptRequest.EncryptionContextEntry
+	114, // 21: cabinet.v1.DecryptRequest.encryption_context:type_name -> cabinet.v1.DecryptRequest.EncryptionContextEntry
 	3,   // 22: cabinet.v1.DecryptRequest.consistency:type_name -> cabinet.v1.Consistency
-	104, // 23: cabinet.v1.GenerateDataKeyRequest.encryption_context:type_name -> cabinet.v1.GenerateDataKeyRequest.EncryptionContextEntry
+	115, // 23: cabinet.v1.GenerateDataKeyRequest.encryption_context:type_name -> cabinet.v1.GenerateDataKeyRequest.EncryptionContextEntry
 	3,   // 24: cabinet.v1.GenerateDataKeyRequest.consistency:type_name -> cabinet.v1.Consistency
-	105, // 25: cabinet.v1.ReEncryptRequest.source_encryption_context:type_name -> cabinet.v1.ReEncryptRequest.SourceEncryptionContextEntry
-	106, // 26: cabinet.v1.ReEncryptRequest.destination_encryption_context:type_name -> cabinet.v1.ReEncryptRequest.DestinationEncryptionContextEntry
+	116, // 25: cabinet.v1.ReEncryptRequest.source_encryption_context:type_name -> cabinet.v1.ReEncryptRequest.SourceEncryptionContextEntry
+	117, // 26: cabinet.v1.ReEncryptRequest.destination_encryption_context:type_name -> cabinet.v1.ReEncryptRequest.DestinationEncryptionContextEntry
 	3,   // 27: cabinet.v1.ReEncryptRequest.consistency:type_name -> cabinet.v1.Consistency
 	14,  // 28: cabinet.v1.BatchEncryptRequest.items:type_name -> cabinet.v1.EncryptRequest
 	15,  // 29: cabinet.v1.BatchEncryptResult.response:type_name -> cabinet.v1.EncryptResponse
@@ -7011,130 +7723,144 @@ var file_transport_cabinetpb_cabinet_proto_depIdxs = []int32{
 	3,   // 46: cabinet.v1.GenerateMacRequest.consistency:type_name -> cabinet.v1.Consistency
 	3,   // 47: cabinet.v1.VerifyMacRequest.consistency:type_name -> cabinet.v1.Consistency
 	7,   // 48: cabinet.v1.KeyResponse.key:type_name -> cabinet.v1.Key
-	107, // 49: cabinet.v1.UpdateKeyRequest.tags:type_name -> cabinet.v1.UpdateKeyRequest.TagsEntry
+	118, // 49: cabinet.v1.UpdateKeyRequest.tags:type_name -> cabinet.v1.UpdateKeyRequest.TagsEntry
 	5,   // 50: cabinet.v1.RevokeKeyRequest.reason:type_name -> cabinet.v1.RevocationReason
 	0,   // 51: cabinet.v1.GetImportParametersRequest.spec:type_name -> cabinet.v1.KeySpec
-	111, // 52: cabinet.v1.GetImportParametersResponse.expires_at:type_name -> google.protobuf.Timestamp
+	122, // 52: cabinet.v1.GetImportParametersResponse.expires_at:type_name -> google.protobuf.Timestamp
 	0,   // 53: cabinet.v1.GetImportParametersResponse.spec:type_name -> cabinet.v1.KeySpec
 	0,   // 54: cabinet.v1.ImportKeyRequest.spec:type_name -> cabinet.v1.KeySpec
 	1,   // 55: cabinet.v1.ImportKeyRequest.usage:type_name -> cabinet.v1.KeyUsage
-	108, // 56: cabinet.v1.ImportKeyRequest.tags:type_name -> cabinet.v1.ImportKeyRequest.TagsEntry
-	109, // 57: cabinet.v1.Grant.encryption_context_equals:type_name -> cabinet.v1.Grant.EncryptionContextEqualsEntry
-	111, // 58: cabinet.v1.Grant.created_at:type_name -> google.protobuf.Timestamp
-	110, // 59: cabinet.v1.CreateGrantRequest.encryption_context_equals:type_name -> cabinet.v1.CreateGrantRequest.EncryptionContextEqualsEntry
+	119, // 56: cabinet.v1.ImportKeyRequest.tags:type_name -> cabinet.v1.ImportKeyRequest.TagsEntry
+	120, // 57: cabinet.v1.Grant.encryption_context_equals:type_name -> cabinet.v1.Grant.EncryptionContextEqualsEntry
+	122, // 58: cabinet.v1.Grant.created_at:type_name -> google.protobuf.Timestamp
+	121, // 59: cabinet.v1.CreateGrantRequest.encryption_context_equals:type_name -> cabinet.v1.CreateGrantRequest.EncryptionContextEqualsEntry
 	59,  // 60: cabinet.v1.GrantResponse.grant:type_name -> cabinet.v1.Grant
 	59,  // 61: cabinet.v1.ListGrantsResponse.grants:type_name -> cabinet.v1.Grant
-	111, // 62: cabinet.v1.IssueCertificateResponse.not_after:type_name -> google.protobuf.Timestamp
-	111, // 63: cabinet.v1.DeniedPrincipal.denied_at:type_name -> google.protobuf.Timestamp
+	122, // 62: cabinet.v1.IssueCertificateResponse.not_after:type_name -> google.protobuf.Timestamp
+	122, // 63: cabinet.v1.DeniedPrincipal.denied_at:type_name -> google.protobuf.Timestamp
 	72,  // 64: cabinet.v1.ListDeniedPrincipalsResponse.principals:type_name -> cabinet.v1.DeniedPrincipal
-	111, // 65: cabinet.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
+	122, // 65: cabinet.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
 	75,  // 66: cabinet.v1.AuditTailResponse.records:type_name -> cabinet.v1.AuditRecord
-	87,  // 67: cabinet.v1.ListPeersResponse.peers:type_name -> cabinet.v1.Peer
-	111, // 68: cabinet.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
-	92,  // 69: cabinet.v1.JoinResponse.keks:type_name -> cabinet.v1.WrappedKEK
-	8,   // 70: cabinet.v1.KeyService.CreateKey:input_type -> cabinet.v1.CreateKeyRequest
-	10,  // 71: cabinet.v1.KeyService.ListKeys:input_type -> cabinet.v1.ListKeysRequest
-	12,  // 72: cabinet.v1.KeyService.DescribeKey:input_type -> cabinet.v1.DescribeKeyRequest
-	14,  // 73: cabinet.v1.KeyService.Encrypt:input_type -> cabinet.v1.EncryptRequest
-	16,  // 74: cabinet.v1.KeyService.Decrypt:input_type -> cabinet.v1.DecryptRequest
-	18,  // 75: cabinet.v1.KeyService.GenerateDataKey:input_type -> cabinet.v1.GenerateDataKeyRequest
-	18,  // 76: cabinet.v1.KeyService.GenerateDataKeyWithoutPlaintext:input_type -> cabinet.v1.GenerateDataKeyRequest
-	21,  // 77: cabinet.v1.KeyService.ReEncrypt:input_type -> cabinet.v1.ReEncryptRequest
-	24,  // 78: cabinet.v1.KeyService.BatchEncrypt:input_type -> cabinet.v1.BatchEncryptRequest
-	27,  // 79: cabinet.v1.KeyService.BatchDecrypt:input_type -> cabinet.v1.BatchDecryptRequest
-	30,  // 80: cabinet.v1.KeyService.BatchReEncrypt:input_type -> cabinet.v1.BatchReEncryptRequest
-	33,  // 81: cabinet.v1.KeyService.Sign:input_type -> cabinet.v1.SignRequest
-	35,  // 82: cabinet.v1.KeyService.Verify:input_type -> cabinet.v1.VerifyRequest
-	37,  // 83: cabinet.v1.KeyService.GetPublicKey:input_type -> cabinet.v1.GetPublicKeyRequest
-	39,  // 84: cabinet.v1.KeyService.GenerateMac:input_type -> cabinet.v1.GenerateMacRequest
-	41,  // 85: cabinet.v1.KeyService.VerifyMac:input_type -> cabinet.v1.VerifyMacRequest
-	43,  // 86: cabinet.v1.KeyService.GenerateRandom:input_type -> cabinet.v1.GenerateRandomRequest
-	47,  // 87: cabinet.v1.KeyService.UpdateKey:input_type -> cabinet.v1.UpdateKeyRequest
-	48,  // 88: cabinet.v1.KeyService.SetAlias:input_type -> cabinet.v1.SetAliasRequest
-	49,  // 89: cabinet.v1.KeyService.DeleteAlias:input_type -> cabinet.v1.DeleteAliasRequest
-	46,  // 90: cabinet.v1.KeyService.EnableKey:input_type -> cabinet.v1.KeyRefRequest
-	46,  // 91: cabinet.v1.KeyService.DisableKey:input_type -> cabinet.v1.KeyRefRequest
-	51,  // 92: cabinet.v1.KeyService.RevokeKey:input_type -> cabinet.v1.RevokeKeyRequest
-	46,  // 93: cabinet.v1.KeyService.RotateKey:input_type -> cabinet.v1.KeyRefRequest
-	52,  // 94: cabinet.v1.KeyService.SetRotationPolicy:input_type -> cabinet.v1.SetRotationPolicyRequest
-	53,  // 95: cabinet.v1.KeyService.SetKeyVersionState:input_type -> cabinet.v1.SetKeyVersionStateRequest
-	54,  // 96: cabinet.v1.KeyService.SetMinDecryptionVersion:input_type -> cabinet.v1.SetMinDecryptionVersionRequest
-	55,  // 97: cabinet.v1.KeyService.ScheduleKeyDestruction:input_type -> cabinet.v1.ScheduleKeyDestructionRequest
-	46,  // 98: cabinet.v1.KeyService.CancelKeyDestruction:input_type -> cabinet.v1.KeyRefRequest
-	56,  // 99: cabinet.v1.KeyService.GetImportParameters:input_type -> cabinet.v1.GetImportParametersRequest
-	58,  // 100: cabinet.v1.KeyService.ImportKey:input_type -> cabinet.v1.ImportKeyRequest
-	60,  // 101: cabinet.v1.KeyService.CreateGrant:input_type -> cabinet.v1.CreateGrantRequest
-	62,  // 102: cabinet.v1.KeyService.RevokeGrant:input_type -> cabinet.v1.RevokeGrantRequest
-	64,  // 103: cabinet.v1.KeyService.ListGrants:input_type -> cabinet.v1.ListGrantsRequest
-	84,  // 104: cabinet.v1.OperatorService.Status:input_type -> cabinet.v1.StatusRequest
-	86,  // 105: cabinet.v1.OperatorService.ListPeers:input_type -> cabinet.v1.ListPeersRequest
-	89,  // 106: cabinet.v1.OperatorService.CreateJoinToken:input_type -> cabinet.v1.CreateJoinTokenRequest
-	91,  // 107: cabinet.v1.OperatorService.Join:input_type -> cabinet.v1.JoinRequest
-	66,  // 108: cabinet.v1.OperatorService.IssueCertificate:input_type -> cabinet.v1.IssueCertificateRequest
-	68,  // 109: cabinet.v1.OperatorService.DenyPrincipal:input_type -> cabinet.v1.DenyPrincipalRequest
-	70,  // 110: cabinet.v1.OperatorService.AllowPrincipal:input_type -> cabinet.v1.AllowPrincipalRequest
-	73,  // 111: cabinet.v1.OperatorService.ListDeniedPrincipals:input_type -> cabinet.v1.ListDeniedPrincipalsRequest
-	76,  // 112: cabinet.v1.OperatorService.AuditTail:input_type -> cabinet.v1.AuditTailRequest
-	78,  // 113: cabinet.v1.OperatorService.AuditVerify:input_type -> cabinet.v1.AuditVerifyRequest
-	80,  // 114: cabinet.v1.OperatorService.Echo:input_type -> cabinet.v1.EchoRequest
-	82,  // 115: cabinet.v1.OperatorService.ApplyNoop:input_type -> cabinet.v1.ApplyNoopRequest
-	94,  // 116: cabinet.v1.NodeService.Apply:input_type -> cabinet.v1.ApplyRequest
-	96,  // 117: cabinet.v1.NodeService.ReadIndex:input_type -> cabinet.v1.ReadIndexRequest
-	98,  // 118: cabinet.v1.NodeService.AddPeer:input_type -> cabinet.v1.AddPeerRequest
-	9,   // 119: cabinet.v1.KeyService.CreateKey:output_type -> cabinet.v1.CreateKeyResponse
-	11,  // 120: cabinet.v1.KeyService.ListKeys:output_type -> cabinet.v1.ListKeysResponse
-	13,  // 121: cabinet.v1.KeyService.DescribeKey:output_type -> cabinet.v1.DescribeKeyResponse
-	15,  // 122: cabinet.v1.KeyService.Encrypt:output_type -> cabinet.v1.EncryptResponse
-	17,  // 123: cabinet.v1.KeyService.Decrypt:output_type -> cabinet.v1.DecryptResponse
-	19,  // 124: cabinet.v1.KeyService.GenerateDataKey:output_type -> cabinet.v1.GenerateDataKeyResponse
-	20,  // 125: cabinet.v1.KeyService.GenerateDataKeyWithoutPlaintext:output_type -> cabinet.v1.GenerateDataKeyWithoutPlaintextResponse
-	22,  // 126: cabinet.v1.KeyService.ReEncrypt:output_type -> cabinet.v1.ReEncryptResponse
-	26,  // 127: cabinet.v1.KeyService.BatchEncrypt:output_type -> cabinet.v1.BatchEncryptResponse
-	29,  // 128: cabinet.v1.KeyService.BatchDecrypt:output_type -> cabinet.v1.BatchDecryptResponse
-	32,  // 129: cabinet.v1.KeyService.BatchReEncrypt:output_type -> cabinet.v1.BatchReEncryptResponse
-	34,  // 130: cabinet.v1.KeyService.Sign:output_type -> cabinet.v1.SignResponse
-	36,  // 131: cabinet.v1.KeyService.Verify:output_type -> cabinet.v1.VerifyResponse
-	38,  // 132: cabinet.v1.KeyService.GetPublicKey:output_type -> cabinet.v1.GetPublicKeyResponse
-	40,  // 133: cabinet.v1.KeyService.GenerateMac:output_type -> cabinet.v1.GenerateMacResponse
-	42,  // 134: cabinet.v1.KeyService.VerifyMac:output_type -> cabinet.v1.VerifyMacResponse
-	44,  // 135: cabinet.v1.KeyService.GenerateRandom:output_type -> cabinet.v1.GenerateRandomResponse
-	45,  // 136: cabinet.v1.KeyService.UpdateKey:output_type -> cabinet.v1.KeyResponse
-	45,  // 137: cabinet.v1.KeyService.SetAlias:output_type -> cabinet.v1.KeyResponse
-	50,  // 138: cabinet.v1.KeyService.DeleteAlias:output_type -> cabinet.v1.DeleteAliasResponse
-	45,  // 139: cabinet.v1.KeyService.EnableKey:output_type -> cabinet.v1.KeyResponse
-	45,  // 140: cabinet.v1.KeyService.DisableKey:output_type -> cabinet.v1.KeyResponse
-	45,  // 141: cabinet.v1.KeyService.RevokeKey:output_type -> cabinet.v1.KeyResponse
-	45,  // 142: cabinet.v1.KeyService.RotateKey:output_type -> cabinet.v1.KeyResponse
-	45,  // 143: cabinet.v1.KeyService.SetRotationPolicy:output_type -> cabinet.v1.KeyResponse
-	45,  // 144: cabinet.v1.KeyService.SetKeyVersionState:output_type -> cabinet.v1.KeyResponse
-	45,  // 145: cabinet.v1.KeyService.SetMinDecryptionVersion:output_type -> cabinet.v1.KeyResponse
-	45,  // 146: cabinet.v1.KeyService.ScheduleKeyDestruction:output_type -> cabinet.v1.KeyResponse
-	45,  // 147: cabinet.v1.KeyService.CancelKeyDestruction:output_type -> cabinet.v1.KeyResponse
-	57,  // 148: cabinet.v1.KeyService.GetImportParameters:output_type -> cabinet.v1.GetImportParametersResponse
-	45,  // 149: cabinet.v1.KeyService.ImportKey:output_type -> cabinet.v1.KeyResponse
-	61,  // 150: cabinet.v1.KeyService.CreateGrant:output_type -> cabinet.v1.GrantResponse
-	63,  // 151: cabinet.v1.KeyService.RevokeGrant:output_type -> cabinet.v1.RevokeGrantResponse
-	65,  // 152: cabinet.v1.KeyService.ListGrants:output_type -> cabinet.v1.ListGrantsResponse
-	85,  // 153: cabinet.v1.OperatorService.Status:output_type -> cabinet.v1.StatusResponse
-	88,  // 154: cabinet.v1.OperatorService.ListPeers:output_type -> cabinet.v1.ListPeersResponse
-	90,  // 155: cabinet.v1.OperatorService.CreateJoinToken:output_type -> cabinet.v1.CreateJoinTokenResponse
-	93,  // 156: cabinet.v1.OperatorService.Join:output_type -> cabinet.v1.JoinResponse
-	67,  // 157: cabinet.v1.OperatorService.IssueCertificate:output_type -> cabinet.v1.IssueCertificateResponse
-	69,  // 158: cabinet.v1.OperatorService.DenyPrincipal:output_type -> cabinet.v1.DenyPrincipalResponse
-	71,  // 159: cabinet.v1.OperatorService.AllowPrincipal:output_type -> cabinet.v1.AllowPrincipalResponse
-	74,  // 160: cabinet.v1.OperatorService.ListDeniedPrincipals:output_type -> cabinet.v1.ListDeniedPrincipalsResponse
-	77,  // 161: cabinet.v1.OperatorService.AuditTail:output_type -> cabinet.v1.AuditTailResponse
-	79,  // 162: cabinet.v1.OperatorService.AuditVerify:output_type -> cabinet.v1.AuditVerifyResponse
-	81,  // 163: cabinet.v1.OperatorService.Echo:output_type -> cabinet.v1.EchoResponse
-	83,  // 164: cabinet.v1.OperatorService.ApplyNoop:output_type -> cabinet.v1.ApplyNoopResponse
-	95,  // 165: cabinet.v1.NodeService.Apply:output_type -> cabinet.v1.ApplyResponse
-	97,  // 166: cabinet.v1.NodeService.ReadIndex:output_type -> cabinet.v1.ReadIndexResponse
-	99,  // 167: cabinet.v1.NodeService.AddPeer:output_type -> cabinet.v1.AddPeerResponse
-	119, // [119:168] is the sub-list for method output_type
-	70,  // [70:119] is the sub-list for method input_type
-	70,  // [70:70] is the sub-list for extension type_name
-	70,  // [70:70] is the sub-list for extension extendee
-	0,   // [0:70] is the sub-list for field type_name
+	90,  // 67: cabinet.v1.SnapshotChunk.meta:type_name -> cabinet.v1.SnapshotMeta
+	122, // 68: cabinet.v1.SnapshotMeta.taken_at:type_name -> google.protobuf.Timestamp
+	93,  // 69: cabinet.v1.RecoveryBundle.keks:type_name -> cabinet.v1.RecoveryKEK
+	122, // 70: cabinet.v1.RecoveryBundle.created_at:type_name -> google.protobuf.Timestamp
+	98,  // 71: cabinet.v1.ListPeersResponse.peers:type_name -> cabinet.v1.Peer
+	122, // 72: cabinet.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	103, // 73: cabinet.v1.JoinResponse.keks:type_name -> cabinet.v1.WrappedKEK
+	8,   // 74: cabinet.v1.KeyService.CreateKey:input_type -> cabinet.v1.CreateKeyRequest
+	10,  // 75: cabinet.v1.KeyService.ListKeys:input_type -> cabinet.v1.ListKeysRequest
+	12,  // 76: cabinet.v1.KeyService.DescribeKey:input_type -> cabinet.v1.DescribeKeyRequest
+	14,  // 77: cabinet.v1.KeyService.Encrypt:input_type -> cabinet.v1.EncryptRequest
+	16,  // 78: cabinet.v1.KeyService.Decrypt:input_type -> cabinet.v1.DecryptRequest
+	18,  // 79: cabinet.v1.KeyService.GenerateDataKey:input_type -> cabinet.v1.GenerateDataKeyRequest
+	18,  // 80: cabinet.v1.KeyService.GenerateDataKeyWithoutPlaintext:input_type -> cabinet.v1.GenerateDataKeyRequest
+	21,  // 81: cabinet.v1.KeyService.ReEncrypt:input_type -> cabinet.v1.ReEncryptRequest
+	24,  // 82: cabinet.v1.KeyService.BatchEncrypt:input_type -> cabinet.v1.BatchEncryptRequest
+	27,  // 83: cabinet.v1.KeyService.BatchDecrypt:input_type -> cabinet.v1.BatchDecryptRequest
+	30,  // 84: cabinet.v1.KeyService.BatchReEncrypt:input_type -> cabinet.v1.BatchReEncryptRequest
+	33,  // 85: cabinet.v1.KeyService.Sign:input_type -> cabinet.v1.SignRequest
+	35,  // 86: cabinet.v1.KeyService.Verify:input_type -> cabinet.v1.VerifyRequest
+	37,  // 87: cabinet.v1.KeyService.GetPublicKey:input_type -> cabinet.v1.GetPublicKeyRequest
+	39,  // 88: cabinet.v1.KeyService.GenerateMac:input_type -> cabinet.v1.GenerateMacRequest
+	41,  // 89: cabinet.v1.KeyService.VerifyMac:input_type -> cabinet.v1.VerifyMacRequest
+	43,  // 90: cabinet.v1.KeyService.GenerateRandom:input_type -> cabinet.v1.GenerateRandomRequest
+	47,  // 91: cabinet.v1.KeyService.UpdateKey:input_type -> cabinet.v1.UpdateKeyRequest
+	48,  // 92: cabinet.v1.KeyService.SetAlias:input_type -> cabinet.v1.SetAliasRequest
+	49,  // 93: cabinet.v1.KeyService.DeleteAlias:input_type -> cabinet.v1.DeleteAliasRequest
+	46,  // 94: cabinet.v1.KeyService.EnableKey:input_type -> cabinet.v1.KeyRefRequest
+	46,  // 95: cabinet.v1.KeyService.DisableKey:input_type -> cabinet.v1.KeyRefRequest
+	51,  // 96: cabinet.v1.KeyService.RevokeKey:input_type -> cabinet.v1.RevokeKeyRequest
+	46,  // 97: cabinet.v1.KeyService.RotateKey:input_type -> cabinet.v1.KeyRefRequest
+	52,  // 98: cabinet.v1.KeyService.SetRotationPolicy:input_type -> cabinet.v1.SetRotationPolicyRequest
+	53,  // 99: cabinet.v1.KeyService.SetKeyVersionState:input_type -> cabinet.v1.SetKeyVersionStateRequest
+	54,  // 100: cabinet.v1.KeyService.SetMinDecryptionVersion:input_type -> cabinet.v1.SetMinDecryptionVersionRequest
+	55,  // 101: cabinet.v1.KeyService.ScheduleKeyDestruction:input_type -> cabinet.v1.ScheduleKeyDestructionRequest
+	46,  // 102: cabinet.v1.KeyService.CancelKeyDestruction:input_type -> cabinet.v1.KeyRefRequest
+	56,  // 103: cabinet.v1.KeyService.GetImportParameters:input_type -> cabinet.v1.GetImportParametersRequest
+	58,  // 104: cabinet.v1.KeyService.ImportKey:input_type -> cabinet.v1.ImportKeyRequest
+	60,  // 105: cabinet.v1.KeyService.CreateGrant:input_type -> cabinet.v1.CreateGrantRequest
+	62,  // 106: cabinet.v1.KeyService.RevokeGrant:input_type -> cabinet.v1.RevokeGrantRequest
+	64,  // 107: cabinet.v1.KeyService.ListGrants:input_type -> cabinet.v1.ListGrantsRequest
+	95,  // 108: cabinet.v1.OperatorService.Status:input_type -> cabinet.v1.StatusRequest
+	97,  // 109: cabinet.v1.OperatorService.ListPeers:input_type -> cabinet.v1.ListPeersRequest
+	100, // 110: cabinet.v1.OperatorService.CreateJoinToken:input_type -> cabinet.v1.CreateJoinTokenRequest
+	102, // 111: cabinet.v1.OperatorService.Join:input_type -> cabinet.v1.JoinRequest
+	66,  // 112: cabinet.v1.OperatorService.IssueCertificate:input_type -> cabinet.v1.IssueCertificateRequest
+	68,  // 113: cabinet.v1.OperatorService.DenyPrincipal:input_type -> cabinet.v1.DenyPrincipalRequest
+	70,  // 114: cabinet.v1.OperatorService.AllowPrincipal:input_type -> cabinet.v1.AllowPrincipalRequest
+	73,  // 115: cabinet.v1.OperatorService.ListDeniedPrincipals:input_type -> cabinet.v1.ListDeniedPrincipalsRequest
+	76,  // 116: cabinet.v1.OperatorService.AuditTail:input_type -> cabinet.v1.AuditTailRequest
+	78,  // 117: cabinet.v1.OperatorService.AuditVerify:input_type -> cabinet.v1.AuditVerifyRequest
+	80,  // 118: cabinet.v1.OperatorService.Echo:input_type -> cabinet.v1.EchoRequest
+	82,  // 119: cabinet.v1.OperatorService.ApplyNoop:input_type -> cabinet.v1.ApplyNoopRequest
+	84,  // 120: cabinet.v1.OperatorService.RemovePeer:input_type -> cabinet.v1.RemovePeerRequest
+	86,  // 121: cabinet.v1.OperatorService.TransferLeadership:input_type -> cabinet.v1.TransferLeadershipRequest
+	88,  // 122: cabinet.v1.OperatorService.SnapshotSave:input_type -> cabinet.v1.SnapshotSaveRequest
+	89,  // 123: cabinet.v1.OperatorService.SnapshotRestore:input_type -> cabinet.v1.SnapshotChunk
+	92,  // 124: cabinet.v1.OperatorService.RecoveryExport:input_type -> cabinet.v1.RecoveryExportRequest
+	105, // 125: cabinet.v1.NodeService.Apply:input_type -> cabinet.v1.ApplyRequest
+	107, // 126: cabinet.v1.NodeService.ReadIndex:input_type -> cabinet.v1.ReadIndexRequest
+	109, // 127: cabinet.v1.NodeService.AddPeer:input_type -> cabinet.v1.AddPeerRequest
+	9,   // 128: cabinet.v1.KeyService.CreateKey:output_type -> cabinet.v1.CreateKeyResponse
+	11,  // 129: cabinet.v1.KeyService.ListKeys:output_type -> cabinet.v1.ListKeysResponse
+	13,  // 130: cabinet.v1.KeyService.DescribeKey:output_type -> cabinet.v1.DescribeKeyResponse
+	15,  // 131: cabinet.v1.KeyService.Encrypt:output_type -> cabinet.v1.EncryptResponse
+	17,  // 132: cabinet.v1.KeyService.Decrypt:output_type -> cabinet.v1.DecryptResponse
+	19,  // 133: cabinet.v1.KeyService.GenerateDataKey:output_type -> cabinet.v1.GenerateDataKeyResponse
+	20,  // 134: cabinet.v1.KeyService.GenerateDataKeyWithoutPlaintext:output_type -> cabinet.v1.GenerateDataKeyWithoutPlaintextResponse
+	22,  // 135: cabinet.v1.KeyService.ReEncrypt:output_type -> cabinet.v1.ReEncryptResponse
+	26,  // 136: cabinet.v1.KeyService.BatchEncrypt:output_type -> cabinet.v1.BatchEncryptResponse
+	29,  // 137: cabinet.v1.KeyService.BatchDecrypt:output_type -> cabinet.v1.BatchDecryptResponse
+	32,  // 138: cabinet.v1.KeyService.BatchReEncrypt:output_type -> cabinet.v1.BatchReEncryptResponse
+	34,  // 139: cabinet.v1.KeyService.Sign:output_type -> cabinet.v1.SignResponse
+	36,  // 140: cabinet.v1.KeyService.Verify:output_type -> cabinet.v1.VerifyResponse
+	38,  // 141: cabinet.v1.KeyService.GetPublicKey:output_type -> cabinet.v1.GetPublicKeyResponse
+	40,  // 142: cabinet.v1.KeyService.GenerateMac:output_type -> cabinet.v1.GenerateMacResponse
+	42,  // 143: cabinet.v1.KeyService.VerifyMac:output_type -> cabinet.v1.VerifyMacResponse
+	44,  // 144: cabinet.v1.KeyService.GenerateRandom:output_type -> cabinet.v1.GenerateRandomResponse
+	45,  // 145: cabinet.v1.KeyService.UpdateKey:output_type -> cabinet.v1.KeyResponse
+	45,  // 146: cabinet.v1.KeyService.SetAlias:output_type -> cabinet.v1.KeyResponse
+	50,  // 147: cabinet.v1.KeyService.DeleteAlias:output_type -> cabinet.v1.DeleteAliasResponse
+	45,  // 148: cabinet.v1.KeyService.EnableKey:output_type -> cabinet.v1.KeyResponse
+	45,  // 149: cabinet.v1.KeyService.DisableKey:output_type -> cabinet.v1.KeyResponse
+	45,  // 150: cabinet.v1.KeyService.RevokeKey:output_type -> cabinet.v1.KeyResponse
+	45,  // 151: cabinet.v1.KeyService.RotateKey:output_type -> cabinet.v1.KeyResponse
+	45,  // 152: cabinet.v1.KeyService.SetRotationPolicy:output_type -> cabinet.v1.KeyResponse
+	45,  // 153: cabinet.v1.KeyService.SetKeyVersionState:output_type -> cabinet.v1.KeyResponse
+	45,  // 154: cabinet.v1.KeyService.SetMinDecryptionVersion:output_type -> cabinet.v1.KeyResponse
+	45,  // 155: cabinet.v1.KeyService.ScheduleKeyDestruction:output_type -> cabinet.v1.KeyResponse
+	45,  // 156: cabinet.v1.KeyService.CancelKeyDestruction:output_type -> cabinet.v1.KeyResponse
+	57,  // 157: cabinet.v1.KeyService.GetImportParameters:output_type -> cabinet.v1.GetImportParametersResponse
+	45,  // 158: cabinet.v1.KeyService.ImportKey:output_type -> cabinet.v1.KeyResponse
+	61,  // 159: cabinet.v1.KeyService.CreateGrant:output_type -> cabinet.v1.GrantResponse
+	63,  // 160: cabinet.v1.KeyService.RevokeGrant:output_type -> cabinet.v1.RevokeGrantResponse
+	65,  // 161: cabinet.v1.KeyService.ListGrants:output_type -> cabinet.v1.ListGrantsResponse
+	96,  // 162: cabinet.v1.OperatorService.Status:output_type -> cabinet.v1.StatusResponse
+	99,  // 163: cabinet.v1.OperatorService.ListPeers:output_type -> cabinet.v1.ListPeersResponse
+	101, // 164: cabinet.v1.OperatorService.CreateJoinToken:output_type -> cabinet.v1.CreateJoinTokenResponse
+	104, // 165: cabinet.v1.OperatorService.Join:output_type -> cabinet.v1.JoinResponse
+	67,  // 166: cabinet.v1.OperatorService.IssueCertificate:output_type -> cabinet.v1.IssueCertificateResponse
+	69,  // 167: cabinet.v1.OperatorService.DenyPrincipal:output_type -> cabinet.v1.DenyPrincipalResponse
+	71,  // 168: cabinet.v1.OperatorService.AllowPrincipal:output_type -> cabinet.v1.AllowPrincipalResponse
+	74,  // 169: cabinet.v1.OperatorService.ListDeniedPrincipals:output_type -> cabinet.v1.ListDeniedPrincipalsResponse
+	77,  // 170: cabinet.v1.OperatorService.AuditTail:output_type -> cabinet.v1.AuditTailResponse
+	79,  // 171: cabinet.v1.OperatorService.AuditVerify:output_type -> cabinet.v1.AuditVerifyResponse
+	81,  // 172: cabinet.v1.OperatorService.Echo:output_type -> cabinet.v1.EchoResponse
+	83,  // 173: cabinet.v1.OperatorService.ApplyNoop:output_type -> cabinet.v1.ApplyNoopResponse
+	85,  // 174: cabinet.v1.OperatorService.RemovePeer:output_type -> cabinet.v1.RemovePeerResponse
+	87,  // 175: cabinet.v1.OperatorService.TransferLeadership:output_type -> cabinet.v1.TransferLeadershipResponse
+	89,  // 176: cabinet.v1.OperatorService.SnapshotSave:output_type -> cabinet.v1.SnapshotChunk
+	91,  // 177: cabinet.v1.OperatorService.SnapshotRestore:output_type -> cabinet.v1.SnapshotRestoreResponse
+	94,  // 178: cabinet.v1.OperatorService.RecoveryExport:output_type -> cabinet.v1.RecoveryBundle
+	106, // 179: cabinet.v1.NodeService.Apply:output_type -> cabinet.v1.ApplyResponse
+	108, // 180: cabinet.v1.NodeService.ReadIndex:output_type -> cabinet.v1.ReadIndexResponse
+	110, // 181: cabinet.v1.NodeService.AddPeer:output_type -> cabinet.v1.AddPeerResponse
+	128, // [128:182] is the sub-list for method output_type
+	74,  // [74:128] is the sub-list for method input_type
+	74,  // [74:74] is the sub-list for extension type_name
+	74,  // [74:74] is the sub-list for extension extendee
+	0,   // [0:74] is the sub-list for field type_name
 }
 
 func init() { file_transport_cabinetpb_cabinet_proto_init() }
@@ -7149,7 +7875,7 @@ func file_transport_cabinetpb_cabinet_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_transport_cabinetpb_cabinet_proto_rawDesc), len(file_transport_cabinetpb_cabinet_proto_rawDesc)),
 			NumEnums:      6,
-			NumMessages:   105,
+			NumMessages:   116,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

@@ -1458,6 +1458,11 @@ const (
 	OperatorService_AuditVerify_FullMethodName          = "/cabinet.v1.OperatorService/AuditVerify"
 	OperatorService_Echo_FullMethodName                 = "/cabinet.v1.OperatorService/Echo"
 	OperatorService_ApplyNoop_FullMethodName            = "/cabinet.v1.OperatorService/ApplyNoop"
+	OperatorService_RemovePeer_FullMethodName           = "/cabinet.v1.OperatorService/RemovePeer"
+	OperatorService_TransferLeadership_FullMethodName   = "/cabinet.v1.OperatorService/TransferLeadership"
+	OperatorService_SnapshotSave_FullMethodName         = "/cabinet.v1.OperatorService/SnapshotSave"
+	OperatorService_SnapshotRestore_FullMethodName      = "/cabinet.v1.OperatorService/SnapshotRestore"
+	OperatorService_RecoveryExport_FullMethodName       = "/cabinet.v1.OperatorService/RecoveryExport"
 )
 
 // OperatorServiceClient is the client API for OperatorService service.
@@ -1494,6 +1499,21 @@ type OperatorServiceClient interface {
 	// ApplyNoop (admin) appends a no-op command of `size` bytes through the
 	// leader: the benchmark's ceiling (b) for Raft writes.
 	ApplyNoop(ctx context.Context, in *ApplyNoopRequest, opts ...grpc.CallOption) (*ApplyNoopResponse, error)
+	// Membership (admin, operator).
+	// RemovePeer removes a node from the Raft configuration and the state.
+	RemovePeer(ctx context.Context, in *RemovePeerRequest, opts ...grpc.CallOption) (*RemovePeerResponse, error)
+	// TransferLeadership moves leadership to another voter (any when empty).
+	TransferLeadership(ctx context.Context, in *TransferLeadershipRequest, opts ...grpc.CallOption) (*TransferLeadershipResponse, error)
+	// Snapshots (admin). SnapshotSave streams a consistent snapshot taken on
+	// the leader, through any node: the first chunk carries the metadata, the
+	// last one the SHA-256 of all data bytes.
+	SnapshotSave(ctx context.Context, in *SnapshotSaveRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[SnapshotChunk], error)
+	// SnapshotRestore streams a saved snapshot (same chunk framing) to any
+	// node, which forwards it to the leader; the cluster's state becomes it.
+	SnapshotRestore(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[SnapshotChunk, SnapshotRestoreResponse], error)
+	// RecoveryExport (admin) wraps every active KEK version under an
+	// operator's offline RSA-4096 recovery public key (RSA-OAEP).
+	RecoveryExport(ctx context.Context, in *RecoveryExportRequest, opts ...grpc.CallOption) (*RecoveryBundle, error)
 }
 
 type operatorServiceClient struct {
@@ -1624,6 +1644,68 @@ func (c *operatorServiceClient) ApplyNoop(ctx context.Context, in *ApplyNoopRequ
 	return out, nil
 }
 
+func (c *operatorServiceClient) RemovePeer(ctx context.Context, in *RemovePeerRequest, opts ...grpc.CallOption) (*RemovePeerResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RemovePeerResponse)
+	err := c.cc.Invoke(ctx, OperatorService_RemovePeer_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *operatorServiceClient) TransferLeadership(ctx context.Context, in *TransferLeadershipRequest, opts ...grpc.CallOption) (*TransferLeadershipResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(TransferLeadershipResponse)
+	err := c.cc.Invoke(ctx, OperatorService_TransferLeadership_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *operatorServiceClient) SnapshotSave(ctx context.Context, in *SnapshotSaveRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[SnapshotChunk], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &OperatorService_ServiceDesc.Streams[0], OperatorService_SnapshotSave_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[SnapshotSaveRequest, SnapshotChunk]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type OperatorService_SnapshotSaveClient = grpc.ServerStreamingClient[SnapshotChunk]
+
+func (c *operatorServiceClient) SnapshotRestore(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[SnapshotChunk, SnapshotRestoreResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &OperatorService_ServiceDesc.Streams[1], OperatorService_SnapshotRestore_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[SnapshotChunk, SnapshotRestoreResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type OperatorService_SnapshotRestoreClient = grpc.ClientStreamingClient[SnapshotChunk, SnapshotRestoreResponse]
+
+func (c *operatorServiceClient) RecoveryExport(ctx context.Context, in *RecoveryExportRequest, opts ...grpc.CallOption) (*RecoveryBundle, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RecoveryBundle)
+	err := c.cc.Invoke(ctx, OperatorService_RecoveryExport_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // OperatorServiceServer is the server API for OperatorService service.
 // All implementations must embed UnimplementedOperatorServiceServer
 // for forward compatibility.
@@ -1658,6 +1740,21 @@ type OperatorServiceServer interface {
 	// ApplyNoop (admin) appends a no-op command of `size` bytes through the
 	// leader: the benchmark's ceiling (b) for Raft writes.
 	ApplyNoop(context.Context, *ApplyNoopRequest) (*ApplyNoopResponse, error)
+	// Membership (admin, operator).
+	// RemovePeer removes a node from the Raft configuration and the state.
+	RemovePeer(context.Context, *RemovePeerRequest) (*RemovePeerResponse, error)
+	// TransferLeadership moves leadership to another voter (any when empty).
+	TransferLeadership(context.Context, *TransferLeadershipRequest) (*TransferLeadershipResponse, error)
+	// Snapshots (admin). SnapshotSave streams a consistent snapshot taken on
+	// the leader, through any node: the first chunk carries the metadata, the
+	// last one the SHA-256 of all data bytes.
+	SnapshotSave(*SnapshotSaveRequest, grpc.ServerStreamingServer[SnapshotChunk]) error
+	// SnapshotRestore streams a saved snapshot (same chunk framing) to any
+	// node, which forwards it to the leader; the cluster's state becomes it.
+	SnapshotRestore(grpc.ClientStreamingServer[SnapshotChunk, SnapshotRestoreResponse]) error
+	// RecoveryExport (admin) wraps every active KEK version under an
+	// operator's offline RSA-4096 recovery public key (RSA-OAEP).
+	RecoveryExport(context.Context, *RecoveryExportRequest) (*RecoveryBundle, error)
 	mustEmbedUnimplementedOperatorServiceServer()
 }
 
@@ -1703,6 +1800,21 @@ func (UnimplementedOperatorServiceServer) Echo(context.Context, *EchoRequest) (*
 }
 func (UnimplementedOperatorServiceServer) ApplyNoop(context.Context, *ApplyNoopRequest) (*ApplyNoopResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ApplyNoop not implemented")
+}
+func (UnimplementedOperatorServiceServer) RemovePeer(context.Context, *RemovePeerRequest) (*RemovePeerResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RemovePeer not implemented")
+}
+func (UnimplementedOperatorServiceServer) TransferLeadership(context.Context, *TransferLeadershipRequest) (*TransferLeadershipResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method TransferLeadership not implemented")
+}
+func (UnimplementedOperatorServiceServer) SnapshotSave(*SnapshotSaveRequest, grpc.ServerStreamingServer[SnapshotChunk]) error {
+	return status.Errorf(codes.Unimplemented, "method SnapshotSave not implemented")
+}
+func (UnimplementedOperatorServiceServer) SnapshotRestore(grpc.ClientStreamingServer[SnapshotChunk, SnapshotRestoreResponse]) error {
+	return status.Errorf(codes.Unimplemented, "method SnapshotRestore not implemented")
+}
+func (UnimplementedOperatorServiceServer) RecoveryExport(context.Context, *RecoveryExportRequest) (*RecoveryBundle, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RecoveryExport not implemented")
 }
 func (UnimplementedOperatorServiceServer) mustEmbedUnimplementedOperatorServiceServer() {}
 func (UnimplementedOperatorServiceServer) testEmbeddedByValue()                         {}
@@ -1941,6 +2053,78 @@ func _OperatorService_ApplyNoop_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _OperatorService_RemovePeer_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RemovePeerRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(OperatorServiceServer).RemovePeer(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: OperatorService_RemovePeer_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(OperatorServiceServer).RemovePeer(ctx, req.(*RemovePeerRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _OperatorService_TransferLeadership_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(TransferLeadershipRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(OperatorServiceServer).TransferLeadership(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: OperatorService_TransferLeadership_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(OperatorServiceServer).TransferLeadership(ctx, req.(*TransferLeadershipRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _OperatorService_SnapshotSave_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(SnapshotSaveRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(OperatorServiceServer).SnapshotSave(m, &grpc.GenericServerStream[SnapshotSaveRequest, SnapshotChunk]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type OperatorService_SnapshotSaveServer = grpc.ServerStreamingServer[SnapshotChunk]
+
+func _OperatorService_SnapshotRestore_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(OperatorServiceServer).SnapshotRestore(&grpc.GenericServerStream[SnapshotChunk, SnapshotRestoreResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type OperatorService_SnapshotRestoreServer = grpc.ClientStreamingServer[SnapshotChunk, SnapshotRestoreResponse]
+
+func _OperatorService_RecoveryExport_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RecoveryExportRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(OperatorServiceServer).RecoveryExport(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: OperatorService_RecoveryExport_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(OperatorServiceServer).RecoveryExport(ctx, req.(*RecoveryExportRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // OperatorService_ServiceDesc is the grpc.ServiceDesc for OperatorService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1996,8 +2180,31 @@ var OperatorService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "ApplyNoop",
 			Handler:    _OperatorService_ApplyNoop_Handler,
 		},
+		{
+			MethodName: "RemovePeer",
+			Handler:    _OperatorService_RemovePeer_Handler,
+		},
+		{
+			MethodName: "TransferLeadership",
+			Handler:    _OperatorService_TransferLeadership_Handler,
+		},
+		{
+			MethodName: "RecoveryExport",
+			Handler:    _OperatorService_RecoveryExport_Handler,
+		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "SnapshotSave",
+			Handler:       _OperatorService_SnapshotSave_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "SnapshotRestore",
+			Handler:       _OperatorService_SnapshotRestore_Handler,
+			ClientStreams: true,
+		},
+	},
 	Metadata: "transport/cabinetpb/cabinet.proto",
 }
 
