@@ -56,6 +56,8 @@ const (
 	CommandType_COMMAND_TYPE_REVOKE_GRANT    CommandType = 22
 	CommandType_COMMAND_TYPE_DENY_PRINCIPAL  CommandType = 23
 	CommandType_COMMAND_TYPE_ALLOW_PRINCIPAL CommandType = 24
+	// Cluster operations (issue 4).
+	CommandType_COMMAND_TYPE_SET_GOSSIP_KEY CommandType = 25
 )
 
 // Enum value maps for CommandType.
@@ -86,6 +88,7 @@ var (
 		22: "COMMAND_TYPE_REVOKE_GRANT",
 		23: "COMMAND_TYPE_DENY_PRINCIPAL",
 		24: "COMMAND_TYPE_ALLOW_PRINCIPAL",
+		25: "COMMAND_TYPE_SET_GOSSIP_KEY",
 	}
 	CommandType_value = map[string]int32{
 		"COMMAND_TYPE_UNSPECIFIED":                0,
@@ -113,6 +116,7 @@ var (
 		"COMMAND_TYPE_REVOKE_GRANT":               22,
 		"COMMAND_TYPE_DENY_PRINCIPAL":             23,
 		"COMMAND_TYPE_ALLOW_PRINCIPAL":            24,
+		"COMMAND_TYPE_SET_GOSSIP_KEY":             25,
 	}
 )
 
@@ -763,6 +767,53 @@ func (x *Command) GetPayload() []byte {
 	return nil
 }
 
+// SetGossipKey records the memberlist encryption key, sealed under the KEK
+// (only nodes holding the KEK can gossip). Set once by the leader; a later
+// one replaces it (key rotation).
+type SetGossipKey struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	GossipKey     *WrappedBlob           `protobuf:"bytes,1,opt,name=gossip_key,json=gossipKey,proto3" json:"gossip_key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetGossipKey) Reset() {
+	*x = SetGossipKey{}
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetGossipKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetGossipKey) ProtoMessage() {}
+
+func (x *SetGossipKey) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetGossipKey.ProtoReflect.Descriptor instead.
+func (*SetGossipKey) Descriptor() ([]byte, []int) {
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *SetGossipKey) GetGossipKey() *WrappedBlob {
+	if x != nil {
+		return x.GossipKey
+	}
+	return nil
+}
+
 // WrappedBlob is material sealed under a cluster KEK version inside an HSM
 // (AES-256-GCM: 12-byte IV || ciphertext || 16-byte tag, with associated
 // data that names what the blob is, see keyops).
@@ -776,7 +827,7 @@ type WrappedBlob struct {
 
 func (x *WrappedBlob) Reset() {
 	*x = WrappedBlob{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[1]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -788,7 +839,7 @@ func (x *WrappedBlob) String() string {
 func (*WrappedBlob) ProtoMessage() {}
 
 func (x *WrappedBlob) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[1]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -801,7 +852,7 @@ func (x *WrappedBlob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WrappedBlob.ProtoReflect.Descriptor instead.
 func (*WrappedBlob) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{1}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *WrappedBlob) GetKekVersion() uint32 {
@@ -832,7 +883,7 @@ type KEKVersion struct {
 
 func (x *KEKVersion) Reset() {
 	*x = KEKVersion{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[2]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -844,7 +895,7 @@ func (x *KEKVersion) String() string {
 func (*KEKVersion) ProtoMessage() {}
 
 func (x *KEKVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[2]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -857,7 +908,7 @@ func (x *KEKVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KEKVersion.ProtoReflect.Descriptor instead.
 func (*KEKVersion) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{2}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *KEKVersion) GetVersion() uint32 {
@@ -904,7 +955,7 @@ type NodeRecord struct {
 
 func (x *NodeRecord) Reset() {
 	*x = NodeRecord{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[3]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -916,7 +967,7 @@ func (x *NodeRecord) String() string {
 func (*NodeRecord) ProtoMessage() {}
 
 func (x *NodeRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[3]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -929,7 +980,7 @@ func (x *NodeRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeRecord.ProtoReflect.Descriptor instead.
 func (*NodeRecord) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{3}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *NodeRecord) GetNodeId() string {
@@ -995,7 +1046,7 @@ type InitCluster struct {
 
 func (x *InitCluster) Reset() {
 	*x = InitCluster{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[4]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1007,7 +1058,7 @@ func (x *InitCluster) String() string {
 func (*InitCluster) ProtoMessage() {}
 
 func (x *InitCluster) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[4]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1020,7 +1071,7 @@ func (x *InitCluster) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InitCluster.ProtoReflect.Descriptor instead.
 func (*InitCluster) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{4}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *InitCluster) GetClusterId() string {
@@ -1081,7 +1132,7 @@ type CreateKey struct {
 
 func (x *CreateKey) Reset() {
 	*x = CreateKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[5]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1093,7 +1144,7 @@ func (x *CreateKey) String() string {
 func (*CreateKey) ProtoMessage() {}
 
 func (x *CreateKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[5]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1106,7 +1157,7 @@ func (x *CreateKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKey.ProtoReflect.Descriptor instead.
 func (*CreateKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{5}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *CreateKey) GetKeyId() string {
@@ -1191,7 +1242,7 @@ type RotateKey struct {
 
 func (x *RotateKey) Reset() {
 	*x = RotateKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[6]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1203,7 +1254,7 @@ func (x *RotateKey) String() string {
 func (*RotateKey) ProtoMessage() {}
 
 func (x *RotateKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[6]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1216,7 +1267,7 @@ func (x *RotateKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKey.ProtoReflect.Descriptor instead.
 func (*RotateKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{6}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *RotateKey) GetKeyId() string {
@@ -1269,7 +1320,7 @@ type UpdateKey struct {
 
 func (x *UpdateKey) Reset() {
 	*x = UpdateKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[7]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1281,7 +1332,7 @@ func (x *UpdateKey) String() string {
 func (*UpdateKey) ProtoMessage() {}
 
 func (x *UpdateKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[7]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1294,7 +1345,7 @@ func (x *UpdateKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateKey.ProtoReflect.Descriptor instead.
 func (*UpdateKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{7}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *UpdateKey) GetKeyId() string {
@@ -1344,7 +1395,7 @@ type SetAlias struct {
 
 func (x *SetAlias) Reset() {
 	*x = SetAlias{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[8]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1356,7 +1407,7 @@ func (x *SetAlias) String() string {
 func (*SetAlias) ProtoMessage() {}
 
 func (x *SetAlias) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[8]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1369,7 +1420,7 @@ func (x *SetAlias) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetAlias.ProtoReflect.Descriptor instead.
 func (*SetAlias) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{8}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *SetAlias) GetAlias() string {
@@ -1395,7 +1446,7 @@ type DeleteAlias struct {
 
 func (x *DeleteAlias) Reset() {
 	*x = DeleteAlias{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[9]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1407,7 +1458,7 @@ func (x *DeleteAlias) String() string {
 func (*DeleteAlias) ProtoMessage() {}
 
 func (x *DeleteAlias) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[9]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1420,7 +1471,7 @@ func (x *DeleteAlias) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteAlias.ProtoReflect.Descriptor instead.
 func (*DeleteAlias) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{9}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *DeleteAlias) GetAlias() string {
@@ -1441,7 +1492,7 @@ type SetKeyEnabled struct {
 
 func (x *SetKeyEnabled) Reset() {
 	*x = SetKeyEnabled{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[10]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1453,7 +1504,7 @@ func (x *SetKeyEnabled) String() string {
 func (*SetKeyEnabled) ProtoMessage() {}
 
 func (x *SetKeyEnabled) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[10]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1466,7 +1517,7 @@ func (x *SetKeyEnabled) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKeyEnabled.ProtoReflect.Descriptor instead.
 func (*SetKeyEnabled) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{10}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *SetKeyEnabled) GetKeyId() string {
@@ -1496,7 +1547,7 @@ type RevokeKey struct {
 
 func (x *RevokeKey) Reset() {
 	*x = RevokeKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[11]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1508,7 +1559,7 @@ func (x *RevokeKey) String() string {
 func (*RevokeKey) ProtoMessage() {}
 
 func (x *RevokeKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[11]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1521,7 +1572,7 @@ func (x *RevokeKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeKey.ProtoReflect.Descriptor instead.
 func (*RevokeKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{11}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *RevokeKey) GetKeyId() string {
@@ -1558,7 +1609,7 @@ type SetVersionState struct {
 
 func (x *SetVersionState) Reset() {
 	*x = SetVersionState{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[12]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1570,7 +1621,7 @@ func (x *SetVersionState) String() string {
 func (*SetVersionState) ProtoMessage() {}
 
 func (x *SetVersionState) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[12]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1583,7 +1634,7 @@ func (x *SetVersionState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetVersionState.ProtoReflect.Descriptor instead.
 func (*SetVersionState) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{12}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SetVersionState) GetKeyId() string {
@@ -1618,7 +1669,7 @@ type SetMinDecryptionVersion struct {
 
 func (x *SetMinDecryptionVersion) Reset() {
 	*x = SetMinDecryptionVersion{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[13]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1630,7 +1681,7 @@ func (x *SetMinDecryptionVersion) String() string {
 func (*SetMinDecryptionVersion) ProtoMessage() {}
 
 func (x *SetMinDecryptionVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[13]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1643,7 +1694,7 @@ func (x *SetMinDecryptionVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetMinDecryptionVersion.ProtoReflect.Descriptor instead.
 func (*SetMinDecryptionVersion) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{13}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *SetMinDecryptionVersion) GetKeyId() string {
@@ -1672,7 +1723,7 @@ type SetRotationPolicy struct {
 
 func (x *SetRotationPolicy) Reset() {
 	*x = SetRotationPolicy{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[14]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1684,7 +1735,7 @@ func (x *SetRotationPolicy) String() string {
 func (*SetRotationPolicy) ProtoMessage() {}
 
 func (x *SetRotationPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[14]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1697,7 +1748,7 @@ func (x *SetRotationPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetRotationPolicy.ProtoReflect.Descriptor instead.
 func (*SetRotationPolicy) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{14}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SetRotationPolicy) GetKeyId() string {
@@ -1726,7 +1777,7 @@ type ScheduleDestruction struct {
 
 func (x *ScheduleDestruction) Reset() {
 	*x = ScheduleDestruction{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[15]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1738,7 +1789,7 @@ func (x *ScheduleDestruction) String() string {
 func (*ScheduleDestruction) ProtoMessage() {}
 
 func (x *ScheduleDestruction) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[15]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1751,7 +1802,7 @@ func (x *ScheduleDestruction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleDestruction.ProtoReflect.Descriptor instead.
 func (*ScheduleDestruction) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{15}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ScheduleDestruction) GetKeyId() string {
@@ -1777,7 +1828,7 @@ type CancelDestruction struct {
 
 func (x *CancelDestruction) Reset() {
 	*x = CancelDestruction{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[16]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1789,7 +1840,7 @@ func (x *CancelDestruction) String() string {
 func (*CancelDestruction) ProtoMessage() {}
 
 func (x *CancelDestruction) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[16]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1802,7 +1853,7 @@ func (x *CancelDestruction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelDestruction.ProtoReflect.Descriptor instead.
 func (*CancelDestruction) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{16}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CancelDestruction) GetKeyId() string {
@@ -1823,7 +1874,7 @@ type DestroyKey struct {
 
 func (x *DestroyKey) Reset() {
 	*x = DestroyKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[17]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1835,7 +1886,7 @@ func (x *DestroyKey) String() string {
 func (*DestroyKey) ProtoMessage() {}
 
 func (x *DestroyKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[17]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1848,7 +1899,7 @@ func (x *DestroyKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroyKey.ProtoReflect.Descriptor instead.
 func (*DestroyKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{17}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *DestroyKey) GetKeyId() string {
@@ -1873,7 +1924,7 @@ type CreateImportToken struct {
 
 func (x *CreateImportToken) Reset() {
 	*x = CreateImportToken{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[18]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1885,7 +1936,7 @@ func (x *CreateImportToken) String() string {
 func (*CreateImportToken) ProtoMessage() {}
 
 func (x *CreateImportToken) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[18]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1898,7 +1949,7 @@ func (x *CreateImportToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateImportToken.ProtoReflect.Descriptor instead.
 func (*CreateImportToken) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{18}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CreateImportToken) GetTokenId() string {
@@ -1949,7 +2000,7 @@ type ImportKey struct {
 
 func (x *ImportKey) Reset() {
 	*x = ImportKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[19]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1961,7 +2012,7 @@ func (x *ImportKey) String() string {
 func (*ImportKey) ProtoMessage() {}
 
 func (x *ImportKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[19]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1974,7 +2025,7 @@ func (x *ImportKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportKey.ProtoReflect.Descriptor instead.
 func (*ImportKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{19}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ImportKey) GetTokenId() string {
@@ -2003,7 +2054,7 @@ type CreateJoinToken struct {
 
 func (x *CreateJoinToken) Reset() {
 	*x = CreateJoinToken{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[20]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2015,7 +2066,7 @@ func (x *CreateJoinToken) String() string {
 func (*CreateJoinToken) ProtoMessage() {}
 
 func (x *CreateJoinToken) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[20]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2028,7 +2079,7 @@ func (x *CreateJoinToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinToken.ProtoReflect.Descriptor instead.
 func (*CreateJoinToken) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{20}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CreateJoinToken) GetTokenId() string {
@@ -2063,7 +2114,7 @@ type AdmitNode struct {
 
 func (x *AdmitNode) Reset() {
 	*x = AdmitNode{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[21]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2075,7 +2126,7 @@ func (x *AdmitNode) String() string {
 func (*AdmitNode) ProtoMessage() {}
 
 func (x *AdmitNode) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[21]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2088,7 +2139,7 @@ func (x *AdmitNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdmitNode.ProtoReflect.Descriptor instead.
 func (*AdmitNode) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{21}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *AdmitNode) GetTokenId() string {
@@ -2121,7 +2172,7 @@ type RemoveNode struct {
 
 func (x *RemoveNode) Reset() {
 	*x = RemoveNode{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[22]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2133,7 +2184,7 @@ func (x *RemoveNode) String() string {
 func (*RemoveNode) ProtoMessage() {}
 
 func (x *RemoveNode) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[22]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2146,7 +2197,7 @@ func (x *RemoveNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveNode.ProtoReflect.Descriptor instead.
 func (*RemoveNode) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{22}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *RemoveNode) GetNodeId() string {
@@ -2165,7 +2216,7 @@ type Noop struct {
 
 func (x *Noop) Reset() {
 	*x = Noop{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[23]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2177,7 +2228,7 @@ func (x *Noop) String() string {
 func (*Noop) ProtoMessage() {}
 
 func (x *Noop) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[23]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2190,7 +2241,7 @@ func (x *Noop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Noop.ProtoReflect.Descriptor instead.
 func (*Noop) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{23}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Noop) GetPadding() []byte {
@@ -2215,7 +2266,7 @@ type KeyVersion struct {
 
 func (x *KeyVersion) Reset() {
 	*x = KeyVersion{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[24]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2227,7 +2278,7 @@ func (x *KeyVersion) String() string {
 func (*KeyVersion) ProtoMessage() {}
 
 func (x *KeyVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[24]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2240,7 +2291,7 @@ func (x *KeyVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyVersion.ProtoReflect.Descriptor instead.
 func (*KeyVersion) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{24}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *KeyVersion) GetVersion() uint32 {
@@ -2316,7 +2367,7 @@ type KeyRecord struct {
 
 func (x *KeyRecord) Reset() {
 	*x = KeyRecord{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[25]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2328,7 +2379,7 @@ func (x *KeyRecord) String() string {
 func (*KeyRecord) ProtoMessage() {}
 
 func (x *KeyRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[25]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2341,7 +2392,7 @@ func (x *KeyRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyRecord.ProtoReflect.Descriptor instead.
 func (*KeyRecord) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{25}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *KeyRecord) GetKeyId() string {
@@ -2511,7 +2562,7 @@ type Grant struct {
 
 func (x *Grant) Reset() {
 	*x = Grant{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[26]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2523,7 +2574,7 @@ func (x *Grant) String() string {
 func (*Grant) ProtoMessage() {}
 
 func (x *Grant) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[26]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2536,7 +2587,7 @@ func (x *Grant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Grant.ProtoReflect.Descriptor instead.
 func (*Grant) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{26}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Grant) GetGrantId() string {
@@ -2600,7 +2651,7 @@ type CreateGrant struct {
 
 func (x *CreateGrant) Reset() {
 	*x = CreateGrant{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[27]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2612,7 +2663,7 @@ func (x *CreateGrant) String() string {
 func (*CreateGrant) ProtoMessage() {}
 
 func (x *CreateGrant) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[27]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2625,7 +2676,7 @@ func (x *CreateGrant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateGrant.ProtoReflect.Descriptor instead.
 func (*CreateGrant) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{27}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *CreateGrant) GetGrant() *Grant {
@@ -2644,7 +2695,7 @@ type RevokeGrant struct {
 
 func (x *RevokeGrant) Reset() {
 	*x = RevokeGrant{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[28]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2656,7 +2707,7 @@ func (x *RevokeGrant) String() string {
 func (*RevokeGrant) ProtoMessage() {}
 
 func (x *RevokeGrant) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[28]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2669,7 +2720,7 @@ func (x *RevokeGrant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeGrant.ProtoReflect.Descriptor instead.
 func (*RevokeGrant) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{28}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *RevokeGrant) GetGrantId() string {
@@ -2692,7 +2743,7 @@ type DenyPrincipal struct {
 
 func (x *DenyPrincipal) Reset() {
 	*x = DenyPrincipal{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[29]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2704,7 +2755,7 @@ func (x *DenyPrincipal) String() string {
 func (*DenyPrincipal) ProtoMessage() {}
 
 func (x *DenyPrincipal) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[29]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2717,7 +2768,7 @@ func (x *DenyPrincipal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DenyPrincipal.ProtoReflect.Descriptor instead.
 func (*DenyPrincipal) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{29}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *DenyPrincipal) GetPrincipal() string {
@@ -2743,7 +2794,7 @@ type AllowPrincipal struct {
 
 func (x *AllowPrincipal) Reset() {
 	*x = AllowPrincipal{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[30]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2755,7 +2806,7 @@ func (x *AllowPrincipal) String() string {
 func (*AllowPrincipal) ProtoMessage() {}
 
 func (x *AllowPrincipal) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[30]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2768,7 +2819,7 @@ func (x *AllowPrincipal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllowPrincipal.ProtoReflect.Descriptor instead.
 func (*AllowPrincipal) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{30}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *AllowPrincipal) GetPrincipal() string {
@@ -2790,7 +2841,7 @@ type DeniedPrincipal struct {
 
 func (x *DeniedPrincipal) Reset() {
 	*x = DeniedPrincipal{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[31]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2802,7 +2853,7 @@ func (x *DeniedPrincipal) String() string {
 func (*DeniedPrincipal) ProtoMessage() {}
 
 func (x *DeniedPrincipal) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[31]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2815,7 +2866,7 @@ func (x *DeniedPrincipal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeniedPrincipal.ProtoReflect.Descriptor instead.
 func (*DeniedPrincipal) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{31}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *DeniedPrincipal) GetPrincipal() string {
@@ -2863,7 +2914,7 @@ type ImportToken struct {
 
 func (x *ImportToken) Reset() {
 	*x = ImportToken{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[32]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2875,7 +2926,7 @@ func (x *ImportToken) String() string {
 func (*ImportToken) ProtoMessage() {}
 
 func (x *ImportToken) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[32]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2888,7 +2939,7 @@ func (x *ImportToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportToken.ProtoReflect.Descriptor instead.
 func (*ImportToken) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{32}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ImportToken) GetTokenId() string {
@@ -2962,7 +3013,7 @@ type JoinToken struct {
 
 func (x *JoinToken) Reset() {
 	*x = JoinToken{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[33]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2974,7 +3025,7 @@ func (x *JoinToken) String() string {
 func (*JoinToken) ProtoMessage() {}
 
 func (x *JoinToken) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[33]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2987,7 +3038,7 @@ func (x *JoinToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinToken.ProtoReflect.Descriptor instead.
 func (*JoinToken) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{33}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *JoinToken) GetTokenId() string {
@@ -3047,7 +3098,7 @@ type Result struct {
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[34]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3059,7 +3110,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[34]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3072,7 +3123,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{34}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *Result) GetCode() ResultCode {
@@ -3121,7 +3172,7 @@ type RequestRecord struct {
 
 func (x *RequestRecord) Reset() {
 	*x = RequestRecord{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[35]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3133,7 +3184,7 @@ func (x *RequestRecord) String() string {
 func (*RequestRecord) ProtoMessage() {}
 
 func (x *RequestRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[35]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3146,7 +3197,7 @@ func (x *RequestRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestRecord.ProtoReflect.Descriptor instead.
 func (*RequestRecord) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{35}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *RequestRecord) GetRequestId() string {
@@ -3178,13 +3229,15 @@ type ClusterInfo struct {
 	KekVersions       []*KEKVersion          `protobuf:"bytes,4,rep,name=kek_versions,json=kekVersions,proto3" json:"kek_versions,omitempty"`
 	CurrentKekVersion uint32                 `protobuf:"varint,5,opt,name=current_kek_version,json=currentKekVersion,proto3" json:"current_kek_version,omitempty"`
 	CreatedUnixNano   int64                  `protobuf:"varint,6,opt,name=created_unix_nano,json=createdUnixNano,proto3" json:"created_unix_nano,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// memberlist's AES-256 key, sealed under the KEK (AAD "cabinet/gossip-key/v1" + cluster id).
+	GossipKey     *WrappedBlob `protobuf:"bytes,7,opt,name=gossip_key,json=gossipKey,proto3" json:"gossip_key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ClusterInfo) Reset() {
 	*x = ClusterInfo{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[36]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3196,7 +3249,7 @@ func (x *ClusterInfo) String() string {
 func (*ClusterInfo) ProtoMessage() {}
 
 func (x *ClusterInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[36]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3209,7 +3262,7 @@ func (x *ClusterInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterInfo.ProtoReflect.Descriptor instead.
 func (*ClusterInfo) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{36}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ClusterInfo) GetClusterId() string {
@@ -3254,6 +3307,13 @@ func (x *ClusterInfo) GetCreatedUnixNano() int64 {
 	return 0
 }
 
+func (x *ClusterInfo) GetGossipKey() *WrappedBlob {
+	if x != nil {
+		return x.GossipKey
+	}
+	return nil
+}
+
 // State is the whole replicated state; a snapshot is one State message with
 // every repeated field sorted by its id so equal states marshal identically.
 type State struct {
@@ -3277,7 +3337,7 @@ type State struct {
 
 func (x *State) Reset() {
 	*x = State{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[37]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3289,7 +3349,7 @@ func (x *State) String() string {
 func (*State) ProtoMessage() {}
 
 func (x *State) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[37]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3302,7 +3362,7 @@ func (x *State) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use State.ProtoReflect.Descriptor instead.
 func (*State) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{37}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *State) GetFormat() uint32 {
@@ -3388,7 +3448,10 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\n" +
 	"request_id\x18\x05 \x01(\tR\trequestId\x12\x1c\n" +
 	"\tprincipal\x18\x06 \x01(\tR\tprincipal\x12\x18\n" +
-	"\apayload\x18\a \x01(\fR\apayload\"B\n" +
+	"\apayload\x18\a \x01(\fR\apayload\"J\n" +
+	"\fSetGossipKey\x12:\n" +
+	"\n" +
+	"gossip_key\x18\x01 \x01(\v2\x1b.cabinet.fsm.v1.WrappedBlobR\tgossipKey\"B\n" +
 	"\vWrappedBlob\x12\x1f\n" +
 	"\vkek_version\x18\x01 \x01(\rR\n" +
 	"kekVersion\x12\x12\n" +
@@ -3594,7 +3657,7 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12$\n" +
 	"\x0etime_unix_nano\x18\x02 \x01(\x03R\ftimeUnixNano\x12.\n" +
-	"\x06result\x18\x03 \x01(\v2\x16.cabinet.fsm.v1.ResultR\x06result\"\x9b\x02\n" +
+	"\x06result\x18\x03 \x01(\v2\x16.cabinet.fsm.v1.ResultR\x06result\"\xd7\x02\n" +
 	"\vClusterInfo\x12\x1d\n" +
 	"\n" +
 	"cluster_id\x18\x01 \x01(\tR\tclusterId\x12\x1e\n" +
@@ -3602,7 +3665,9 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\x06ca_key\x18\x03 \x01(\v2\x1b.cabinet.fsm.v1.WrappedBlobR\x05caKey\x12=\n" +
 	"\fkek_versions\x18\x04 \x03(\v2\x1a.cabinet.fsm.v1.KEKVersionR\vkekVersions\x12.\n" +
 	"\x13current_kek_version\x18\x05 \x01(\rR\x11currentKekVersion\x12*\n" +
-	"\x11created_unix_nano\x18\x06 \x01(\x03R\x0fcreatedUnixNano\"\xab\x04\n" +
+	"\x11created_unix_nano\x18\x06 \x01(\x03R\x0fcreatedUnixNano\x12:\n" +
+	"\n" +
+	"gossip_key\x18\a \x01(\v2\x1b.cabinet.fsm.v1.WrappedBlobR\tgossipKey\"\xab\x04\n" +
 	"\x05State\x12\x16\n" +
 	"\x06format\x18\x01 \x01(\rR\x06format\x125\n" +
 	"\acluster\x18\x02 \x01(\v2\x1b.cabinet.fsm.v1.ClusterInfoR\acluster\x12-\n" +
@@ -3615,7 +3680,7 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\rimport_tokens\x18\b \x03(\v2\x1b.cabinet.fsm.v1.ImportTokenR\fimportTokens\x12-\n" +
 	"\x06grants\x18\t \x03(\v2\x15.cabinet.fsm.v1.GrantR\x06grants\x12L\n" +
 	"\x11denied_principals\x18\n" +
-	" \x03(\v2\x1f.cabinet.fsm.v1.DeniedPrincipalR\x10deniedPrincipals*\xb6\x06\n" +
+	" \x03(\v2\x1f.cabinet.fsm.v1.DeniedPrincipalR\x10deniedPrincipals*\xd7\x06\n" +
 	"\vCommandType\x12\x1c\n" +
 	"\x18COMMAND_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19COMMAND_TYPE_INIT_CLUSTER\x10\x01\x12\x1b\n" +
@@ -3642,7 +3707,8 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\x19COMMAND_TYPE_CREATE_GRANT\x10\x15\x12\x1d\n" +
 	"\x19COMMAND_TYPE_REVOKE_GRANT\x10\x16\x12\x1f\n" +
 	"\x1bCOMMAND_TYPE_DENY_PRINCIPAL\x10\x17\x12 \n" +
-	"\x1cCOMMAND_TYPE_ALLOW_PRINCIPAL\x10\x18*R\n" +
+	"\x1cCOMMAND_TYPE_ALLOW_PRINCIPAL\x10\x18\x12\x1f\n" +
+	"\x1bCOMMAND_TYPE_SET_GOSSIP_KEY\x10\x19*R\n" +
 	"\bKEKState\x12\x19\n" +
 	"\x15KEK_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10KEK_STATE_ACTIVE\x10\x01\x12\x15\n" +
@@ -3718,7 +3784,7 @@ func file_fsm_fsmpb_fsm_proto_rawDescGZIP() []byte {
 }
 
 var file_fsm_fsmpb_fsm_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
-var file_fsm_fsmpb_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
+var file_fsm_fsmpb_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
 var file_fsm_fsmpb_fsm_proto_goTypes = []any{
 	(CommandType)(0),                // 0: cabinet.fsm.v1.CommandType
 	(KEKState)(0),                   // 1: cabinet.fsm.v1.KEKState
@@ -3731,100 +3797,103 @@ var file_fsm_fsmpb_fsm_proto_goTypes = []any{
 	(GrantOperation)(0),             // 8: cabinet.fsm.v1.GrantOperation
 	(ResultCode)(0),                 // 9: cabinet.fsm.v1.ResultCode
 	(*Command)(nil),                 // 10: cabinet.fsm.v1.Command
-	(*WrappedBlob)(nil),             // 11: cabinet.fsm.v1.WrappedBlob
-	(*KEKVersion)(nil),              // 12: cabinet.fsm.v1.KEKVersion
-	(*NodeRecord)(nil),              // 13: cabinet.fsm.v1.NodeRecord
-	(*InitCluster)(nil),             // 14: cabinet.fsm.v1.InitCluster
-	(*CreateKey)(nil),               // 15: cabinet.fsm.v1.CreateKey
-	(*RotateKey)(nil),               // 16: cabinet.fsm.v1.RotateKey
-	(*UpdateKey)(nil),               // 17: cabinet.fsm.v1.UpdateKey
-	(*SetAlias)(nil),                // 18: cabinet.fsm.v1.SetAlias
-	(*DeleteAlias)(nil),             // 19: cabinet.fsm.v1.DeleteAlias
-	(*SetKeyEnabled)(nil),           // 20: cabinet.fsm.v1.SetKeyEnabled
-	(*RevokeKey)(nil),               // 21: cabinet.fsm.v1.RevokeKey
-	(*SetVersionState)(nil),         // 22: cabinet.fsm.v1.SetVersionState
-	(*SetMinDecryptionVersion)(nil), // 23: cabinet.fsm.v1.SetMinDecryptionVersion
-	(*SetRotationPolicy)(nil),       // 24: cabinet.fsm.v1.SetRotationPolicy
-	(*ScheduleDestruction)(nil),     // 25: cabinet.fsm.v1.ScheduleDestruction
-	(*CancelDestruction)(nil),       // 26: cabinet.fsm.v1.CancelDestruction
-	(*DestroyKey)(nil),              // 27: cabinet.fsm.v1.DestroyKey
-	(*CreateImportToken)(nil),       // 28: cabinet.fsm.v1.CreateImportToken
-	(*ImportKey)(nil),               // 29: cabinet.fsm.v1.ImportKey
-	(*CreateJoinToken)(nil),         // 30: cabinet.fsm.v1.CreateJoinToken
-	(*AdmitNode)(nil),               // 31: cabinet.fsm.v1.AdmitNode
-	(*RemoveNode)(nil),              // 32: cabinet.fsm.v1.RemoveNode
-	(*Noop)(nil),                    // 33: cabinet.fsm.v1.Noop
-	(*KeyVersion)(nil),              // 34: cabinet.fsm.v1.KeyVersion
-	(*KeyRecord)(nil),               // 35: cabinet.fsm.v1.KeyRecord
-	(*Grant)(nil),                   // 36: cabinet.fsm.v1.Grant
-	(*CreateGrant)(nil),             // 37: cabinet.fsm.v1.CreateGrant
-	(*RevokeGrant)(nil),             // 38: cabinet.fsm.v1.RevokeGrant
-	(*DenyPrincipal)(nil),           // 39: cabinet.fsm.v1.DenyPrincipal
-	(*AllowPrincipal)(nil),          // 40: cabinet.fsm.v1.AllowPrincipal
-	(*DeniedPrincipal)(nil),         // 41: cabinet.fsm.v1.DeniedPrincipal
-	(*ImportToken)(nil),             // 42: cabinet.fsm.v1.ImportToken
-	(*JoinToken)(nil),               // 43: cabinet.fsm.v1.JoinToken
-	(*Result)(nil),                  // 44: cabinet.fsm.v1.Result
-	(*RequestRecord)(nil),           // 45: cabinet.fsm.v1.RequestRecord
-	(*ClusterInfo)(nil),             // 46: cabinet.fsm.v1.ClusterInfo
-	(*State)(nil),                   // 47: cabinet.fsm.v1.State
-	nil,                             // 48: cabinet.fsm.v1.CreateKey.TagsEntry
-	nil,                             // 49: cabinet.fsm.v1.UpdateKey.TagsEntry
-	nil,                             // 50: cabinet.fsm.v1.KeyRecord.TagsEntry
-	nil,                             // 51: cabinet.fsm.v1.Grant.EncryptionContextEqualsEntry
+	(*SetGossipKey)(nil),            // 11: cabinet.fsm.v1.SetGossipKey
+	(*WrappedBlob)(nil),             // 12: cabinet.fsm.v1.WrappedBlob
+	(*KEKVersion)(nil),              // 13: cabinet.fsm.v1.KEKVersion
+	(*NodeRecord)(nil),              // 14: cabinet.fsm.v1.NodeRecord
+	(*InitCluster)(nil),             // 15: cabinet.fsm.v1.InitCluster
+	(*CreateKey)(nil),               // 16: cabinet.fsm.v1.CreateKey
+	(*RotateKey)(nil),               // 17: cabinet.fsm.v1.RotateKey
+	(*UpdateKey)(nil),               // 18: cabinet.fsm.v1.UpdateKey
+	(*SetAlias)(nil),                // 19: cabinet.fsm.v1.SetAlias
+	(*DeleteAlias)(nil),             // 20: cabinet.fsm.v1.DeleteAlias
+	(*SetKeyEnabled)(nil),           // 21: cabinet.fsm.v1.SetKeyEnabled
+	(*RevokeKey)(nil),               // 22: cabinet.fsm.v1.RevokeKey
+	(*SetVersionState)(nil),         // 23: cabinet.fsm.v1.SetVersionState
+	(*SetMinDecryptionVersion)(nil), // 24: cabinet.fsm.v1.SetMinDecryptionVersion
+	(*SetRotationPolicy)(nil),       // 25: cabinet.fsm.v1.SetRotationPolicy
+	(*ScheduleDestruction)(nil),     // 26: cabinet.fsm.v1.ScheduleDestruction
+	(*CancelDestruction)(nil),       // 27: cabinet.fsm.v1.CancelDestruction
+	(*DestroyKey)(nil),              // 28: cabinet.fsm.v1.DestroyKey
+	(*CreateImportToken)(nil),       // 29: cabinet.fsm.v1.CreateImportToken
+	(*ImportKey)(nil),               // 30: cabinet.fsm.v1.ImportKey
+	(*CreateJoinToken)(nil),         // 31: cabinet.fsm.v1.CreateJoinToken
+	(*AdmitNode)(nil),               // 32: cabinet.fsm.v1.AdmitNode
+	(*RemoveNode)(nil),              // 33: cabinet.fsm.v1.RemoveNode
+	(*Noop)(nil),                    // 34: cabinet.fsm.v1.Noop
+	(*KeyVersion)(nil),              // 35: cabinet.fsm.v1.KeyVersion
+	(*KeyRecord)(nil),               // 36: cabinet.fsm.v1.KeyRecord
+	(*Grant)(nil),                   // 37: cabinet.fsm.v1.Grant
+	(*CreateGrant)(nil),             // 38: cabinet.fsm.v1.CreateGrant
+	(*RevokeGrant)(nil),             // 39: cabinet.fsm.v1.RevokeGrant
+	(*DenyPrincipal)(nil),           // 40: cabinet.fsm.v1.DenyPrincipal
+	(*AllowPrincipal)(nil),          // 41: cabinet.fsm.v1.AllowPrincipal
+	(*DeniedPrincipal)(nil),         // 42: cabinet.fsm.v1.DeniedPrincipal
+	(*ImportToken)(nil),             // 43: cabinet.fsm.v1.ImportToken
+	(*JoinToken)(nil),               // 44: cabinet.fsm.v1.JoinToken
+	(*Result)(nil),                  // 45: cabinet.fsm.v1.Result
+	(*RequestRecord)(nil),           // 46: cabinet.fsm.v1.RequestRecord
+	(*ClusterInfo)(nil),             // 47: cabinet.fsm.v1.ClusterInfo
+	(*State)(nil),                   // 48: cabinet.fsm.v1.State
+	nil,                             // 49: cabinet.fsm.v1.CreateKey.TagsEntry
+	nil,                             // 50: cabinet.fsm.v1.UpdateKey.TagsEntry
+	nil,                             // 51: cabinet.fsm.v1.KeyRecord.TagsEntry
+	nil,                             // 52: cabinet.fsm.v1.Grant.EncryptionContextEqualsEntry
 }
 var file_fsm_fsmpb_fsm_proto_depIdxs = []int32{
 	0,  // 0: cabinet.fsm.v1.Command.type:type_name -> cabinet.fsm.v1.CommandType
-	1,  // 1: cabinet.fsm.v1.KEKVersion.state:type_name -> cabinet.fsm.v1.KEKState
-	11, // 2: cabinet.fsm.v1.InitCluster.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	12, // 3: cabinet.fsm.v1.InitCluster.kek:type_name -> cabinet.fsm.v1.KEKVersion
-	13, // 4: cabinet.fsm.v1.InitCluster.first_node:type_name -> cabinet.fsm.v1.NodeRecord
-	2,  // 5: cabinet.fsm.v1.CreateKey.spec:type_name -> cabinet.fsm.v1.KeySpec
-	3,  // 6: cabinet.fsm.v1.CreateKey.usage:type_name -> cabinet.fsm.v1.KeyUsage
-	48, // 7: cabinet.fsm.v1.CreateKey.tags:type_name -> cabinet.fsm.v1.CreateKey.TagsEntry
-	11, // 8: cabinet.fsm.v1.CreateKey.material:type_name -> cabinet.fsm.v1.WrappedBlob
-	11, // 9: cabinet.fsm.v1.RotateKey.material:type_name -> cabinet.fsm.v1.WrappedBlob
-	49, // 10: cabinet.fsm.v1.UpdateKey.tags:type_name -> cabinet.fsm.v1.UpdateKey.TagsEntry
-	7,  // 11: cabinet.fsm.v1.RevokeKey.reason:type_name -> cabinet.fsm.v1.RevocationReason
-	5,  // 12: cabinet.fsm.v1.SetVersionState.state:type_name -> cabinet.fsm.v1.KeyVersionState
-	11, // 13: cabinet.fsm.v1.CreateImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	2,  // 14: cabinet.fsm.v1.CreateImportToken.spec:type_name -> cabinet.fsm.v1.KeySpec
-	15, // 15: cabinet.fsm.v1.ImportKey.key:type_name -> cabinet.fsm.v1.CreateKey
-	13, // 16: cabinet.fsm.v1.AdmitNode.node:type_name -> cabinet.fsm.v1.NodeRecord
-	11, // 17: cabinet.fsm.v1.KeyVersion.material:type_name -> cabinet.fsm.v1.WrappedBlob
-	5,  // 18: cabinet.fsm.v1.KeyVersion.state:type_name -> cabinet.fsm.v1.KeyVersionState
-	2,  // 19: cabinet.fsm.v1.KeyRecord.spec:type_name -> cabinet.fsm.v1.KeySpec
-	3,  // 20: cabinet.fsm.v1.KeyRecord.usage:type_name -> cabinet.fsm.v1.KeyUsage
-	4,  // 21: cabinet.fsm.v1.KeyRecord.state:type_name -> cabinet.fsm.v1.KeyState
-	50, // 22: cabinet.fsm.v1.KeyRecord.tags:type_name -> cabinet.fsm.v1.KeyRecord.TagsEntry
-	34, // 23: cabinet.fsm.v1.KeyRecord.versions:type_name -> cabinet.fsm.v1.KeyVersion
-	6,  // 24: cabinet.fsm.v1.KeyRecord.origin:type_name -> cabinet.fsm.v1.KeyOrigin
-	7,  // 25: cabinet.fsm.v1.KeyRecord.revocation_reason:type_name -> cabinet.fsm.v1.RevocationReason
-	8,  // 26: cabinet.fsm.v1.Grant.operations:type_name -> cabinet.fsm.v1.GrantOperation
-	51, // 27: cabinet.fsm.v1.Grant.encryption_context_equals:type_name -> cabinet.fsm.v1.Grant.EncryptionContextEqualsEntry
-	36, // 28: cabinet.fsm.v1.CreateGrant.grant:type_name -> cabinet.fsm.v1.Grant
-	11, // 29: cabinet.fsm.v1.ImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	2,  // 30: cabinet.fsm.v1.ImportToken.spec:type_name -> cabinet.fsm.v1.KeySpec
-	9,  // 31: cabinet.fsm.v1.Result.code:type_name -> cabinet.fsm.v1.ResultCode
-	35, // 32: cabinet.fsm.v1.Result.key:type_name -> cabinet.fsm.v1.KeyRecord
-	13, // 33: cabinet.fsm.v1.Result.node:type_name -> cabinet.fsm.v1.NodeRecord
-	36, // 34: cabinet.fsm.v1.Result.grant:type_name -> cabinet.fsm.v1.Grant
-	44, // 35: cabinet.fsm.v1.RequestRecord.result:type_name -> cabinet.fsm.v1.Result
-	11, // 36: cabinet.fsm.v1.ClusterInfo.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	12, // 37: cabinet.fsm.v1.ClusterInfo.kek_versions:type_name -> cabinet.fsm.v1.KEKVersion
-	46, // 38: cabinet.fsm.v1.State.cluster:type_name -> cabinet.fsm.v1.ClusterInfo
-	35, // 39: cabinet.fsm.v1.State.keys:type_name -> cabinet.fsm.v1.KeyRecord
-	13, // 40: cabinet.fsm.v1.State.nodes:type_name -> cabinet.fsm.v1.NodeRecord
-	43, // 41: cabinet.fsm.v1.State.join_tokens:type_name -> cabinet.fsm.v1.JoinToken
-	45, // 42: cabinet.fsm.v1.State.requests:type_name -> cabinet.fsm.v1.RequestRecord
-	42, // 43: cabinet.fsm.v1.State.import_tokens:type_name -> cabinet.fsm.v1.ImportToken
-	36, // 44: cabinet.fsm.v1.State.grants:type_name -> cabinet.fsm.v1.Grant
-	41, // 45: cabinet.fsm.v1.State.denied_principals:type_name -> cabinet.fsm.v1.DeniedPrincipal
-	46, // [46:46] is the sub-list for method output_type
-	46, // [46:46] is the sub-list for method input_type
-	46, // [46:46] is the sub-list for extension type_name
-	46, // [46:46] is the sub-list for extension extendee
-	0,  // [0:46] is the sub-list for field type_name
+	12, // 1: cabinet.fsm.v1.SetGossipKey.gossip_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	1,  // 2: cabinet.fsm.v1.KEKVersion.state:type_name -> cabinet.fsm.v1.KEKState
+	12, // 3: cabinet.fsm.v1.InitCluster.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	13, // 4: cabinet.fsm.v1.InitCluster.kek:type_name -> cabinet.fsm.v1.KEKVersion
+	14, // 5: cabinet.fsm.v1.InitCluster.first_node:type_name -> cabinet.fsm.v1.NodeRecord
+	2,  // 6: cabinet.fsm.v1.CreateKey.spec:type_name -> cabinet.fsm.v1.KeySpec
+	3,  // 7: cabinet.fsm.v1.CreateKey.usage:type_name -> cabinet.fsm.v1.KeyUsage
+	49, // 8: cabinet.fsm.v1.CreateKey.tags:type_name -> cabinet.fsm.v1.CreateKey.TagsEntry
+	12, // 9: cabinet.fsm.v1.CreateKey.material:type_name -> cabinet.fsm.v1.WrappedBlob
+	12, // 10: cabinet.fsm.v1.RotateKey.material:type_name -> cabinet.fsm.v1.WrappedBlob
+	50, // 11: cabinet.fsm.v1.UpdateKey.tags:type_name -> cabinet.fsm.v1.UpdateKey.TagsEntry
+	7,  // 12: cabinet.fsm.v1.RevokeKey.reason:type_name -> cabinet.fsm.v1.RevocationReason
+	5,  // 13: cabinet.fsm.v1.SetVersionState.state:type_name -> cabinet.fsm.v1.KeyVersionState
+	12, // 14: cabinet.fsm.v1.CreateImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	2,  // 15: cabinet.fsm.v1.CreateImportToken.spec:type_name -> cabinet.fsm.v1.KeySpec
+	16, // 16: cabinet.fsm.v1.ImportKey.key:type_name -> cabinet.fsm.v1.CreateKey
+	14, // 17: cabinet.fsm.v1.AdmitNode.node:type_name -> cabinet.fsm.v1.NodeRecord
+	12, // 18: cabinet.fsm.v1.KeyVersion.material:type_name -> cabinet.fsm.v1.WrappedBlob
+	5,  // 19: cabinet.fsm.v1.KeyVersion.state:type_name -> cabinet.fsm.v1.KeyVersionState
+	2,  // 20: cabinet.fsm.v1.KeyRecord.spec:type_name -> cabinet.fsm.v1.KeySpec
+	3,  // 21: cabinet.fsm.v1.KeyRecord.usage:type_name -> cabinet.fsm.v1.KeyUsage
+	4,  // 22: cabinet.fsm.v1.KeyRecord.state:type_name -> cabinet.fsm.v1.KeyState
+	51, // 23: cabinet.fsm.v1.KeyRecord.tags:type_name -> cabinet.fsm.v1.KeyRecord.TagsEntry
+	35, // 24: cabinet.fsm.v1.KeyRecord.versions:type_name -> cabinet.fsm.v1.KeyVersion
+	6,  // 25: cabinet.fsm.v1.KeyRecord.origin:type_name -> cabinet.fsm.v1.KeyOrigin
+	7,  // 26: cabinet.fsm.v1.KeyRecord.revocation_reason:type_name -> cabinet.fsm.v1.RevocationReason
+	8,  // 27: cabinet.fsm.v1.Grant.operations:type_name -> cabinet.fsm.v1.GrantOperation
+	52, // 28: cabinet.fsm.v1.Grant.encryption_context_equals:type_name -> cabinet.fsm.v1.Grant.EncryptionContextEqualsEntry
+	37, // 29: cabinet.fsm.v1.CreateGrant.grant:type_name -> cabinet.fsm.v1.Grant
+	12, // 30: cabinet.fsm.v1.ImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	2,  // 31: cabinet.fsm.v1.ImportToken.spec:type_name -> cabinet.fsm.v1.KeySpec
+	9,  // 32: cabinet.fsm.v1.Result.code:type_name -> cabinet.fsm.v1.ResultCode
+	36, // 33: cabinet.fsm.v1.Result.key:type_name -> cabinet.fsm.v1.KeyRecord
+	14, // 34: cabinet.fsm.v1.Result.node:type_name -> cabinet.fsm.v1.NodeRecord
+	37, // 35: cabinet.fsm.v1.Result.grant:type_name -> cabinet.fsm.v1.Grant
+	45, // 36: cabinet.fsm.v1.RequestRecord.result:type_name -> cabinet.fsm.v1.Result
+	12, // 37: cabinet.fsm.v1.ClusterInfo.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	13, // 38: cabinet.fsm.v1.ClusterInfo.kek_versions:type_name -> cabinet.fsm.v1.KEKVersion
+	12, // 39: cabinet.fsm.v1.ClusterInfo.gossip_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	47, // 40: cabinet.fsm.v1.State.cluster:type_name -> cabinet.fsm.v1.ClusterInfo
+	36, // 41: cabinet.fsm.v1.State.keys:type_name -> cabinet.fsm.v1.KeyRecord
+	14, // 42: cabinet.fsm.v1.State.nodes:type_name -> cabinet.fsm.v1.NodeRecord
+	44, // 43: cabinet.fsm.v1.State.join_tokens:type_name -> cabinet.fsm.v1.JoinToken
+	46, // 44: cabinet.fsm.v1.State.requests:type_name -> cabinet.fsm.v1.RequestRecord
+	43, // 45: cabinet.fsm.v1.State.import_tokens:type_name -> cabinet.fsm.v1.ImportToken
+	37, // 46: cabinet.fsm.v1.State.grants:type_name -> cabinet.fsm.v1.Grant
+	42, // 47: cabinet.fsm.v1.State.denied_principals:type_name -> cabinet.fsm.v1.DeniedPrincipal
+	48, // [48:48] is the sub-list for method output_type
+	48, // [48:48] is the sub-list for method input_type
+	48, // [48:48] is the sub-list for extension type_name
+	48, // [48:48] is the sub-list for extension extendee
+	0,  // [0:48] is the sub-list for field type_name
 }
 
 func init() { file_fsm_fsmpb_fsm_proto_init() }
@@ -3838,7 +3907,7 @@ func file_fsm_fsmpb_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fsm_fsmpb_fsm_proto_rawDesc), len(file_fsm_fsmpb_fsm_proto_rawDesc)),
 			NumEnums:      10,
-			NumMessages:   42,
+			NumMessages:   43,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
