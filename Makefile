@@ -8,7 +8,7 @@ FUZZTIME ?= 10s
 # a false positive in its page casts; keep checkptr on everywhere else.
 RACE := -race -gcflags='github.com/boltdb/bolt=-d=checkptr=0'
 
-.PHONY: all build cluster cluster-down cluster-clean test test-unit test-integration fuzz proto deps help
+.PHONY: all build cluster cluster-down cluster-clean test test-unit test-integration fuzz proto deps help docs docs-check
 
 all: build
 
@@ -32,6 +32,7 @@ deps: ## install what the tests need (SoftHSM2) when missing
 
 test: deps ## run every test: vet, unit tests with -race, integration tests with real processes, short fuzzing
 	$(GO) vet ./...
+	$(MAKE) --no-print-directory docs-check
 	$(GO) test $(RACE) -count=1 -timeout 20m ./...
 	$(MAKE) --no-print-directory fuzz FUZZTIME=5s
 
@@ -48,9 +49,19 @@ fuzz: ## run every fuzz target for FUZZTIME each
 	  done; \
 	done
 
+docs: ## regenerate docs/cli, docs/CONFIG.md and docs/API.md from the command tree, the server flags and cabinet.proto
+	$(GO) run ./cmd/cabinet docs --dir docs --proto transport/cabinetpb/cabinet.proto
+
+docs-check: ## fail when the generated docs are stale (run `make docs`)
+	$(GO) run ./cmd/cabinet docs --check --dir docs --proto transport/cabinetpb/cabinet.proto
+
 proto: ## regenerate protobuf code (needs protoc from Debian's protobuf-compiler)
 	@mkdir -p .run/bin
 	GOBIN=$(CURDIR)/.run/bin $(GO) install $(PROTOC_GEN_GO)
 	GOBIN=$(CURDIR)/.run/bin GOFLAGS= $(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
 	PATH=$(CURDIR)/.run/bin:$$PATH protoc -I . --go_out=paths=source_relative:. fsm/fsmpb/fsm.proto
 	PATH=$(CURDIR)/.run/bin:$$PATH protoc -I . -I /usr/include --go_out=paths=source_relative:. --go-grpc_out=paths=source_relative:. transport/cabinetpb/cabinet.proto
+
+.PHONY: dr-drill
+dr-drill: deps ## disaster-recovery drill: 3-node cluster, keys, snapshot + recovery bundle, destroy every node and token, restore into new ones, verify every ciphertext (docs/DR.md)
+	@scripts/dr-drill.sh

@@ -142,7 +142,8 @@ func (e *Envelope) chunkSizeOrDefault() int {
 }
 
 // EncryptStream reads r to its end and writes an envelope to w, under a
-// fresh data key from keyID bound to encCtx. Memory use is one chunk.
+// fresh data key from keyID bound to encCtx. Memory use is one chunk; a
+// cancelled ctx stops it between chunks.
 func (e *Envelope) EncryptStream(ctx context.Context, w io.Writer, r io.Reader, keyID string, encCtx map[string]string) error {
 	cs := e.chunkSize
 	if cs < MinChunkSize || cs > MaxChunkSize {
@@ -173,6 +174,9 @@ func (e *Envelope) EncryptStream(ctx context.Context, w io.Writer, r io.Reader, 
 	buf := make([]byte, cs, cs+gcmTagLen)
 	defer clear(buf)
 	for counter := uint64(0); ; counter++ {
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("envelope: %w", err)
+		}
 		n, err := io.ReadFull(br, buf)
 		last := false
 		switch {
@@ -222,7 +226,7 @@ func (e *Envelope) DecryptStream(ctx context.Context, w io.Writer, r io.Reader, 
 	if err != nil {
 		return err
 	}
-	return openChunks(w, br, h, aead)
+	return openChunks(ctx, w, br, h, aead)
 }
 
 // header is a parsed envelope header.
@@ -284,11 +288,14 @@ func readHeader(r io.Reader) (*header, error) {
 }
 
 // openChunks authenticates and writes the chunks that follow the header.
-func openChunks(w io.Writer, br *bufio.Reader, h *header, aead cipher.AEAD) error {
+func openChunks(ctx context.Context, w io.Writer, br *bufio.Reader, h *header, aead cipher.AEAD) error {
 	s := chunkStream{aead: aead, prefix: h.prefix, aad: sha256.Sum256(h.raw)}
 	rec := make([]byte, h.chunkSize+gcmTagLen)
 	defer clear(rec)
 	for counter := uint64(0); counter <= math.MaxUint32; counter++ {
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("envelope: %w", err)
+		}
 		n, err := io.ReadFull(br, rec)
 		last := false
 		switch {

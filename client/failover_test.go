@@ -84,6 +84,15 @@ func TestFailoverWhenLeaderStops(t *testing.T) {
 	if c.Endpoint() != all[leader] {
 		t.Fatalf("client uses %s, want the leader %s", c.Endpoint(), all[leader])
 	}
+	// Let every node apply the key before the leader goes: a follower that
+	// misses a key while there is no leader answers NotFound, not
+	// Unavailable (transport's lookupKey ignores the failed catch-up), and
+	// NotFound is rightly not retried.
+	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	if err := tc.WaitHealthy(wctx); err != nil {
+		t.Fatal(err)
+	}
 	before := keyCount(t, c)
 
 	// Workers run until the stream below is done.
@@ -175,9 +184,9 @@ func TestFailoverWhenLeaderStops(t *testing.T) {
 	}
 	// ListKeys is served from the node's replica: let every node apply
 	// everything first.
-	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
-	defer cancel()
-	if err := tc.WaitHealthy(wctx); err != nil {
+	wctx2, cancel2 := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel2()
+	if err := tc.WaitHealthy(wctx2); err != nil {
 		t.Fatal(err)
 	}
 	if got, want := keyCount(t, c), before+int(created.Load()); got != want {

@@ -3,7 +3,13 @@ package client
 import (
 	"bytes"
 	"context"
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
+	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -210,4 +216,55 @@ func FuzzEnvelopeRoundTrip(f *testing.F) {
 			t.Fatalf("round trip: %v", err)
 		}
 	})
+}
+
+// TestEnvelopeVector checks the writer against testdata/envelope-v1.txt and
+// against a reference built from DESIGN.md with crypto/cipher directly.
+func TestEnvelopeVector(t *testing.T) {
+	raw, err := os.ReadFile("testdata/envelope-v1.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var golden []byte
+	for _, line := range strings.Split(string(raw), "\n") {
+		if v, ok := strings.CutPrefix(line, "envelope: "); ok {
+			if golden, err = hex.DecodeString(v); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	prefix := []byte{1, 2, 3, 4, 5, 6, 7}
+	pt := bytes.Repeat([]byte("0123456789abcdef"), 20)
+
+	env := newEnvelope(&fakeKeys{}, WithChunkSize(256))
+	env.rand = bytes.NewReader(prefix)
+	got, err := env.Encrypt(context.Background(), "k", pt, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Reference: header, then each chunk sealed with prefix||counter||last
+	// and AAD = SHA-256(header).
+	hdr := []byte("CABENV\x01\x01\x00\x00\x01\x00")
+	hdr = append(hdr, prefix...)
+	hdr = append(hdr, 0, byte(len(fakeWrapped)))
+	hdr = append(hdr, fakeWrapped...)
+	aad := sha256.Sum256(hdr)
+	block, _ := aes.NewCipher(fakeDataKey)
+	gcm, _ := cipher.NewGCM(block)
+	want := bytes.Clone(hdr)
+	for i, chunk := range [][]byte{pt[:256], pt[256:]} {
+		nonce := append(bytes.Clone(prefix), 0, 0, 0, byte(i), byte(i)) // the second chunk is the last
+		want = gcm.Seal(want, nonce, chunk, aad[:])
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("writer output differs from the DESIGN.md reference\n got %x\nwant %x", got, want)
+	}
+	if !bytes.Equal(got, golden) {
+		t.Fatalf("writer output differs from testdata/envelope-v1.txt: the format changed (bump the version)")
+	}
+	out, err := newEnvelope(&fakeKeys{}).Decrypt(context.Background(), golden, nil)
+	if err != nil || !bytes.Equal(out, pt) {
+		t.Fatalf("decrypt the vector: %v", err)
+	}
 }

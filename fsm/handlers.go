@@ -424,7 +424,8 @@ func (s *State) applyAdmitNode(c *cmdContext, p *fsmpb.AdmitNode) *fsmpb.Result 
 	used := proto.CloneOf(tok)
 	used.UsedByNode = node.GetNodeId()
 	s.tokens[used.GetTokenId()] = used
-	node.Voter = true
+	// node.Voter is the proposer's choice: false admits a non-voter (read
+	// replica). Every ADMIT_NODE written before non-voters existed set it.
 	node.JoinedUnixNano = c.time
 	s.nodes[node.GetNodeId()] = node
 	return &fsmpb.Result{Node: node}

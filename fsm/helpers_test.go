@@ -102,6 +102,7 @@ func nodeRecord(id string) *fsmpb.NodeRecord {
 		ApiAddr:              id + ".api:8443",
 		IdentityPublicKeyDer: []byte("identity-pub-" + id),
 		Region:               "eu-west",
+		Voter:                true,
 	}
 }
 

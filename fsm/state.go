@@ -244,6 +244,9 @@ var handlers = map[fsmpb.CommandType]handler{
 		func() *fsmpb.DenyPrincipal { return &fsmpb.DenyPrincipal{} }, (*State).applyDenyPrincipal),
 	fsmpb.CommandType_COMMAND_TYPE_ALLOW_PRINCIPAL: register(
 		func() *fsmpb.AllowPrincipal { return &fsmpb.AllowPrincipal{} }, (*State).applyAllowPrincipal),
+	// Cluster operations (membership.go).
+	fsmpb.CommandType_COMMAND_TYPE_SET_GOSSIP_KEY: register(
+		func() *fsmpb.SetGossipKey { return &fsmpb.SetGossipKey{} }, (*State).applySetGossipKey),
 }
 
 // Apply processes the command at Raft index `index` and returns its outcome.

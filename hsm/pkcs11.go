@@ -5,7 +5,6 @@ import (
 	"crypto"
 	"crypto/rand"
 	"crypto/rsa"
-	"crypto/subtle"
 	"errors"
 	"fmt"
 	"io"
@@ -898,42 +897,8 @@ func (p *PKCS11) UnwrapKEK(ctx context.Context, version uint32, wrapped []byte) 
 		if len(wrapped) != id.pub.Size() {
 			return fmt.Errorf("wrapped key is %d bytes, want %d", len(wrapped), id.pub.Size())
 		}
-		// Unwrap into a temporary session object first, so a mismatch stores nothing.
-		tmp, err := c.UnwrapKey(s, p.oaep(), id.priv, wrapped, p.kekAttributes(false))
-		if err != nil {
-			return fmt.Errorf("unwrap: %w", err)
-		}
-		defer func() { _ = c.DestroyObject(s, tmp) }()
-		if err := checkAES256(c, s, tmp); err != nil {
-			return err
-		}
-		got, err := checkValue(c, s, tmp)
-		if err != nil {
-			return err
-		}
-		have, err := st.lookupKEK(c, s, version)
-		switch {
-		case err == nil:
-			if subtle.ConstantTimeCompare(have.checkValue, got) != 1 {
-				return ErrKEKMismatch
-			}
-			kcv = clone(have.checkValue)
-			return nil
-		case !errors.Is(err, ErrKEKNotFound):
-			return err
-		}
-		if _, err := c.CopyObject(s, tmp, labelled(KEKLabel(version), pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true))); err != nil {
-			return fmt.Errorf("store as token object: %w", err)
-		}
-		k, err := st.lookupKEK(c, s, version)
-		if err != nil {
-			return err
-		}
-		if subtle.ConstantTimeCompare(k.checkValue, got) != 1 {
-			return errors.New("stored kek has a different check value than the unwrapped one")
-		}
-		kcv = clone(k.checkValue)
-		return nil
+		kcv, err = p.unwrapAndStore(c, s, st, version, id.priv, wrapped)
+		return err
 	})
 	if err == nil {
 		p.log.Info("hsm: unwrapped kek", "version", version)

@@ -58,6 +58,8 @@ func buildPolicies() map[string]methodPolicy {
 		cabinetpb.OperatorService_Status_FullMethodName:                  {roles: []string{roleAdmin, roleOperator, roleNode}},
 		cabinetpb.OperatorService_ListPeers_FullMethodName:               {roles: []string{roleAdmin, roleOperator}},
 		cabinetpb.OperatorService_CreateJoinToken_FullMethodName:         {roles: []string{roleAdmin, roleOperator}},
+		cabinetpb.OperatorService_RemovePeer_FullMethodName:              {roles: []string{roleAdmin, roleOperator, roleNode}}, // node: a follower relaying to the leader
+		cabinetpb.OperatorService_TransferLeadership_FullMethodName:      {roles: []string{roleAdmin, roleOperator, roleNode}}, // node: a follower relaying to the leader
 		cabinetpb.OperatorService_Join_FullMethodName:                    {noCert: true},
 		cabinetpb.OperatorService_IssueCertificate_FullMethodName:        {roles: []string{roleAdmin}},
 		cabinetpb.OperatorService_DenyPrincipal_FullMethodName:           {roles: []string{roleAdmin}},
@@ -67,6 +69,9 @@ func buildPolicies() map[string]methodPolicy {
 		cabinetpb.OperatorService_AuditVerify_FullMethodName:             {roles: []string{roleAdmin, roleOperator}},
 		cabinetpb.OperatorService_Echo_FullMethodName:                    {roles: []string{roleAdmin, roleOperator, roleClient}},
 		cabinetpb.OperatorService_ApplyNoop_FullMethodName:               {roles: []string{roleAdmin}},
+		cabinetpb.OperatorService_SnapshotSave_FullMethodName:            {roles: []string{roleAdmin, roleNode}}, // node: a follower relaying to the leader
+		cabinetpb.OperatorService_SnapshotRestore_FullMethodName:         {roles: []string{roleAdmin, roleNode}}, // node: a follower relaying to the leader
+		cabinetpb.OperatorService_RecoveryExport_FullMethodName:          {roles: []string{roleAdmin}},
 		cabinetpb.NodeService_Apply_FullMethodName:                       {roles: []string{roleNode}},
 		cabinetpb.NodeService_ReadIndex_FullMethodName:                   {roles: []string{roleNode}},
 		cabinetpb.NodeService_AddPeer_FullMethodName:                     {roles: []string{roleNode}},

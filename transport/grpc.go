@@ -17,12 +17,18 @@ import (
 
 // NewGRPCServer builds the node's gRPC server on tlsCfg (tlsutil.ServerConfig:
 // client certificates verified when given; the interceptors require one for
-// every method but Join and health).
-func (s *Server) NewGRPCServer(tlsCfg *tls.Config) *grpc.Server {
+// every method but Join and health). The outermost interceptors give every
+// request an id, log one line for it and, WithRPCMetrics, count and time it;
+// inside them the authorization/audit interceptors run.
+func (s *Server) NewGRPCServer(tlsCfg *tls.Config, opts ...GRPCOption) *grpc.Server {
+	var o grpcOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
 	g := grpc.NewServer(
 		grpc.Creds(credentials.NewTLS(tlsCfg)),
-		grpc.ChainUnaryInterceptor(s.unaryInterceptor),
-		grpc.ChainStreamInterceptor(s.streamInterceptor),
+		grpc.ChainUnaryInterceptor(s.observeUnary(o.metrics), s.unaryInterceptor),
+		grpc.ChainStreamInterceptor(s.observeStream(o.metrics), s.streamInterceptor),
 		grpc.MaxConcurrentStreams(1024),
 		grpc.MaxRecvMsgSize(4<<20),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),

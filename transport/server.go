@@ -144,6 +144,8 @@ type Server struct {
 
 	health  *health.Server
 	limiter *principalLimiter
+
+	membership membershipState // gossip view (membership.go)
 }
 
 // NewServer builds the API server.
@@ -358,6 +360,9 @@ func (s *Server) localStatus(ctx context.Context) *cabinetpb.StatusResponse {
 	if ci := s.cfg.State.Cluster(); ci != nil {
 		out.ClusterId = ci.GetClusterId()
 	}
+	if rec, ok := s.cfg.State.Node(s.cfg.NodeID); ok {
+		out.Region = rec.GetRegion()
+	}
 	hctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	if err := s.cfg.HSM.Health(hctx); err != nil {
@@ -390,9 +395,11 @@ func (s *Server) ListPeers(ctx context.Context, _ *cabinetpb.ListPeersRequest) (
 	out := make([]*cabinetpb.Peer, len(servers))
 	var wg sync.WaitGroup
 	for i, srv := range servers {
-		p := &cabinetpb.Peer{NodeId: srv.ID, RaftAddr: srv.RaftAddr, Voter: srv.Voter, RaftRole: "unknown"}
+		p := &cabinetpb.Peer{NodeId: srv.ID, RaftAddr: srv.RaftAddr, Voter: srv.Voter, RaftRole: "unknown",
+			Gossip: s.gossipHealth(srv.ID)}
 		if rec, ok := s.cfg.State.Node(srv.ID); ok {
 			p.ApiAddr = rec.GetApiAddr()
+			p.Region = rec.GetRegion()
 		}
 		out[i] = p
 		wg.Add(1)
@@ -423,6 +430,7 @@ func (s *Server) ListPeers(ctx context.Context, _ *cabinetpb.ListPeersRequest) (
 			p.LastContactMs = st.GetLastContactMs()
 			p.HsmStatus = st.GetHsmStatus()
 			p.Healthy = st.GetHealthy()
+			p.Version = st.GetVersion()
 		}()
 	}
 	wg.Wait()
@@ -495,7 +503,7 @@ func (s *Server) Join(ctx context.Context, req *cabinetpb.JoinRequest) (*cabinet
 			RaftAddr:             req.GetRaftAddr(),
 			IdentityPublicKeyDer: req.GetIdentityPublicKeyDer(),
 			Region:               req.GetRegion(),
-			Voter:                true,
+			Voter:                !req.GetNonVoter(),
 		},
 	}, "join/"+tok.ID+"/"+req.GetNodeId(), "node:"+req.GetNodeId())
 	if err != nil {
@@ -531,7 +539,8 @@ func (s *Server) Join(ctx context.Context, req *cabinetpb.JoinRequest) (*cabinet
 		}
 		out.Keks = append(out.Keks, &cabinetpb.WrappedKEK{Version: k.GetVersion(), Wrapped: wrapped, CheckValue: k.GetCheckValue()})
 	}
-	s.log.Info("admitted node", "node_id", req.GetNodeId(), "api_addr", req.GetApiAddr(), "raft_addr", req.GetRaftAddr())
+	s.log.Info("admitted node", "node_id", req.GetNodeId(), "api_addr", req.GetApiAddr(), "raft_addr", req.GetRaftAddr(),
+		"voter", !req.GetNonVoter(), "region", req.GetRegion())
 	return out, nil
 }
 
@@ -578,10 +587,22 @@ func (s *Server) AddPeer(ctx context.Context, req *cabinetpb.AddPeerRequest) (*c
 			return &cabinetpb.AddPeerResponse{Added: true}, nil
 		}
 	}
+	// The node record decides the suffrage (operator join --non-voter).
+	if !rec.GetVoter() {
+		mc, err := s.membershipCluster()
+		if err != nil {
+			return nil, err
+		}
+		if err := mc.AddNonvoter(ctx, rec.GetNodeId(), rec.GetRaftAddr()); err != nil {
+			return nil, toStatus(err)
+		}
+		s.log.Info("added non-voter", "node_id", rec.GetNodeId(), "raft_addr", rec.GetRaftAddr(), "region", rec.GetRegion())
+		return &cabinetpb.AddPeerResponse{Added: true}, nil
+	}
 	if err := s.cfg.Cluster.AddVoter(ctx, rec.GetNodeId(), rec.GetRaftAddr()); err != nil {
 		return nil, toStatus(err)
 	}
-	s.log.Info("added voter", "node_id", rec.GetNodeId(), "raft_addr", rec.GetRaftAddr())
+	s.log.Info("added voter", "node_id", rec.GetNodeId(), "raft_addr", rec.GetRaftAddr(), "region", rec.GetRegion())
 	return &cabinetpb.AddPeerResponse{Added: true}, nil
 }
 

@@ -41,6 +41,7 @@ type benchFlags struct {
 	strong      bool
 	quiet       bool
 	cpuProfile  string
+	jsonOut     string
 
 	local           bool
 	localKeep       bool
@@ -81,7 +82,7 @@ leaves the keys it created (description "cabinet-bench <run id>").`,
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringSliceVar(&f.addrs, "addr", splitList(envOr("CABINET_ADDR", "127.0.0.1:7101")), "node API addresses (repeatable or comma-separated; env CABINET_ADDR)")
+	fl.StringSliceVar(&f.addrs, "addr", benchSplitList(envOr("CABINET_ADDR", "127.0.0.1:7101")), "node API addresses (repeatable or comma-separated; env CABINET_ADDR)")
 	fl.StringVar(&f.caCert, "ca-cert", os.Getenv("CABINET_CACERT"), "cluster CA certificate PEM (env CABINET_CACERT)")
 	fl.StringVar(&f.clientCert, "client-cert", os.Getenv("CABINET_CLIENT_CERT"), "admin client certificate PEM (env CABINET_CLIENT_CERT)")
 	fl.StringVar(&f.clientKey, "client-key", os.Getenv("CABINET_CLIENT_KEY"), "client private key PEM (env CABINET_CLIENT_KEY)")
@@ -99,6 +100,7 @@ leaves the keys it created (description "cabinet-bench <run id>").`,
 	fl.StringVar(&f.spec, "spec", "EC_P256", "key spec for sign/verify: EC_P256, EC_P384 or ED25519")
 	fl.BoolVar(&f.strong, "strong", false, "ask for STRONG consistency on crypto operations (a read-index round trip each)")
 	fl.BoolVarP(&f.quiet, "quiet", "q", false, "no progress on stderr")
+	fl.StringVar(&f.jsonOut, "json-out", "", "also write the JSON report to FILE (whatever -o says)")
 	fl.StringVar(&f.cpuProfile, "cpuprofile", "", "write a CPU profile of this bench process to FILE")
 	fl.BoolVar(&f.local, "local", false, "start a throwaway local 3-node cluster on SoftHSM (this binary), bench it, stop it")
 	fl.BoolVar(&f.localKeep, "local-keep", false, "with --local: keep the cluster's temp dir (data, tokens, logs) afterwards")
@@ -107,7 +109,7 @@ leaves the keys it created (description "cabinet-bench <run id>").`,
 	return cmd
 }
 
-func splitList(s string) []string {
+func benchSplitList(s string) []string {
 	var out []string
 	for _, p := range strings.Split(s, ",") {
 		if p = strings.TrimSpace(p); p != "" {
@@ -199,7 +201,7 @@ func resolveBenchOps(in []string) ([]string, error) {
 	return out, nil
 }
 
-func newRunID() string {
+func benchRunID() string {
 	b := make([]byte, 6)
 	_, _ = rand.Read(b)
 	return hex.EncodeToString(b)
@@ -248,7 +250,7 @@ func runBench(ctx context.Context, cmd *cobra.Command, f *benchFlags) (err error
 		RunID:     env.runID,
 		StartedAt: started.UTC(),
 		Settings:  f.settings(),
-		Machine:   machineInfo(),
+		Machine:   benchMachineInfo(),
 		Cluster:   env.clusterInfo(),
 		CPUScope:  env.meter.scope,
 	}
@@ -268,6 +270,19 @@ func runBench(ctx context.Context, cmd *cobra.Command, f *benchFlags) (err error
 	rep.FinishedAt = time.Now().UTC()
 	rep.Interrupted = ctx.Err() != nil
 
+	if f.jsonOut != "" {
+		jf, err := os.Create(f.jsonOut)
+		if err != nil {
+			return err
+		}
+		err = printAnyJSON(jf, rep)
+		if cerr := jf.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return fmt.Errorf("--json-out: %w", err)
+		}
+	}
 	out := cmd.OutOrStdout()
 	if f.output == "json" {
 		if err := printAnyJSON(out, rep); err != nil {
@@ -302,7 +317,7 @@ func (f *benchFlags) settings() benchSettings {
 	}
 }
 
-func machineInfo() benchMachine {
+func benchMachineInfo() benchMachine {
 	host, _ := os.Hostname()
 	return benchMachine{
 		GoVersion:  runtime.Version(),

@@ -34,7 +34,7 @@ const (
 )
 
 func newCryptoProbe(op string, spec cabinetpb.KeySpec, payload int) (*cryptoProbe, error) {
-	msg := randomBytes(payload)
+	msg := benchRandom(payload)
 	switch spec {
 	case cabinetpb.KeySpec_EC_P256, cabinetpb.KeySpec_EC_P384:
 		curve, newHash, hname, cname := elliptic.P256(), sha256.New, "SHA-256", "P-256"
@@ -120,7 +120,7 @@ func (c *cryptoProbe) measure(ctx context.Context) {
 	}
 }
 
-func median(v []float64) float64 {
+func benchMedian(v []float64) float64 {
 	if len(v) == 0 {
 		return 0
 	}
@@ -131,7 +131,7 @@ func median(v []float64) float64 {
 
 // result compares the operation's cost over its ceiling with the probe.
 func (c *cryptoProbe) result(op, ceil benchStats) *benchCrypto {
-	b := &benchCrypto{Operation: c.name, USPerOp: median(c.samples) / 1e3, WallUSPerOp: median(c.wall) / 1e3, CPUTime: c.cpuTime}
+	b := &benchCrypto{Operation: c.name, USPerOp: benchMedian(c.samples) / 1e3, WallUSPerOp: benchMedian(c.wall) / 1e3, CPUTime: c.cpuTime}
 	for _, s := range c.samples {
 		b.SamplesUS = append(b.SamplesUS, s/1e3)
 	}

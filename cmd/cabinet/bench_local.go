@@ -53,9 +53,12 @@ type localCluster struct {
 	dir      string
 	adminDir string
 	keep     bool
-	nodes    []*localNode
-	spawn    *spawner
-	stopOnce sync.Once
+	// profileDir: each server profiles its CPU into profileDir/<node>.pprof
+	// (CABINET_CPUPROFILE) until stop sends it SIGUSR1.
+	profileDir string
+	nodes      []*localNode
+	spawn      *spawner
+	stopOnce   sync.Once
 }
 
 func (lc *localCluster) apiAddrs() []string {
@@ -152,7 +155,7 @@ func startLocalCluster(ctx context.Context, f *benchFlags, prog *benchProgress) 
 	if err != nil {
 		return nil, err
 	}
-	lc := &localCluster{exe: exe, dir: dir, adminDir: filepath.Join(dir, "admin"), keep: f.localKeep, spawn: newSpawner()}
+	lc := &localCluster{exe: exe, dir: dir, adminDir: filepath.Join(dir, "admin"), keep: f.localKeep, profileDir: f.serverProfile, spawn: newSpawner()}
 	prog.logf("--local: starting a 3-node cluster on SoftHSM in %s", dir)
 	if f.serverProfile != "" {
 		if err := os.MkdirAll(f.serverProfile, 0o700); err != nil {
@@ -170,7 +173,7 @@ func startLocalCluster(ctx context.Context, f *benchFlags, prog *benchProgress) 
 		if err := os.WriteFile(n.conf, []byte("directories.tokendir = "+tokens+"\nobjectstore.backend = file\nlog.level = ERROR\n"), 0o600); err != nil {
 			return lc, err
 		}
-		pin, so := hex.EncodeToString(randomBytes(16)), hex.EncodeToString(randomBytes(16))
+		pin, so := hex.EncodeToString(benchRandom(16)), hex.EncodeToString(benchRandom(16))
 		if err := os.WriteFile(n.pinFile, []byte(pin), 0o600); err != nil {
 			return lc, err
 		}
@@ -290,15 +293,22 @@ func (n *localNode) logTail() string {
 		return ""
 	}
 	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-	if len(lines) > 15 {
-		lines = lines[len(lines)-15:]
+	// A crash dump's goroutine stacks bury its cause: show from the cause.
+	for i, l := range lines {
+		if strings.HasPrefix(l, "panic:") || strings.HasPrefix(l, "fatal error:") {
+			lines = lines[max(0, i-5):]
+			break
+		}
+	}
+	if len(lines) > 20 {
+		lines = lines[:20]
 	}
 	return strings.Join(lines, "\n")
 }
 
 // poll calls cond every 200ms until it returns nil, ctx ends or the
 // deadline passes.
-func poll(ctx context.Context, timeout time.Duration, cond func() error) error {
+func benchPoll(ctx context.Context, timeout time.Duration, cond func() error) error {
 	deadline := time.Now().Add(timeout)
 	for {
 		err := cond()
@@ -323,7 +333,7 @@ func (lc *localCluster) waitHealthy(ctx context.Context, n *localNode, cfg *tls.
 	}
 	defer conn.Close()
 	oc := cabinetpb.NewOperatorServiceClient(conn)
-	err = poll(ctx, localHealthyWait, func() error {
+	err = benchPoll(ctx, localHealthyWait, func() error {
 		if n.exited() {
 			return errors.New("the process exited")
 		}
@@ -352,7 +362,7 @@ func (lc *localCluster) joinToken(ctx context.Context, via *localNode, cfg *tls.
 	defer conn.Close()
 	c, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	resp, err := cabinetpb.NewOperatorServiceClient(conn).CreateJoinToken(c, &cabinetpb.CreateJoinTokenRequest{RequestId: "bench-join-" + newRunID()})
+	resp, err := cabinetpb.NewOperatorServiceClient(conn).CreateJoinToken(c, &cabinetpb.CreateJoinTokenRequest{RequestId: "bench-join-" + benchRunID()})
 	if err != nil {
 		return "", fmt.Errorf("join-token create: %w", rpcError(err))
 	}
@@ -367,7 +377,7 @@ func (lc *localCluster) waitVoters(ctx context.Context, via *localNode, cfg *tls
 	}
 	defer conn.Close()
 	oc := cabinetpb.NewOperatorServiceClient(conn)
-	return poll(ctx, localHealthyWait, func() error {
+	return benchPoll(ctx, localHealthyWait, func() error {
 		c, cancel := context.WithTimeout(ctx, 3*time.Second)
 		defer cancel()
 		lp, err := oc.ListPeers(c, &cabinetpb.ListPeersRequest{})
@@ -387,10 +397,39 @@ func (lc *localCluster) waitVoters(ctx context.Context, via *localNode, cfg *tls
 	})
 }
 
+// flushProfiles asks every server to write its CPU profile (SIGUSR1) and
+// waits, bounded, until the files are there.
+func (lc *localCluster) flushProfiles(prog *benchProgress) {
+	var files []string
+	for _, n := range lc.nodes {
+		if n.cmd == nil || n.exited() {
+			continue
+		}
+		_ = n.cmd.Process.Signal(syscall.SIGUSR1)
+		files = append(files, filepath.Join(lc.profileDir, n.id+".pprof"))
+	}
+	err := benchPoll(context.Background(), 20*time.Second, func() error {
+		for _, f := range files {
+			if _, err := os.Stat(f); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		prog.logf("--server-cpuprofile: %v", err)
+		return
+	}
+	prog.logf("--server-cpuprofile: wrote %s", strings.Join(files, ", "))
+}
+
 // stop stops every server (SIGTERM, then SIGKILL after localStopWait), waits
 // for them, and removes the temp dir unless --local-keep. Safe to call twice.
 func (lc *localCluster) stop(prog *benchProgress) {
 	lc.stopOnce.Do(func() {
+		if lc.profileDir != "" {
+			lc.flushProfiles(prog)
+		}
 		var wg sync.WaitGroup
 		for _, n := range lc.nodes {
 			if n.cmd == nil {

@@ -108,14 +108,14 @@ func (e *benchEnv) key(ctx context.Context, spec cabinetpb.KeySpec, usage cabine
 func (e *benchEnv) createKey(ctx context.Context, spec cabinetpb.KeySpec, usage cabinetpb.KeyUsage) (string, error) {
 	c, cancel := e.setupCtx(ctx)
 	defer cancel()
-	resp, err := e.setupKC().CreateKey(c, &cabinetpb.CreateKeyRequest{Spec: spec, Usage: usage, Description: e.description(), RequestId: "bench-setup-" + newRunID()})
+	resp, err := e.setupKC().CreateKey(c, &cabinetpb.CreateKeyRequest{Spec: spec, Usage: usage, Description: e.description(), RequestId: "bench-setup-" + benchRunID()})
 	if err != nil {
 		return "", fmt.Errorf("create a %s key: %w", spec, rpcError(err))
 	}
 	return resp.GetKey().GetKeyId(), nil
 }
 
-func randomBytes(n int) []byte {
+func benchRandom(n int) []byte {
 	b := make([]byte, n)
 	_, _ = rand.Read(b)
 	return b
@@ -125,7 +125,7 @@ func randomBytes(n int) []byte {
 func (e *benchEnv) encryptN(ctx context.Context, key string, n int) ([][]byte, error) {
 	req := &cabinetpb.BatchEncryptRequest{}
 	for i := 0; i < n; i++ {
-		req.Items = append(req.Items, &cabinetpb.EncryptRequest{KeyId: key, Plaintext: randomBytes(e.f.payload)})
+		req.Items = append(req.Items, &cabinetpb.EncryptRequest{KeyId: key, Plaintext: benchRandom(e.f.payload)})
 	}
 	c, cancel := e.setupCtx(ctx)
 	defer cancel()
@@ -208,7 +208,7 @@ func prepEncrypt(ctx context.Context, env *benchEnv) (*preparedOp, error) {
 	if err != nil {
 		return nil, err
 	}
-	pt := randomBytes(env.f.payload)
+	pt := benchRandom(env.f.payload)
 	return unaryOp(ctx, env, perCaller(env.f.concurrency, func(int) *cabinetpb.EncryptRequest {
 		return &cabinetpb.EncryptRequest{KeyId: key, Plaintext: pt, Consistency: env.consistency()}
 	}), cabinetpb.KeyServiceClient.Encrypt, nil)
@@ -295,7 +295,7 @@ func prepSign(ctx context.Context, env *benchEnv) (*preparedOp, error) {
 	if err != nil {
 		return nil, err
 	}
-	msg := randomBytes(env.f.payload)
+	msg := benchRandom(env.f.payload)
 	alg := signAlgorithm(spec)
 	p, err := unaryOp(ctx, env, perCaller(env.f.concurrency, func(int) *cabinetpb.SignRequest {
 		return &cabinetpb.SignRequest{KeyId: key, Message: msg, MessageType: cabinetpb.MessageType_RAW, SigningAlgorithm: alg, Consistency: env.consistency()}
@@ -312,7 +312,7 @@ func prepVerify(ctx context.Context, env *benchEnv) (*preparedOp, error) {
 	if err != nil {
 		return nil, err
 	}
-	msg := randomBytes(env.f.payload)
+	msg := benchRandom(env.f.payload)
 	alg := signAlgorithm(spec)
 	c, cancel := env.setupCtx(ctx)
 	sig, err := env.setupKC().Sign(c, &cabinetpb.SignRequest{KeyId: key, Message: msg, MessageType: cabinetpb.MessageType_RAW, SigningAlgorithm: alg})
@@ -341,7 +341,7 @@ func prepMac(ctx context.Context, env *benchEnv) (*preparedOp, error) {
 	if err != nil {
 		return nil, err
 	}
-	msg := randomBytes(env.f.payload)
+	msg := benchRandom(env.f.payload)
 	return unaryOp(ctx, env, perCaller(env.f.concurrency, func(int) *cabinetpb.GenerateMacRequest {
 		return &cabinetpb.GenerateMacRequest{KeyId: key, Message: msg, Consistency: env.consistency()}
 	}), cabinetpb.KeyServiceClient.GenerateMac, nil)
@@ -352,7 +352,7 @@ func prepBatchEncrypt(ctx context.Context, env *benchEnv) (*preparedOp, error) {
 	if err != nil {
 		return nil, err
 	}
-	pt := randomBytes(env.f.payload)
+	pt := benchRandom(env.f.payload)
 	p, err := unaryOp(ctx, env, perCaller(env.f.concurrency, func(int) *cabinetpb.BatchEncryptRequest {
 		r := &cabinetpb.BatchEncryptRequest{Items: make([]*cabinetpb.EncryptRequest, env.f.batch)}
 		for j := range r.Items {
@@ -524,7 +524,7 @@ func ceilingCall(ctx context.Context, env *benchEnv, kind string, p *preparedOp)
 	case ceilingEcho:
 		pl, rs := echoSizes(p.reqBytes, p.respBytes)
 		reqs := make([]*cabinetpb.EchoRequest, n)
-		body := randomBytes(pl)
+		body := benchRandom(pl)
 		for i := range reqs {
 			reqs[i] = &cabinetpb.EchoRequest{Payload: body, ResponseSize: int32(rs)}
 		}

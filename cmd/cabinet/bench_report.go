@@ -135,7 +135,7 @@ type benchCrypto struct {
 	ExtraOverCrypto *float64 `json:"extra_over_crypto"`
 }
 
-func fmtMS(v float64) string {
+func benchFmtMS(v float64) string {
 	switch {
 	case v == 0:
 		return "-"
@@ -148,7 +148,7 @@ func fmtMS(v float64) string {
 	}
 }
 
-func fmtOptUS(p *float64) string {
+func benchFmtOptUS(p *float64) string {
 	if p == nil {
 		return "-"
 	}
@@ -185,9 +185,9 @@ func printBenchTable(w io.Writer, r *benchReport) error {
 			ceil = fmt.Sprintf("raft-noop %d B", res.Ceiling.CommandBytes)
 		}
 		fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", name,
-			fmtRate(res.Result.OpsPerSec), fmtMS(res.Result.LatencyMS.P50), fmtMS(res.Result.LatencyMS.P99), fmtMS(res.Result.LatencyMS.P999),
-			res.Result.Errors+res.Result.ItemErrors, fmtOptUS(res.Result.CPUUSPerOp),
-			ceil, fmtRate(res.CeilingResult.OpsPerSec), fmtMS(res.CeilingResult.LatencyMS.P50), fmtOptUS(res.CeilingResult.CPUUSPerOp), fmtRatio(res.Ratio))
+			benchFmtRate(res.Result.OpsPerSec), benchFmtMS(res.Result.LatencyMS.P50), benchFmtMS(res.Result.LatencyMS.P99), benchFmtMS(res.Result.LatencyMS.P999),
+			res.Result.Errors+res.Result.ItemErrors, benchFmtOptUS(res.Result.CPUUSPerOp),
+			ceil, benchFmtRate(res.CeilingResult.OpsPerSec), benchFmtMS(res.CeilingResult.LatencyMS.P50), benchFmtOptUS(res.CeilingResult.CPUUSPerOp), benchFmtRatio(res.Ratio))
 	}
 	if err := t.Flush(); err != nil {
 		return err
@@ -205,18 +205,18 @@ func printBenchTable(w io.Writer, r *benchReport) error {
 			notes = append(notes, fmt.Sprintf("%s: interrupted after %.1fs of %gs", res.Op, res.Result.Seconds, s.DurationSeconds))
 		}
 		if res.ItemsPerRequest > 1 {
-			notes = append(notes, fmt.Sprintf("%s: %s items/s (%d per request)", res.Op, fmtRate(res.Result.ItemsPerSec), res.ItemsPerRequest))
+			notes = append(notes, fmt.Sprintf("%s: %s items/s (%d per request)", res.Op, benchFmtRate(res.Result.ItemsPerSec), res.ItemsPerRequest))
 		}
 		if n := res.Result.Errors + res.Result.ItemErrors; n > 0 {
 			msg := res.Result.FirstError
 			if msg == "" {
 				msg = res.Result.FirstItemError
 			}
-			notes = append(notes, fmt.Sprintf("%s: %d errors (%s); first: %s", res.Op, n, sortedCodes(res.Result.ErrorCodes), msg))
+			notes = append(notes, fmt.Sprintf("%s: %d errors (%s); first: %s", res.Op, n, benchSortedCodes(res.Result.ErrorCodes), msg))
 		}
 		if c := res.Crypto; c != nil {
 			line := fmt.Sprintf("%s: cost over the ceiling %s µs CPU/op (%s µs wall/op); %s in-process here: %.1f µs/op",
-				res.Op, fmtOptUS(c.ExtraCPUUSPerOp), fmtOptUS(c.ExtraWallUSPerOp), c.Operation, c.USPerOp)
+				res.Op, benchFmtOptUS(c.ExtraCPUUSPerOp), benchFmtOptUS(c.ExtraWallUSPerOp), c.Operation, c.USPerOp)
 			if c.ExtraOverCrypto != nil {
 				line += fmt.Sprintf(" -> extra = %.2f x the signature", *c.ExtraOverCrypto)
 			}

@@ -58,14 +58,14 @@ func newPhase(label string, call benchCallFn, items, callers int) *benchPhase {
 	return ph
 }
 
-func errCode(err error) string {
+func benchErrCode(err error) string {
 	if st, ok := status.FromError(err); ok {
 		return st.Code().String()
 	}
 	return "BadResponse"
 }
 
-func errText(err error) string {
+func benchErrText(err error) string {
 	if st, ok := status.FromError(err); ok {
 		return st.Code().String() + ": " + st.Message()
 	}
@@ -97,9 +97,9 @@ func runSlice(ctx context.Context, ph *benchPhase, dur, grace time.Duration, met
 				}
 				c.requests++
 				if err != nil {
-					c.errs[errCode(err)]++
+					c.errs[benchErrCode(err)]++
 					if c.firstErr == "" {
-						c.firstErr = errText(err)
+						c.firstErr = benchErrText(err)
 					}
 					ph.liveErr.Add(1)
 					// A failing call can return at once; do not spin.
@@ -289,7 +289,7 @@ func runBenchOp(ctx context.Context, env *benchEnv, def *benchOpDef, prog *bench
 			live = float64(ph.liveOK.Load()) / el
 		}
 		return fmt.Sprintf("%-7s now %s/s | op %s/s ceiling %s/s ratio %s | errors %d | %s/%s",
-			ph.label, fmtRate(live), fmtRate(opPh.progressRate()), fmtRate(ce.progressRate()), fmtRatio(progressRatio(opPh, ce)),
+			ph.label, benchFmtRate(live), benchFmtRate(opPh.progressRate()), benchFmtRate(ce.progressRate()), benchFmtRatio(progressRatio(opPh, ce)),
 			opPh.liveErr.Load()+ce.liveErrOrZero(), time.Since(begin).Round(time.Second), (2 * f.duration).Round(time.Second))
 	})
 	for k := 0; k < nSlices && ctx.Err() == nil; k++ {
@@ -342,7 +342,7 @@ func runBenchOp(ctx context.Context, env *benchEnv, def *benchOpDef, prog *bench
 		p.crypto.measure(ctx)
 		res.Crypto = p.crypto.result(res.Result, res.CeilingResult)
 	}
-	prog.logf("%s", summaryLine(&res))
+	prog.logf("%s", benchSummaryLine(&res))
 	return res
 }
 
@@ -372,7 +372,7 @@ func progressRatio(op, ce *benchPhase) float64 {
 	return op.progressRate() / ce.progressRate()
 }
 
-func fmtRate(r float64) string {
+func benchFmtRate(r float64) string {
 	switch {
 	case r >= 100:
 		return strconv.FormatFloat(r, 'f', 0, 64)
@@ -383,20 +383,20 @@ func fmtRate(r float64) string {
 	}
 }
 
-func fmtRatio(r float64) string {
+func benchFmtRatio(r float64) string {
 	if r == 0 {
 		return "-"
 	}
 	return strconv.FormatFloat(r, 'f', 2, 64)
 }
 
-func summaryLine(r *benchResult) string {
+func benchSummaryLine(r *benchResult) string {
 	if r.Error != "" {
 		return fmt.Sprintf("%s: FAILED: %s", r.Op, r.Error)
 	}
 	return fmt.Sprintf("%s: %s/s (p50 %.2fms p99 %.2fms, %d errors) vs %s %s/s: ratio %s",
-		r.Op, fmtRate(r.Result.OpsPerSec), r.Result.LatencyMS.P50, r.Result.LatencyMS.P99, r.Result.Errors,
-		r.Ceiling.Kind, fmtRate(r.CeilingResult.OpsPerSec), fmtRatio(r.Ratio))
+		r.Op, benchFmtRate(r.Result.OpsPerSec), r.Result.LatencyMS.P50, r.Result.LatencyMS.P99, r.Result.Errors,
+		r.Ceiling.Kind, benchFmtRate(r.CeilingResult.OpsPerSec), benchFmtRatio(r.Ratio))
 }
 
 // ---- progress on stderr ----
@@ -508,7 +508,7 @@ func (p *benchProgress) done() {
 }
 
 // sortedCodes lists error codes by count, for the table.
-func sortedCodes(m map[string]uint64) string {
+func benchSortedCodes(m map[string]uint64) string {
 	type kv struct {
 		k string
 		v uint64

@@ -86,7 +86,7 @@ func connectBench(ctx context.Context, f *benchFlags, prog *benchProgress, nodeP
 	if err != nil {
 		return nil, err
 	}
-	env := &benchEnv{f: f, runID: newRunID(), tlsCfg: cfg, keys: map[string]string{}}
+	env := &benchEnv{f: f, runID: benchRunID(), tlsCfg: cfg, keys: map[string]string{}}
 	if leaf, err := x509.ParseCertificate(cfg.Certificates[0].Certificate[0]); err == nil {
 		id := tlsutil.IdentityFromCert(leaf)
 		env.principal = id.Role + ":" + id.Name

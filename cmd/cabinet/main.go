@@ -34,10 +34,6 @@ func newRootCmd() *cobra.Command {
 	}
 	root.AddCommand(newServerCmd(), newOperatorCmd(), newKeyCmd(), newBenchCmd())
 	root.AddCommand(envelopeCmds()...)
-	root.AddCommand(&cobra.Command{
-		Use:   "version",
-		Short: "Print the version",
-		Run:   func(cmd *cobra.Command, _ []string) { fmt.Fprintln(cmd.OutOrStdout(), Version) },
-	})
+	root.AddCommand(newVersionCmd(), newCompletionCmd(), newHealthcheckCmd(), newDocsCmd())
 	return root
 }

@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -227,6 +228,7 @@ func writeClientCreds(dir string, ca *tlsutil.CA, name, role string, now time.Ti
 func joinCmd() *cobra.Command {
 	f := &nodeFlags{}
 	var token, peer string
+	var nonVoter bool
 	cmd := &cobra.Command{
 		Use:   "join",
 		Short: "Join this node to a cluster with a join token",
@@ -234,7 +236,9 @@ func joinCmd() *cobra.Command {
 presents the join token to --peer (any member; the cluster CA is pinned by the token), receives
 a node certificate and the cluster KEK wrapped under the identity key, unwraps the KEK inside
 this node's HSM and checks it against the cluster's check value. Then start (or keep running)
-'cabinet server --data-dir DIR': it asks the cluster to add it as a Raft voter.`,
+'cabinet server --data-dir DIR': it asks the cluster to add it to the Raft configuration, as a
+voter, or as a non-voter (read replica: it serves reads from its replica but never votes nor
+counts for quorum) with --non-voter. --region labels the node (list-peers shows it).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if token == "" {
@@ -243,10 +247,6 @@ this node's HSM and checks it against the cluster's check value. Then start (or 
 			if token == "" || peer == "" {
 				return errors.New("--token (or CABINET_JOIN_TOKEN) and --peer are required")
 			}
-			tok, err := cluster.ParseJoinToken(token)
-			if err != nil {
-				return err
-			}
 			if _, err := f.validate(); err != nil {
 				return err
 			}
@@ -254,81 +254,96 @@ this node's HSM and checks it against the cluster's check value. Then start (or 
 			if err != nil {
 				return err
 			}
-			ctx := cmd.Context()
-			h, err := openNodeHSM(ctx, hc)
-			if err != nil {
-				return err
-			}
-			defer h.Close()
-			pub, err := h.EnsureIdentity(ctx)
-			if err != nil {
-				return fmt.Errorf("HSM identity key: %w", err)
-			}
-			pubDER, err := x509.MarshalPKIXPublicKey(pub)
-			if err != nil {
-				return err
-			}
-			nodeKey, csr, err := tlsutil.NewNodeKey(f.nodeID)
-			if err != nil {
-				return err
-			}
-			var seenCA []byte
-			tcfg := tlsutil.PinnedConfig(tok.CAFingerprint, func(der []byte) { seenCA = der })
-			conn, err := grpc.NewClient(peer, grpc.WithTransportCredentials(credentials.NewTLS(tcfg)))
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
-			jctx, cancel := context.WithTimeout(ctx, 60*time.Second)
-			defer cancel()
-			resp, err := cabinetpb.NewOperatorServiceClient(conn).Join(jctx, &cabinetpb.JoinRequest{
-				TokenId: tok.ID, TokenSecret: tok.Secret, NodeId: f.nodeID, ApiAddr: f.apiAddr, RaftAddr: f.raftAddr,
-				IdentityPublicKeyDer: pubDER, CsrDer: csr, Region: f.region,
-			})
-			if err != nil {
-				return fmt.Errorf("join via %s: %w", peer, rpcError(err))
-			}
-			if tlsutil.Fingerprint(resp.GetCaCertDer()) != tok.CAFingerprint || (seenCA != nil && subtle.ConstantTimeCompare(seenCA, resp.GetCaCertDer()) != 1) {
-				return errors.New("the cluster CA in the join response does not match the join token's fingerprint; refusing")
-			}
-			for _, k := range resp.GetKeks() {
-				kcv, err := h.UnwrapKEK(ctx, k.GetVersion(), k.GetWrapped())
-				if err != nil {
-					return fmt.Errorf("unwrap KEK version %d in this node's HSM: %w", k.GetVersion(), err)
-				}
-				if subtle.ConstantTimeCompare(kcv, k.GetCheckValue()) != 1 {
-					return fmt.Errorf("KEK version %d unwrapped here does not match the cluster's check value; refusing", k.GetVersion())
-				}
-			}
-			if err := os.MkdirAll(tlsDir(f.dataDir), 0o700); err != nil {
-				return err
-			}
-			td := tlsDir(f.dataDir)
-			if err := tlsutil.WriteKeyPEM(filepath.Join(td, "node-key.pem"), nodeKey); err != nil {
-				return err
-			}
-			if err := tlsutil.WriteCertPEM(filepath.Join(td, "node.pem"), resp.GetNodeCertDer(), resp.GetCaCertDer()); err != nil {
-				return err
-			}
-			if err := tlsutil.WriteCertPEM(filepath.Join(td, "ca.pem"), resp.GetCaCertDer()); err != nil {
-				return err
-			}
-			if err := saveNodeConfig(f.dataDir, &nodeConfig{
-				NodeID: f.nodeID, ClusterID: resp.GetClusterId(), APIAddr: f.apiAddr, RaftAddr: f.raftAddr, Region: f.region,
-				HSM: hc, JoinAddrs: []string{peer},
-			}); err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "Node %s admitted to cluster %s by %s; KEK versions verified: %d.\n",
-				f.nodeID, resp.GetClusterId(), resp.GetAdmittedBy(), len(resp.GetKeks()))
-			fmt.Fprintf(cmd.OutOrStdout(), "Next: cabinet server --data-dir %s (a server already waiting on this dir starts by itself)\n", f.dataDir)
-			return nil
+			return joinNode(cmd.Context(), cmd.OutOrStdout(), f, hc, token, peer, nonVoter)
 		},
 	}
 	addNodeFlags(cmd, f)
 	cmd.Flags().StringVar(&token, "token", "", "join token from `cabinet operator join-token create` (or CABINET_JOIN_TOKEN)")
 	cmd.Flags().StringVar(&peer, "peer", "", "API address of any cluster member")
+	cmd.Flags().BoolVar(&nonVoter, "non-voter", false, "join as a non-voter (read replica): receives the log and serves reads, never votes")
 	return cmd
+}
+
+// joinNode performs the join ceremony for the node described by f (HSM
+// config hc) through the member at peer, and writes the node's TLS files
+// and node.json into f.dataDir. Used by join and rejoin.
+func joinNode(ctx context.Context, out io.Writer, f *nodeFlags, hc hsmConfig, token, peer string, nonVoter bool) error {
+	tok, err := cluster.ParseJoinToken(token)
+	if err != nil {
+		return err
+	}
+	h, err := openNodeHSM(ctx, hc)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	pub, err := h.EnsureIdentity(ctx)
+	if err != nil {
+		return fmt.Errorf("HSM identity key: %w", err)
+	}
+	pubDER, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return err
+	}
+	nodeKey, csr, err := tlsutil.NewNodeKey(f.nodeID)
+	if err != nil {
+		return err
+	}
+	var seenCA []byte
+	tcfg := tlsutil.PinnedConfig(tok.CAFingerprint, func(der []byte) { seenCA = der })
+	conn, err := grpc.NewClient(peer, grpc.WithTransportCredentials(credentials.NewTLS(tcfg)))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	jctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	resp, err := cabinetpb.NewOperatorServiceClient(conn).Join(jctx, &cabinetpb.JoinRequest{
+		TokenId: tok.ID, TokenSecret: tok.Secret, NodeId: f.nodeID, ApiAddr: f.apiAddr, RaftAddr: f.raftAddr,
+		IdentityPublicKeyDer: pubDER, CsrDer: csr, Region: f.region, NonVoter: nonVoter,
+	})
+	if err != nil {
+		return fmt.Errorf("join via %s: %w", peer, rpcError(err))
+	}
+	if tlsutil.Fingerprint(resp.GetCaCertDer()) != tok.CAFingerprint || (seenCA != nil && subtle.ConstantTimeCompare(seenCA, resp.GetCaCertDer()) != 1) {
+		return errors.New("the cluster CA in the join response does not match the join token's fingerprint; refusing")
+	}
+	for _, k := range resp.GetKeks() {
+		kcv, err := h.UnwrapKEK(ctx, k.GetVersion(), k.GetWrapped())
+		if err != nil {
+			return fmt.Errorf("unwrap KEK version %d in this node's HSM: %w", k.GetVersion(), err)
+		}
+		if subtle.ConstantTimeCompare(kcv, k.GetCheckValue()) != 1 {
+			return fmt.Errorf("KEK version %d unwrapped here does not match the cluster's check value; refusing", k.GetVersion())
+		}
+	}
+	if err := os.MkdirAll(tlsDir(f.dataDir), 0o700); err != nil {
+		return err
+	}
+	td := tlsDir(f.dataDir)
+	if err := tlsutil.WriteKeyPEM(filepath.Join(td, "node-key.pem"), nodeKey); err != nil {
+		return err
+	}
+	if err := tlsutil.WriteCertPEM(filepath.Join(td, "node.pem"), resp.GetNodeCertDer(), resp.GetCaCertDer()); err != nil {
+		return err
+	}
+	if err := tlsutil.WriteCertPEM(filepath.Join(td, "ca.pem"), resp.GetCaCertDer()); err != nil {
+		return err
+	}
+	if err := saveNodeConfig(f.dataDir, &nodeConfig{
+		NodeID: f.nodeID, ClusterID: resp.GetClusterId(), APIAddr: f.apiAddr, RaftAddr: f.raftAddr, Region: f.region,
+		HSM: hc, JoinAddrs: []string{peer},
+	}); err != nil {
+		return err
+	}
+	role := "voter"
+	if nonVoter {
+		role = "non-voter"
+	}
+	fmt.Fprintf(out, "Node %s admitted to cluster %s by %s as a %s; KEK versions verified: %d.\n",
+		f.nodeID, resp.GetClusterId(), resp.GetAdmittedBy(), role, len(resp.GetKeks()))
+	fmt.Fprintf(out, "Next: cabinet server --data-dir %s (a server already waiting on this dir starts by itself)\n", f.dataDir)
+	return nil
 }
 
 func joinTokenCreateCmd(f *clientFlags) *cobra.Command {
@@ -416,7 +431,7 @@ func lastContact(role string, ms int64) string {
 func listPeersCmd(f *clientFlags) *cobra.Command {
 	return &cobra.Command{
 		Use:   "list-peers",
-		Short: "List the cluster's Raft members with their role, indexes and health",
+		Short: "List the cluster's Raft members: role, voter, region, gossip health, applied index, last contact, HSM, version",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			conn, ctx, done, err := f.connect(cmd.Context())
@@ -431,13 +446,7 @@ func listPeersCmd(f *clientFlags) *cobra.Command {
 			if f.output == "json" {
 				return printJSON(cmd.OutOrStdout(), resp)
 			}
-			t := newTable(cmd.OutOrStdout())
-			fmt.Fprintln(t, "NODE\tADDRESS\tRAFT ROLE\tVOTER\tAPPLIED\tLAST CONTACT\tHSM\tHEALTHY\tERROR")
-			for _, p := range resp.GetPeers() {
-				fmt.Fprintf(t, "%s\t%s\t%s\t%v\t%d\t%s\t%s\t%v\t%s\n", p.GetNodeId(), p.GetApiAddr(), p.GetRaftRole(), p.GetVoter(),
-					p.GetAppliedIndex(), lastContact(p.GetRaftRole(), p.GetLastContactMs()), p.GetHsmStatus(), p.GetHealthy(), p.GetError())
-			}
-			return t.Flush()
+			return printPeers(cmd.OutOrStdout(), resp.GetPeers())
 		},
 	}
 }

@@ -42,6 +42,10 @@ type serverFlags struct {
 	auditSync    time.Duration
 	raftListen   string
 	apiListen    string
+	metricsAddr  string
+
+	configPath     string
+	validateConfig bool
 }
 
 func newServerCmd() *cobra.Command {
@@ -49,9 +53,15 @@ func newServerCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "server",
 		Short: "Run a Cabinet node (waits for `operator init` or `operator join` to prepare --data-dir)",
-		Args:  cobra.NoArgs,
+		Long: `Run a Cabinet node. It waits for ` + "`operator init`" + ` or ` + "`operator join`" + ` to prepare --data-dir.
+
+Every flag can also be set in a YAML config file (--config, keys are the flag
+names) or with an environment variable CABINET_<FLAG_NAME> (upper case, dashes
+as underscores, e.g. CABINET_DATA_DIR). The command line wins over the
+environment, which wins over the file. docs/CONFIG.md lists every option.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return runServer(cmd.Context(), f)
+			return runServerCommand(cmd, f)
 		},
 	}
 	cmd.Flags().StringVar(&f.dataDir, "data-dir", "", "node data directory (written by operator init/join)")
@@ -69,7 +79,9 @@ func newServerCmd() *cobra.Command {
 	cmd.Flags().StringVar(&f.raftListen, "raft-listen", "", "listen for Raft here instead of the advertised raft address (e.g. behind a proxy)")
 	cmd.Flags().StringVar(&f.apiListen, "api-listen", "", "listen for the API here instead of the advertised API address (e.g. behind a proxy)")
 	cmd.Flags().DurationVar(&f.auditSync, "audit-sync-interval", 100*time.Millisecond, "how often the audit log is fsynced (each record is written at once)")
-	_ = cmd.MarkFlagRequired("data-dir")
+	cmd.Flags().StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics over plain HTTP at this address, e.g. 127.0.0.1:9464 (off when empty)")
+	cmd.Flags().StringVar(&f.configPath, "config", "", "YAML config file whose keys are these flags' names (env CABINET_CONFIG)")
+	cmd.Flags().BoolVar(&f.validateConfig, "validate-config", false, "check the configuration (file, environment, flags), print the effective options and exit")
 	return cmd
 }
 
@@ -159,11 +171,13 @@ func runServer(ctx context.Context, f *serverFlags) error {
 		return err
 	}
 	pcfg.Logger = log.With("component", "hsm")
-	h, err := hsm.OpenPKCS11(ctx, pcfg)
+	pkcs, err := hsm.OpenPKCS11(ctx, pcfg)
 	if err != nil {
 		return fmt.Errorf("open HSM token %q: %w", nc.HSM.TokenLabel, err)
 	}
-	defer h.Close()
+	defer pkcs.Close()
+	reg := newMetricsRegistry()
+	h := newMeteredHSM(pkcs, reg)
 	if _, err := h.EnsureIdentity(ctx); err != nil {
 		return fmt.Errorf("HSM identity key: %w", err)
 	}
@@ -252,7 +266,14 @@ func runServer(ctx context.Context, f *serverFlags) error {
 	if f.maxConns > 0 {
 		apiLn = netutil.LimitListener(apiLn, f.maxConns)
 	}
-	g := srv.NewGRPCServer(tlsutil.ServerConfig(cert, pool))
+	reg.MustRegister(newNodeCollector(node, engine, state, filepath.Join(f.dataDir, "raft")))
+	g := srv.NewGRPCServer(tlsutil.ServerConfig(cert, pool), transport.WithRPCMetrics(transport.NewRPCMetrics(reg)))
+	if f.metricsAddr != "" {
+		if err := serveMetrics(ctx, f.metricsAddr, reg, log.With("component", "metrics")); err != nil {
+			apiLn.Close()
+			return err
+		}
+	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- g.Serve(apiLn) }()
 
@@ -260,6 +281,7 @@ func runServer(ctx context.Context, f *serverFlags) error {
 	defer cancelBG()
 	go srv.WatchHealth(bg, time.Second)
 	go node.RunLeaderLoop(bg, time.Second, srv.ProposeDue)
+	defer startGossip(bg, log, nc, node, state, h, srv)() // server_gossip.go: memberlist, gossip key, dead-voter removal
 	if _, err := os.Stat(filepath.Join(f.dataDir, initFile)); err == nil {
 		go applyPendingInit(bg, log, node, state, f.dataDir)
 	}

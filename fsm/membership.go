@@ -1,0 +1,31 @@
+package fsm
+
+import (
+	"google.golang.org/protobuf/proto"
+
+	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
+)
+
+// applySetGossipKey records memberlist's encryption key, sealed under an
+// ACTIVE KEK version by the proposing leader's HSM (AAD
+// "cabinet/gossip-key/v1" + cluster id; the FSM never sees the plaintext).
+// The leader proposes it once per cluster with a fixed request id, so a
+// second leader that races the first gets the first outcome; a later
+// SET_GOSSIP_KEY with another request id replaces the key (rotation).
+func (s *State) applySetGossipKey(_ *cmdContext, p *fsmpb.SetGossipKey) *fsmpb.Result {
+	if s.cluster == nil {
+		return failf(codePrecondition, msgNotInitialised)
+	}
+	key := p.GetGossipKey()
+	if res := checkBlob("gossip key", key); res != nil {
+		return res
+	}
+	if res := s.checkKEKActive("gossip key", key.GetKekVersion()); res != nil {
+		return res
+	}
+	// Stored records are immutable (readers hold the old pointer).
+	ci := proto.CloneOf(s.cluster)
+	ci.GossipKey = key
+	s.cluster = ci
+	return &fsmpb.Result{}
+}
