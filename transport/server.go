@@ -296,8 +296,14 @@ func (s *Server) lookupKey(ctx context.Context, idOrAlias string) (*fsmpb.KeyRec
 	if idOrAlias == "" {
 		return nil, status.Error(codes.InvalidArgument, "key_id is required (a key id or an alias)")
 	}
-	if k, ok := s.findKey(ctx, idOrAlias); ok {
+	k, ok, err := s.findKeyErr(ctx, idOrAlias)
+	if ok {
 		return k, nil
+	}
+	if err != nil {
+		// The key is not on this replica and the node could not catch up
+		// with the leader: that is "try elsewhere", not "no such key".
+		return nil, status.Errorf(codes.Unavailable, "key %q is not on this node yet and it cannot reach the leader to catch up: %v", idOrAlias, err)
 	}
 	if id, _ := IdentityFrom(ctx); id.Role == roleClient {
 		// No existence oracle for plain principals: a key they cannot see
@@ -308,13 +314,21 @@ func (s *Server) lookupKey(ctx context.Context, idOrAlias string) (*fsmpb.KeyRec
 }
 
 func (s *Server) findKey(ctx context.Context, idOrAlias string) (*fsmpb.KeyRecord, bool) {
+	k, ok, _ := s.findKeyErr(ctx, idOrAlias)
+	return k, ok
+}
+
+// findKeyErr looks locally, then once more after catching up with the
+// leader; err is the catch-up failure when the key is still missing.
+func (s *Server) findKeyErr(ctx context.Context, idOrAlias string) (*fsmpb.KeyRecord, bool, error) {
 	if k, ok := s.cfg.State.Key(idOrAlias); ok {
-		return k, true
+		return k, true, nil
 	}
 	if err := s.cfg.Cluster.CheckRead(ctx, true); err != nil {
-		return nil, false
+		return nil, false, err
 	}
-	return s.cfg.State.Key(idOrAlias)
+	k, ok := s.cfg.State.Key(idOrAlias)
+	return k, ok, nil
 }
 
 func (s *Server) DescribeKey(ctx context.Context, req *cabinetpb.DescribeKeyRequest) (*cabinetpb.DescribeKeyResponse, error) {

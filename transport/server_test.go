@@ -392,3 +392,16 @@ func TestJoinCeremony(t *testing.T) {
 		t.Fatal("joiner accepted a cluster whose CA does not match the pin")
 	}
 }
+
+// A key missing on a node that cannot catch up is "try elsewhere"
+// (Unavailable), never NotFound, which clients do not retry.
+func TestMissingKeyWithoutLeaderIsUnavailable(t *testing.T) {
+	e := newAPIEnv(t)
+	e.cluster.mu.Lock()
+	e.cluster.readErr = cluster.ErrNoLeader
+	e.cluster.mu.Unlock()
+	_, err := cabinetpb.NewKeyServiceClient(e.admin).DescribeKey(context.Background(), &cabinetpb.DescribeKeyRequest{KeyId: "k-aaaaaaaaaaaaaaaaaaaaaaaaaa"})
+	if code(err) != codes.Unavailable {
+		t.Fatalf("got %v, want Unavailable", err)
+	}
+}
