@@ -8,7 +8,7 @@ FUZZTIME ?= 10s
 # a false positive in its page casts; keep checkptr on everywhere else.
 RACE := -race -gcflags='github.com/boltdb/bolt=-d=checkptr=0'
 
-.PHONY: all build cluster cluster-down cluster-clean test test-unit test-integration fuzz proto deps help docs docs-check
+.PHONY: all build cluster cluster-down cluster-clean test test-unit test-integration fuzz proto deps help chaos docs docs-check
 
 all: build
 
@@ -41,6 +41,12 @@ test-unit: ## unit tests only
 
 test-integration: ## integration tests only (real processes, real SoftHSM tokens)
 	$(GO) test -count=1 -v -timeout 15m ./integration/...
+
+SEED ?= $(shell date +%s)
+DURATION ?= 60s
+NODES ?= 3
+chaos: deps ## one randomized fault schedule against a real cluster: make chaos SEED=1 DURATION=60s NODES=3|5 (history in .run/chaos/)
+	CHAOS_SEED=$(SEED) CHAOS_DURATION=$(DURATION) CHAOS_NODES=$(NODES) $(GO) test -count=1 -v -timeout 60m -run '^TestChaos$$' ./integration/
 
 fuzz: ## run every fuzz target for FUZZTIME each
 	@set -e; for pkg in $$($(GO) list ./...); do \

@@ -505,6 +505,8 @@ func TestTypedMethods(t *testing.T) {
 	}
 }
 
+// debugLogger shows the test cluster's logs (Raft elections etc.) when
+// TC_DEBUG is set.
 func debugLogger() *slog.Logger {
 	if os.Getenv("TC_DEBUG") == "" {
 		return nil

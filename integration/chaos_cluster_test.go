@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -41,9 +43,18 @@ func newChaosCluster(t *testing.T, n int, serverArgs ...string) *chaosCluster {
 	cc := &chaosCluster{testCluster: newTestCluster(t, n), pids: map[int]int{}, stopped: map[int]bool{}, hsmAway: map[int]bool{}}
 	cc.serverArgs = serverArgs
 	cc.proxy = newFaultProxy(cc.pidMap)
+	used := map[string]bool{}
+	port := func() string {
+		for {
+			if p := stablePort(t); !used[p] {
+				used[p] = true
+				return p
+			}
+		}
+	}
 	for i, nd := range cc.nodes {
-		cc.apiListen = append(cc.apiListen, freePort(t))
-		cc.raftListen = append(cc.raftListen, freePort(t))
+		cc.apiListen = append(cc.apiListen, port())
+		cc.raftListen = append(cc.raftListen, port())
 		if err := cc.proxy.route(i, nd.raftAddr, cc.raftListen[i]); err != nil {
 			t.Fatal(err)
 		}
@@ -61,6 +72,23 @@ func newChaosCluster(t *testing.T, n int, serverArgs ...string) *chaosCluster {
 		cc.proxy.close()
 	})
 	return cc
+}
+
+// stablePort returns a free 127.0.0.1 port below the kernel's ephemeral
+// range (/proc/sys/net/ipv4/ip_local_port_range, 32768+ by default). A node
+// binds its listen ports again at every restart, and a port from the
+// ephemeral range may meanwhile be taken by some outgoing connection.
+func stablePort(t *testing.T) string {
+	t.Helper()
+	for i := 0; i < 200; i++ {
+		addr := fmt.Sprintf("127.0.0.1:%d", 20000+rand.IntN(12000))
+		if ln, err := net.Listen("tcp", addr); err == nil {
+			ln.Close()
+			return addr
+		}
+	}
+	t.Fatal("no free port below the ephemeral range")
+	return ""
 }
 
 func (cc *chaosCluster) pidMap() map[int]int {

@@ -72,3 +72,48 @@ func TestRegressionConcurrentRotate(t *testing.T) {
 			failures, 2*rounds, k.GetKey().GetPrimaryVersion(), 1+2*rounds)
 	}
 }
+
+// KNOWN BUG (deviation from issue 6's HSM-outage requirement) found by
+// TestChaosFailoverFigures: while a node's token is gone, its status says
+// hsm_status=unavailable and healthy=false ("serves crypto operations now"
+// = false), yet Encrypt with a key whose unwrapped material is in the
+// node's cache keeps succeeding on that node; only keys that need an
+// unwrap (and CreateKey) fail with Unavailable. Issue 6 asks that a node
+// without its HSM fail requests with Unavailable so clients move on, and
+// the health signal and the behaviour should agree either way.
+// Runs only with CABINET_KNOWN_BUGS=1.
+func TestRegressionHSMOutageRefusesCachedKeys(t *testing.T) {
+	if os.Getenv("CABINET_KNOWN_BUGS") == "" {
+		t.Skip("KNOWN BUG (a node reporting its HSM unavailable still encrypts with cached keys); set CABINET_KNOWN_BUGS=1 to run")
+	}
+	cc := newChaosCluster(t, 3)
+	cc.bootstrap()
+	ctx := context.Background()
+	r, err := cc.keys(0).CreateKey(ctx, &cabinetpb.CreateKeyRequest{Spec: cabinetpb.KeySpec_AES_256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := r.GetKey().GetKeyId()
+	const f = 1
+	waitFor(t, 10*time.Second, "node2 serves the key (its material cached)", func() error {
+		_, err := cc.keys(f).Encrypt(ctx, &cabinetpb.EncryptRequest{KeyId: id, Plaintext: []byte("warm")})
+		return err
+	})
+	if err := cc.hsmOutage(f, true); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 30*time.Second, "node2 reports its HSM unavailable", func() error {
+		st, err := cc.nodeStatus(f)
+		if err != nil {
+			return err
+		}
+		if st.GetHealthy() {
+			return fmt.Errorf("still healthy")
+		}
+		return nil
+	})
+	_, err = cc.keys(f).Encrypt(ctx, &cabinetpb.EncryptRequest{KeyId: id, Plaintext: []byte("hsm away")})
+	if status.Code(err).String() != "Unavailable" {
+		t.Errorf("encrypt on a node that reports healthy=false because its HSM is gone: %v, want Unavailable", err)
+	}
+}

@@ -107,6 +107,7 @@ func (c *testCluster) waitPeers(via *node, timeout time.Duration, what string, c
 }
 
 func TestMembershipOnRealCluster(t *testing.T) {
+	start := time.Now()
 	c := newTestCluster(t, 4)
 	c.gossipPorts(t)
 	n1, n2, n3, n4 := c.nodes[0], c.nodes[1], c.nodes[2], c.nodes[3]
@@ -124,6 +125,7 @@ func TestMembershipOnRealCluster(t *testing.T) {
 	c.mustCLI(nil, "key", "create", "--alias", "m", "--addr", n1.apiAddr)
 	ct := strings.TrimSpace(c.mustCLI([]byte("kept across rejoin"), "key", "encrypt", "--key", "m", "--addr", n1.apiAddr))
 
+	t.Logf("%s: %s", time.Since(start).Round(time.Millisecond), "formed")
 	// list-peers: the replica is a non-voter in its region; gossip sees all.
 	c.waitPeers(n2, 30*time.Second, "four members, all alive in gossip", func(ps map[string]peerView) error {
 		if len(ps) != 4 {
@@ -152,6 +154,7 @@ func TestMembershipOnRealCluster(t *testing.T) {
 		}
 	}
 
+	t.Logf("%s: %s", time.Since(start).Round(time.Millisecond), "peers checked")
 	// Leadership transfer, asked through a follower, to a named voter.
 	leader, err := c.leader(c.nodes)
 	if err != nil {
@@ -185,6 +188,7 @@ func TestMembershipOnRealCluster(t *testing.T) {
 	}
 	cancel()
 
+	t.Logf("%s: %s", time.Since(start).Round(time.Millisecond), "transferred")
 	// Gossip reports a killed node dead; list-peers flags it.
 	victim := n3
 	if target == n3 {
@@ -201,6 +205,7 @@ func TestMembershipOnRealCluster(t *testing.T) {
 		t.Fatalf("list-peers does not flag the dead node:\n%s", table)
 	}
 
+	t.Logf("%s: %s", time.Since(start).Round(time.Millisecond), "dead seen")
 	// Remove it (through a follower) and bring it back with one command.
 	c.mustCLI(nil, "operator", "remove", victim.id, "--addr", n4.apiAddr)
 	c.waitPeers(target, 15*time.Second, victim.id+" gone", func(ps map[string]peerView) error {
@@ -215,9 +220,11 @@ func TestMembershipOnRealCluster(t *testing.T) {
 		t.Fatalf("rejoin without confirmation: err=%v stderr=%s", err, errOut)
 	}
 	cancel()
+	t.Logf("%s: %s", time.Since(start).Round(time.Millisecond), "removed")
 	c.mustCLI(nil, "operator", "rejoin", "--data-dir", victim.dataDir, "--token", token, "--peer", target.apiAddr, "--yes")
 	c.start(victim)
 	c.waitHealthy(victim, 60*time.Second)
+	t.Logf("%s: %s", time.Since(start).Round(time.Millisecond), "rejoined healthy")
 	c.waitPeers(target, 30*time.Second, victim.id+" back as a voter", func(ps map[string]peerView) error {
 		p := ps[victim.id]
 		if len(ps) != 4 || !p.Voter || p.Gossip != "alive" {
@@ -230,37 +237,75 @@ func TestMembershipOnRealCluster(t *testing.T) {
 	}
 }
 
-// Two of three voters are lost; the survivor is recovered with
-// recover-quorum and serves the old keys alone.
-func TestRecoverQuorum(t *testing.T) {
-	c := newTestCluster(t, 3)
+// With --autoremove-dead-after the leader removes a dead voter of four (the
+// voters stay at three); then two of the three voters are lost for good and
+// the survivor is recovered with recover-quorum and serves the old keys alone.
+func TestAutoremoveAndRecoverQuorum(t *testing.T) {
+	t.Setenv("CABINET_AUTOREMOVE_DEAD_AFTER", "2s")
+	c := newTestCluster(t, 4)
 	c.gossipPorts(t)
-	c.startThree(t)
-	n1, n2, n3 := c.nodes[0], c.nodes[1], c.nodes[2]
+	c.startThree(t) // all four, as voters
+	n1, n2, n3, n4 := c.nodes[0], c.nodes[1], c.nodes[2], c.nodes[3]
 	c.mustCLI(nil, "key", "create", "--alias", "q", "--addr", n1.apiAddr)
 	ct := strings.TrimSpace(c.mustCLI([]byte("survives"), "key", "encrypt", "--key", "q", "--addr", n1.apiAddr))
-	c.kill(n2)
-	c.kill(n3)
-	c.stop(n1)
+
+	leader, err := c.leader(c.nodes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	victim := n4
+	if leader == n4 {
+		victim = n3
+	}
+	c.waitPeers(leader, 30*time.Second, "gossip sees everyone", func(ps map[string]peerView) error {
+		for id, p := range ps {
+			if p.Gossip != "alive" {
+				return fmt.Errorf("%s gossip %q", id, p.Gossip)
+			}
+		}
+		return nil
+	})
+	c.kill(victim)
+	c.waitPeers(leader, 40*time.Second, victim.id+" removed automatically", func(ps map[string]peerView) error {
+		if _, ok := ps[victim.id]; ok || len(ps) != 3 {
+			return fmt.Errorf("%d peers, %s gossip %q", len(ps), victim.id, ps[victim.id].Gossip)
+		}
+		return nil
+	})
+
+	// Lose two of the three remaining voters; keep a survivor.
+	survivor := n1
+	if victim == n1 {
+		survivor = n2
+	}
+	var lost []*node
+	for _, nd := range c.nodes {
+		if nd != victim && nd != survivor {
+			lost = append(lost, nd)
+			c.kill(nd)
+		}
+	}
+	c.stop(survivor)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if _, errOut, err := c.cli(ctx, nil, "operator", "recover-quorum", "--data-dir", n1.dataDir); err == nil || !strings.Contains(errOut, "--yes-i-understand") {
+	if _, errOut, err := c.cli(ctx, nil, "operator", "recover-quorum", "--data-dir", survivor.dataDir); err == nil || !strings.Contains(errOut, "--yes-i-understand") {
 		t.Fatalf("recover-quorum without confirmation: err=%v stderr=%s", err, errOut)
 	}
-	out, errOut, err := c.cli(ctx, nil, "operator", "recover-quorum", "--data-dir", n1.dataDir, "--survivors", n1.id, "--yes-i-understand")
+	out, errOut, err := c.cli(ctx, nil, "operator", "recover-quorum", "--data-dir", survivor.dataDir, "--survivors", survivor.id, "--yes-i-understand")
 	if err != nil {
 		t.Fatalf("recover-quorum: %v\n%s\n%s", err, out, errOut)
 	}
-	if !strings.Contains(errOut, "drop   "+n2.id) || !strings.Contains(out, "cabinet operator remove "+n3.id) {
+	if !strings.Contains(errOut, "drop   "+lost[0].id) || !strings.Contains(out, "cabinet operator remove "+lost[1].id) {
 		t.Fatalf("recover-quorum output:\n%s\n%s", out, errOut)
 	}
-	c.start(n1)
-	c.waitHealthy(n1, 60*time.Second)
-	if got := c.mustCLI([]byte(ct), "key", "decrypt", "--addr", n1.apiAddr); got != "survives" {
+	c.start(survivor)
+	c.waitHealthy(survivor, 60*time.Second)
+	if got := c.mustCLI([]byte(ct), "key", "decrypt", "--addr", survivor.apiAddr); got != "survives" {
 		t.Fatalf("decrypt after recovery = %q", got)
 	}
-	c.mustCLI(nil, "operator", "remove", n2.id, "--addr", n1.apiAddr)
-	c.mustCLI(nil, "operator", "remove", n3.id, "--addr", n1.apiAddr)
-	c.mustCLI(nil, "key", "create", "--alias", "after", "--addr", n1.apiAddr)
+	for _, nd := range lost {
+		c.mustCLI(nil, "operator", "remove", nd.id, "--addr", survivor.apiAddr)
+	}
+	c.mustCLI(nil, "key", "create", "--alias", "after", "--addr", survivor.apiAddr)
 }

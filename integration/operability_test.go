@@ -251,6 +251,9 @@ func TestOperabilityOnRealCluster(t *testing.T) {
 			}
 		}()
 		c.waitHealth(n1, healthpb.HealthCheckResponse_NOT_SERVING, 30*time.Second)
+		if out, err := exec.Command(c.bin, "healthcheck", "--data-dir", n1.dataDir).CombinedOutput(); err == nil || !strings.Contains(string(out), "NOT_SERVING") {
+			t.Errorf("cabinet healthcheck with the HSM away: %v\n%s", err, out)
+		}
 		if st, err := c.healthStatus(n2, ""); err != nil || st != healthpb.HealthCheckResponse_SERVING {
 			t.Errorf("%s (HSM intact) reports %v, %v", n2.id, st, err)
 		}
@@ -259,6 +262,9 @@ func TestOperabilityOnRealCluster(t *testing.T) {
 		}
 		restored = true
 		c.waitHealth(n1, healthpb.HealthCheckResponse_SERVING, 60*time.Second)
+		if out, err := exec.Command(c.bin, "healthcheck", "--data-dir", n1.dataDir).CombinedOutput(); err != nil {
+			t.Errorf("cabinet healthcheck after recovery: %v\n%s", err, out)
+		}
 		fams, err := scrape(metrics[n1])
 		if err != nil {
 			t.Fatal(err)

@@ -50,7 +50,7 @@ type benchFlags struct {
 }
 
 // benchDefaultOps are the operations the issue sets targets for.
-var benchDefaultOps = []string{"encrypt", "decrypt", "generate-data-key", "batch-encrypt", "sign", "verify", "create-key", "rotate-key"}
+var benchDefaultOps = []string{"echo", "encrypt", "decrypt", "generate-data-key", "batch-encrypt", "sign", "verify", "create-key", "rotate-key", "first-use"}
 
 func newBenchCmd() *cobra.Command {
 	f := &benchFlags{}

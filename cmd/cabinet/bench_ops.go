@@ -27,6 +27,7 @@ type benchCallFn func(ctx context.Context, caller int) (itemErrs int, itemErr st
 const (
 	ceilingEcho     = "echo"      // ceiling (a): Echo with the op's request and response sizes
 	ceilingRaftNoop = "raft-noop" // ceiling (b): ApplyNoop with the op's Raft command size
+	ceilingBareGRPC = "bare-grpc" // the echo op's reference: a bare gRPC server in the bench process
 )
 
 type benchOpDef struct {
@@ -35,6 +36,8 @@ type benchOpDef struct {
 	// prepare creates what the operation needs (keys, ciphertexts), makes one
 	// real request to learn the sizes, and returns the callers' function.
 	prepare func(ctx context.Context, env *benchEnv) (*preparedOp, error)
+	// custom replaces the interleaved runner (first-use).
+	custom func(ctx context.Context, env *benchEnv, prog *benchProgress) benchResult
 }
 
 type preparedOp struct {
@@ -46,9 +49,14 @@ type preparedOp struct {
 	noopPadding     int // raft-noop: ApplyNoop size giving a command of commandBytes
 	noopCommandSize int
 	crypto          *cryptoProbe
+	// ceilingOverride replaces the ceiling of the op's kind (echo op).
+	ceilingOverride benchCallFn
+	ceilingInfo     benchCeiling
+	cleanup         func()
 }
 
 var benchOps = map[string]*benchOpDef{
+	"echo":              {name: "echo", ceiling: ceilingBareGRPC, prepare: prepEcho},
 	"encrypt":           {name: "encrypt", ceiling: ceilingEcho, prepare: prepEncrypt},
 	"decrypt":           {name: "decrypt", ceiling: ceilingEcho, prepare: prepDecrypt},
 	"generate-data-key": {name: "generate-data-key", ceiling: ceilingEcho, prepare: prepDataKey},
@@ -60,11 +68,12 @@ var benchOps = map[string]*benchOpDef{
 	"batch-decrypt":     {name: "batch-decrypt", ceiling: ceilingEcho, prepare: prepBatchDecrypt},
 	"create-key":        {name: "create-key", ceiling: ceilingRaftNoop, prepare: prepCreateKey},
 	"rotate-key":        {name: "rotate-key", ceiling: ceilingRaftNoop, prepare: prepRotateKey},
+	"first-use":         {name: "first-use", ceiling: "warm-use", custom: runFirstUse},
 }
 
 // benchOpOrder is the order of "all" and of the help text.
-var benchOpOrder = []string{"encrypt", "decrypt", "generate-data-key", "re-encrypt", "sign", "verify", "mac",
-	"batch-encrypt", "batch-decrypt", "create-key", "rotate-key"}
+var benchOpOrder = []string{"echo", "encrypt", "decrypt", "generate-data-key", "re-encrypt", "sign", "verify", "mac",
+	"batch-encrypt", "batch-decrypt", "create-key", "rotate-key", "first-use"}
 
 func benchOpNames() []string { return append([]string(nil), benchOpOrder...) }
 
@@ -520,8 +529,10 @@ func ceilingCall(ctx context.Context, env *benchEnv, kind string, p *preparedOp)
 	info := benchCeiling{Kind: kind}
 	n := env.f.concurrency
 	var call benchCallFn
-	switch kind {
-	case ceilingEcho:
+	switch {
+	case p.ceilingOverride != nil:
+		call, info = p.ceilingOverride, p.ceilingInfo
+	case kind == ceilingEcho:
 		pl, rs := echoSizes(p.reqBytes, p.respBytes)
 		reqs := make([]*cabinetpb.EchoRequest, n)
 		body := benchRandom(pl)
@@ -537,7 +548,7 @@ func ceilingCall(ctx context.Context, env *benchEnv, kind string, p *preparedOp)
 			}
 			return 0, "", err
 		}
-	case ceilingRaftNoop:
+	case kind == ceilingRaftNoop:
 		req := &cabinetpb.ApplyNoopRequest{Size: int32(p.noopPadding)}
 		reqs := make([]*cabinetpb.ApplyNoopRequest, n)
 		for i := range reqs {

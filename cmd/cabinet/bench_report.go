@@ -71,8 +71,28 @@ type benchResult struct {
 	CeilingResult benchStats   `json:"ceiling_result"`
 	// Ratio = result.ops_per_sec / ceiling_result.ops_per_sec (requests,
 	// not items); 0 when the ceiling could not be measured.
-	Ratio  float64      `json:"ratio"`
-	Crypto *benchCrypto `json:"crypto"`
+	Ratio float64 `json:"ratio"`
+	// SliceRatios: op/ceiling of each back-to-back slice pair; RatioMedian
+	// and RatioIQR (25th, 75th percentile) say how much noise moved it.
+	SliceRatios []float64  `json:"slice_ratios"`
+	RatioMedian float64    `json:"ratio_median"`
+	RatioIQR    [2]float64 `json:"ratio_iqr"`
+	// CPURatio = ceiling_result.cpu_us_per_op / result.cpu_us_per_op: the
+	// ratio a CPU-bound cluster would reach; steadier than Ratio on a shared
+	// machine. null when CPU time is unknown.
+	CPURatio *float64     `json:"cpu_ratio"`
+	Crypto   *benchCrypto `json:"crypto"`
+	// FirstUse is set for the first-use operation only.
+	FirstUse *benchFirstUse `json:"first_use"`
+}
+
+// benchFirstUse: the first Encrypt with a key version on the target node
+// (cold cache: HSM unwrap) against the second (warm), one caller.
+type benchFirstUse struct {
+	Keys        int     `json:"keys"`
+	CreatedVia  string  `json:"created_via"`
+	ExtraP50MS  float64 `json:"extra_p50_ms"`
+	ExtraMeanMS float64 `json:"extra_mean_ms"`
 }
 
 type benchCeiling struct {
@@ -96,7 +116,10 @@ type benchStats struct {
 	Seconds        float64           `json:"seconds"`
 	OpsPerSec      float64           `json:"ops_per_sec"`
 	ItemsPerSec    float64           `json:"items_per_sec"`
-	LatencyMS      benchLatency      `json:"latency_ms"`
+	// Each slice's ops/s in run order: drift over the run (noise, or a cost
+	// that grows with the state, like versions per key) shows here.
+	SliceOpsPerSec []float64    `json:"slice_ops_per_sec"`
+	LatencyMS      benchLatency `json:"latency_ms"`
 	// CPU time of the bench process and the cluster's node processes
 	// (report.cpu_scope) per successful request, and in cores (CPU seconds
 	// per second of slice); null when the node processes are not on this
@@ -165,7 +188,7 @@ func printBenchTable(w io.Writer, r *benchReport) error {
 	fmt.Fprintf(w, "%d callers, %d connections, payload %d B, batch %d; %gs per operation and %gs of its ceiling, interleaved in %gs slices; %d CPUs here\n\n",
 		s.Concurrency, s.Connections, s.PayloadBytes, s.Batch, s.DurationSeconds, s.DurationSeconds, s.SliceSeconds, r.Machine.NumCPU)
 	t := newTable(w)
-	fmt.Fprintln(t, "OPERATION\tOPS/S\tP50\tP99\tP99.9\tERRORS\tCPU µs/OP\tCEILING\tCEIL OPS/S\tCEIL P50\tCEIL CPU µs/OP\tRATIO")
+	fmt.Fprintln(t, "OPERATION\tOPS/S\tP50\tP99\tP99.9\tERRORS\tCPU µs/OP\tCEILING\tCEIL OPS/S\tCEIL P50\tCEIL CPU µs/OP\tRATIO\t(SLICE IQR)\tCPU RATIO")
 	for _, res := range r.Results {
 		name := res.Op
 		if res.ItemsPerRequest > 1 {
@@ -183,11 +206,21 @@ func printBenchTable(w io.Writer, r *benchReport) error {
 			ceil = fmt.Sprintf("echo %d/%d B", res.Ceiling.RequestBytes, res.Ceiling.ResponseBytes)
 		case res.Ceiling.Kind == ceilingRaftNoop:
 			ceil = fmt.Sprintf("raft-noop %d B", res.Ceiling.CommandBytes)
+		case res.Ceiling.Kind == ceilingBareGRPC:
+			ceil = fmt.Sprintf("bare-grpc %d/%d B", res.Ceiling.RequestBytes, res.Ceiling.ResponseBytes)
 		}
-		fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", name,
+		iqr, cpuRatio := "", "-"
+		if len(res.SliceRatios) > 1 {
+			iqr = fmt.Sprintf("(%.2f-%.2f)", res.RatioIQR[0], res.RatioIQR[1])
+		}
+		if res.CPURatio != nil {
+			cpuRatio = benchFmtRatio(*res.CPURatio)
+		}
+		fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", name,
 			benchFmtRate(res.Result.OpsPerSec), benchFmtMS(res.Result.LatencyMS.P50), benchFmtMS(res.Result.LatencyMS.P99), benchFmtMS(res.Result.LatencyMS.P999),
 			res.Result.Errors+res.Result.ItemErrors, benchFmtOptUS(res.Result.CPUUSPerOp),
-			ceil, benchFmtRate(res.CeilingResult.OpsPerSec), benchFmtMS(res.CeilingResult.LatencyMS.P50), benchFmtOptUS(res.CeilingResult.CPUUSPerOp), benchFmtRatio(res.Ratio))
+			ceil, benchFmtRate(res.CeilingResult.OpsPerSec), benchFmtMS(res.CeilingResult.LatencyMS.P50), benchFmtOptUS(res.CeilingResult.CPUUSPerOp), benchFmtRatio(res.Ratio),
+			iqr, cpuRatio)
 	}
 	if err := t.Flush(); err != nil {
 		return err
@@ -214,6 +247,10 @@ func printBenchTable(w io.Writer, r *benchReport) error {
 			}
 			notes = append(notes, fmt.Sprintf("%s: %d errors (%s); first: %s", res.Op, n, benchSortedCodes(res.Result.ErrorCodes), msg))
 		}
+		if fu := res.FirstUse; fu != nil {
+			notes = append(notes, fmt.Sprintf("first-use: first Encrypt of a key version on the target (cold cache, HSM unwrap) p50 %s vs second %s: +%.2fms p50, +%.2fms mean (%d keys created via %s; one caller)",
+				benchFmtMS(res.Result.LatencyMS.P50), benchFmtMS(res.CeilingResult.LatencyMS.P50), fu.ExtraP50MS, fu.ExtraMeanMS, fu.Keys, fu.CreatedVia))
+		}
 		if c := res.Crypto; c != nil {
 			line := fmt.Sprintf("%s: cost over the ceiling %s µs CPU/op (%s µs wall/op); %s in-process here: %.1f µs/op",
 				res.Op, benchFmtOptUS(c.ExtraCPUUSPerOp), benchFmtOptUS(c.ExtraWallUSPerOp), c.Operation, c.USPerOp)
@@ -229,7 +266,8 @@ func printBenchTable(w io.Writer, r *benchReport) error {
 			fmt.Fprintln(w, "  "+n)
 		}
 	}
-	fmt.Fprintln(w, "\nRATIO = ops/s of the operation / ops/s of its ceiling in the same run (echo: a bare gRPC method with the same message sizes; raft-noop: a no-op Raft command of the same size).")
-	fmt.Fprintf(w, "CPU µs/OP = CPU time per successful request of: %s.\n", r.CPUScope)
+	fmt.Fprintln(w, "\nRATIO = ops/s of the operation / ops/s of its ceiling in the same run (echo: Cabinet's Echo with the same message sizes; raft-noop: a no-op Raft command of the same size; bare-grpc: a bare gRPC server in the bench process; warm-use: the second use of the key).")
+	fmt.Fprintln(w, "SLICE IQR = 25th-75th percentile of the ratio over back-to-back slice pairs (noise).")
+	fmt.Fprintf(w, "CPU µs/OP = CPU time per successful request of: %s; CPU RATIO = ceiling's CPU µs/op / operation's.\n", r.CPUScope)
 	return nil
 }

@@ -33,18 +33,19 @@ type benchCaller struct {
 
 // benchPhase is either the operation or its ceiling over all its slices.
 type benchPhase struct {
-	label     string
-	call      benchCallFn
-	items     int
-	callers   []*benchCaller
-	window    time.Duration // sum of the slices' measured windows
-	slices    int
-	machine   cpuTimes // machine-wide, all slices
-	machineOK bool
-	proc      uint64 // CPU ticks of the bench + node processes, all slices
-	procOK    bool
-	liveOK    atomic.Uint64 // for the progress line
-	liveErr   atomic.Uint64
+	label      string
+	call       benchCallFn
+	items      int
+	callers    []*benchCaller
+	window     time.Duration // sum of the slices' measured windows
+	sliceRates []float64     // successful requests/s of each slice, in order
+	slices     int
+	machine    cpuTimes // machine-wide, all slices
+	machineOK  bool
+	proc       uint64 // CPU ticks of the bench + node processes, all slices
+	procOK     bool
+	liveOK     atomic.Uint64 // for the progress line
+	liveErr    atomic.Uint64
 	// Finished slices only, for the progress line (read while callers run).
 	doneInWindow atomic.Uint64
 	doneWindow   atomic.Int64
@@ -135,6 +136,9 @@ func runSlice(ctx context.Context, ph *benchPhase, dur, grace time.Duration, met
 	for _, c := range ph.callers {
 		in += c.inWindow
 	}
+	if dur > 0 {
+		ph.sliceRates = append(ph.sliceRates, float64(in-ph.doneInWindow.Load())/dur.Seconds())
+	}
 	ph.doneInWindow.Store(in)
 	ph.doneWindow.Store(int64(ph.window))
 	if cpu0.machineOK && cpu1.machineOK {
@@ -197,6 +201,7 @@ func (ph *benchPhase) stats() benchStats {
 		}
 	}
 	s.Errors = s.Requests - s.OK
+	s.SliceOpsPerSec = append([]float64{}, ph.sliceRates...)
 	s.OpsPerSec = ph.rate()
 	s.ItemsPerSec = s.OpsPerSec * float64(ph.items)
 	ms := func(d time.Duration) float64 { return float64(d) / 1e6 }
@@ -218,18 +223,32 @@ func (ph *benchPhase) stats() benchStats {
 	return s
 }
 
+// newBenchResult has every list and map of the JSON schema non-null.
+func newBenchResult(op, ceiling string) benchResult {
+	r := benchResult{Op: op, ItemsPerRequest: 1, Ceiling: benchCeiling{Kind: ceiling}, SliceRatios: []float64{}}
+	for _, s := range []*benchStats{&r.Result, &r.CeilingResult} {
+		s.ErrorCodes, s.SliceOpsPerSec = map[string]uint64{}, []float64{}
+	}
+	return r
+}
+
 // runBenchOp prepares one operation and its ceiling, warms both up, then
 // alternates them slice by slice (op, ceiling, ceiling, op, ...).
 func runBenchOp(ctx context.Context, env *benchEnv, def *benchOpDef, prog *benchProgress) benchResult {
+	if def.custom != nil {
+		return def.custom(ctx, env, prog)
+	}
 	f := env.f
-	res := benchResult{Op: def.name, ItemsPerRequest: 1, Ceiling: benchCeiling{Kind: def.ceiling}}
-	res.Result.ErrorCodes, res.CeilingResult.ErrorCodes = map[string]uint64{}, map[string]uint64{}
+	res := newBenchResult(def.name, def.ceiling)
 	prog.status(func() string { return "preparing" })
 	p, err := def.prepare(ctx, env)
 	if err != nil {
 		res.Error = "setup: " + err.Error()
 		prog.logf("%s: %s", def.name, res.Error)
 		return res
+	}
+	if p.cleanup != nil {
+		defer p.cleanup()
 	}
 	res.ItemsPerRequest, res.RequestBytes, res.ResponseBytes, res.CommandBytes = p.items, p.reqBytes, p.respBytes, p.commandBytes
 	ceilCall, ceilInfo, err := ceilingCall(ctx, env, def.ceiling, p)
@@ -335,6 +354,11 @@ func runBenchOp(ctx context.Context, env *benchEnv, def *benchOpDef, prog *bench
 		res.CeilingResult = cePh.stats()
 		if res.CeilingResult.OpsPerSec > 0 {
 			res.Ratio = res.Result.OpsPerSec / res.CeilingResult.OpsPerSec
+		}
+		res.SliceRatios, res.RatioMedian, res.RatioIQR = sliceRatios(res.Result.SliceOpsPerSec, res.CeilingResult.SliceOpsPerSec)
+		if o, c := res.Result.CPUUSPerOp, res.CeilingResult.CPUUSPerOp; o != nil && c != nil && *o > 0 {
+			r := *c / *o
+			res.CPURatio = &r
 		}
 	}
 	if p.crypto != nil && ctx.Err() == nil {
@@ -523,4 +547,24 @@ func benchSortedCodes(m map[string]uint64) string {
 		out = append(out, fmt.Sprintf("%s %d", e.k, e.v))
 	}
 	return strings.Join(out, ", ")
+}
+
+// sliceRatios pairs each operation slice with the ceiling slice next to it
+// (they alternate op, ceiling, ceiling, op, ... so pair k ran back to back)
+// and returns the ratios, their median and interquartile range: how far
+// machine noise moves the ratio within the run.
+func sliceRatios(op, ceil []float64) ([]float64, float64, [2]float64) {
+	var rs []float64
+	for k := 0; k < len(op) && k < len(ceil); k++ {
+		if ceil[k] > 0 {
+			rs = append(rs, op[k]/ceil[k])
+		}
+	}
+	if len(rs) == 0 {
+		return []float64{}, 0, [2]float64{}
+	}
+	s := append([]float64(nil), rs...)
+	sort.Float64s(s)
+	q := func(p float64) float64 { return s[int(p*float64(len(s)-1)+0.5)] }
+	return rs, q(0.5), [2]float64{q(0.25), q(0.75)}
 }

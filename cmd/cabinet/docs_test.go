@@ -1,7 +1,10 @@
 package main
 
 import (
+	"io/fs"
 	"os"
+	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -71,5 +74,32 @@ func TestParseProtoRejectsWhatItDoesNotUnderstand(t *testing.T) {
 	if len(items) != 4 || items[0].members[0].comment != "X is x." || items[0].members[0].resp != "stream B" ||
 		items[2].members[0].typ != "map<string, string>" || items[2].members[0].comment != "the map" || items[2].members[1].base != "A" {
 		t.Fatalf("parsed %+v", items)
+	}
+}
+
+// TestDocsLinks: every relative link in docs/ points at a file that exists.
+func TestDocsLinks(t *testing.T) {
+	link := regexp.MustCompile(`\]\(([^)#\s]+)(?:#[^)]*)?\)`)
+	err := filepath.WalkDir("../../docs", func(path string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() || !strings.HasSuffix(path, ".md") {
+			return err
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		for _, m := range link.FindAllStringSubmatch(string(b), -1) {
+			target := m[1]
+			if strings.Contains(target, "://") || strings.HasPrefix(target, "mailto:") {
+				continue
+			}
+			if _, err := os.Stat(filepath.Join(filepath.Dir(path), target)); err != nil {
+				t.Errorf("%s links to %s, which does not exist", path, target)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }

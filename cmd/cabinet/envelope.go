@@ -31,6 +31,10 @@ type fileFlags struct {
 
 func addFileFlags(cmd *cobra.Command, f *fileFlags) {
 	addClientFlags(cmd, &f.conn)
+	// These commands use the client library: several endpoints fail over,
+	// and the timeout applies per call, not to the whole file.
+	cmd.PersistentFlags().Lookup("addr").Usage = "Cabinet node addresses, comma-separated, tried in order (env CABINET_ADDR)"
+	cmd.PersistentFlags().Lookup("timeout").Usage = "deadline for each call to Cabinet (not for the whole file)"
 	cmd.Flags().StringArrayVar(&f.contexts, "context", nil, "encryption context pair k=v (repeatable); decrypt-file needs the same pairs")
 	cmd.Flags().BoolVarP(&f.force, "force", "f", false, "overwrite OUT if it exists")
 	cmd.Flags().StringVar(&f.progress, "progress", "auto", "progress bar on stderr: auto (a terminal and a file of 8 MiB or more), always or never")
