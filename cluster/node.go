@@ -282,7 +282,24 @@ func (n *Node) waitLeader(ctx context.Context) (id, apiAddr string, err error) {
 
 // Propose submits cmd to the Raft log through the leader and returns the FSM
 // result. On a follower it forwards the command; the leader stamps the time.
+//
+// A leadership change in the middle is retried (with a short backoff, until
+// LeaderWait has passed): commands carry request ids, so an entry that the
+// old leader appended and that commits anyway is applied once.
 func (n *Node) Propose(ctx context.Context, cmd *fsmpb.Command) (*fsmpb.Result, error) {
+	deadline := time.Now().Add(n.cfg.LeaderWait)
+	idempotent := cmd.GetRequestId() != ""
+	retry := func(attempt int) bool {
+		if time.Now().After(deadline) {
+			return false
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(time.Duration(10*(attempt+1)) * time.Millisecond):
+			return true
+		}
+	}
 	for attempt := 0; ; attempt++ {
 		lid, addr, err := n.waitLeader(ctx)
 		if err != nil {
@@ -290,8 +307,10 @@ func (n *Node) Propose(ctx context.Context, cmd *fsmpb.Command) (*fsmpb.Result, 
 		}
 		if lid == n.cfg.NodeID {
 			res, _, err := n.applyAsLeader(ctx, cmd)
-			if errors.Is(err, ErrNotLeader) && attempt < 3 {
-				continue // lost leadership between the check and the apply
+			// Never appended (not leader): always safe to retry. Appended but
+			// leadership lost: only commands with a request id are safe.
+			if errors.Is(err, ErrNotLeader) && (idempotent || !errors.Is(err, raft.ErrLeadershipLost)) && retry(attempt) {
+				continue
 			}
 			return res, err
 		}
@@ -303,7 +322,7 @@ func (n *Node) Propose(ctx context.Context, cmd *fsmpb.Command) (*fsmpb.Result, 
 			return nil, fmt.Errorf("%w: forwarding is not configured", ErrNotLeader)
 		}
 		resBytes, index, err := n.cfg.Forwarder.ForwardApply(ctx, addr, data)
-		if errors.Is(err, ErrNotLeader) && attempt < 3 {
+		if errors.Is(err, ErrNotLeader) && idempotent && retry(attempt) {
 			continue // the leader we knew just stepped down
 		}
 		if err != nil {
@@ -345,7 +364,7 @@ func (n *Node) applyAsLeader(ctx context.Context, cmd *fsmpb.Command) (*fsmpb.Re
 	f := n.raft.Apply(data, timeout)
 	if err := f.Error(); err != nil {
 		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) || errors.Is(err, raft.ErrLeadershipTransferInProgress) {
-			return nil, 0, fmt.Errorf("%w: %v", ErrNotLeader, err)
+			return nil, 0, fmt.Errorf("%w: %w", ErrNotLeader, err)
 		}
 		if errors.Is(err, raft.ErrEnqueueTimeout) {
 			return nil, 0, fmt.Errorf("%w: %v", ErrNoLeader, err)

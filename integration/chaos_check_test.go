@@ -429,7 +429,18 @@ func checkDurability(cc *chaosCluster, h chaosHistory) []string {
 			if have[id] == nil {
 				out = append(out, fmt.Sprintf("DURABILITY: acknowledged key %s (%s) missing on node%d", id, name, i+1))
 			} else if i == 0 && have[id].GetState() == cabinetpb.KeyState_DISABLED {
-				if _, err := cc.keys(0).EnableKey(ctx, &cabinetpb.KeyRefRequest{KeyId: id}); err != nil {
+				// A write right after the faults are undone may meet an
+				// election: retry (one request id) over the nodes.
+				try := 0
+				err := pollUntil(ctx, 30*time.Second, func() error {
+					try++
+					_, err := cc.keys(try%len(cc.nodes)).EnableKey(ctx, &cabinetpb.KeyRefRequest{KeyId: id, RequestId: "durability-enable-" + id})
+					if err != nil && !retryableCode(err) {
+						return nil
+					}
+					return err
+				})
+				if err != nil {
 					out = append(out, fmt.Sprintf("DURABILITY: cannot enable %s for the decrypt check: %v", id, err))
 				}
 			}
