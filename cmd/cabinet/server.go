@@ -43,6 +43,7 @@ type serverFlags struct {
 	raftListen   string
 	apiListen    string
 	metricsAddr  string
+	gossip       gossipSettings
 
 	configPath     string
 	validateConfig bool
@@ -79,6 +80,10 @@ environment, which wins over the file. docs/CONFIG.md lists every option.`,
 	cmd.Flags().StringVar(&f.raftListen, "raft-listen", "", "listen for Raft here instead of the advertised raft address (e.g. behind a proxy)")
 	cmd.Flags().StringVar(&f.apiListen, "api-listen", "", "listen for the API here instead of the advertised API address (e.g. behind a proxy)")
 	cmd.Flags().DurationVar(&f.auditSync, "audit-sync-interval", 100*time.Millisecond, "how often the audit log is fsynced (each record is written at once)")
+	cmd.Flags().StringVar(&f.gossip.addr, "gossip-addr", "", "memberlist bind address (default: the Raft IP at Raft port + 100)")
+	cmd.Flags().StringSliceVar(&f.gossip.join, "gossip-join", nil, "extra gossip addresses to contact (members are found from the node records anyway)")
+	cmd.Flags().DurationVar(&f.gossip.autoremoveAfter, "autoremove-dead-after", 0, "leader removes voters gossip saw dead this long, only while quorum stays safe and never below 3 voters (0: off)")
+	cmd.Flags().BoolVar(&f.gossip.enabled, "gossip", true, "run memberlist gossip (discovery and failure detection)")
 	cmd.Flags().StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics over plain HTTP at this address, e.g. 127.0.0.1:9464 (off when empty)")
 	cmd.Flags().StringVar(&f.configPath, "config", "", "YAML config file whose keys are these flags' names (env CABINET_CONFIG)")
 	cmd.Flags().BoolVar(&f.validateConfig, "validate-config", false, "check the configuration (file, environment, flags), print the effective options and exit")
@@ -281,7 +286,7 @@ func runServer(ctx context.Context, f *serverFlags) error {
 	defer cancelBG()
 	go srv.WatchHealth(bg, time.Second)
 	go node.RunLeaderLoop(bg, time.Second, srv.ProposeDue)
-	defer startGossip(bg, log, nc, node, state, h, srv)() // server_gossip.go: memberlist, gossip key, dead-voter removal
+	defer startGossip(bg, log, f.gossip, nc, node, state, h, srv)() // server_gossip.go: memberlist, gossip key, dead-voter removal
 	if _, err := os.Stat(filepath.Join(f.dataDir, initFile)); err == nil {
 		go applyPendingInit(bg, log, node, state, f.dataDir)
 	}

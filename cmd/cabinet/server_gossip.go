@@ -4,8 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"os"
-	"strings"
 	"sync"
 	"time"
 
@@ -28,12 +26,12 @@ import (
 //	                                            leader removes voters gossip reports
 //	                                            dead this long (0: off), never below 3
 //	                                            voters nor below a majority of live ones
-//	--gossip / CABINET_GOSSIP=off              disable gossip
+//	--gossip=false / CABINET_GOSSIP=false      disable gossip
 type gossipSettings struct {
 	addr            string
 	join            []string
 	autoremoveAfter time.Duration
-	disabled        bool
+	enabled         bool
 }
 
 const (
@@ -45,26 +43,6 @@ const (
 	gossipTick      = time.Second
 )
 
-func gossipSettingsFromEnv() (gossipSettings, error) {
-	gs := gossipSettings{addr: os.Getenv("CABINET_GOSSIP_ADDR")}
-	for _, a := range strings.Split(os.Getenv("CABINET_GOSSIP_JOIN"), ",") {
-		if a = strings.TrimSpace(a); a != "" {
-			gs.join = append(gs.join, a)
-		}
-	}
-	if v := os.Getenv("CABINET_AUTOREMOVE_DEAD_AFTER"); v != "" {
-		d, err := time.ParseDuration(v)
-		if err != nil || d < 0 {
-			return gs, fmt.Errorf("CABINET_AUTOREMOVE_DEAD_AFTER=%q: want a duration such as 10m", v)
-		}
-		gs.autoremoveAfter = d
-	}
-	switch strings.ToLower(os.Getenv("CABINET_GOSSIP")) {
-	case "off", "false", "0":
-		gs.disabled = true
-	}
-	return gs, nil
-}
 
 // gossipHSM is what gossip needs from the node's HSM.
 type gossipHSM interface {
@@ -105,14 +83,13 @@ func (r *gossipRunner) warnOnce(key, msg string, args ...any) {
 // (announcing the departure). Gossip starts once the replicated state holds
 // the gossip key and this node's HSM unsealed it: nodes without the KEK
 // cannot gossip.
-func startGossip(ctx context.Context, log *slog.Logger, nc *nodeConfig, node *cluster.Node, state *fsm.FSM, h gossipHSM, srv *transport.Server) (stop func()) {
+func startGossip(ctx context.Context, log *slog.Logger, gs gossipSettings, nc *nodeConfig, node *cluster.Node, state *fsm.FSM, h gossipHSM, srv *transport.Server) (stop func()) {
 	log = log.With("component", "gossip")
-	gs, err := gossipSettingsFromEnv()
-	if err != nil {
-		log.Error("gossip settings", "err", err)
+	if gs.autoremoveAfter < 0 {
+		log.Error("--autoremove-dead-after must not be negative; gossip not started")
 		return func() {}
 	}
-	if gs.disabled {
+	if !gs.enabled {
 		log.Info("gossip is disabled")
 		return func() {}
 	}
