@@ -315,7 +315,7 @@ func runClient(ctx context.Context, cc *chaosCluster, cfg chaosConfig, c int, rn
 			pool.mu.Lock()
 			pool.pending++
 			pool.mu.Unlock()
-			op := doWrite(ctx, cc, rng, rec, c, "create", name, "", fmt.Sprintf("chaos-%d-%d-%d", cfg.Seed, c, seq))
+			op := doWrite(cc, rng, rec, c, "create", name, "", fmt.Sprintf("chaos-%d-%d-%d", cfg.Seed, c, seq))
 			pool.mu.Lock()
 			pool.pending--
 			if op.Outcome == "ok" {
@@ -326,22 +326,22 @@ func runClient(ctx context.Context, cc *chaosCluster, cfg chaosConfig, c int, rn
 		case p < 20:
 			name, id := pool.pick(rng)
 			seq++
-			doWrite(ctx, cc, rng, rec, c, "rotate", name, id, fmt.Sprintf("rot-%d-%d-%d", cfg.Seed, c, seq))
+			doWrite(cc, rng, rec, c, "rotate", name, id, fmt.Sprintf("rot-%d-%d-%d", cfg.Seed, c, seq))
 		case p < 28:
 			name, id := pool.pick(rng)
 			seq++
-			doWrite(ctx, cc, rng, rec, c, "disable", name, id, fmt.Sprintf("dis-%d-%d-%d", cfg.Seed, c, seq))
+			doWrite(cc, rng, rec, c, "disable", name, id, fmt.Sprintf("dis-%d-%d-%d", cfg.Seed, c, seq))
 		case p < 38:
 			name, id := pool.pick(rng)
 			seq++
-			doWrite(ctx, cc, rng, rec, c, "enable", name, id, fmt.Sprintf("ena-%d-%d-%d", cfg.Seed, c, seq))
+			doWrite(cc, rng, rec, c, "enable", name, id, fmt.Sprintf("ena-%d-%d-%d", cfg.Seed, c, seq))
 		case p < 40:
 			if rng.Intn(4) != 0 { // revocation is terminal: keep it rare
 				continue
 			}
 			name, id := pool.pick(rng)
 			seq++
-			if doWrite(ctx, cc, rng, rec, c, "revoke", name, id, fmt.Sprintf("rev-%d-%d-%d", cfg.Seed, c, seq)).Outcome == "ok" {
+			if doWrite(cc, rng, rec, c, "revoke", name, id, fmt.Sprintf("rev-%d-%d-%d", cfg.Seed, c, seq)).Outcome == "ok" {
 				pool.mu.Lock()
 				pool.revoked[name] = true
 				pool.mu.Unlock()
@@ -378,8 +378,9 @@ func (p *keyPool) pick(rng *rand.Rand) (string, string) {
 }
 
 // doWrite retries one write with one request id over random nodes until a
-// definite answer or its budget runs out (then its effect is unknown).
-func doWrite(ctx context.Context, cc *chaosCluster, rng *rand.Rand, rec *recorder, c int, kind, name, keyID, reqID string) chaosOp {
+// definite answer or its budget runs out (then its effect is unknown). It
+// does not stop at the end of the run: a started write gets its answer.
+func doWrite(cc *chaosCluster, rng *rand.Rand, rec *recorder, c int, kind, name, keyID, reqID string) chaosOp {
 	op := chaosOp{Client: c, Kind: kind, Key: name, KeyID: keyID, RequestID: reqID, Call: rec.now()}
 	budget := time.Now().Add(8 * time.Second)
 	var lastErr error
@@ -436,7 +437,6 @@ func doWrite(ctx context.Context, cc *chaosCluster, rng *rand.Rand, rec *recorde
 		op.Code, op.Err = status.Code(lastErr).String(), status.Convert(lastErr).Message()
 	}
 	rec.add(op)
-	_ = ctx
 	return op
 }
 

@@ -63,9 +63,14 @@ run on the same server, interleaved with the operation in short slices:
       request/response sizes as the operation) that does no work;
   (b) ApplyNoop, a no-op Raft command of the size of the operation's command,
       through the same leader, stores and transport (create-key, rotate-key).
+The echo operation compares Echo itself with a bare gRPC server started in this
+process (what a node's per-request machinery costs); first-use compares the
+first Encrypt with a key version on the target node (HSM unwrap) with the second.
 It creates the keys and ciphertexts each operation needs first, then runs
 --concurrency callers over --connections gRPC connections for --duration per
 operation and as long again for its ceiling, alternating --slice-long slices.
+Sign and verify also time the same Go crypto in this process, to compare with
+their cost over the ceiling. Method and JSON schema: docs/PERFORMANCE.md.
 
 Operations: ` + strings.Join(benchOpNames(), ", ") + ` (or "all").
 --target: leader, follower (a node whose status is follower), all, or an API address.
@@ -87,7 +92,7 @@ leaves the keys it created (description "cabinet-bench <run id>").`,
 	fl.StringVar(&f.clientCert, "client-cert", os.Getenv("CABINET_CLIENT_CERT"), "admin client certificate PEM (env CABINET_CLIENT_CERT)")
 	fl.StringVar(&f.clientKey, "client-key", os.Getenv("CABINET_CLIENT_KEY"), "client private key PEM (env CABINET_CLIENT_KEY)")
 	fl.StringVarP(&f.output, "output", "o", "table", "report format: table or json (progress goes to stderr)")
-	fl.DurationVar(&f.timeout, "timeout", 10*time.Second, "deadline of each setup request; requests still running this long after their slice ended are cancelled and counted as errors")
+	fl.DurationVar(&f.timeout, "timeout", 10*time.Second, "deadline of each setup request; a request still running this long (at most 5s) after its slice ended is cancelled and counted as an error")
 	fl.StringSliceVar(&f.ops, "ops", benchDefaultOps, "operations to measure, in order (or \"all\")")
 	fl.IntVar(&f.payload, "payload", 1024, "plaintext/message bytes per item (1..65536)")
 	fl.IntVar(&f.concurrency, "concurrency", 64, "concurrent callers")
@@ -104,8 +109,8 @@ leaves the keys it created (description "cabinet-bench <run id>").`,
 	fl.StringVar(&f.cpuProfile, "cpuprofile", "", "write a CPU profile of this bench process to FILE")
 	fl.BoolVar(&f.local, "local", false, "start a throwaway local 3-node cluster on SoftHSM (this binary), bench it, stop it")
 	fl.BoolVar(&f.localKeep, "local-keep", false, "with --local: keep the cluster's temp dir (data, tokens, logs) afterwards")
-	fl.StringArrayVar(&f.localServerArgs, "local-server-arg", nil, "with --local: extra flag for every `cabinet server` (repeatable), e.g. --local-server-arg=--log-level=warn")
-	fl.StringVar(&f.serverProfile, "server-cpuprofile", "", "with --local: each server writes a CPU profile to DIR/<node>.pprof when it stops")
+	fl.StringArrayVar(&f.localServerArgs, "local-server-arg", nil, "with --local: extra flag for every local server (repeatable), e.g. --local-server-arg=--log-level=warn")
+	fl.StringVar(&f.serverProfile, "server-cpuprofile", "", "with --local: each server writes a CPU profile of the run to DIR/<node>.pprof")
 	return cmd
 }
 

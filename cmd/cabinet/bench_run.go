@@ -264,7 +264,7 @@ func runBenchOp(ctx context.Context, env *benchEnv, def *benchOpDef, prog *bench
 	grace := min(f.timeout, 5*time.Second)
 	conc := f.concurrency
 
-	// Warm-up: connections, caches, JIT-free but not allocation-free paths.
+	// Warm-up (not measured): connections, TLS, the nodes' key caches.
 	if f.warmup > 0 {
 		w := newPhase("warm-up", p.call, p.items, conc)
 		prog.status(func() string { return fmt.Sprintf("warm-up  %d ok  %d errors", w.liveOK.Load(), w.liveErr.Load()) })
