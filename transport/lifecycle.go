@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/pem"
 	"fmt"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -127,14 +128,48 @@ func (s *Server) rotateCommand(ctx context.Context, k *fsmpb.KeyRecord, automati
 	return &fsmpb.RotateKey{KeyId: k.GetKeyId(), Version: v, Material: blob, PublicKeyDer: pub, Automatic: automatic}, nil
 }
 
+// RotateKey adds a version. The version number is bound into the sealed
+// material, so it is chosen here; when a concurrent rotation through another
+// node took that number first, the FSM refuses ("already exists") and this
+// node catches up and tries the next number. Attempt i is proposed under the
+// request id base, base#1, base#2...: a client retrying with the same request
+// id replays the same sequence and lands on the same outcome (exactly once).
 func (s *Server) RotateKey(ctx context.Context, req *cabinetpb.KeyRefRequest) (*cabinetpb.KeyResponse, error) {
-	// Catch up first so the version number we build is the next one.
-	if err := s.cfg.Cluster.CheckRead(ctx, true); err != nil {
-		return nil, toStatus(err)
+	k, err := s.lookupKey(ctx, req.GetKeyId())
+	if err != nil {
+		return nil, err
 	}
-	return s.keyWrite(ctx, req.GetKeyId(), req.GetRequestId(), fsmpb.CommandType_COMMAND_TYPE_ROTATE_KEY, func(k *fsmpb.KeyRecord) (proto.Message, error) {
-		return s.rotateCommand(ctx, k, false)
-	})
+	noteKey(ctx, k.GetKeyId(), 0)
+	base := requestID(ctx, req.GetRequestId())
+	const maxAttempts = 8
+	for attempt := 0; ; attempt++ {
+		// Catch up first so the version number we build is the next one.
+		if err := s.cfg.Cluster.CheckRead(ctx, true); err != nil {
+			return nil, toStatus(err)
+		}
+		cur, ok := s.cfg.State.Key(k.GetKeyId())
+		if !ok {
+			return nil, status.Errorf(codes.NotFound, "key %s no longer exists", k.GetKeyId())
+		}
+		cmd, err := s.rotateCommand(ctx, cur, false)
+		if err != nil {
+			return nil, err
+		}
+		reqID := base
+		if attempt > 0 {
+			reqID = fmt.Sprintf("%s#%d", base, attempt)
+		}
+		res, err := s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_ROTATE_KEY, cmd, reqID, principal(ctx))
+		if err != nil && attempt+1 < maxAttempts && status.Code(err) == codes.FailedPrecondition &&
+			strings.Contains(status.Convert(err).Message(), "already exists on key") {
+			continue // a concurrent rotation took this version number
+		}
+		if err != nil {
+			return nil, err
+		}
+		noteKey(ctx, k.GetKeyId(), res.GetKey().GetPrimaryVersion())
+		return &cabinetpb.KeyResponse{Key: keyToAPI(res.GetKey())}, nil
+	}
 }
 
 func (s *Server) SetRotationPolicy(ctx context.Context, req *cabinetpb.SetRotationPolicyRequest) (*cabinetpb.KeyResponse, error) {
