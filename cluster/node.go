@@ -135,6 +135,7 @@ type Node struct {
 	compactions    atomic.Uint64 // runs started (tests)
 	compactKick    chan struct{} // wakes autoCompact (CompactAfter set)
 	bg             sync.WaitGroup
+	fresh          freshness
 	// Test hooks, set before the node is used.
 	compactHook        func() // called at the start of each run
 	compactSkipRewrite bool   // skip step 3 (rewrite of raft.db)
@@ -204,6 +205,8 @@ func Open(cfg Config) (*Node, error) {
 		return nil, fmt.Errorf("start raft: %w", err)
 	}
 	n.raft = r
+	n.bg.Add(1)
+	go n.runFreshness()
 	if n.compactKick != nil {
 		n.bg.Add(1)
 		go n.autoCompact()
@@ -424,6 +427,12 @@ func (n *Node) CheckRead(ctx context.Context, strong bool) error {
 			return ErrStale
 		}
 		if id, _ := n.raft.LeaderWithID(); id == "" {
+			return ErrStale
+		}
+		// Contact alone is not enough (see freshness.go): the node must have
+		// applied a leader commit index learnt within MaxStaleness.
+		if n.cfg.Forwarder != nil && !n.fresh.fresh(time.Now(), n.cfg.MaxStaleness, n.cfg.FSM.AppliedIndex()) &&
+			!n.fresh.fresh(time.Now(), n.cfg.MaxStaleness, n.raft.AppliedIndex()) {
 			return ErrStale
 		}
 		return nil

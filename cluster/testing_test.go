@@ -193,15 +193,23 @@ func (c *testCluster) open(tn *testNode) {
 	if err != nil {
 		c.t.Fatal(err)
 	}
+	// Under the forwarder's lock: nodes' background read-index calls look
+	// nodes up concurrently.
+	c.fwd.mu.Lock()
 	tn.node, tn.stopped = node, false
+	c.fwd.mu.Unlock()
 }
 
 func (c *testCluster) stop(tn *testNode) {
+	c.fwd.mu.Lock()
 	if tn.stopped || tn.node == nil {
+		c.fwd.mu.Unlock()
 		return
 	}
 	tn.stopped = true
-	_ = tn.node.Shutdown()
+	node := tn.node
+	c.fwd.mu.Unlock()
+	_ = node.Shutdown()
 }
 
 func (c *testCluster) restart(tn *testNode) {

@@ -3,7 +3,6 @@ package integration
 import (
 	"context"
 	"fmt"
-	"os"
 	"sync"
 	"testing"
 	"time"
@@ -27,12 +26,9 @@ import (
 // Expected: every rotation succeeds (the server re-prepares the version on a
 // conflict), or the conflict is returned as Aborted so clients retry.
 //
-// It fails today, so it runs only with CABINET_KNOWN_BUGS=1 (CI stays
-// green; the owners of cluster/ and transport/ run it when fixing).
+// Fixed: transport.RotateKey catches up and takes the next version number
+// on a conflict, with deterministic internal request ids.
 func TestRegressionConcurrentRotate(t *testing.T) {
-	if os.Getenv("CABINET_KNOWN_BUGS") == "" {
-		t.Skip("KNOWN BUG (concurrent RotateKey -> FailedPrecondition 'version N already exists'); set CABINET_KNOWN_BUGS=1 to run")
-	}
 	cc := newChaosCluster(t, 3)
 	cc.bootstrap()
 	ctx := context.Background()
@@ -81,11 +77,8 @@ func TestRegressionConcurrentRotate(t *testing.T) {
 // unwrap (and CreateKey) fail with Unavailable. Issue 6 asks that a node
 // without its HSM fail requests with Unavailable so clients move on, and
 // the health signal and the behaviour should agree either way.
-// Runs only with CABINET_KNOWN_BUGS=1.
+// Fixed: the health watcher's HSM check gates every crypto operation.
 func TestRegressionHSMOutageRefusesCachedKeys(t *testing.T) {
-	if os.Getenv("CABINET_KNOWN_BUGS") == "" {
-		t.Skip("KNOWN BUG (a node reporting its HSM unavailable still encrypts with cached keys); set CABINET_KNOWN_BUGS=1 to run")
-	}
 	cc := newChaosCluster(t, 3)
 	cc.bootstrap()
 	ctx := context.Background()

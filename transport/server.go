@@ -14,6 +14,7 @@ import (
 	"net"
 	"regexp"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -144,6 +145,11 @@ type Server struct {
 
 	health  *health.Server
 	limiter *principalLimiter
+	// hsmDown is set by the health watcher when this node's HSM fails its
+	// health check: crypto is then refused (Unavailable) even for keys in
+	// the cache, so clients move to a healthy node and behaviour matches
+	// what health reports.
+	hsmDown atomic.Bool
 
 	membership membershipState // gossip view (membership.go)
 }
@@ -210,6 +216,9 @@ func (s *Server) kekStatus(ctx context.Context) (uint32, bool, string) {
 
 // readyForCrypto gates every crypto operation: KEK proven, fresh enough.
 func (s *Server) readyForCrypto(ctx context.Context, c cabinetpb.Consistency) error {
+	if s.hsmDown.Load() {
+		return status.Errorf(codes.Unavailable, "node %s cannot reach its HSM; use another node", s.cfg.NodeID)
+	}
 	if err := s.cfg.State.Halted(); err != nil {
 		return status.Errorf(codes.Unavailable, "node %s stopped applying the log (upgrade it): %v", s.cfg.NodeID, err)
 	}
@@ -382,8 +391,10 @@ func (s *Server) localStatus(ctx context.Context) *cabinetpb.StatusResponse {
 	if err := s.cfg.HSM.Health(hctx); err != nil {
 		out.HsmStatus, out.HsmError = "unavailable", err.Error()
 		out.UnhealthyReasons = append(out.UnhealthyReasons, "HSM unavailable")
+		s.hsmDown.Store(true)
 	} else {
 		out.HsmStatus = "ok"
+		s.hsmDown.Store(false)
 	}
 	if err := s.cfg.State.Halted(); err != nil {
 		out.UnhealthyReasons = append(out.UnhealthyReasons, "state machine halted: "+err.Error())
