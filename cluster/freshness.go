@@ -30,6 +30,9 @@ type freshMark struct {
 type freshness struct {
 	mu    sync.Mutex
 	marks []freshMark // oldest first, at most maxMarks
+	// refreshing serialises on-demand refreshes so a burst of requests on a
+	// stale node costs one read-index round trip, not one each.
+	refreshing sync.Mutex
 }
 
 const maxMarks = 16
@@ -93,7 +96,40 @@ func (n *Node) runFreshness() {
 		cancel()
 		if err == nil {
 			n.fresh.add(freshMark{sent: sent, index: idx})
-			// Wake readers waiting for this index promptly.
 		}
 	}
+}
+
+// refreshNow is the on-demand path of a bounded-staleness read on a follower
+// whose marks are too old (e.g. right after a leader change): one read-index
+// round trip to the leader, then wait to apply it. Concurrent callers share
+// the round trip.
+func (n *Node) refreshNow(ctx context.Context) error {
+	n.fresh.refreshing.Lock()
+	defer n.fresh.refreshing.Unlock()
+	if n.isFresh() {
+		return nil
+	}
+	_, addr := n.Leader()
+	if addr == "" || n.cfg.Forwarder == nil {
+		return ErrStale
+	}
+	rctx, cancel := context.WithTimeout(ctx, n.cfg.MaxStaleness)
+	defer cancel()
+	sent := time.Now()
+	idx, err := n.cfg.Forwarder.ReadIndex(rctx, addr)
+	if err != nil {
+		return ErrStale
+	}
+	n.fresh.add(freshMark{sent: sent, index: idx})
+	if err := n.applied.wait(rctx, idx); err != nil {
+		return ErrStale
+	}
+	return nil
+}
+
+func (n *Node) isFresh() bool {
+	now := time.Now()
+	return n.fresh.fresh(now, n.cfg.MaxStaleness, n.cfg.FSM.AppliedIndex()) ||
+		n.fresh.fresh(now, n.cfg.MaxStaleness, n.raft.AppliedIndex())
 }

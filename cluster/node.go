@@ -430,10 +430,10 @@ func (n *Node) CheckRead(ctx context.Context, strong bool) error {
 			return ErrStale
 		}
 		// Contact alone is not enough (see freshness.go): the node must have
-		// applied a leader commit index learnt within MaxStaleness.
-		if n.cfg.Forwarder != nil && !n.fresh.fresh(time.Now(), n.cfg.MaxStaleness, n.cfg.FSM.AppliedIndex()) &&
-			!n.fresh.fresh(time.Now(), n.cfg.MaxStaleness, n.raft.AppliedIndex()) {
-			return ErrStale
+		// applied a leader commit index learnt within MaxStaleness; if its
+		// marks are too old it fetches one now (one round trip).
+		if n.cfg.Forwarder != nil && !n.isFresh() {
+			return n.refreshNow(ctx)
 		}
 		return nil
 	default:

@@ -43,7 +43,6 @@ const (
 	gossipTick      = time.Second
 )
 
-
 // gossipHSM is what gossip needs from the node's HSM.
 type gossipHSM interface {
 	Seal(ctx context.Context, kekVersion uint32, plaintext, aad []byte) ([]byte, error)
