@@ -168,10 +168,7 @@ func porcupineOps(h chaosHistory) []porcupine.Operation {
 		case "decrypt":
 			continue
 		}
-		code := op.Code
-		if isRotateConflict(op) {
-			code = "RotateConflict" // known bug, counted separately
-		}
+		code := op.Code // rotate conflicts are no longer special: finding 1 is fixed
 		ret := op.Return
 		if op.Outcome == "unknown" {
 			ret = math.MaxInt64

@@ -272,7 +272,7 @@ func historyStats(h chaosHistory) string {
 			conflicts++
 		}
 	}
-	return fmt.Sprintf("%d ops (ok/fail/unknown): %s; rotate conflicts (known bug): %d", len(h.Ops), strings.Join(parts, " "), conflicts)
+	return fmt.Sprintf("%d ops (ok/fail/unknown): %s; rotate conflicts (finding 1, fixed; expect 0): %d", len(h.Ops), strings.Join(parts, " "), conflicts)
 }
 
 func saveHistory(t *testing.T, h chaosHistory) string {
