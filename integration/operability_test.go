@@ -188,6 +188,7 @@ func TestOperabilityOnRealCluster(t *testing.T) {
 		check("cabinet_unwrap_cache_misses_total", nil, atLeast(1), ">= 1")
 		check("cabinet_unwrap_cache_size", nil, atLeast(1), ">= 1")
 		check("cabinet_keys", nil, atLeast(1), ">= 1")
+		check("cabinet_gossip_members", map[string]string{"state": "alive"}, atLeast(0), "present")
 		check("cabinet_build_info", nil, atLeast(1), "1")
 		check("go_goroutines", nil, atLeast(1), "> 0")
 		leaders := 0.0

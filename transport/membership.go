@@ -197,3 +197,17 @@ func (s *Server) TransferLeadership(ctx context.Context, req *cabinetpb.Transfer
 
 // GossipKeyAAD binds the sealed gossip key to its cluster.
 func GossipKeyAAD(clusterID string) []byte { return []byte("cabinet/gossip-key/v1\x00" + clusterID) }
+
+// GossipMembers counts the Raft configuration's members by gossip health
+// (alive, suspect, dead, unknown), for metrics.
+func (s *Server) GossipMembers() map[string]int {
+	out := map[string]int{}
+	servers, err := s.cfg.Cluster.Servers()
+	if err != nil {
+		return out
+	}
+	for _, srv := range servers {
+		out[s.gossipHealth(srv.ID)]++
+	}
+	return out
+}

@@ -272,6 +272,7 @@ func runServer(ctx context.Context, f *serverFlags) error {
 		apiLn = netutil.LimitListener(apiLn, f.maxConns)
 	}
 	reg.MustRegister(newNodeCollector(node, engine, state, filepath.Join(f.dataDir, "raft")))
+	reg.MustRegister(newGossipCollector(srv.GossipMembers))
 	g := srv.NewGRPCServer(tlsutil.ServerConfig(cert, pool), transport.WithRPCMetrics(transport.NewRPCMetrics(reg)))
 	if f.metricsAddr != "" {
 		if err := serveMetrics(ctx, f.metricsAddr, reg, log.With("component", "metrics")); err != nil {
