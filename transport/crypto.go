@@ -199,52 +199,53 @@ func checkBatch(n int) error {
 	return nil
 }
 
-func (s *Server) BatchEncrypt(ctx context.Context, req *cabinetpb.BatchEncryptRequest) (*cabinetpb.BatchEncryptResponse, error) {
-	if err := checkBatch(len(req.GetItems())); err != nil {
+// runBatch calls one handler per item and turns each outcome into a
+// per-item result: one bad item never fails the rest.
+func runBatch[Req, Resp, Res any](ctx context.Context, items []Req, call func(context.Context, Req) (Resp, error), result func(Resp, *cabinetpb.ItemError) Res) ([]Res, error) {
+	if err := checkBatch(len(items)); err != nil {
 		return nil, err
 	}
-	out := &cabinetpb.BatchEncryptResponse{Results: make([]*cabinetpb.BatchEncryptResult, len(req.GetItems()))}
-	for i, it := range req.GetItems() {
-		r, err := s.Encrypt(ctx, it)
+	out := make([]Res, len(items))
+	for i, it := range items {
+		r, err := call(ctx, it)
 		if err != nil {
-			out.Results[i] = &cabinetpb.BatchEncryptResult{Error: itemError(err)}
+			var zero Resp
+			out[i] = result(zero, itemError(err))
 			continue
 		}
-		out.Results[i] = &cabinetpb.BatchEncryptResult{Response: r}
+		out[i] = result(r, nil)
 	}
 	return out, nil
+}
+
+func (s *Server) BatchEncrypt(ctx context.Context, req *cabinetpb.BatchEncryptRequest) (*cabinetpb.BatchEncryptResponse, error) {
+	res, err := runBatch(ctx, req.GetItems(), s.Encrypt, func(r *cabinetpb.EncryptResponse, e *cabinetpb.ItemError) *cabinetpb.BatchEncryptResult {
+		return &cabinetpb.BatchEncryptResult{Response: r, Error: e}
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &cabinetpb.BatchEncryptResponse{Results: res}, nil
 }
 
 func (s *Server) BatchDecrypt(ctx context.Context, req *cabinetpb.BatchDecryptRequest) (*cabinetpb.BatchDecryptResponse, error) {
-	if err := checkBatch(len(req.GetItems())); err != nil {
+	res, err := runBatch(ctx, req.GetItems(), s.Decrypt, func(r *cabinetpb.DecryptResponse, e *cabinetpb.ItemError) *cabinetpb.BatchDecryptResult {
+		return &cabinetpb.BatchDecryptResult{Response: r, Error: e}
+	})
+	if err != nil {
 		return nil, err
 	}
-	out := &cabinetpb.BatchDecryptResponse{Results: make([]*cabinetpb.BatchDecryptResult, len(req.GetItems()))}
-	for i, it := range req.GetItems() {
-		r, err := s.Decrypt(ctx, it)
-		if err != nil {
-			out.Results[i] = &cabinetpb.BatchDecryptResult{Error: itemError(err)}
-			continue
-		}
-		out.Results[i] = &cabinetpb.BatchDecryptResult{Response: r}
-	}
-	return out, nil
+	return &cabinetpb.BatchDecryptResponse{Results: res}, nil
 }
 
 func (s *Server) BatchReEncrypt(ctx context.Context, req *cabinetpb.BatchReEncryptRequest) (*cabinetpb.BatchReEncryptResponse, error) {
-	if err := checkBatch(len(req.GetItems())); err != nil {
+	res, err := runBatch(ctx, req.GetItems(), s.ReEncrypt, func(r *cabinetpb.ReEncryptResponse, e *cabinetpb.ItemError) *cabinetpb.BatchReEncryptResult {
+		return &cabinetpb.BatchReEncryptResult{Response: r, Error: e}
+	})
+	if err != nil {
 		return nil, err
 	}
-	out := &cabinetpb.BatchReEncryptResponse{Results: make([]*cabinetpb.BatchReEncryptResult, len(req.GetItems()))}
-	for i, it := range req.GetItems() {
-		r, err := s.ReEncrypt(ctx, it)
-		if err != nil {
-			out.Results[i] = &cabinetpb.BatchReEncryptResult{Error: itemError(err)}
-			continue
-		}
-		out.Results[i] = &cabinetpb.BatchReEncryptResult{Response: r}
-	}
-	return out, nil
+	return &cabinetpb.BatchReEncryptResponse{Results: res}, nil
 }
 
 func parseSigning(alg string, mt cabinetpb.MessageType) (keyops.SigningAlgorithm, keyops.MessageType, error) {
