@@ -159,31 +159,10 @@ starts from the snapshot with this node as the single voter. Then:
 			if err != nil {
 				return fmt.Errorf("replace the old nodes in the state: %w", err)
 			}
-			if err := os.MkdirAll(tlsDir(f.dataDir), 0o700); err != nil {
-				return err
-			}
 			if err := cluster.SeedFromSnapshot(filepath.Join(f.dataDir, "raft"), f.nodeID, f.raftAddr, data); err != nil {
 				return fmt.Errorf("seed Raft from the snapshot: %w", err)
 			}
-			nodeKey, csr, err := tlsutil.NewNodeKey(f.nodeID)
-			if err != nil {
-				return err
-			}
-			nodeCert, err := ca.IssueNode(csr, f.nodeID, ips, now)
-			if err != nil {
-				return err
-			}
-			td := tlsDir(f.dataDir)
-			if err := tlsutil.WriteKeyPEM(filepath.Join(td, "node-key.pem"), nodeKey); err != nil {
-				return err
-			}
-			if err := tlsutil.WriteCertPEM(filepath.Join(td, "node.pem"), nodeCert, ca.CertDER); err != nil {
-				return err
-			}
-			if err := tlsutil.WriteCertPEM(filepath.Join(td, "ca.pem"), ca.CertDER); err != nil {
-				return err
-			}
-			if err := writeClientCreds(adminOut, ca, "admin", tlsutil.RoleAdmin, now); err != nil {
+			if err := writeFirstNodeCreds(f.dataDir, f.nodeID, ips, ca, adminOut, now); err != nil {
 				return err
 			}
 			// node.json last: a server waiting on this dir starts once it appears.

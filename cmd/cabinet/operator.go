@@ -151,28 +151,7 @@ admin client certificate (written to --admin-out). Start the node with
 			if err != nil {
 				return fmt.Errorf("seal the CA key under the KEK: %w", err)
 			}
-			if err := os.MkdirAll(tlsDir(f.dataDir), 0o700); err != nil {
-				return err
-			}
-			nodeKey, csr, err := tlsutil.NewNodeKey(f.nodeID)
-			if err != nil {
-				return err
-			}
-			nodeCert, err := ca.IssueNode(csr, f.nodeID, ips, now)
-			if err != nil {
-				return err
-			}
-			td := tlsDir(f.dataDir)
-			if err := tlsutil.WriteKeyPEM(filepath.Join(td, "node-key.pem"), nodeKey); err != nil {
-				return err
-			}
-			if err := tlsutil.WriteCertPEM(filepath.Join(td, "node.pem"), nodeCert, ca.CertDER); err != nil {
-				return err
-			}
-			if err := tlsutil.WriteCertPEM(filepath.Join(td, "ca.pem"), ca.CertDER); err != nil {
-				return err
-			}
-			if err := writeClientCreds(adminOut, ca, "admin", tlsutil.RoleAdmin, now); err != nil {
+			if err := writeFirstNodeCreds(f.dataDir, f.nodeID, ips, ca, adminOut, now); err != nil {
 				return err
 			}
 			initCmd, err := fsm.NewCommand(fsmpb.CommandType_COMMAND_TYPE_INIT_CLUSTER, &fsmpb.InitCluster{
@@ -206,6 +185,34 @@ admin client certificate (written to --admin-out). Start the node with
 	addNodeFlags(cmd, f)
 	cmd.Flags().StringVar(&adminOut, "admin-out", "", "directory for the first admin's credentials (ca.pem, admin.pem, admin-key.pem)")
 	return cmd
+}
+
+// writeFirstNodeCreds gives the first node of a cluster (init, or a
+// disaster-recovery restore) its TLS key and certificate signed by ca, the
+// CA certificate, and the first admin's credentials in adminOut.
+func writeFirstNodeCreds(dataDir, nodeID string, ips []net.IP, ca *tlsutil.CA, adminOut string, now time.Time) error {
+	td := tlsDir(dataDir)
+	if err := os.MkdirAll(td, 0o700); err != nil {
+		return err
+	}
+	nodeKey, csr, err := tlsutil.NewNodeKey(nodeID)
+	if err != nil {
+		return err
+	}
+	nodeCert, err := ca.IssueNode(csr, nodeID, ips, now)
+	if err != nil {
+		return err
+	}
+	if err := tlsutil.WriteKeyPEM(filepath.Join(td, "node-key.pem"), nodeKey); err != nil {
+		return err
+	}
+	if err := tlsutil.WriteCertPEM(filepath.Join(td, "node.pem"), nodeCert, ca.CertDER); err != nil {
+		return err
+	}
+	if err := tlsutil.WriteCertPEM(filepath.Join(td, "ca.pem"), ca.CertDER); err != nil {
+		return err
+	}
+	return writeClientCreds(adminOut, ca, "admin", tlsutil.RoleAdmin, now)
 }
 
 func writeClientCreds(dir string, ca *tlsutil.CA, name, role string, now time.Time) error {
