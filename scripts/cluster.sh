@@ -74,7 +74,7 @@ export_env() {
 wait_healthy() {
   local deadline=$((SECONDS + $2))
   while (( SECONDS < deadline )); do
-    if "$BIN" operator status --addr "$(api_addr "$1")" -o json --timeout 2s 2>/dev/null | grep -q '"healthy": true'; then
+    if "$BIN" operator status --addr "$(api_addr "$1")" -o json --timeout 2s 2>/dev/null | grep -Eq '"healthy": *true'; then
       return 0
     fi
     if ! running "$1"; then
