@@ -90,8 +90,11 @@ func ReadSnapshot(r io.Reader) (*fsmpb.State, error) {
 	if size > MaxSnapshotStateBytes {
 		return nil, corrupt("state length %d exceeds the limit of %d", size, MaxSnapshotStateBytes)
 	}
-	// Grow with the data actually present rather than trusting the length.
+	// Grow with the data actually present rather than trusting the length,
+	// but start from a bounded guess (at most 64 MiB) so a large snapshot is
+	// not copied through a dozen doublings.
 	var buf bytes.Buffer
+	buf.Grow(int(min(size, 64<<20)))
 	if n, err := io.CopyN(&buf, br, int64(size)); err != nil {
 		if !isEOF(err) {
 			return nil, fmt.Errorf("read snapshot: %w", err)

@@ -64,13 +64,15 @@ func scaleRecord(i int, blob []byte, t0 int64) *fsmpb.KeyRecord {
 	return rec
 }
 
-func procRSS(pid int) uint64 {
+func procRSS(pid int) uint64 { return procStatus(pid, "VmRSS:") }
+
+func procStatus(pid int, field string) uint64 {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0
 	}
 	for _, l := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(l, "VmRSS:") {
+		if strings.HasPrefix(l, field) {
 			kb, _ := strconv.ParseUint(strings.Fields(l)[1], 10, 64)
 			return kb << 10
 		}
@@ -133,8 +135,16 @@ func TestScaleRestart(t *testing.T) {
 		rss := procRSS(nd.cmd.Process.Pid)
 		time.Sleep(3 * time.Second)
 		rss3 := procRSS(nd.cmd.Process.Pid)
-		t.Logf("SCALE restart %s: keys=%s (want %d) restart-to-healthy=%v rss-at-healthy=%d (%.1f MiB) rss+3s=%d (%.1f MiB)",
-			label, st.KeyCount, want, took.Round(time.Millisecond), rss, float64(rss)/(1<<20), rss3, float64(rss3)/(1<<20))
+		hwm := procStatus(nd.cmd.Process.Pid, "VmHWM:")
+		// A snapshot through the API (Raft snapshot + Persist + stream to
+		// the CLI), then the server's peak RSS.
+		snapStart := time.Now()
+		c.mustCLI(nil, "operator", "snapshot", "save", filepath.Join(c.root, "scale.snap"), "--addr", nd.apiAddr, "--force")
+		snapTook := time.Since(snapStart)
+		hwmSnap := procStatus(nd.cmd.Process.Pid, "VmHWM:")
+		t.Logf("SCALE restart %s: keys=%s (want %d) restart-to-healthy=%v rss-at-healthy=%.1f MiB rss+3s=%.1f MiB peak-rss-before-snapshot=%.1f MiB; snapshot save via CLI %v, peak-rss-after-snapshot=%.1f MiB",
+			label, st.KeyCount, want, took.Round(time.Millisecond), float64(rss)/(1<<20), float64(rss3)/(1<<20), float64(hwm)/(1<<20),
+			snapTook.Round(time.Millisecond), float64(hwmSnap)/(1<<20))
 		c.stop(nd)
 	}
 	restart("baseline", 0)
@@ -157,6 +167,13 @@ func TestScaleRestart(t *testing.T) {
 			t.Fatal(err)
 		}
 		st = s.ToProto() // sorted, as a node writes it
+		// The newest snapshot's Raft position (restart() took one through
+		// the CLI); the cluster state of the first one plus n keys.
+		metas, err := store.List()
+		if err != nil || len(metas) == 0 {
+			t.Fatalf("list snapshots: %v", err)
+		}
+		base := metas[0]
 		sink, err := store.Create(base.Version, base.Index, base.Term, base.Configuration, base.ConfigurationIndex, trans)
 		if err != nil {
 			t.Fatal(err)
@@ -171,7 +188,7 @@ func TestScaleRestart(t *testing.T) {
 		if err := sink.Close(); err != nil {
 			t.Fatal(err)
 		}
-		metas, _ := store.List()
+		metas, _ = store.List()
 		log.Printf("seeded %d keys: snapshot %s, %d bytes", n, metas[0].ID, metas[0].Size)
 		restart(fmt.Sprintf("n=%d snapshot=%d bytes", n, metas[0].Size), n)
 	}
