@@ -332,13 +332,15 @@ func checkBlob(what string, b *fsmpb.WrappedBlob) *fsmpb.Result {
 	return nil
 }
 
-// checkKEKActive requires that `what` is wrapped under an ACTIVE KEK version.
+// checkKEKActive requires that `what` is wrapped under a KEK version every
+// node holds: the current (ACTIVE) one, or a DRAINING one (material proposed
+// just before a KEK rotation activated; the leader re-wraps it).
 func (s *State) checkKEKActive(what string, version uint32) *fsmpb.Result {
 	for _, k := range s.cluster.GetKekVersions() {
 		if k.GetVersion() != version {
 			continue
 		}
-		if k.GetState() != fsmpb.KEKState_KEK_STATE_ACTIVE {
+		if !KEKOpensMaterial(k.GetState()) {
 			return failf(codePrecondition, "%s is wrapped under KEK version %d, which is %s; wrap it under KEK version %d",
 				what, version, k.GetState(), s.cluster.GetCurrentKekVersion())
 		}
@@ -431,7 +433,7 @@ func (s *State) applyAdmitNode(c *cmdContext, p *fsmpb.AdmitNode) *fsmpb.Result 
 	return &fsmpb.Result{Node: node}
 }
 
-func (s *State) applyRemoveNode(_ *cmdContext, p *fsmpb.RemoveNode) *fsmpb.Result {
+func (s *State) applyRemoveNode(c *cmdContext, p *fsmpb.RemoveNode) *fsmpb.Result {
 	id := p.GetNodeId()
 	if id == "" {
 		return failf(codeInvalid, "node id is required")
@@ -441,6 +443,7 @@ func (s *State) applyRemoveNode(_ *cmdContext, p *fsmpb.RemoveNode) *fsmpb.Resul
 		return failf(codeNotFound, "node %+q is not a member of the cluster", truncate(id))
 	}
 	delete(s.nodes, id)
+	s.settleRetiredKEKs(c.time)
 	return &fsmpb.Result{Node: node}
 }
 

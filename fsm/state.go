@@ -82,6 +82,11 @@ type State struct {
 	denied      map[string]*fsmpb.DeniedPrincipal
 	deniedOrder *btree.BTreeG[*fsmpb.DeniedPrincipal]
 
+	// kekRefs counts key-version materials per KEK version (putKey keeps
+	// it; not snapshotted). KEK rotation reads it for progress and to know
+	// when a draining version is unused.
+	kekRefs map[uint32]int
+
 	lastAppliedTime int64
 	appliedIndex    uint64
 
@@ -116,6 +121,8 @@ func NewState() *State {
 
 		denied:      make(map[string]*fsmpb.DeniedPrincipal),
 		deniedOrder: btree.NewG(btreeDegree, deniedLess),
+
+		kekRefs: make(map[uint32]int),
 	}
 }
 
@@ -247,6 +254,21 @@ var handlers = map[fsmpb.CommandType]handler{
 	// Cluster operations (membership.go).
 	fsmpb.CommandType_COMMAND_TYPE_SET_GOSSIP_KEY: register(
 		func() *fsmpb.SetGossipKey { return &fsmpb.SetGossipKey{} }, (*State).applySetGossipKey),
+	// KEK rotation (kek.go).
+	fsmpb.CommandType_COMMAND_TYPE_BEGIN_KEK_ROTATION: register(
+		func() *fsmpb.BeginKEKRotation { return &fsmpb.BeginKEKRotation{} }, (*State).applyBeginKEKRotation),
+	fsmpb.CommandType_COMMAND_TYPE_DELIVER_KEK: register(
+		func() *fsmpb.DeliverKEK { return &fsmpb.DeliverKEK{} }, (*State).applyDeliverKEK),
+	fsmpb.CommandType_COMMAND_TYPE_KEK_INSTALLED: register(
+		func() *fsmpb.KEKInstalled { return &fsmpb.KEKInstalled{} }, (*State).applyKEKInstalled),
+	fsmpb.CommandType_COMMAND_TYPE_ACTIVATE_KEK: register(
+		func() *fsmpb.ActivateKEK { return &fsmpb.ActivateKEK{} }, (*State).applyActivateKEK),
+	fsmpb.CommandType_COMMAND_TYPE_REWRAP_MATERIAL: register(
+		func() *fsmpb.RewrapMaterial { return &fsmpb.RewrapMaterial{} }, (*State).applyRewrapMaterial),
+	fsmpb.CommandType_COMMAND_TYPE_RETIRE_KEK: register(
+		func() *fsmpb.RetireKEK { return &fsmpb.RetireKEK{} }, (*State).applyRetireKEK),
+	fsmpb.CommandType_COMMAND_TYPE_KEK_REMOVED: register(
+		func() *fsmpb.KEKRemoved { return &fsmpb.KEKRemoved{} }, (*State).applyKEKRemoved),
 }
 
 // Apply processes the command at Raft index `index` and returns its outcome.
@@ -413,7 +435,9 @@ func (s *State) putKey(rec *fsmpb.KeyRecord) {
 		// deleting by it finds its entry.
 		s.rotations.Delete(old)
 		s.destructions.Delete(old)
+		s.countKEKRefs(old, -1)
 	}
+	s.countKEKRefs(rec, 1)
 	s.keys[rec.GetKeyId()] = rec
 	s.keyOrder.ReplaceOrInsert(rec)
 	if rec.GetAlias() != "" {
@@ -630,6 +654,9 @@ func StateFromProto(st *fsmpb.State) (*State, error) {
 				return nil, fmt.Errorf("state: duplicate KEK version %d", k.GetVersion())
 			}
 			seen[k.GetVersion()] = true
+		}
+		if err := checkStoredKEKs(c); err != nil {
+			return nil, err
 		}
 		s.cluster = c
 	}

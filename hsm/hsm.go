@@ -44,6 +44,11 @@ type Provider interface {
 	// `version` and returns its check value. If `version` is already present with the same check
 	// value it is a no-op; with a different one, ErrKEKMismatch (and nothing is stored).
 	UnwrapKEK(ctx context.Context, version uint32, wrapped []byte) (checkValue []byte, err error)
+	// DestroyKEK removes KEK `version` from this HSM for good: the token object and any
+	// session copy. Idempotent: nil if the version is not present. After it returns,
+	// Seal/Open/KEKCheckValue/WrapKEK for that version fail with ErrKEKNotFound, and a later
+	// UnwrapKEK or GenerateKEK of the same version works again (as for a fresh version).
+	DestroyKEK(ctx context.Context, version uint32) error
 	// Seal encrypts under KEK `kekVersion` with AES-256-GCM: random 12-byte IV, 128-bit tag,
 	// output IV || ciphertext || tag.
 	Seal(ctx context.Context, kekVersion uint32, plaintext, aad []byte) ([]byte, error)

@@ -132,11 +132,21 @@ func (m *Memory) WrapKEK(ctx context.Context, version uint32, recipient *rsa.Pub
 	if err := checkRecipient(recipient); err != nil {
 		return nil, err
 	}
-	k, err := m.kek(version)
-	if err != nil {
-		return nil, err
+	// Copy the key under the lock: DestroyKEK and Close zero k.key in place.
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return nil, errMemoryClosed
 	}
-	wrapped, err := rsa.EncryptOAEP(sha1.New(), rand.Reader, recipient, k.key, nil)
+	k, ok := m.keks[version]
+	if !ok {
+		m.mu.Unlock()
+		return nil, fmt.Errorf("hsm: kek v%d: %w", version, ErrKEKNotFound)
+	}
+	key := clone(k.key)
+	m.mu.Unlock()
+	defer clear(key)
+	wrapped, err := rsa.EncryptOAEP(sha1.New(), rand.Reader, recipient, key, nil)
 	if err != nil {
 		return nil, fmt.Errorf("hsm: wrap kek v%d: %w", version, err)
 	}
@@ -171,6 +181,22 @@ func (m *Memory) UnwrapKEK(ctx context.Context, version uint32, wrapped []byte) 
 	}
 	m.keks[version] = k
 	return clone(k.checkValue), nil
+}
+
+// DestroyKEK zeroes and forgets KEK `version` (best effort, as Close: the AES key schedule
+// inside its cipher.AEAD cannot be zeroed). A Seal or Open that fetched the key before still
+// finishes with it; every later call gets ErrKEKNotFound.
+func (m *Memory) DestroyKEK(ctx context.Context, version uint32) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return errMemoryClosed
+	}
+	if k, ok := m.keks[version]; ok {
+		clear(k.key)
+		delete(m.keks, version)
+	}
+	return nil
 }
 
 func (m *Memory) Seal(ctx context.Context, kekVersion uint32, plaintext, aad []byte) ([]byte, error) {

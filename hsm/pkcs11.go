@@ -57,6 +57,11 @@ type PKCS11 struct {
 	// Both are taken before the module lock, never while holding it.
 	identityMu sync.Mutex
 	kekMu      sync.Mutex
+	// kekUse keeps a KEK's cached handles from being used while DestroyKEK destroys the objects
+	// behind them: Seal, Open, KEKCheckValue and WrapKEK hold the read lock of their version's
+	// stripe from lookup to last use, DestroyKEK the write lock (after kekMu). Striped so that
+	// other versions (on other stripes) are not held up and the set stays bounded.
+	kekUse [kekUseStripes]sync.RWMutex
 
 	// guarded by mod.mu
 	closed  bool
@@ -102,6 +107,35 @@ type identityObjects struct {
 }
 
 var errClosed = fmt.Errorf("%w: provider closed", ErrUnavailable)
+
+// kekUseStripes is the number of KEK-use locks; versions v and v+kekUseStripes share one.
+const kekUseStripes = 64
+
+// kekUseLock is the lock that guards the use of KEK version's cached handles.
+func (p *PKCS11) kekUseLock(version uint32) *sync.RWMutex {
+	return &p.kekUse[version%kekUseStripes]
+}
+
+// tokenLostError marks an error that means the token is gone although the PKCS#11 code alone
+// does not say so (SoftHSM reports a vanished token directory as CKR_GENERAL_ERROR):
+// classify treats it as a token-level failure.
+type tokenLostError struct{ err error }
+
+func (e *tokenLostError) Error() string { return e.err.Error() }
+func (e *tokenLostError) Unwrap() error { return e.err }
+
+// checkTokenPresent asks the token for its info (SoftHSM reads the token's files for this), so
+// an operation whose outcome must reach the token itself can tell "done" from "token away".
+func checkTokenPresent(c *pkcs11.Ctx, slot uint, label string) error {
+	ti, err := c.GetTokenInfo(slot)
+	if err != nil {
+		return &tokenLostError{fmt.Errorf("token info: %w", err)}
+	}
+	if ti.Label != label {
+		return &tokenLostError{fmt.Errorf("slot now holds token %q", ti.Label)}
+	}
+	return nil
+}
 
 // OpenPKCS11 loads the library, finds the token by label, logs in and returns the provider.
 // Objects are found lazily, by label, on first use after every login.
@@ -397,8 +431,15 @@ const (
 )
 
 func classify(err error) failure {
+	if err == nil {
+		return failNone
+	}
+	var lost *tokenLostError
+	if errors.As(err, &lost) {
+		return failToken
+	}
 	var e pkcs11.Error
-	if err == nil || !errors.As(err, &e) {
+	if !errors.As(err, &e) {
 		return failNone
 	}
 	switch uint(e) {
@@ -458,9 +499,14 @@ func findOne(c *pkcs11.Ctx, s pkcs11.SessionHandle, label string, tmpl []*pkcs11
 }
 
 func kekFindTemplate(version uint32) []*pkcs11.Attribute {
+	return kekObjectTemplate(version, true) // not our session copies, which share the label
+}
+
+// kekObjectTemplate finds KEK version's token objects (token) or its session copies (!token).
+func kekObjectTemplate(version uint32, token bool) []*pkcs11.Attribute {
 	return []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
-		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true), // not our session copies, which share the label
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, token),
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, KEKLabel(version)),
 	}
 }
@@ -755,6 +801,9 @@ func (p *PKCS11) GenerateKEK(ctx context.Context, version uint32) ([]byte, error
 }
 
 func (p *PKCS11) KEKCheckValue(ctx context.Context, version uint32) ([]byte, error) {
+	use := p.kekUseLock(version)
+	use.RLock()
+	defer use.RUnlock()
 	var kcv []byte
 	err := p.run(ctx, fmt.Sprintf("kek v%d check value", version), true, func(st *tokenState, s pkcs11.SessionHandle) error {
 		k, err := st.lookupKEK(p.mod.ctx, s, version)
@@ -772,8 +821,12 @@ func (p *PKCS11) WrapKEK(ctx context.Context, version uint32, recipient *rsa.Pub
 		return nil, err
 	}
 	if p.cfg.TrustedWrap {
+		// Takes no kekUse lock: it re-finds the token object under the exclusive module lock.
 		return p.wrapTrusted(ctx, version, recipient)
 	}
+	use := p.kekUseLock(version)
+	use.RLock()
+	defer use.RUnlock()
 	var wrapped []byte
 	err := p.run(ctx, fmt.Sprintf("wrap kek v%d", version), true, func(st *tokenState, s pkcs11.SessionHandle) error {
 		c := p.mod.ctx
@@ -906,7 +959,99 @@ func (p *PKCS11) UnwrapKEK(ctx context.Context, version uint32, wrapped []byte) 
 	return kcv, err
 }
 
+// DestroyKEK destroys every object labelled KEKLabel(version) — the token object(s) and the
+// session copy in the anchor session — and forgets the cached handles. It holds kekMu (no
+// GenerateKEK/UnwrapKEK of any version meanwhile) and the write lock of the version's kekUse
+// stripe (no Seal/Open/KEKCheckValue/WrapKEK of that version, or of a version sharing the
+// stripe, is using a handle being destroyed); other operations run on. Idempotent, so it is
+// retried once after a recovery. It succeeds only if the token was reachable at the end and
+// no object with the label is left, so an outage (where SoftHSM simply stops listing token
+// objects) cannot pass for "not present": it fails with ErrUnavailable instead.
+func (p *PKCS11) DestroyKEK(ctx context.Context, version uint32) error {
+	p.kekMu.Lock()
+	defer p.kekMu.Unlock()
+	use := p.kekUseLock(version)
+	use.Lock()
+	defer use.Unlock()
+	destroyed := 0
+	err := p.run(ctx, fmt.Sprintf("destroy kek v%d", version), true, func(st *tokenState, s pkcs11.SessionHandle) error {
+		c := p.mod.ctx
+		if err := checkTokenPresent(c, st.slot, p.cfg.TokenLabel); err != nil {
+			return err
+		}
+		n, err := st.destroyKEK(c, s, version)
+		destroyed += n
+		if err != nil {
+			return err
+		}
+		return checkTokenPresent(c, st.slot, p.cfg.TokenLabel)
+	})
+	if err != nil {
+		return err
+	}
+	if destroyed > 0 {
+		p.log.Info("hsm: destroyed kek", "version", version, "objects", destroyed)
+	}
+	return nil
+}
+
+// destroyKEK drops the cached handles of KEK version, destroys its session copies (in the
+// anchor session that made them) and its token objects, and checks that nothing with its
+// label is left. Returns how many objects it destroyed. The caller holds the version's kekUse
+// write lock, so no cached handle of it is in use.
+func (st *tokenState) destroyKEK(c *pkcs11.Ctx, s pkcs11.SessionHandle, version uint32) (int, error) {
+	st.objMu.Lock()
+	delete(st.keks, version)
+	st.objMu.Unlock()
+	destroyed := 0
+	copies, err := findObjects(c, s, kekObjectTemplate(version, false))
+	if err != nil {
+		return destroyed, err
+	}
+	for _, h := range copies {
+		st.anchorMu.Lock()
+		err := c.DestroyObject(st.anchor, h)
+		st.anchorMu.Unlock()
+		switch {
+		case err == nil:
+			destroyed++
+		case isCKR(err, pkcs11.CKR_OBJECT_HANDLE_INVALID):
+			// already gone (another session ended); the final search below confirms it
+		default:
+			return destroyed, fmt.Errorf("destroy session copy: %w", err)
+		}
+	}
+	tokens, err := findObjects(c, s, kekObjectTemplate(version, true))
+	if err != nil {
+		return destroyed, err
+	}
+	for _, h := range tokens {
+		err := c.DestroyObject(s, h)
+		switch {
+		case err == nil:
+			destroyed++
+		case isCKR(err, pkcs11.CKR_OBJECT_HANDLE_INVALID):
+		default:
+			return destroyed, fmt.Errorf("destroy token object: %w", err)
+		}
+	}
+	left, err := findObjects(c, s, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, KEKLabel(version)),
+	})
+	if err != nil {
+		return destroyed, err
+	}
+	if len(left) > 0 {
+		return destroyed, fmt.Errorf("%d objects labelled %q left after destroying them", len(left), KEKLabel(version))
+	}
+	return destroyed, nil
+}
+
 func (p *PKCS11) Seal(ctx context.Context, kekVersion uint32, plaintext, aad []byte) ([]byte, error) {
+	use := p.kekUseLock(kekVersion)
+	use.RLock()
+	defer use.RUnlock()
 	var out []byte
 	err := p.run(ctx, "seal", true, func(st *tokenState, s pkcs11.SessionHandle) error {
 		c := p.mod.ctx
@@ -937,6 +1082,9 @@ func (p *PKCS11) Seal(ctx context.Context, kekVersion uint32, plaintext, aad []b
 }
 
 func (p *PKCS11) Open(ctx context.Context, kekVersion uint32, sealed, aad []byte) ([]byte, error) {
+	use := p.kekUseLock(kekVersion)
+	use.RLock()
+	defer use.RUnlock()
 	var pt []byte
 	err := p.run(ctx, "open", true, func(st *tokenState, s pkcs11.SessionHandle) error {
 		c := p.mod.ctx

@@ -52,6 +52,7 @@ type State interface {
 	KeyCount() int
 	Cluster() *fsmpb.ClusterInfo
 	Node(id string) (*fsmpb.NodeRecord, bool)
+	Nodes() []*fsmpb.NodeRecord
 	// Halted is non-nil when this node met a command it cannot apply (it
 	// is too old): it must not serve.
 	Halted() error
@@ -63,6 +64,10 @@ type State interface {
 	DeniedPrincipals() []*fsmpb.DeniedPrincipal
 	DueRotations(now int64, limit int) []*fsmpb.KeyRecord
 	DueDestructions(now int64, limit int) []*fsmpb.KeyRecord
+	// KEK rotation (kek.go).
+	KEKProgress() fsm.KEKProgress
+	MaterialUnderKEK(kek uint32, afterID string, limit, scan int) ([]fsm.SealedMaterial, string)
+	ImportTokensUnderKEK(kek uint32) []*fsmpb.ImportToken
 }
 
 // Crypto is what the API needs from keyops (*keyops.Engine).
@@ -88,6 +93,11 @@ type HSM interface {
 	WrapKEK(ctx context.Context, version uint32, recipient *rsa.PublicKey) ([]byte, error)
 	KEKCheckValue(ctx context.Context, version uint32) ([]byte, error)
 	Open(ctx context.Context, kekVersion uint32, sealed, aad []byte) ([]byte, error)
+	// KEK rotation (kek.go).
+	GenerateKEK(ctx context.Context, version uint32) ([]byte, error)
+	UnwrapKEK(ctx context.Context, version uint32, wrapped []byte) ([]byte, error)
+	DestroyKEK(ctx context.Context, version uint32) error
+	Seal(ctx context.Context, kekVersion uint32, plaintext, aad []byte) ([]byte, error)
 	Health(ctx context.Context) error
 	GenerateRandom(ctx context.Context, n int) ([]byte, error)
 }
@@ -152,6 +162,7 @@ type Server struct {
 	hsmDown atomic.Bool
 
 	membership membershipState // gossip view (membership.go)
+	kek        kekDriver       // KEK rotation (kek.go)
 }
 
 // NewServer builds the API server.
@@ -555,7 +566,7 @@ func (s *Server) Join(ctx context.Context, req *cabinetpb.JoinRequest) (*cabinet
 		AdmittedBy:        s.cfg.NodeID,
 	}
 	for _, k := range ci.GetKekVersions() {
-		if k.GetState() != fsmpb.KEKState_KEK_STATE_ACTIVE {
+		if !fsm.KEKOpensMaterial(k.GetState()) {
 			continue
 		}
 		wrapped, err := s.cfg.HSM.WrapKEK(ctx, k.GetVersion(), pub)

@@ -314,7 +314,7 @@ func (s *Server) SnapshotRestore(stream cabinetpb.OperatorService_SnapshotRestor
 func (s *Server) checkSnapshotKEKs(ctx context.Context, st *fsmpb.State) error {
 	want := map[uint32][]byte{}
 	for _, k := range st.GetCluster().GetKekVersions() {
-		if k.GetState() == fsmpb.KEKState_KEK_STATE_ACTIVE {
+		if fsm.KEKOpensMaterial(k.GetState()) {
 			want[k.GetVersion()] = k.GetCheckValue()
 		}
 	}
@@ -404,7 +404,7 @@ func (s *Server) RecoveryExport(ctx context.Context, req *cabinetpb.RecoveryExpo
 		RecoveryKeyFingerprint: hex.EncodeToString(fp[:]), OaepHash: hash, CreatedAt: timestamppb.New(s.cfg.Clock()),
 	}
 	for _, k := range ci.GetKekVersions() {
-		if k.GetState() != fsmpb.KEKState_KEK_STATE_ACTIVE {
+		if !fsm.KEKOpensMaterial(k.GetState()) {
 			continue
 		}
 		got, err := s.cfg.HSM.KEKCheckValue(ctx, k.GetVersion())

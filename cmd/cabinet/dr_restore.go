@@ -18,6 +18,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/cabinet-kms/cabinet/cluster"
+	"github.com/cabinet-kms/cabinet/fsm"
 	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
 	"github.com/cabinet-kms/cabinet/transport"
 	"github.com/cabinet-kms/cabinet/transport/tlsutil"
@@ -194,7 +195,7 @@ func neededKEKs(st *fsmpb.State) (map[uint32][]byte, error) {
 	needed := map[uint32][]byte{}
 	for _, k := range ci.GetKekVersions() {
 		all[k.GetVersion()] = k.GetCheckValue()
-		if k.GetState() == fsmpb.KEKState_KEK_STATE_ACTIVE {
+		if fsm.KEKOpensMaterial(k.GetState()) {
 			needed[k.GetVersion()] = k.GetCheckValue()
 		}
 	}

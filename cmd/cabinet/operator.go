@@ -36,7 +36,7 @@ func newOperatorCmd() *cobra.Command {
 	jt.AddCommand(joinTokenCreateCmd(f))
 	cmd.AddCommand(initCmd(), joinCmd(), jt, statusCmd(f), listPeersCmd(f), auditCmd(f))
 	cmd.AddCommand(authzOperatorCmds(f)...)
-	cmd.AddCommand(snapshotCmd(f), recoveryCmd(f))
+	cmd.AddCommand(snapshotCmd(f), recoveryCmd(f), kekCmd(f))
 	cmd.AddCommand(membershipCmds(f)...)
 	return cmd
 }

@@ -232,7 +232,13 @@ func runServer(ctx context.Context, f *serverFlags) error {
 		// A destruction compacts every node's Raft log (snapshot, truncate,
 		// rewrite raft.db) so no file keeps the destroyed material.
 		CompactAfter: func(cmd *fsmpb.Command, res *fsmpb.Result) bool {
-			return cmd.GetType() == fsmpb.CommandType_COMMAND_TYPE_DESTROY_KEY && res.GetCode() == fsmpb.ResultCode_RESULT_CODE_OK
+			// A KEK version removed from a node's HSM: its old blobs and
+			// deliveries leave that node's files too.
+			switch cmd.GetType() {
+			case fsmpb.CommandType_COMMAND_TYPE_DESTROY_KEY, fsmpb.CommandType_COMMAND_TYPE_KEK_REMOVED:
+				return res.GetCode() == fsmpb.ResultCode_RESULT_CODE_OK
+			}
+			return false
 		},
 		HeartbeatTimeout: f.heartbeat,
 		ElectionTimeout:  f.election,
@@ -287,6 +293,8 @@ func runServer(ctx context.Context, f *serverFlags) error {
 	defer cancelBG()
 	go srv.WatchHealth(bg, time.Second)
 	go node.RunLeaderLoop(bg, time.Second, srv.ProposeDue)
+	go node.RunLeaderLoop(bg, time.Second, srv.ProposeKEKWork)      // KEK rotation: deliver, activate, re-wrap, retire
+	go srv.RunKEKNodeDuties(bg, time.Second)                        // KEK rotation: install, remove from this HSM
 	defer startGossip(bg, log, f.gossip, nc, node, state, h, srv)() // server_gossip.go: memberlist, gossip key, dead-voter removal
 	if _, err := os.Stat(filepath.Join(f.dataDir, initFile)); err == nil {
 		go applyPendingInit(bg, log, node, state, f.dataDir)

@@ -250,6 +250,11 @@ func (h *meteredHSM) UnwrapKEK(ctx context.Context, version uint32, wrapped []by
 	return h.p.UnwrapKEK(ctx, version, wrapped)
 }
 
+func (h *meteredHSM) DestroyKEK(ctx context.Context, version uint32) (err error) {
+	defer func(t time.Time) { h.m.observe("destroy_kek", t, err) }(time.Now())
+	return h.p.DestroyKEK(ctx, version)
+}
+
 func (h *meteredHSM) Seal(ctx context.Context, kekVersion uint32, plaintext, aad []byte) (_ []byte, err error) {
 	defer func(t time.Time) { h.m.observe("seal", t, err) }(time.Now())
 	return h.p.Seal(ctx, kekVersion, plaintext, aad)

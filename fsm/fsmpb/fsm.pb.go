@@ -58,6 +58,14 @@ const (
 	CommandType_COMMAND_TYPE_ALLOW_PRINCIPAL CommandType = 24
 	// Cluster operations (issue 4).
 	CommandType_COMMAND_TYPE_SET_GOSSIP_KEY CommandType = 25
+	// KEK rotation (issue 4, see fsm/kek.go).
+	CommandType_COMMAND_TYPE_BEGIN_KEK_ROTATION CommandType = 26
+	CommandType_COMMAND_TYPE_DELIVER_KEK        CommandType = 27
+	CommandType_COMMAND_TYPE_KEK_INSTALLED      CommandType = 28
+	CommandType_COMMAND_TYPE_ACTIVATE_KEK       CommandType = 29
+	CommandType_COMMAND_TYPE_REWRAP_MATERIAL    CommandType = 30
+	CommandType_COMMAND_TYPE_RETIRE_KEK         CommandType = 31
+	CommandType_COMMAND_TYPE_KEK_REMOVED        CommandType = 32
 )
 
 // Enum value maps for CommandType.
@@ -89,6 +97,13 @@ var (
 		23: "COMMAND_TYPE_DENY_PRINCIPAL",
 		24: "COMMAND_TYPE_ALLOW_PRINCIPAL",
 		25: "COMMAND_TYPE_SET_GOSSIP_KEY",
+		26: "COMMAND_TYPE_BEGIN_KEK_ROTATION",
+		27: "COMMAND_TYPE_DELIVER_KEK",
+		28: "COMMAND_TYPE_KEK_INSTALLED",
+		29: "COMMAND_TYPE_ACTIVATE_KEK",
+		30: "COMMAND_TYPE_REWRAP_MATERIAL",
+		31: "COMMAND_TYPE_RETIRE_KEK",
+		32: "COMMAND_TYPE_KEK_REMOVED",
 	}
 	CommandType_value = map[string]int32{
 		"COMMAND_TYPE_UNSPECIFIED":                0,
@@ -117,6 +132,13 @@ var (
 		"COMMAND_TYPE_DENY_PRINCIPAL":             23,
 		"COMMAND_TYPE_ALLOW_PRINCIPAL":            24,
 		"COMMAND_TYPE_SET_GOSSIP_KEY":             25,
+		"COMMAND_TYPE_BEGIN_KEK_ROTATION":         26,
+		"COMMAND_TYPE_DELIVER_KEK":                27,
+		"COMMAND_TYPE_KEK_INSTALLED":              28,
+		"COMMAND_TYPE_ACTIVATE_KEK":               29,
+		"COMMAND_TYPE_REWRAP_MATERIAL":            30,
+		"COMMAND_TYPE_RETIRE_KEK":                 31,
+		"COMMAND_TYPE_KEK_REMOVED":                32,
 	}
 )
 
@@ -147,12 +169,23 @@ func (CommandType) EnumDescriptor() ([]byte, []int) {
 	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{0}
 }
 
+// KEK version lifecycle: PENDING -> ACTIVE -> DRAINING -> RETIRED ->
+// DESTROYED. Exactly one version is ACTIVE (current_kek_version).
 type KEKState int32
 
 const (
 	KEKState_KEK_STATE_UNSPECIFIED KEKState = 0
-	KEKState_KEK_STATE_ACTIVE      KEKState = 1
-	KEKState_KEK_STATE_RETIRED     KEKState = 2
+	// The current version: new material is sealed under it.
+	KEKState_KEK_STATE_ACTIVE KEKState = 1
+	// Nothing is sealed under it any more; nodes remove it from their HSMs.
+	KEKState_KEK_STATE_RETIRED KEKState = 2
+	// Generated, being delivered to every node; nothing is sealed under it.
+	KEKState_KEK_STATE_PENDING KEKState = 3
+	// Superseded: still opens material, which the leader re-wraps under the
+	// current version in bounded batches.
+	KEKState_KEK_STATE_DRAINING KEKState = 4
+	// Removed from every node's HSM.
+	KEKState_KEK_STATE_DESTROYED KEKState = 5
 )
 
 // Enum value maps for KEKState.
@@ -161,11 +194,17 @@ var (
 		0: "KEK_STATE_UNSPECIFIED",
 		1: "KEK_STATE_ACTIVE",
 		2: "KEK_STATE_RETIRED",
+		3: "KEK_STATE_PENDING",
+		4: "KEK_STATE_DRAINING",
+		5: "KEK_STATE_DESTROYED",
 	}
 	KEKState_value = map[string]int32{
 		"KEK_STATE_UNSPECIFIED": 0,
 		"KEK_STATE_ACTIVE":      1,
 		"KEK_STATE_RETIRED":     2,
+		"KEK_STATE_PENDING":     3,
+		"KEK_STATE_DRAINING":    4,
+		"KEK_STATE_DESTROYED":   5,
 	}
 )
 
@@ -767,6 +806,534 @@ func (x *Command) GetPayload() []byte {
 	return nil
 }
 
+// BeginKEKRotation records a new KEK version, generated inside the HSM of the
+// proposing node, PENDING until every node holds it. `kek.deliveries` carry it
+// wrapped (RSA-OAEP, inside the generating HSM) for the identity key of each
+// other node; `kek.installed_on` names the generating node. Refused while
+// another version is PENDING or DRAINING.
+type BeginKEKRotation struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Kek           *KEKVersion            `protobuf:"bytes,1,opt,name=kek,proto3" json:"kek,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BeginKEKRotation) Reset() {
+	*x = BeginKEKRotation{}
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BeginKEKRotation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BeginKEKRotation) ProtoMessage() {}
+
+func (x *BeginKEKRotation) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BeginKEKRotation.ProtoReflect.Descriptor instead.
+func (*BeginKEKRotation) Descriptor() ([]byte, []int) {
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *BeginKEKRotation) GetKek() *KEKVersion {
+	if x != nil {
+		return x.Kek
+	}
+	return nil
+}
+
+// DeliverKEK adds deliveries of a PENDING version for nodes that have none
+// (nodes admitted after BEGIN_KEK_ROTATION).
+type DeliverKEK struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Version       uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	Deliveries    []*KEKDelivery         `protobuf:"bytes,2,rep,name=deliveries,proto3" json:"deliveries,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeliverKEK) Reset() {
+	*x = DeliverKEK{}
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeliverKEK) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeliverKEK) ProtoMessage() {}
+
+func (x *DeliverKEK) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeliverKEK.ProtoReflect.Descriptor instead.
+func (*DeliverKEK) Descriptor() ([]byte, []int) {
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *DeliverKEK) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *DeliverKEK) GetDeliveries() []*KEKDelivery {
+	if x != nil {
+		return x.Deliveries
+	}
+	return nil
+}
+
+// KEKInstalled: node `node_id` unwrapped (or generated) KEK `version` in its
+// HSM and its check value matched `check_value`.
+type KEKInstalled struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Version       uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	NodeId        string                 `protobuf:"bytes,2,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	CheckValue    []byte                 `protobuf:"bytes,3,opt,name=check_value,json=checkValue,proto3" json:"check_value,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KEKInstalled) Reset() {
+	*x = KEKInstalled{}
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KEKInstalled) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KEKInstalled) ProtoMessage() {}
+
+func (x *KEKInstalled) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KEKInstalled.ProtoReflect.Descriptor instead.
+func (*KEKInstalled) Descriptor() ([]byte, []int) {
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *KEKInstalled) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *KEKInstalled) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *KEKInstalled) GetCheckValue() []byte {
+	if x != nil {
+		return x.CheckValue
+	}
+	return nil
+}
+
+// ActivateKEK makes a PENDING version that every node holds the current one;
+// the previous current version becomes DRAINING. Deliveries are dropped.
+type ActivateKEK struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Version       uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ActivateKEK) Reset() {
+	*x = ActivateKEK{}
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ActivateKEK) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ActivateKEK) ProtoMessage() {}
+
+func (x *ActivateKEK) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ActivateKEK.ProtoReflect.Descriptor instead.
+func (*ActivateKEK) Descriptor() ([]byte, []int) {
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *ActivateKEK) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+// RewrapMaterial replaces blobs sealed under a DRAINING version with the
+// same plaintext sealed under the current version (done by the proposing
+// leader's HSM, off the apply path). Each item applies only if the stored
+// blob is still the one it was made from (`from_kek_version` matches),
+// so a concurrent change is never overwritten.
+type RewrapMaterial struct {
+	state         protoimpl.MessageState  `protogen:"open.v1"`
+	Keys          []*RewrappedKeyVersion  `protobuf:"bytes,1,rep,name=keys,proto3" json:"keys,omitempty"`
+	CaKey         *WrappedBlob            `protobuf:"bytes,2,opt,name=ca_key,json=caKey,proto3" json:"ca_key,omitempty"`
+	CaKeyFrom     uint32                  `protobuf:"varint,3,opt,name=ca_key_from,json=caKeyFrom,proto3" json:"ca_key_from,omitempty"`
+	GossipKey     *WrappedBlob            `protobuf:"bytes,4,opt,name=gossip_key,json=gossipKey,proto3" json:"gossip_key,omitempty"`
+	GossipKeyFrom uint32                  `protobuf:"varint,5,opt,name=gossip_key_from,json=gossipKeyFrom,proto3" json:"gossip_key_from,omitempty"`
+	ImportTokens  []*RewrappedImportToken `protobuf:"bytes,6,rep,name=import_tokens,json=importTokens,proto3" json:"import_tokens,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RewrapMaterial) Reset() {
+	*x = RewrapMaterial{}
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RewrapMaterial) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RewrapMaterial) ProtoMessage() {}
+
+func (x *RewrapMaterial) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RewrapMaterial.ProtoReflect.Descriptor instead.
+func (*RewrapMaterial) Descriptor() ([]byte, []int) {
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *RewrapMaterial) GetKeys() []*RewrappedKeyVersion {
+	if x != nil {
+		return x.Keys
+	}
+	return nil
+}
+
+func (x *RewrapMaterial) GetCaKey() *WrappedBlob {
+	if x != nil {
+		return x.CaKey
+	}
+	return nil
+}
+
+func (x *RewrapMaterial) GetCaKeyFrom() uint32 {
+	if x != nil {
+		return x.CaKeyFrom
+	}
+	return 0
+}
+
+func (x *RewrapMaterial) GetGossipKey() *WrappedBlob {
+	if x != nil {
+		return x.GossipKey
+	}
+	return nil
+}
+
+func (x *RewrapMaterial) GetGossipKeyFrom() uint32 {
+	if x != nil {
+		return x.GossipKeyFrom
+	}
+	return 0
+}
+
+func (x *RewrapMaterial) GetImportTokens() []*RewrappedImportToken {
+	if x != nil {
+		return x.ImportTokens
+	}
+	return nil
+}
+
+type RewrappedKeyVersion struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	KeyId          string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	Version        uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	FromKekVersion uint32                 `protobuf:"varint,3,opt,name=from_kek_version,json=fromKekVersion,proto3" json:"from_kek_version,omitempty"`
+	Material       *WrappedBlob           `protobuf:"bytes,4,opt,name=material,proto3" json:"material,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *RewrappedKeyVersion) Reset() {
+	*x = RewrappedKeyVersion{}
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RewrappedKeyVersion) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RewrappedKeyVersion) ProtoMessage() {}
+
+func (x *RewrappedKeyVersion) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RewrappedKeyVersion.ProtoReflect.Descriptor instead.
+func (*RewrappedKeyVersion) Descriptor() ([]byte, []int) {
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *RewrappedKeyVersion) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *RewrappedKeyVersion) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *RewrappedKeyVersion) GetFromKekVersion() uint32 {
+	if x != nil {
+		return x.FromKekVersion
+	}
+	return 0
+}
+
+func (x *RewrappedKeyVersion) GetMaterial() *WrappedBlob {
+	if x != nil {
+		return x.Material
+	}
+	return nil
+}
+
+type RewrappedImportToken struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	TokenId        string                 `protobuf:"bytes,1,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
+	FromKekVersion uint32                 `protobuf:"varint,2,opt,name=from_kek_version,json=fromKekVersion,proto3" json:"from_kek_version,omitempty"`
+	PrivateKey     *WrappedBlob           `protobuf:"bytes,3,opt,name=private_key,json=privateKey,proto3" json:"private_key,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *RewrappedImportToken) Reset() {
+	*x = RewrappedImportToken{}
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RewrappedImportToken) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RewrappedImportToken) ProtoMessage() {}
+
+func (x *RewrappedImportToken) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RewrappedImportToken.ProtoReflect.Descriptor instead.
+func (*RewrappedImportToken) Descriptor() ([]byte, []int) {
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *RewrappedImportToken) GetTokenId() string {
+	if x != nil {
+		return x.TokenId
+	}
+	return ""
+}
+
+func (x *RewrappedImportToken) GetFromKekVersion() uint32 {
+	if x != nil {
+		return x.FromKekVersion
+	}
+	return 0
+}
+
+func (x *RewrappedImportToken) GetPrivateKey() *WrappedBlob {
+	if x != nil {
+		return x.PrivateKey
+	}
+	return nil
+}
+
+// RetireKEK: nothing is sealed under DRAINING `version` any more; it
+// becomes RETIRED and every node removes it from its HSM.
+type RetireKEK struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Version       uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RetireKEK) Reset() {
+	*x = RetireKEK{}
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RetireKEK) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RetireKEK) ProtoMessage() {}
+
+func (x *RetireKEK) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RetireKEK.ProtoReflect.Descriptor instead.
+func (*RetireKEK) Descriptor() ([]byte, []int) {
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *RetireKEK) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+// KEKRemoved: node `node_id` destroyed RETIRED KEK `version` in its HSM.
+// When every node has, the version is DESTROYED.
+type KEKRemoved struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Version       uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	NodeId        string                 `protobuf:"bytes,2,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KEKRemoved) Reset() {
+	*x = KEKRemoved{}
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KEKRemoved) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KEKRemoved) ProtoMessage() {}
+
+func (x *KEKRemoved) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KEKRemoved.ProtoReflect.Descriptor instead.
+func (*KEKRemoved) Descriptor() ([]byte, []int) {
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *KEKRemoved) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *KEKRemoved) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
 // SetGossipKey records the memberlist encryption key, sealed under the KEK
 // (only nodes holding the KEK can gossip). Set once by the leader; a later
 // one replaces it (key rotation).
@@ -779,7 +1346,7 @@ type SetGossipKey struct {
 
 func (x *SetGossipKey) Reset() {
 	*x = SetGossipKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[1]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -791,7 +1358,7 @@ func (x *SetGossipKey) String() string {
 func (*SetGossipKey) ProtoMessage() {}
 
 func (x *SetGossipKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[1]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -804,7 +1371,7 @@ func (x *SetGossipKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetGossipKey.ProtoReflect.Descriptor instead.
 func (*SetGossipKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{1}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *SetGossipKey) GetGossipKey() *WrappedBlob {
@@ -827,7 +1394,7 @@ type WrappedBlob struct {
 
 func (x *WrappedBlob) Reset() {
 	*x = WrappedBlob{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[2]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -839,7 +1406,7 @@ func (x *WrappedBlob) String() string {
 func (*WrappedBlob) ProtoMessage() {}
 
 func (x *WrappedBlob) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[2]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -852,7 +1419,7 @@ func (x *WrappedBlob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WrappedBlob.ProtoReflect.Descriptor instead.
 func (*WrappedBlob) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{2}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *WrappedBlob) GetKekVersion() uint32 {
@@ -877,13 +1444,24 @@ type KEKVersion struct {
 	CheckValue      []byte   `protobuf:"bytes,2,opt,name=check_value,json=checkValue,proto3" json:"check_value,omitempty"`
 	CreatedUnixNano int64    `protobuf:"varint,3,opt,name=created_unix_nano,json=createdUnixNano,proto3" json:"created_unix_nano,omitempty"`
 	State           KEKState `protobuf:"varint,4,opt,name=state,proto3,enum=cabinet.fsm.v1.KEKState" json:"state,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Nodes whose HSM holds this version with this check value (sorted).
+	InstalledOn []string `protobuf:"bytes,5,rep,name=installed_on,json=installedOn,proto3" json:"installed_on,omitempty"`
+	// While PENDING: the version wrapped for each node's identity key (sorted
+	// by node id). Dropped at activation.
+	Deliveries []*KEKDelivery `protobuf:"bytes,6,rep,name=deliveries,proto3" json:"deliveries,omitempty"`
+	// While RETIRED: nodes that destroyed it in their HSM (sorted).
+	RemovedFrom       []string `protobuf:"bytes,7,rep,name=removed_from,json=removedFrom,proto3" json:"removed_from,omitempty"`
+	GeneratedBy       string   `protobuf:"bytes,8,opt,name=generated_by,json=generatedBy,proto3" json:"generated_by,omitempty"`
+	ActivatedUnixNano int64    `protobuf:"varint,9,opt,name=activated_unix_nano,json=activatedUnixNano,proto3" json:"activated_unix_nano,omitempty"`
+	RetiredUnixNano   int64    `protobuf:"varint,10,opt,name=retired_unix_nano,json=retiredUnixNano,proto3" json:"retired_unix_nano,omitempty"`
+	DestroyedUnixNano int64    `protobuf:"varint,11,opt,name=destroyed_unix_nano,json=destroyedUnixNano,proto3" json:"destroyed_unix_nano,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *KEKVersion) Reset() {
 	*x = KEKVersion{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[3]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -895,7 +1473,7 @@ func (x *KEKVersion) String() string {
 func (*KEKVersion) ProtoMessage() {}
 
 func (x *KEKVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[3]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -908,7 +1486,7 @@ func (x *KEKVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KEKVersion.ProtoReflect.Descriptor instead.
 func (*KEKVersion) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{3}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *KEKVersion) GetVersion() uint32 {
@@ -939,6 +1517,109 @@ func (x *KEKVersion) GetState() KEKState {
 	return KEKState_KEK_STATE_UNSPECIFIED
 }
 
+func (x *KEKVersion) GetInstalledOn() []string {
+	if x != nil {
+		return x.InstalledOn
+	}
+	return nil
+}
+
+func (x *KEKVersion) GetDeliveries() []*KEKDelivery {
+	if x != nil {
+		return x.Deliveries
+	}
+	return nil
+}
+
+func (x *KEKVersion) GetRemovedFrom() []string {
+	if x != nil {
+		return x.RemovedFrom
+	}
+	return nil
+}
+
+func (x *KEKVersion) GetGeneratedBy() string {
+	if x != nil {
+		return x.GeneratedBy
+	}
+	return ""
+}
+
+func (x *KEKVersion) GetActivatedUnixNano() int64 {
+	if x != nil {
+		return x.ActivatedUnixNano
+	}
+	return 0
+}
+
+func (x *KEKVersion) GetRetiredUnixNano() int64 {
+	if x != nil {
+		return x.RetiredUnixNano
+	}
+	return 0
+}
+
+func (x *KEKVersion) GetDestroyedUnixNano() int64 {
+	if x != nil {
+		return x.DestroyedUnixNano
+	}
+	return 0
+}
+
+// KEKDelivery is a KEK version wrapped inside an HSM under one node's
+// identity public key (RSA-OAEP, see hsm); only that node's HSM can unwrap it.
+type KEKDelivery struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Wrapped       []byte                 `protobuf:"bytes,2,opt,name=wrapped,proto3" json:"wrapped,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KEKDelivery) Reset() {
+	*x = KEKDelivery{}
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KEKDelivery) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KEKDelivery) ProtoMessage() {}
+
+func (x *KEKDelivery) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KEKDelivery.ProtoReflect.Descriptor instead.
+func (*KEKDelivery) Descriptor() ([]byte, []int) {
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *KEKDelivery) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *KEKDelivery) GetWrapped() []byte {
+	if x != nil {
+		return x.Wrapped
+	}
+	return nil
+}
+
 type NodeRecord struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	NodeId   string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
@@ -955,7 +1636,7 @@ type NodeRecord struct {
 
 func (x *NodeRecord) Reset() {
 	*x = NodeRecord{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[4]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -967,7 +1648,7 @@ func (x *NodeRecord) String() string {
 func (*NodeRecord) ProtoMessage() {}
 
 func (x *NodeRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[4]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -980,7 +1661,7 @@ func (x *NodeRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeRecord.ProtoReflect.Descriptor instead.
 func (*NodeRecord) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{4}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *NodeRecord) GetNodeId() string {
@@ -1046,7 +1727,7 @@ type InitCluster struct {
 
 func (x *InitCluster) Reset() {
 	*x = InitCluster{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[5]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1058,7 +1739,7 @@ func (x *InitCluster) String() string {
 func (*InitCluster) ProtoMessage() {}
 
 func (x *InitCluster) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[5]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1071,7 +1752,7 @@ func (x *InitCluster) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InitCluster.ProtoReflect.Descriptor instead.
 func (*InitCluster) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{5}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *InitCluster) GetClusterId() string {
@@ -1132,7 +1813,7 @@ type CreateKey struct {
 
 func (x *CreateKey) Reset() {
 	*x = CreateKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[6]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1144,7 +1825,7 @@ func (x *CreateKey) String() string {
 func (*CreateKey) ProtoMessage() {}
 
 func (x *CreateKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[6]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1157,7 +1838,7 @@ func (x *CreateKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKey.ProtoReflect.Descriptor instead.
 func (*CreateKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{6}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CreateKey) GetKeyId() string {
@@ -1242,7 +1923,7 @@ type RotateKey struct {
 
 func (x *RotateKey) Reset() {
 	*x = RotateKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[7]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1254,7 +1935,7 @@ func (x *RotateKey) String() string {
 func (*RotateKey) ProtoMessage() {}
 
 func (x *RotateKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[7]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1267,7 +1948,7 @@ func (x *RotateKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKey.ProtoReflect.Descriptor instead.
 func (*RotateKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{7}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *RotateKey) GetKeyId() string {
@@ -1320,7 +2001,7 @@ type UpdateKey struct {
 
 func (x *UpdateKey) Reset() {
 	*x = UpdateKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[8]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1332,7 +2013,7 @@ func (x *UpdateKey) String() string {
 func (*UpdateKey) ProtoMessage() {}
 
 func (x *UpdateKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[8]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1345,7 +2026,7 @@ func (x *UpdateKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateKey.ProtoReflect.Descriptor instead.
 func (*UpdateKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{8}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *UpdateKey) GetKeyId() string {
@@ -1395,7 +2076,7 @@ type SetAlias struct {
 
 func (x *SetAlias) Reset() {
 	*x = SetAlias{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[9]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1407,7 +2088,7 @@ func (x *SetAlias) String() string {
 func (*SetAlias) ProtoMessage() {}
 
 func (x *SetAlias) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[9]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1420,7 +2101,7 @@ func (x *SetAlias) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetAlias.ProtoReflect.Descriptor instead.
 func (*SetAlias) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{9}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SetAlias) GetAlias() string {
@@ -1446,7 +2127,7 @@ type DeleteAlias struct {
 
 func (x *DeleteAlias) Reset() {
 	*x = DeleteAlias{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[10]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1458,7 +2139,7 @@ func (x *DeleteAlias) String() string {
 func (*DeleteAlias) ProtoMessage() {}
 
 func (x *DeleteAlias) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[10]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1471,7 +2152,7 @@ func (x *DeleteAlias) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteAlias.ProtoReflect.Descriptor instead.
 func (*DeleteAlias) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{10}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *DeleteAlias) GetAlias() string {
@@ -1492,7 +2173,7 @@ type SetKeyEnabled struct {
 
 func (x *SetKeyEnabled) Reset() {
 	*x = SetKeyEnabled{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[11]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1504,7 +2185,7 @@ func (x *SetKeyEnabled) String() string {
 func (*SetKeyEnabled) ProtoMessage() {}
 
 func (x *SetKeyEnabled) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[11]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1517,7 +2198,7 @@ func (x *SetKeyEnabled) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKeyEnabled.ProtoReflect.Descriptor instead.
 func (*SetKeyEnabled) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{11}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SetKeyEnabled) GetKeyId() string {
@@ -1547,7 +2228,7 @@ type RevokeKey struct {
 
 func (x *RevokeKey) Reset() {
 	*x = RevokeKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[12]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1559,7 +2240,7 @@ func (x *RevokeKey) String() string {
 func (*RevokeKey) ProtoMessage() {}
 
 func (x *RevokeKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[12]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1572,7 +2253,7 @@ func (x *RevokeKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeKey.ProtoReflect.Descriptor instead.
 func (*RevokeKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{12}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *RevokeKey) GetKeyId() string {
@@ -1609,7 +2290,7 @@ type SetVersionState struct {
 
 func (x *SetVersionState) Reset() {
 	*x = SetVersionState{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[13]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1621,7 +2302,7 @@ func (x *SetVersionState) String() string {
 func (*SetVersionState) ProtoMessage() {}
 
 func (x *SetVersionState) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[13]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1634,7 +2315,7 @@ func (x *SetVersionState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetVersionState.ProtoReflect.Descriptor instead.
 func (*SetVersionState) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{13}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *SetVersionState) GetKeyId() string {
@@ -1669,7 +2350,7 @@ type SetMinDecryptionVersion struct {
 
 func (x *SetMinDecryptionVersion) Reset() {
 	*x = SetMinDecryptionVersion{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[14]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1681,7 +2362,7 @@ func (x *SetMinDecryptionVersion) String() string {
 func (*SetMinDecryptionVersion) ProtoMessage() {}
 
 func (x *SetMinDecryptionVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[14]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1694,7 +2375,7 @@ func (x *SetMinDecryptionVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetMinDecryptionVersion.ProtoReflect.Descriptor instead.
 func (*SetMinDecryptionVersion) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{14}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *SetMinDecryptionVersion) GetKeyId() string {
@@ -1723,7 +2404,7 @@ type SetRotationPolicy struct {
 
 func (x *SetRotationPolicy) Reset() {
 	*x = SetRotationPolicy{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[15]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1735,7 +2416,7 @@ func (x *SetRotationPolicy) String() string {
 func (*SetRotationPolicy) ProtoMessage() {}
 
 func (x *SetRotationPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[15]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1748,7 +2429,7 @@ func (x *SetRotationPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetRotationPolicy.ProtoReflect.Descriptor instead.
 func (*SetRotationPolicy) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{15}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *SetRotationPolicy) GetKeyId() string {
@@ -1777,7 +2458,7 @@ type ScheduleDestruction struct {
 
 func (x *ScheduleDestruction) Reset() {
 	*x = ScheduleDestruction{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[16]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1789,7 +2470,7 @@ func (x *ScheduleDestruction) String() string {
 func (*ScheduleDestruction) ProtoMessage() {}
 
 func (x *ScheduleDestruction) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[16]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1802,7 +2483,7 @@ func (x *ScheduleDestruction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleDestruction.ProtoReflect.Descriptor instead.
 func (*ScheduleDestruction) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{16}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ScheduleDestruction) GetKeyId() string {
@@ -1828,7 +2509,7 @@ type CancelDestruction struct {
 
 func (x *CancelDestruction) Reset() {
 	*x = CancelDestruction{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[17]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1840,7 +2521,7 @@ func (x *CancelDestruction) String() string {
 func (*CancelDestruction) ProtoMessage() {}
 
 func (x *CancelDestruction) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[17]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1853,7 +2534,7 @@ func (x *CancelDestruction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelDestruction.ProtoReflect.Descriptor instead.
 func (*CancelDestruction) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{17}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *CancelDestruction) GetKeyId() string {
@@ -1874,7 +2555,7 @@ type DestroyKey struct {
 
 func (x *DestroyKey) Reset() {
 	*x = DestroyKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[18]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1886,7 +2567,7 @@ func (x *DestroyKey) String() string {
 func (*DestroyKey) ProtoMessage() {}
 
 func (x *DestroyKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[18]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1899,7 +2580,7 @@ func (x *DestroyKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroyKey.ProtoReflect.Descriptor instead.
 func (*DestroyKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{18}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *DestroyKey) GetKeyId() string {
@@ -1924,7 +2605,7 @@ type CreateImportToken struct {
 
 func (x *CreateImportToken) Reset() {
 	*x = CreateImportToken{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[19]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1936,7 +2617,7 @@ func (x *CreateImportToken) String() string {
 func (*CreateImportToken) ProtoMessage() {}
 
 func (x *CreateImportToken) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[19]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1949,7 +2630,7 @@ func (x *CreateImportToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateImportToken.ProtoReflect.Descriptor instead.
 func (*CreateImportToken) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{19}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *CreateImportToken) GetTokenId() string {
@@ -2000,7 +2681,7 @@ type ImportKey struct {
 
 func (x *ImportKey) Reset() {
 	*x = ImportKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[20]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2012,7 +2693,7 @@ func (x *ImportKey) String() string {
 func (*ImportKey) ProtoMessage() {}
 
 func (x *ImportKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[20]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2025,7 +2706,7 @@ func (x *ImportKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportKey.ProtoReflect.Descriptor instead.
 func (*ImportKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{20}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ImportKey) GetTokenId() string {
@@ -2054,7 +2735,7 @@ type CreateJoinToken struct {
 
 func (x *CreateJoinToken) Reset() {
 	*x = CreateJoinToken{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[21]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2066,7 +2747,7 @@ func (x *CreateJoinToken) String() string {
 func (*CreateJoinToken) ProtoMessage() {}
 
 func (x *CreateJoinToken) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[21]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2079,7 +2760,7 @@ func (x *CreateJoinToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinToken.ProtoReflect.Descriptor instead.
 func (*CreateJoinToken) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{21}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *CreateJoinToken) GetTokenId() string {
@@ -2114,7 +2795,7 @@ type AdmitNode struct {
 
 func (x *AdmitNode) Reset() {
 	*x = AdmitNode{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[22]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2126,7 +2807,7 @@ func (x *AdmitNode) String() string {
 func (*AdmitNode) ProtoMessage() {}
 
 func (x *AdmitNode) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[22]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2139,7 +2820,7 @@ func (x *AdmitNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdmitNode.ProtoReflect.Descriptor instead.
 func (*AdmitNode) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{22}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *AdmitNode) GetTokenId() string {
@@ -2172,7 +2853,7 @@ type RemoveNode struct {
 
 func (x *RemoveNode) Reset() {
 	*x = RemoveNode{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[23]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2184,7 +2865,7 @@ func (x *RemoveNode) String() string {
 func (*RemoveNode) ProtoMessage() {}
 
 func (x *RemoveNode) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[23]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2197,7 +2878,7 @@ func (x *RemoveNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveNode.ProtoReflect.Descriptor instead.
 func (*RemoveNode) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{23}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *RemoveNode) GetNodeId() string {
@@ -2216,7 +2897,7 @@ type Noop struct {
 
 func (x *Noop) Reset() {
 	*x = Noop{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[24]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2228,7 +2909,7 @@ func (x *Noop) String() string {
 func (*Noop) ProtoMessage() {}
 
 func (x *Noop) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[24]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2241,7 +2922,7 @@ func (x *Noop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Noop.ProtoReflect.Descriptor instead.
 func (*Noop) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{24}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *Noop) GetPadding() []byte {
@@ -2266,7 +2947,7 @@ type KeyVersion struct {
 
 func (x *KeyVersion) Reset() {
 	*x = KeyVersion{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[25]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2278,7 +2959,7 @@ func (x *KeyVersion) String() string {
 func (*KeyVersion) ProtoMessage() {}
 
 func (x *KeyVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[25]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2291,7 +2972,7 @@ func (x *KeyVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyVersion.ProtoReflect.Descriptor instead.
 func (*KeyVersion) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{25}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *KeyVersion) GetVersion() uint32 {
@@ -2367,7 +3048,7 @@ type KeyRecord struct {
 
 func (x *KeyRecord) Reset() {
 	*x = KeyRecord{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[26]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2379,7 +3060,7 @@ func (x *KeyRecord) String() string {
 func (*KeyRecord) ProtoMessage() {}
 
 func (x *KeyRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[26]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2392,7 +3073,7 @@ func (x *KeyRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyRecord.ProtoReflect.Descriptor instead.
 func (*KeyRecord) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{26}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *KeyRecord) GetKeyId() string {
@@ -2562,7 +3243,7 @@ type Grant struct {
 
 func (x *Grant) Reset() {
 	*x = Grant{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[27]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2574,7 +3255,7 @@ func (x *Grant) String() string {
 func (*Grant) ProtoMessage() {}
 
 func (x *Grant) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[27]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2587,7 +3268,7 @@ func (x *Grant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Grant.ProtoReflect.Descriptor instead.
 func (*Grant) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{27}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *Grant) GetGrantId() string {
@@ -2651,7 +3332,7 @@ type CreateGrant struct {
 
 func (x *CreateGrant) Reset() {
 	*x = CreateGrant{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[28]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2663,7 +3344,7 @@ func (x *CreateGrant) String() string {
 func (*CreateGrant) ProtoMessage() {}
 
 func (x *CreateGrant) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[28]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2676,7 +3357,7 @@ func (x *CreateGrant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateGrant.ProtoReflect.Descriptor instead.
 func (*CreateGrant) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{28}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *CreateGrant) GetGrant() *Grant {
@@ -2695,7 +3376,7 @@ type RevokeGrant struct {
 
 func (x *RevokeGrant) Reset() {
 	*x = RevokeGrant{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[29]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2707,7 +3388,7 @@ func (x *RevokeGrant) String() string {
 func (*RevokeGrant) ProtoMessage() {}
 
 func (x *RevokeGrant) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[29]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2720,7 +3401,7 @@ func (x *RevokeGrant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeGrant.ProtoReflect.Descriptor instead.
 func (*RevokeGrant) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{29}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *RevokeGrant) GetGrantId() string {
@@ -2743,7 +3424,7 @@ type DenyPrincipal struct {
 
 func (x *DenyPrincipal) Reset() {
 	*x = DenyPrincipal{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[30]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2755,7 +3436,7 @@ func (x *DenyPrincipal) String() string {
 func (*DenyPrincipal) ProtoMessage() {}
 
 func (x *DenyPrincipal) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[30]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2768,7 +3449,7 @@ func (x *DenyPrincipal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DenyPrincipal.ProtoReflect.Descriptor instead.
 func (*DenyPrincipal) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{30}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *DenyPrincipal) GetPrincipal() string {
@@ -2794,7 +3475,7 @@ type AllowPrincipal struct {
 
 func (x *AllowPrincipal) Reset() {
 	*x = AllowPrincipal{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[31]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2806,7 +3487,7 @@ func (x *AllowPrincipal) String() string {
 func (*AllowPrincipal) ProtoMessage() {}
 
 func (x *AllowPrincipal) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[31]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2819,7 +3500,7 @@ func (x *AllowPrincipal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllowPrincipal.ProtoReflect.Descriptor instead.
 func (*AllowPrincipal) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{31}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *AllowPrincipal) GetPrincipal() string {
@@ -2841,7 +3522,7 @@ type DeniedPrincipal struct {
 
 func (x *DeniedPrincipal) Reset() {
 	*x = DeniedPrincipal{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[32]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2853,7 +3534,7 @@ func (x *DeniedPrincipal) String() string {
 func (*DeniedPrincipal) ProtoMessage() {}
 
 func (x *DeniedPrincipal) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[32]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2866,7 +3547,7 @@ func (x *DeniedPrincipal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeniedPrincipal.ProtoReflect.Descriptor instead.
 func (*DeniedPrincipal) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{32}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *DeniedPrincipal) GetPrincipal() string {
@@ -2914,7 +3595,7 @@ type ImportToken struct {
 
 func (x *ImportToken) Reset() {
 	*x = ImportToken{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[33]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2926,7 +3607,7 @@ func (x *ImportToken) String() string {
 func (*ImportToken) ProtoMessage() {}
 
 func (x *ImportToken) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[33]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2939,7 +3620,7 @@ func (x *ImportToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportToken.ProtoReflect.Descriptor instead.
 func (*ImportToken) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{33}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *ImportToken) GetTokenId() string {
@@ -3013,7 +3694,7 @@ type JoinToken struct {
 
 func (x *JoinToken) Reset() {
 	*x = JoinToken{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[34]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3025,7 +3706,7 @@ func (x *JoinToken) String() string {
 func (*JoinToken) ProtoMessage() {}
 
 func (x *JoinToken) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[34]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3038,7 +3719,7 @@ func (x *JoinToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinToken.ProtoReflect.Descriptor instead.
 func (*JoinToken) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{34}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *JoinToken) GetTokenId() string {
@@ -3098,7 +3779,7 @@ type Result struct {
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[35]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3110,7 +3791,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[35]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3123,7 +3804,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{35}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *Result) GetCode() ResultCode {
@@ -3172,7 +3853,7 @@ type RequestRecord struct {
 
 func (x *RequestRecord) Reset() {
 	*x = RequestRecord{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[36]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3184,7 +3865,7 @@ func (x *RequestRecord) String() string {
 func (*RequestRecord) ProtoMessage() {}
 
 func (x *RequestRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[36]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3197,7 +3878,7 @@ func (x *RequestRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestRecord.ProtoReflect.Descriptor instead.
 func (*RequestRecord) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{36}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *RequestRecord) GetRequestId() string {
@@ -3237,7 +3918,7 @@ type ClusterInfo struct {
 
 func (x *ClusterInfo) Reset() {
 	*x = ClusterInfo{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[37]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3249,7 +3930,7 @@ func (x *ClusterInfo) String() string {
 func (*ClusterInfo) ProtoMessage() {}
 
 func (x *ClusterInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[37]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3262,7 +3943,7 @@ func (x *ClusterInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterInfo.ProtoReflect.Descriptor instead.
 func (*ClusterInfo) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{37}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ClusterInfo) GetClusterId() string {
@@ -3337,7 +4018,7 @@ type State struct {
 
 func (x *State) Reset() {
 	*x = State{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[38]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3349,7 +4030,7 @@ func (x *State) String() string {
 func (*State) ProtoMessage() {}
 
 func (x *State) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[38]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3362,7 +4043,7 @@ func (x *State) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use State.ProtoReflect.Descriptor instead.
 func (*State) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{38}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *State) GetFormat() uint32 {
@@ -3448,21 +4129,73 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\n" +
 	"request_id\x18\x05 \x01(\tR\trequestId\x12\x1c\n" +
 	"\tprincipal\x18\x06 \x01(\tR\tprincipal\x12\x18\n" +
-	"\apayload\x18\a \x01(\fR\apayload\"J\n" +
+	"\apayload\x18\a \x01(\fR\apayload\"@\n" +
+	"\x10BeginKEKRotation\x12,\n" +
+	"\x03kek\x18\x01 \x01(\v2\x1a.cabinet.fsm.v1.KEKVersionR\x03kek\"c\n" +
+	"\n" +
+	"DeliverKEK\x12\x18\n" +
+	"\aversion\x18\x01 \x01(\rR\aversion\x12;\n" +
+	"\n" +
+	"deliveries\x18\x02 \x03(\v2\x1b.cabinet.fsm.v1.KEKDeliveryR\n" +
+	"deliveries\"b\n" +
+	"\fKEKInstalled\x12\x18\n" +
+	"\aversion\x18\x01 \x01(\rR\aversion\x12\x17\n" +
+	"\anode_id\x18\x02 \x01(\tR\x06nodeId\x12\x1f\n" +
+	"\vcheck_value\x18\x03 \x01(\fR\n" +
+	"checkValue\"'\n" +
+	"\vActivateKEK\x12\x18\n" +
+	"\aversion\x18\x01 \x01(\rR\aversion\"\xcc\x02\n" +
+	"\x0eRewrapMaterial\x127\n" +
+	"\x04keys\x18\x01 \x03(\v2#.cabinet.fsm.v1.RewrappedKeyVersionR\x04keys\x122\n" +
+	"\x06ca_key\x18\x02 \x01(\v2\x1b.cabinet.fsm.v1.WrappedBlobR\x05caKey\x12\x1e\n" +
+	"\vca_key_from\x18\x03 \x01(\rR\tcaKeyFrom\x12:\n" +
+	"\n" +
+	"gossip_key\x18\x04 \x01(\v2\x1b.cabinet.fsm.v1.WrappedBlobR\tgossipKey\x12&\n" +
+	"\x0fgossip_key_from\x18\x05 \x01(\rR\rgossipKeyFrom\x12I\n" +
+	"\rimport_tokens\x18\x06 \x03(\v2$.cabinet.fsm.v1.RewrappedImportTokenR\fimportTokens\"\xa9\x01\n" +
+	"\x13RewrappedKeyVersion\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\x12(\n" +
+	"\x10from_kek_version\x18\x03 \x01(\rR\x0efromKekVersion\x127\n" +
+	"\bmaterial\x18\x04 \x01(\v2\x1b.cabinet.fsm.v1.WrappedBlobR\bmaterial\"\x99\x01\n" +
+	"\x14RewrappedImportToken\x12\x19\n" +
+	"\btoken_id\x18\x01 \x01(\tR\atokenId\x12(\n" +
+	"\x10from_kek_version\x18\x02 \x01(\rR\x0efromKekVersion\x12<\n" +
+	"\vprivate_key\x18\x03 \x01(\v2\x1b.cabinet.fsm.v1.WrappedBlobR\n" +
+	"privateKey\"%\n" +
+	"\tRetireKEK\x12\x18\n" +
+	"\aversion\x18\x01 \x01(\rR\aversion\"?\n" +
+	"\n" +
+	"KEKRemoved\x12\x18\n" +
+	"\aversion\x18\x01 \x01(\rR\aversion\x12\x17\n" +
+	"\anode_id\x18\x02 \x01(\tR\x06nodeId\"J\n" +
 	"\fSetGossipKey\x12:\n" +
 	"\n" +
 	"gossip_key\x18\x01 \x01(\v2\x1b.cabinet.fsm.v1.WrappedBlobR\tgossipKey\"B\n" +
 	"\vWrappedBlob\x12\x1f\n" +
 	"\vkek_version\x18\x01 \x01(\rR\n" +
 	"kekVersion\x12\x12\n" +
-	"\x04blob\x18\x02 \x01(\fR\x04blob\"\xa3\x01\n" +
+	"\x04blob\x18\x02 \x01(\fR\x04blob\"\xd5\x03\n" +
 	"\n" +
 	"KEKVersion\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x1f\n" +
 	"\vcheck_value\x18\x02 \x01(\fR\n" +
 	"checkValue\x12*\n" +
 	"\x11created_unix_nano\x18\x03 \x01(\x03R\x0fcreatedUnixNano\x12.\n" +
-	"\x05state\x18\x04 \x01(\x0e2\x18.cabinet.fsm.v1.KEKStateR\x05state\"\xec\x01\n" +
+	"\x05state\x18\x04 \x01(\x0e2\x18.cabinet.fsm.v1.KEKStateR\x05state\x12!\n" +
+	"\finstalled_on\x18\x05 \x03(\tR\vinstalledOn\x12;\n" +
+	"\n" +
+	"deliveries\x18\x06 \x03(\v2\x1b.cabinet.fsm.v1.KEKDeliveryR\n" +
+	"deliveries\x12!\n" +
+	"\fremoved_from\x18\a \x03(\tR\vremovedFrom\x12!\n" +
+	"\fgenerated_by\x18\b \x01(\tR\vgeneratedBy\x12.\n" +
+	"\x13activated_unix_nano\x18\t \x01(\x03R\x11activatedUnixNano\x12*\n" +
+	"\x11retired_unix_nano\x18\n" +
+	" \x01(\x03R\x0fretiredUnixNano\x12.\n" +
+	"\x13destroyed_unix_nano\x18\v \x01(\x03R\x11destroyedUnixNano\"@\n" +
+	"\vKEKDelivery\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x18\n" +
+	"\awrapped\x18\x02 \x01(\fR\awrapped\"\xec\x01\n" +
 	"\n" +
 	"NodeRecord\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x19\n" +
@@ -3680,7 +4413,7 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\rimport_tokens\x18\b \x03(\v2\x1b.cabinet.fsm.v1.ImportTokenR\fimportTokens\x12-\n" +
 	"\x06grants\x18\t \x03(\v2\x15.cabinet.fsm.v1.GrantR\x06grants\x12L\n" +
 	"\x11denied_principals\x18\n" +
-	" \x03(\v2\x1f.cabinet.fsm.v1.DeniedPrincipalR\x10deniedPrincipals*\xd7\x06\n" +
+	" \x03(\v2\x1f.cabinet.fsm.v1.DeniedPrincipalR\x10deniedPrincipals*\xb6\b\n" +
 	"\vCommandType\x12\x1c\n" +
 	"\x18COMMAND_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19COMMAND_TYPE_INIT_CLUSTER\x10\x01\x12\x1b\n" +
@@ -3708,11 +4441,21 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\x19COMMAND_TYPE_REVOKE_GRANT\x10\x16\x12\x1f\n" +
 	"\x1bCOMMAND_TYPE_DENY_PRINCIPAL\x10\x17\x12 \n" +
 	"\x1cCOMMAND_TYPE_ALLOW_PRINCIPAL\x10\x18\x12\x1f\n" +
-	"\x1bCOMMAND_TYPE_SET_GOSSIP_KEY\x10\x19*R\n" +
+	"\x1bCOMMAND_TYPE_SET_GOSSIP_KEY\x10\x19\x12#\n" +
+	"\x1fCOMMAND_TYPE_BEGIN_KEK_ROTATION\x10\x1a\x12\x1c\n" +
+	"\x18COMMAND_TYPE_DELIVER_KEK\x10\x1b\x12\x1e\n" +
+	"\x1aCOMMAND_TYPE_KEK_INSTALLED\x10\x1c\x12\x1d\n" +
+	"\x19COMMAND_TYPE_ACTIVATE_KEK\x10\x1d\x12 \n" +
+	"\x1cCOMMAND_TYPE_REWRAP_MATERIAL\x10\x1e\x12\x1b\n" +
+	"\x17COMMAND_TYPE_RETIRE_KEK\x10\x1f\x12\x1c\n" +
+	"\x18COMMAND_TYPE_KEK_REMOVED\x10 *\x9a\x01\n" +
 	"\bKEKState\x12\x19\n" +
 	"\x15KEK_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10KEK_STATE_ACTIVE\x10\x01\x12\x15\n" +
-	"\x11KEK_STATE_RETIRED\x10\x02*\xf4\x01\n" +
+	"\x11KEK_STATE_RETIRED\x10\x02\x12\x15\n" +
+	"\x11KEK_STATE_PENDING\x10\x03\x12\x16\n" +
+	"\x12KEK_STATE_DRAINING\x10\x04\x12\x17\n" +
+	"\x13KEK_STATE_DESTROYED\x10\x05*\xf4\x01\n" +
 	"\aKeySpec\x12\x18\n" +
 	"\x14KEY_SPEC_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10KEY_SPEC_AES_256\x10\x01\x12\x18\n" +
@@ -3784,7 +4527,7 @@ func file_fsm_fsmpb_fsm_proto_rawDescGZIP() []byte {
 }
 
 var file_fsm_fsmpb_fsm_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
-var file_fsm_fsmpb_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
+var file_fsm_fsmpb_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 53)
 var file_fsm_fsmpb_fsm_proto_goTypes = []any{
 	(CommandType)(0),                // 0: cabinet.fsm.v1.CommandType
 	(KEKState)(0),                   // 1: cabinet.fsm.v1.KEKState
@@ -3797,103 +4540,122 @@ var file_fsm_fsmpb_fsm_proto_goTypes = []any{
 	(GrantOperation)(0),             // 8: cabinet.fsm.v1.GrantOperation
 	(ResultCode)(0),                 // 9: cabinet.fsm.v1.ResultCode
 	(*Command)(nil),                 // 10: cabinet.fsm.v1.Command
-	(*SetGossipKey)(nil),            // 11: cabinet.fsm.v1.SetGossipKey
-	(*WrappedBlob)(nil),             // 12: cabinet.fsm.v1.WrappedBlob
-	(*KEKVersion)(nil),              // 13: cabinet.fsm.v1.KEKVersion
-	(*NodeRecord)(nil),              // 14: cabinet.fsm.v1.NodeRecord
-	(*InitCluster)(nil),             // 15: cabinet.fsm.v1.InitCluster
-	(*CreateKey)(nil),               // 16: cabinet.fsm.v1.CreateKey
-	(*RotateKey)(nil),               // 17: cabinet.fsm.v1.RotateKey
-	(*UpdateKey)(nil),               // 18: cabinet.fsm.v1.UpdateKey
-	(*SetAlias)(nil),                // 19: cabinet.fsm.v1.SetAlias
-	(*DeleteAlias)(nil),             // 20: cabinet.fsm.v1.DeleteAlias
-	(*SetKeyEnabled)(nil),           // 21: cabinet.fsm.v1.SetKeyEnabled
-	(*RevokeKey)(nil),               // 22: cabinet.fsm.v1.RevokeKey
-	(*SetVersionState)(nil),         // 23: cabinet.fsm.v1.SetVersionState
-	(*SetMinDecryptionVersion)(nil), // 24: cabinet.fsm.v1.SetMinDecryptionVersion
-	(*SetRotationPolicy)(nil),       // 25: cabinet.fsm.v1.SetRotationPolicy
-	(*ScheduleDestruction)(nil),     // 26: cabinet.fsm.v1.ScheduleDestruction
-	(*CancelDestruction)(nil),       // 27: cabinet.fsm.v1.CancelDestruction
-	(*DestroyKey)(nil),              // 28: cabinet.fsm.v1.DestroyKey
-	(*CreateImportToken)(nil),       // 29: cabinet.fsm.v1.CreateImportToken
-	(*ImportKey)(nil),               // 30: cabinet.fsm.v1.ImportKey
-	(*CreateJoinToken)(nil),         // 31: cabinet.fsm.v1.CreateJoinToken
-	(*AdmitNode)(nil),               // 32: cabinet.fsm.v1.AdmitNode
-	(*RemoveNode)(nil),              // 33: cabinet.fsm.v1.RemoveNode
-	(*Noop)(nil),                    // 34: cabinet.fsm.v1.Noop
-	(*KeyVersion)(nil),              // 35: cabinet.fsm.v1.KeyVersion
-	(*KeyRecord)(nil),               // 36: cabinet.fsm.v1.KeyRecord
-	(*Grant)(nil),                   // 37: cabinet.fsm.v1.Grant
-	(*CreateGrant)(nil),             // 38: cabinet.fsm.v1.CreateGrant
-	(*RevokeGrant)(nil),             // 39: cabinet.fsm.v1.RevokeGrant
-	(*DenyPrincipal)(nil),           // 40: cabinet.fsm.v1.DenyPrincipal
-	(*AllowPrincipal)(nil),          // 41: cabinet.fsm.v1.AllowPrincipal
-	(*DeniedPrincipal)(nil),         // 42: cabinet.fsm.v1.DeniedPrincipal
-	(*ImportToken)(nil),             // 43: cabinet.fsm.v1.ImportToken
-	(*JoinToken)(nil),               // 44: cabinet.fsm.v1.JoinToken
-	(*Result)(nil),                  // 45: cabinet.fsm.v1.Result
-	(*RequestRecord)(nil),           // 46: cabinet.fsm.v1.RequestRecord
-	(*ClusterInfo)(nil),             // 47: cabinet.fsm.v1.ClusterInfo
-	(*State)(nil),                   // 48: cabinet.fsm.v1.State
-	nil,                             // 49: cabinet.fsm.v1.CreateKey.TagsEntry
-	nil,                             // 50: cabinet.fsm.v1.UpdateKey.TagsEntry
-	nil,                             // 51: cabinet.fsm.v1.KeyRecord.TagsEntry
-	nil,                             // 52: cabinet.fsm.v1.Grant.EncryptionContextEqualsEntry
+	(*BeginKEKRotation)(nil),        // 11: cabinet.fsm.v1.BeginKEKRotation
+	(*DeliverKEK)(nil),              // 12: cabinet.fsm.v1.DeliverKEK
+	(*KEKInstalled)(nil),            // 13: cabinet.fsm.v1.KEKInstalled
+	(*ActivateKEK)(nil),             // 14: cabinet.fsm.v1.ActivateKEK
+	(*RewrapMaterial)(nil),          // 15: cabinet.fsm.v1.RewrapMaterial
+	(*RewrappedKeyVersion)(nil),     // 16: cabinet.fsm.v1.RewrappedKeyVersion
+	(*RewrappedImportToken)(nil),    // 17: cabinet.fsm.v1.RewrappedImportToken
+	(*RetireKEK)(nil),               // 18: cabinet.fsm.v1.RetireKEK
+	(*KEKRemoved)(nil),              // 19: cabinet.fsm.v1.KEKRemoved
+	(*SetGossipKey)(nil),            // 20: cabinet.fsm.v1.SetGossipKey
+	(*WrappedBlob)(nil),             // 21: cabinet.fsm.v1.WrappedBlob
+	(*KEKVersion)(nil),              // 22: cabinet.fsm.v1.KEKVersion
+	(*KEKDelivery)(nil),             // 23: cabinet.fsm.v1.KEKDelivery
+	(*NodeRecord)(nil),              // 24: cabinet.fsm.v1.NodeRecord
+	(*InitCluster)(nil),             // 25: cabinet.fsm.v1.InitCluster
+	(*CreateKey)(nil),               // 26: cabinet.fsm.v1.CreateKey
+	(*RotateKey)(nil),               // 27: cabinet.fsm.v1.RotateKey
+	(*UpdateKey)(nil),               // 28: cabinet.fsm.v1.UpdateKey
+	(*SetAlias)(nil),                // 29: cabinet.fsm.v1.SetAlias
+	(*DeleteAlias)(nil),             // 30: cabinet.fsm.v1.DeleteAlias
+	(*SetKeyEnabled)(nil),           // 31: cabinet.fsm.v1.SetKeyEnabled
+	(*RevokeKey)(nil),               // 32: cabinet.fsm.v1.RevokeKey
+	(*SetVersionState)(nil),         // 33: cabinet.fsm.v1.SetVersionState
+	(*SetMinDecryptionVersion)(nil), // 34: cabinet.fsm.v1.SetMinDecryptionVersion
+	(*SetRotationPolicy)(nil),       // 35: cabinet.fsm.v1.SetRotationPolicy
+	(*ScheduleDestruction)(nil),     // 36: cabinet.fsm.v1.ScheduleDestruction
+	(*CancelDestruction)(nil),       // 37: cabinet.fsm.v1.CancelDestruction
+	(*DestroyKey)(nil),              // 38: cabinet.fsm.v1.DestroyKey
+	(*CreateImportToken)(nil),       // 39: cabinet.fsm.v1.CreateImportToken
+	(*ImportKey)(nil),               // 40: cabinet.fsm.v1.ImportKey
+	(*CreateJoinToken)(nil),         // 41: cabinet.fsm.v1.CreateJoinToken
+	(*AdmitNode)(nil),               // 42: cabinet.fsm.v1.AdmitNode
+	(*RemoveNode)(nil),              // 43: cabinet.fsm.v1.RemoveNode
+	(*Noop)(nil),                    // 44: cabinet.fsm.v1.Noop
+	(*KeyVersion)(nil),              // 45: cabinet.fsm.v1.KeyVersion
+	(*KeyRecord)(nil),               // 46: cabinet.fsm.v1.KeyRecord
+	(*Grant)(nil),                   // 47: cabinet.fsm.v1.Grant
+	(*CreateGrant)(nil),             // 48: cabinet.fsm.v1.CreateGrant
+	(*RevokeGrant)(nil),             // 49: cabinet.fsm.v1.RevokeGrant
+	(*DenyPrincipal)(nil),           // 50: cabinet.fsm.v1.DenyPrincipal
+	(*AllowPrincipal)(nil),          // 51: cabinet.fsm.v1.AllowPrincipal
+	(*DeniedPrincipal)(nil),         // 52: cabinet.fsm.v1.DeniedPrincipal
+	(*ImportToken)(nil),             // 53: cabinet.fsm.v1.ImportToken
+	(*JoinToken)(nil),               // 54: cabinet.fsm.v1.JoinToken
+	(*Result)(nil),                  // 55: cabinet.fsm.v1.Result
+	(*RequestRecord)(nil),           // 56: cabinet.fsm.v1.RequestRecord
+	(*ClusterInfo)(nil),             // 57: cabinet.fsm.v1.ClusterInfo
+	(*State)(nil),                   // 58: cabinet.fsm.v1.State
+	nil,                             // 59: cabinet.fsm.v1.CreateKey.TagsEntry
+	nil,                             // 60: cabinet.fsm.v1.UpdateKey.TagsEntry
+	nil,                             // 61: cabinet.fsm.v1.KeyRecord.TagsEntry
+	nil,                             // 62: cabinet.fsm.v1.Grant.EncryptionContextEqualsEntry
 }
 var file_fsm_fsmpb_fsm_proto_depIdxs = []int32{
 	0,  // 0: cabinet.fsm.v1.Command.type:type_name -> cabinet.fsm.v1.CommandType
-	12, // 1: cabinet.fsm.v1.SetGossipKey.gossip_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	1,  // 2: cabinet.fsm.v1.KEKVersion.state:type_name -> cabinet.fsm.v1.KEKState
-	12, // 3: cabinet.fsm.v1.InitCluster.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	13, // 4: cabinet.fsm.v1.InitCluster.kek:type_name -> cabinet.fsm.v1.KEKVersion
-	14, // 5: cabinet.fsm.v1.InitCluster.first_node:type_name -> cabinet.fsm.v1.NodeRecord
-	2,  // 6: cabinet.fsm.v1.CreateKey.spec:type_name -> cabinet.fsm.v1.KeySpec
-	3,  // 7: cabinet.fsm.v1.CreateKey.usage:type_name -> cabinet.fsm.v1.KeyUsage
-	49, // 8: cabinet.fsm.v1.CreateKey.tags:type_name -> cabinet.fsm.v1.CreateKey.TagsEntry
-	12, // 9: cabinet.fsm.v1.CreateKey.material:type_name -> cabinet.fsm.v1.WrappedBlob
-	12, // 10: cabinet.fsm.v1.RotateKey.material:type_name -> cabinet.fsm.v1.WrappedBlob
-	50, // 11: cabinet.fsm.v1.UpdateKey.tags:type_name -> cabinet.fsm.v1.UpdateKey.TagsEntry
-	7,  // 12: cabinet.fsm.v1.RevokeKey.reason:type_name -> cabinet.fsm.v1.RevocationReason
-	5,  // 13: cabinet.fsm.v1.SetVersionState.state:type_name -> cabinet.fsm.v1.KeyVersionState
-	12, // 14: cabinet.fsm.v1.CreateImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	2,  // 15: cabinet.fsm.v1.CreateImportToken.spec:type_name -> cabinet.fsm.v1.KeySpec
-	16, // 16: cabinet.fsm.v1.ImportKey.key:type_name -> cabinet.fsm.v1.CreateKey
-	14, // 17: cabinet.fsm.v1.AdmitNode.node:type_name -> cabinet.fsm.v1.NodeRecord
-	12, // 18: cabinet.fsm.v1.KeyVersion.material:type_name -> cabinet.fsm.v1.WrappedBlob
-	5,  // 19: cabinet.fsm.v1.KeyVersion.state:type_name -> cabinet.fsm.v1.KeyVersionState
-	2,  // 20: cabinet.fsm.v1.KeyRecord.spec:type_name -> cabinet.fsm.v1.KeySpec
-	3,  // 21: cabinet.fsm.v1.KeyRecord.usage:type_name -> cabinet.fsm.v1.KeyUsage
-	4,  // 22: cabinet.fsm.v1.KeyRecord.state:type_name -> cabinet.fsm.v1.KeyState
-	51, // 23: cabinet.fsm.v1.KeyRecord.tags:type_name -> cabinet.fsm.v1.KeyRecord.TagsEntry
-	35, // 24: cabinet.fsm.v1.KeyRecord.versions:type_name -> cabinet.fsm.v1.KeyVersion
-	6,  // 25: cabinet.fsm.v1.KeyRecord.origin:type_name -> cabinet.fsm.v1.KeyOrigin
-	7,  // 26: cabinet.fsm.v1.KeyRecord.revocation_reason:type_name -> cabinet.fsm.v1.RevocationReason
-	8,  // 27: cabinet.fsm.v1.Grant.operations:type_name -> cabinet.fsm.v1.GrantOperation
-	52, // 28: cabinet.fsm.v1.Grant.encryption_context_equals:type_name -> cabinet.fsm.v1.Grant.EncryptionContextEqualsEntry
-	37, // 29: cabinet.fsm.v1.CreateGrant.grant:type_name -> cabinet.fsm.v1.Grant
-	12, // 30: cabinet.fsm.v1.ImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	2,  // 31: cabinet.fsm.v1.ImportToken.spec:type_name -> cabinet.fsm.v1.KeySpec
-	9,  // 32: cabinet.fsm.v1.Result.code:type_name -> cabinet.fsm.v1.ResultCode
-	36, // 33: cabinet.fsm.v1.Result.key:type_name -> cabinet.fsm.v1.KeyRecord
-	14, // 34: cabinet.fsm.v1.Result.node:type_name -> cabinet.fsm.v1.NodeRecord
-	37, // 35: cabinet.fsm.v1.Result.grant:type_name -> cabinet.fsm.v1.Grant
-	45, // 36: cabinet.fsm.v1.RequestRecord.result:type_name -> cabinet.fsm.v1.Result
-	12, // 37: cabinet.fsm.v1.ClusterInfo.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	13, // 38: cabinet.fsm.v1.ClusterInfo.kek_versions:type_name -> cabinet.fsm.v1.KEKVersion
-	12, // 39: cabinet.fsm.v1.ClusterInfo.gossip_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	47, // 40: cabinet.fsm.v1.State.cluster:type_name -> cabinet.fsm.v1.ClusterInfo
-	36, // 41: cabinet.fsm.v1.State.keys:type_name -> cabinet.fsm.v1.KeyRecord
-	14, // 42: cabinet.fsm.v1.State.nodes:type_name -> cabinet.fsm.v1.NodeRecord
-	44, // 43: cabinet.fsm.v1.State.join_tokens:type_name -> cabinet.fsm.v1.JoinToken
-	46, // 44: cabinet.fsm.v1.State.requests:type_name -> cabinet.fsm.v1.RequestRecord
-	43, // 45: cabinet.fsm.v1.State.import_tokens:type_name -> cabinet.fsm.v1.ImportToken
-	37, // 46: cabinet.fsm.v1.State.grants:type_name -> cabinet.fsm.v1.Grant
-	42, // 47: cabinet.fsm.v1.State.denied_principals:type_name -> cabinet.fsm.v1.DeniedPrincipal
-	48, // [48:48] is the sub-list for method output_type
-	48, // [48:48] is the sub-list for method input_type
-	48, // [48:48] is the sub-list for extension type_name
-	48, // [48:48] is the sub-list for extension extendee
-	0,  // [0:48] is the sub-list for field type_name
+	22, // 1: cabinet.fsm.v1.BeginKEKRotation.kek:type_name -> cabinet.fsm.v1.KEKVersion
+	23, // 2: cabinet.fsm.v1.DeliverKEK.deliveries:type_name -> cabinet.fsm.v1.KEKDelivery
+	16, // 3: cabinet.fsm.v1.RewrapMaterial.keys:type_name -> cabinet.fsm.v1.RewrappedKeyVersion
+	21, // 4: cabinet.fsm.v1.RewrapMaterial.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	21, // 5: cabinet.fsm.v1.RewrapMaterial.gossip_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	17, // 6: cabinet.fsm.v1.RewrapMaterial.import_tokens:type_name -> cabinet.fsm.v1.RewrappedImportToken
+	21, // 7: cabinet.fsm.v1.RewrappedKeyVersion.material:type_name -> cabinet.fsm.v1.WrappedBlob
+	21, // 8: cabinet.fsm.v1.RewrappedImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	21, // 9: cabinet.fsm.v1.SetGossipKey.gossip_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	1,  // 10: cabinet.fsm.v1.KEKVersion.state:type_name -> cabinet.fsm.v1.KEKState
+	23, // 11: cabinet.fsm.v1.KEKVersion.deliveries:type_name -> cabinet.fsm.v1.KEKDelivery
+	21, // 12: cabinet.fsm.v1.InitCluster.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	22, // 13: cabinet.fsm.v1.InitCluster.kek:type_name -> cabinet.fsm.v1.KEKVersion
+	24, // 14: cabinet.fsm.v1.InitCluster.first_node:type_name -> cabinet.fsm.v1.NodeRecord
+	2,  // 15: cabinet.fsm.v1.CreateKey.spec:type_name -> cabinet.fsm.v1.KeySpec
+	3,  // 16: cabinet.fsm.v1.CreateKey.usage:type_name -> cabinet.fsm.v1.KeyUsage
+	59, // 17: cabinet.fsm.v1.CreateKey.tags:type_name -> cabinet.fsm.v1.CreateKey.TagsEntry
+	21, // 18: cabinet.fsm.v1.CreateKey.material:type_name -> cabinet.fsm.v1.WrappedBlob
+	21, // 19: cabinet.fsm.v1.RotateKey.material:type_name -> cabinet.fsm.v1.WrappedBlob
+	60, // 20: cabinet.fsm.v1.UpdateKey.tags:type_name -> cabinet.fsm.v1.UpdateKey.TagsEntry
+	7,  // 21: cabinet.fsm.v1.RevokeKey.reason:type_name -> cabinet.fsm.v1.RevocationReason
+	5,  // 22: cabinet.fsm.v1.SetVersionState.state:type_name -> cabinet.fsm.v1.KeyVersionState
+	21, // 23: cabinet.fsm.v1.CreateImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	2,  // 24: cabinet.fsm.v1.CreateImportToken.spec:type_name -> cabinet.fsm.v1.KeySpec
+	26, // 25: cabinet.fsm.v1.ImportKey.key:type_name -> cabinet.fsm.v1.CreateKey
+	24, // 26: cabinet.fsm.v1.AdmitNode.node:type_name -> cabinet.fsm.v1.NodeRecord
+	21, // 27: cabinet.fsm.v1.KeyVersion.material:type_name -> cabinet.fsm.v1.WrappedBlob
+	5,  // 28: cabinet.fsm.v1.KeyVersion.state:type_name -> cabinet.fsm.v1.KeyVersionState
+	2,  // 29: cabinet.fsm.v1.KeyRecord.spec:type_name -> cabinet.fsm.v1.KeySpec
+	3,  // 30: cabinet.fsm.v1.KeyRecord.usage:type_name -> cabinet.fsm.v1.KeyUsage
+	4,  // 31: cabinet.fsm.v1.KeyRecord.state:type_name -> cabinet.fsm.v1.KeyState
+	61, // 32: cabinet.fsm.v1.KeyRecord.tags:type_name -> cabinet.fsm.v1.KeyRecord.TagsEntry
+	45, // 33: cabinet.fsm.v1.KeyRecord.versions:type_name -> cabinet.fsm.v1.KeyVersion
+	6,  // 34: cabinet.fsm.v1.KeyRecord.origin:type_name -> cabinet.fsm.v1.KeyOrigin
+	7,  // 35: cabinet.fsm.v1.KeyRecord.revocation_reason:type_name -> cabinet.fsm.v1.RevocationReason
+	8,  // 36: cabinet.fsm.v1.Grant.operations:type_name -> cabinet.fsm.v1.GrantOperation
+	62, // 37: cabinet.fsm.v1.Grant.encryption_context_equals:type_name -> cabinet.fsm.v1.Grant.EncryptionContextEqualsEntry
+	47, // 38: cabinet.fsm.v1.CreateGrant.grant:type_name -> cabinet.fsm.v1.Grant
+	21, // 39: cabinet.fsm.v1.ImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	2,  // 40: cabinet.fsm.v1.ImportToken.spec:type_name -> cabinet.fsm.v1.KeySpec
+	9,  // 41: cabinet.fsm.v1.Result.code:type_name -> cabinet.fsm.v1.ResultCode
+	46, // 42: cabinet.fsm.v1.Result.key:type_name -> cabinet.fsm.v1.KeyRecord
+	24, // 43: cabinet.fsm.v1.Result.node:type_name -> cabinet.fsm.v1.NodeRecord
+	47, // 44: cabinet.fsm.v1.Result.grant:type_name -> cabinet.fsm.v1.Grant
+	55, // 45: cabinet.fsm.v1.RequestRecord.result:type_name -> cabinet.fsm.v1.Result
+	21, // 46: cabinet.fsm.v1.ClusterInfo.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	22, // 47: cabinet.fsm.v1.ClusterInfo.kek_versions:type_name -> cabinet.fsm.v1.KEKVersion
+	21, // 48: cabinet.fsm.v1.ClusterInfo.gossip_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	57, // 49: cabinet.fsm.v1.State.cluster:type_name -> cabinet.fsm.v1.ClusterInfo
+	46, // 50: cabinet.fsm.v1.State.keys:type_name -> cabinet.fsm.v1.KeyRecord
+	24, // 51: cabinet.fsm.v1.State.nodes:type_name -> cabinet.fsm.v1.NodeRecord
+	54, // 52: cabinet.fsm.v1.State.join_tokens:type_name -> cabinet.fsm.v1.JoinToken
+	56, // 53: cabinet.fsm.v1.State.requests:type_name -> cabinet.fsm.v1.RequestRecord
+	53, // 54: cabinet.fsm.v1.State.import_tokens:type_name -> cabinet.fsm.v1.ImportToken
+	47, // 55: cabinet.fsm.v1.State.grants:type_name -> cabinet.fsm.v1.Grant
+	52, // 56: cabinet.fsm.v1.State.denied_principals:type_name -> cabinet.fsm.v1.DeniedPrincipal
+	57, // [57:57] is the sub-list for method output_type
+	57, // [57:57] is the sub-list for method input_type
+	57, // [57:57] is the sub-list for extension type_name
+	57, // [57:57] is the sub-list for extension extendee
+	0,  // [0:57] is the sub-list for field type_name
 }
 
 func init() { file_fsm_fsmpb_fsm_proto_init() }
@@ -3907,7 +4669,7 @@ func file_fsm_fsmpb_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fsm_fsmpb_fsm_proto_rawDesc), len(file_fsm_fsmpb_fsm_proto_rawDesc)),
 			NumEnums:      10,
-			NumMessages:   43,
+			NumMessages:   53,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -405,6 +405,8 @@ func (c *Cluster) start(nd *node) (err error) {
 	r.wg.Go(func() { _ = r.grpc.Serve(apiLn) })
 	r.wg.Go(func() { srv.WatchHealth(bg, 200*time.Millisecond) })
 	r.wg.Go(func() { r.raft.RunLeaderLoop(bg, time.Second, srv.ProposeDue) })
+	r.wg.Go(func() { r.raft.RunLeaderLoop(bg, time.Second, srv.ProposeKEKWork) })
+	r.wg.Go(func() { srv.RunKEKNodeDuties(bg, 200*time.Millisecond) })
 	nd.run = r
 	return nil
 }

@@ -356,6 +356,312 @@ func (RevocationReason) EnumDescriptor() ([]byte, []int) {
 	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{5}
 }
 
+type RotateKEKRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Idempotency key: a retry with the same id does not start a second rotation.
+	RequestId     string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateKEKRequest) Reset() {
+	*x = RotateKEKRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateKEKRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateKEKRequest) ProtoMessage() {}
+
+func (x *RotateKEKRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateKEKRequest.ProtoReflect.Descriptor instead.
+func (*RotateKEKRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *RotateKEKRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type KEKStatusRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KEKStatusRequest) Reset() {
+	*x = KEKStatusRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KEKStatusRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KEKStatusRequest) ProtoMessage() {}
+
+func (x *KEKStatusRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KEKStatusRequest.ProtoReflect.Descriptor instead.
+func (*KEKStatusRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{1}
+}
+
+type KEKVersionStatus struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Version uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	// PENDING, ACTIVE, DRAINING, RETIRED or DESTROYED.
+	State string `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
+	// Hex of the check value (AES-CMAC of a fixed block; identifies the key, reveals nothing).
+	CheckValue  string   `protobuf:"bytes,3,opt,name=check_value,json=checkValue,proto3" json:"check_value,omitempty"`
+	InstalledOn []string `protobuf:"bytes,4,rep,name=installed_on,json=installedOn,proto3" json:"installed_on,omitempty"`
+	RemovedFrom []string `protobuf:"bytes,5,rep,name=removed_from,json=removedFrom,proto3" json:"removed_from,omitempty"`
+	// Blobs still sealed under this version (key material, CA key, gossip key, import tokens).
+	SealedBlobs uint64                 `protobuf:"varint,6,opt,name=sealed_blobs,json=sealedBlobs,proto3" json:"sealed_blobs,omitempty"`
+	GeneratedBy string                 `protobuf:"bytes,7,opt,name=generated_by,json=generatedBy,proto3" json:"generated_by,omitempty"`
+	Created     *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=created,proto3" json:"created,omitempty"`
+	Activated   *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=activated,proto3" json:"activated,omitempty"`
+	Retired     *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=retired,proto3" json:"retired,omitempty"`
+	Destroyed   *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=destroyed,proto3" json:"destroyed,omitempty"`
+	// Nodes whose part of the current phase is outstanding (not installed
+	// while PENDING, not removed while RETIRED).
+	WaitingFor    []string `protobuf:"bytes,12,rep,name=waiting_for,json=waitingFor,proto3" json:"waiting_for,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KEKVersionStatus) Reset() {
+	*x = KEKVersionStatus{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KEKVersionStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KEKVersionStatus) ProtoMessage() {}
+
+func (x *KEKVersionStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KEKVersionStatus.ProtoReflect.Descriptor instead.
+func (*KEKVersionStatus) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *KEKVersionStatus) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *KEKVersionStatus) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *KEKVersionStatus) GetCheckValue() string {
+	if x != nil {
+		return x.CheckValue
+	}
+	return ""
+}
+
+func (x *KEKVersionStatus) GetInstalledOn() []string {
+	if x != nil {
+		return x.InstalledOn
+	}
+	return nil
+}
+
+func (x *KEKVersionStatus) GetRemovedFrom() []string {
+	if x != nil {
+		return x.RemovedFrom
+	}
+	return nil
+}
+
+func (x *KEKVersionStatus) GetSealedBlobs() uint64 {
+	if x != nil {
+		return x.SealedBlobs
+	}
+	return 0
+}
+
+func (x *KEKVersionStatus) GetGeneratedBy() string {
+	if x != nil {
+		return x.GeneratedBy
+	}
+	return ""
+}
+
+func (x *KEKVersionStatus) GetCreated() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Created
+	}
+	return nil
+}
+
+func (x *KEKVersionStatus) GetActivated() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Activated
+	}
+	return nil
+}
+
+func (x *KEKVersionStatus) GetRetired() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Retired
+	}
+	return nil
+}
+
+func (x *KEKVersionStatus) GetDestroyed() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Destroyed
+	}
+	return nil
+}
+
+func (x *KEKVersionStatus) GetWaitingFor() []string {
+	if x != nil {
+		return x.WaitingFor
+	}
+	return nil
+}
+
+type KEKStatusResponse struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	CurrentVersion uint32                 `protobuf:"varint,1,opt,name=current_version,json=currentVersion,proto3" json:"current_version,omitempty"`
+	// "idle", "distributing", "re-wrapping" or "removing".
+	Phase string `protobuf:"bytes,2,opt,name=phase,proto3" json:"phase,omitempty"`
+	// One line a human can read: what is happening and what is outstanding.
+	Summary  string              `protobuf:"bytes,3,opt,name=summary,proto3" json:"summary,omitempty"`
+	Versions []*KEKVersionStatus `protobuf:"bytes,4,rep,name=versions,proto3" json:"versions,omitempty"`
+	// Members of the cluster (node records).
+	Nodes []string `protobuf:"bytes,5,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	// True when no version is PENDING, DRAINING or RETIRED.
+	Done          bool `protobuf:"varint,6,opt,name=done,proto3" json:"done,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KEKStatusResponse) Reset() {
+	*x = KEKStatusResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KEKStatusResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KEKStatusResponse) ProtoMessage() {}
+
+func (x *KEKStatusResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KEKStatusResponse.ProtoReflect.Descriptor instead.
+func (*KEKStatusResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *KEKStatusResponse) GetCurrentVersion() uint32 {
+	if x != nil {
+		return x.CurrentVersion
+	}
+	return 0
+}
+
+func (x *KEKStatusResponse) GetPhase() string {
+	if x != nil {
+		return x.Phase
+	}
+	return ""
+}
+
+func (x *KEKStatusResponse) GetSummary() string {
+	if x != nil {
+		return x.Summary
+	}
+	return ""
+}
+
+func (x *KEKStatusResponse) GetVersions() []*KEKVersionStatus {
+	if x != nil {
+		return x.Versions
+	}
+	return nil
+}
+
+func (x *KEKStatusResponse) GetNodes() []string {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
+func (x *KEKStatusResponse) GetDone() bool {
+	if x != nil {
+		return x.Done
+	}
+	return false
+}
+
 type KeyVersionInfo struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Version       uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
@@ -369,7 +675,7 @@ type KeyVersionInfo struct {
 
 func (x *KeyVersionInfo) Reset() {
 	*x = KeyVersionInfo{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[0]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -381,7 +687,7 @@ func (x *KeyVersionInfo) String() string {
 func (*KeyVersionInfo) ProtoMessage() {}
 
 func (x *KeyVersionInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[0]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -394,7 +700,7 @@ func (x *KeyVersionInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyVersionInfo.ProtoReflect.Descriptor instead.
 func (*KeyVersionInfo) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{0}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *KeyVersionInfo) GetVersion() uint32 {
@@ -464,7 +770,7 @@ type Key struct {
 
 func (x *Key) Reset() {
 	*x = Key{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[1]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -476,7 +782,7 @@ func (x *Key) String() string {
 func (*Key) ProtoMessage() {}
 
 func (x *Key) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[1]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -489,7 +795,7 @@ func (x *Key) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Key.ProtoReflect.Descriptor instead.
 func (*Key) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{1}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Key) GetKeyId() string {
@@ -658,7 +964,7 @@ type CreateKeyRequest struct {
 
 func (x *CreateKeyRequest) Reset() {
 	*x = CreateKeyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[2]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -670,7 +976,7 @@ func (x *CreateKeyRequest) String() string {
 func (*CreateKeyRequest) ProtoMessage() {}
 
 func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[2]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -683,7 +989,7 @@ func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKeyRequest.ProtoReflect.Descriptor instead.
 func (*CreateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{2}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *CreateKeyRequest) GetSpec() KeySpec {
@@ -744,7 +1050,7 @@ type CreateKeyResponse struct {
 
 func (x *CreateKeyResponse) Reset() {
 	*x = CreateKeyResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[3]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -756,7 +1062,7 @@ func (x *CreateKeyResponse) String() string {
 func (*CreateKeyResponse) ProtoMessage() {}
 
 func (x *CreateKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[3]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -769,7 +1075,7 @@ func (x *CreateKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKeyResponse.ProtoReflect.Descriptor instead.
 func (*CreateKeyResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{3}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *CreateKeyResponse) GetKey() *Key {
@@ -789,7 +1095,7 @@ type ListKeysRequest struct {
 
 func (x *ListKeysRequest) Reset() {
 	*x = ListKeysRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[4]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -801,7 +1107,7 @@ func (x *ListKeysRequest) String() string {
 func (*ListKeysRequest) ProtoMessage() {}
 
 func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[4]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -814,7 +1120,7 @@ func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysRequest.ProtoReflect.Descriptor instead.
 func (*ListKeysRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{4}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ListKeysRequest) GetPageSize() int32 {
@@ -841,7 +1147,7 @@ type ListKeysResponse struct {
 
 func (x *ListKeysResponse) Reset() {
 	*x = ListKeysResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[5]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -853,7 +1159,7 @@ func (x *ListKeysResponse) String() string {
 func (*ListKeysResponse) ProtoMessage() {}
 
 func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[5]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -866,7 +1172,7 @@ func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysResponse.ProtoReflect.Descriptor instead.
 func (*ListKeysResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{5}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ListKeysResponse) GetKeys() []*Key {
@@ -893,7 +1199,7 @@ type DescribeKeyRequest struct {
 
 func (x *DescribeKeyRequest) Reset() {
 	*x = DescribeKeyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[6]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -905,7 +1211,7 @@ func (x *DescribeKeyRequest) String() string {
 func (*DescribeKeyRequest) ProtoMessage() {}
 
 func (x *DescribeKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[6]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -918,7 +1224,7 @@ func (x *DescribeKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeKeyRequest.ProtoReflect.Descriptor instead.
 func (*DescribeKeyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{6}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *DescribeKeyRequest) GetKeyId() string {
@@ -937,7 +1243,7 @@ type DescribeKeyResponse struct {
 
 func (x *DescribeKeyResponse) Reset() {
 	*x = DescribeKeyResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[7]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -949,7 +1255,7 @@ func (x *DescribeKeyResponse) String() string {
 func (*DescribeKeyResponse) ProtoMessage() {}
 
 func (x *DescribeKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[7]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -962,7 +1268,7 @@ func (x *DescribeKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeKeyResponse.ProtoReflect.Descriptor instead.
 func (*DescribeKeyResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{7}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *DescribeKeyResponse) GetKey() *Key {
@@ -984,7 +1290,7 @@ type EncryptRequest struct {
 
 func (x *EncryptRequest) Reset() {
 	*x = EncryptRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[8]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -996,7 +1302,7 @@ func (x *EncryptRequest) String() string {
 func (*EncryptRequest) ProtoMessage() {}
 
 func (x *EncryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[8]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1009,7 +1315,7 @@ func (x *EncryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EncryptRequest.ProtoReflect.Descriptor instead.
 func (*EncryptRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{8}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *EncryptRequest) GetKeyId() string {
@@ -1051,7 +1357,7 @@ type EncryptResponse struct {
 
 func (x *EncryptResponse) Reset() {
 	*x = EncryptResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[9]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1063,7 +1369,7 @@ func (x *EncryptResponse) String() string {
 func (*EncryptResponse) ProtoMessage() {}
 
 func (x *EncryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[9]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1076,7 +1382,7 @@ func (x *EncryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EncryptResponse.ProtoReflect.Descriptor instead.
 func (*EncryptResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{9}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *EncryptResponse) GetCiphertext() []byte {
@@ -1117,7 +1423,7 @@ type DecryptRequest struct {
 
 func (x *DecryptRequest) Reset() {
 	*x = DecryptRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[10]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1129,7 +1435,7 @@ func (x *DecryptRequest) String() string {
 func (*DecryptRequest) ProtoMessage() {}
 
 func (x *DecryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[10]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1142,7 +1448,7 @@ func (x *DecryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DecryptRequest.ProtoReflect.Descriptor instead.
 func (*DecryptRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{10}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *DecryptRequest) GetCiphertext() []byte {
@@ -1198,7 +1504,7 @@ type DecryptResponse struct {
 
 func (x *DecryptResponse) Reset() {
 	*x = DecryptResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[11]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1210,7 +1516,7 @@ func (x *DecryptResponse) String() string {
 func (*DecryptResponse) ProtoMessage() {}
 
 func (x *DecryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[11]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1223,7 +1529,7 @@ func (x *DecryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DecryptResponse.ProtoReflect.Descriptor instead.
 func (*DecryptResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{11}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *DecryptResponse) GetPlaintext() []byte {
@@ -1260,7 +1566,7 @@ type GenerateDataKeyRequest struct {
 
 func (x *GenerateDataKeyRequest) Reset() {
 	*x = GenerateDataKeyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[12]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1272,7 +1578,7 @@ func (x *GenerateDataKeyRequest) String() string {
 func (*GenerateDataKeyRequest) ProtoMessage() {}
 
 func (x *GenerateDataKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[12]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1285,7 +1591,7 @@ func (x *GenerateDataKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateDataKeyRequest.ProtoReflect.Descriptor instead.
 func (*GenerateDataKeyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{12}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *GenerateDataKeyRequest) GetKeyId() string {
@@ -1328,7 +1634,7 @@ type GenerateDataKeyResponse struct {
 
 func (x *GenerateDataKeyResponse) Reset() {
 	*x = GenerateDataKeyResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[13]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1340,7 +1646,7 @@ func (x *GenerateDataKeyResponse) String() string {
 func (*GenerateDataKeyResponse) ProtoMessage() {}
 
 func (x *GenerateDataKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[13]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1353,7 +1659,7 @@ func (x *GenerateDataKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateDataKeyResponse.ProtoReflect.Descriptor instead.
 func (*GenerateDataKeyResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{13}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *GenerateDataKeyResponse) GetPlaintext() []byte {
@@ -1395,7 +1701,7 @@ type GenerateDataKeyWithoutPlaintextResponse struct {
 
 func (x *GenerateDataKeyWithoutPlaintextResponse) Reset() {
 	*x = GenerateDataKeyWithoutPlaintextResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[14]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1407,7 +1713,7 @@ func (x *GenerateDataKeyWithoutPlaintextResponse) String() string {
 func (*GenerateDataKeyWithoutPlaintextResponse) ProtoMessage() {}
 
 func (x *GenerateDataKeyWithoutPlaintextResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[14]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1420,7 +1726,7 @@ func (x *GenerateDataKeyWithoutPlaintextResponse) ProtoReflect() protoreflect.Me
 
 // Deprecated: Use GenerateDataKeyWithoutPlaintextResponse.ProtoReflect.Descriptor instead.
 func (*GenerateDataKeyWithoutPlaintextResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{14}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *GenerateDataKeyWithoutPlaintextResponse) GetCiphertext() []byte {
@@ -1460,7 +1766,7 @@ type ReEncryptRequest struct {
 
 func (x *ReEncryptRequest) Reset() {
 	*x = ReEncryptRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[15]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1472,7 +1778,7 @@ func (x *ReEncryptRequest) String() string {
 func (*ReEncryptRequest) ProtoMessage() {}
 
 func (x *ReEncryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[15]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1485,7 +1791,7 @@ func (x *ReEncryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReEncryptRequest.ProtoReflect.Descriptor instead.
 func (*ReEncryptRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{15}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ReEncryptRequest) GetCiphertext() []byte {
@@ -1543,7 +1849,7 @@ type ReEncryptResponse struct {
 
 func (x *ReEncryptResponse) Reset() {
 	*x = ReEncryptResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[16]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1555,7 +1861,7 @@ func (x *ReEncryptResponse) String() string {
 func (*ReEncryptResponse) ProtoMessage() {}
 
 func (x *ReEncryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[16]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1568,7 +1874,7 @@ func (x *ReEncryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReEncryptResponse.ProtoReflect.Descriptor instead.
 func (*ReEncryptResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{16}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ReEncryptResponse) GetCiphertext() []byte {
@@ -1618,7 +1924,7 @@ type ItemError struct {
 
 func (x *ItemError) Reset() {
 	*x = ItemError{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[17]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1630,7 +1936,7 @@ func (x *ItemError) String() string {
 func (*ItemError) ProtoMessage() {}
 
 func (x *ItemError) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[17]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1643,7 +1949,7 @@ func (x *ItemError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ItemError.ProtoReflect.Descriptor instead.
 func (*ItemError) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{17}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ItemError) GetCode() string {
@@ -1669,7 +1975,7 @@ type BatchEncryptRequest struct {
 
 func (x *BatchEncryptRequest) Reset() {
 	*x = BatchEncryptRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[18]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1681,7 +1987,7 @@ func (x *BatchEncryptRequest) String() string {
 func (*BatchEncryptRequest) ProtoMessage() {}
 
 func (x *BatchEncryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[18]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1694,7 +2000,7 @@ func (x *BatchEncryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchEncryptRequest.ProtoReflect.Descriptor instead.
 func (*BatchEncryptRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{18}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *BatchEncryptRequest) GetItems() []*EncryptRequest {
@@ -1714,7 +2020,7 @@ type BatchEncryptResult struct {
 
 func (x *BatchEncryptResult) Reset() {
 	*x = BatchEncryptResult{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[19]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1726,7 +2032,7 @@ func (x *BatchEncryptResult) String() string {
 func (*BatchEncryptResult) ProtoMessage() {}
 
 func (x *BatchEncryptResult) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[19]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1739,7 +2045,7 @@ func (x *BatchEncryptResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchEncryptResult.ProtoReflect.Descriptor instead.
 func (*BatchEncryptResult) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{19}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *BatchEncryptResult) GetResponse() *EncryptResponse {
@@ -1765,7 +2071,7 @@ type BatchEncryptResponse struct {
 
 func (x *BatchEncryptResponse) Reset() {
 	*x = BatchEncryptResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[20]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1777,7 +2083,7 @@ func (x *BatchEncryptResponse) String() string {
 func (*BatchEncryptResponse) ProtoMessage() {}
 
 func (x *BatchEncryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[20]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1790,7 +2096,7 @@ func (x *BatchEncryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchEncryptResponse.ProtoReflect.Descriptor instead.
 func (*BatchEncryptResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{20}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *BatchEncryptResponse) GetResults() []*BatchEncryptResult {
@@ -1809,7 +2115,7 @@ type BatchDecryptRequest struct {
 
 func (x *BatchDecryptRequest) Reset() {
 	*x = BatchDecryptRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[21]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1821,7 +2127,7 @@ func (x *BatchDecryptRequest) String() string {
 func (*BatchDecryptRequest) ProtoMessage() {}
 
 func (x *BatchDecryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[21]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1834,7 +2140,7 @@ func (x *BatchDecryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchDecryptRequest.ProtoReflect.Descriptor instead.
 func (*BatchDecryptRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{21}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *BatchDecryptRequest) GetItems() []*DecryptRequest {
@@ -1854,7 +2160,7 @@ type BatchDecryptResult struct {
 
 func (x *BatchDecryptResult) Reset() {
 	*x = BatchDecryptResult{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[22]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1866,7 +2172,7 @@ func (x *BatchDecryptResult) String() string {
 func (*BatchDecryptResult) ProtoMessage() {}
 
 func (x *BatchDecryptResult) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[22]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1879,7 +2185,7 @@ func (x *BatchDecryptResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchDecryptResult.ProtoReflect.Descriptor instead.
 func (*BatchDecryptResult) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{22}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *BatchDecryptResult) GetResponse() *DecryptResponse {
@@ -1905,7 +2211,7 @@ type BatchDecryptResponse struct {
 
 func (x *BatchDecryptResponse) Reset() {
 	*x = BatchDecryptResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[23]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1917,7 +2223,7 @@ func (x *BatchDecryptResponse) String() string {
 func (*BatchDecryptResponse) ProtoMessage() {}
 
 func (x *BatchDecryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[23]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1930,7 +2236,7 @@ func (x *BatchDecryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchDecryptResponse.ProtoReflect.Descriptor instead.
 func (*BatchDecryptResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{23}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *BatchDecryptResponse) GetResults() []*BatchDecryptResult {
@@ -1949,7 +2255,7 @@ type BatchReEncryptRequest struct {
 
 func (x *BatchReEncryptRequest) Reset() {
 	*x = BatchReEncryptRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[24]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1961,7 +2267,7 @@ func (x *BatchReEncryptRequest) String() string {
 func (*BatchReEncryptRequest) ProtoMessage() {}
 
 func (x *BatchReEncryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[24]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1974,7 +2280,7 @@ func (x *BatchReEncryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchReEncryptRequest.ProtoReflect.Descriptor instead.
 func (*BatchReEncryptRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{24}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *BatchReEncryptRequest) GetItems() []*ReEncryptRequest {
@@ -1994,7 +2300,7 @@ type BatchReEncryptResult struct {
 
 func (x *BatchReEncryptResult) Reset() {
 	*x = BatchReEncryptResult{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[25]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2006,7 +2312,7 @@ func (x *BatchReEncryptResult) String() string {
 func (*BatchReEncryptResult) ProtoMessage() {}
 
 func (x *BatchReEncryptResult) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[25]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2019,7 +2325,7 @@ func (x *BatchReEncryptResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchReEncryptResult.ProtoReflect.Descriptor instead.
 func (*BatchReEncryptResult) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{25}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *BatchReEncryptResult) GetResponse() *ReEncryptResponse {
@@ -2045,7 +2351,7 @@ type BatchReEncryptResponse struct {
 
 func (x *BatchReEncryptResponse) Reset() {
 	*x = BatchReEncryptResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[26]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2057,7 +2363,7 @@ func (x *BatchReEncryptResponse) String() string {
 func (*BatchReEncryptResponse) ProtoMessage() {}
 
 func (x *BatchReEncryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[26]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2070,7 +2376,7 @@ func (x *BatchReEncryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchReEncryptResponse.ProtoReflect.Descriptor instead.
 func (*BatchReEncryptResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{26}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *BatchReEncryptResponse) GetResults() []*BatchReEncryptResult {
@@ -2095,7 +2401,7 @@ type SignRequest struct {
 
 func (x *SignRequest) Reset() {
 	*x = SignRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[27]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2107,7 +2413,7 @@ func (x *SignRequest) String() string {
 func (*SignRequest) ProtoMessage() {}
 
 func (x *SignRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[27]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2120,7 +2426,7 @@ func (x *SignRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignRequest.ProtoReflect.Descriptor instead.
 func (*SignRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{27}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *SignRequest) GetKeyId() string {
@@ -2170,7 +2476,7 @@ type SignResponse struct {
 
 func (x *SignResponse) Reset() {
 	*x = SignResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[28]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2182,7 +2488,7 @@ func (x *SignResponse) String() string {
 func (*SignResponse) ProtoMessage() {}
 
 func (x *SignResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[28]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2195,7 +2501,7 @@ func (x *SignResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignResponse.ProtoReflect.Descriptor instead.
 func (*SignResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{28}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *SignResponse) GetSignature() []byte {
@@ -2243,7 +2549,7 @@ type VerifyRequest struct {
 
 func (x *VerifyRequest) Reset() {
 	*x = VerifyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[29]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2255,7 +2561,7 @@ func (x *VerifyRequest) String() string {
 func (*VerifyRequest) ProtoMessage() {}
 
 func (x *VerifyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[29]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2268,7 +2574,7 @@ func (x *VerifyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyRequest.ProtoReflect.Descriptor instead.
 func (*VerifyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{29}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *VerifyRequest) GetKeyId() string {
@@ -2338,7 +2644,7 @@ type VerifyResponse struct {
 
 func (x *VerifyResponse) Reset() {
 	*x = VerifyResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[30]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2350,7 +2656,7 @@ func (x *VerifyResponse) String() string {
 func (*VerifyResponse) ProtoMessage() {}
 
 func (x *VerifyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[30]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2363,7 +2669,7 @@ func (x *VerifyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyResponse.ProtoReflect.Descriptor instead.
 func (*VerifyResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{30}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *VerifyResponse) GetValid() bool {
@@ -2397,7 +2703,7 @@ type GetPublicKeyRequest struct {
 
 func (x *GetPublicKeyRequest) Reset() {
 	*x = GetPublicKeyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[31]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2409,7 +2715,7 @@ func (x *GetPublicKeyRequest) String() string {
 func (*GetPublicKeyRequest) ProtoMessage() {}
 
 func (x *GetPublicKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[31]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2422,7 +2728,7 @@ func (x *GetPublicKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPublicKeyRequest.ProtoReflect.Descriptor instead.
 func (*GetPublicKeyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{31}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *GetPublicKeyRequest) GetKeyId() string {
@@ -2455,7 +2761,7 @@ type GetPublicKeyResponse struct {
 
 func (x *GetPublicKeyResponse) Reset() {
 	*x = GetPublicKeyResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[32]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2467,7 +2773,7 @@ func (x *GetPublicKeyResponse) String() string {
 func (*GetPublicKeyResponse) ProtoMessage() {}
 
 func (x *GetPublicKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[32]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2480,7 +2786,7 @@ func (x *GetPublicKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPublicKeyResponse.ProtoReflect.Descriptor instead.
 func (*GetPublicKeyResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{32}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *GetPublicKeyResponse) GetKeyId() string {
@@ -2550,7 +2856,7 @@ type GenerateMacRequest struct {
 
 func (x *GenerateMacRequest) Reset() {
 	*x = GenerateMacRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[33]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2562,7 +2868,7 @@ func (x *GenerateMacRequest) String() string {
 func (*GenerateMacRequest) ProtoMessage() {}
 
 func (x *GenerateMacRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[33]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2575,7 +2881,7 @@ func (x *GenerateMacRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateMacRequest.ProtoReflect.Descriptor instead.
 func (*GenerateMacRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{33}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *GenerateMacRequest) GetKeyId() string {
@@ -2610,7 +2916,7 @@ type GenerateMacResponse struct {
 
 func (x *GenerateMacResponse) Reset() {
 	*x = GenerateMacResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[34]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2622,7 +2928,7 @@ func (x *GenerateMacResponse) String() string {
 func (*GenerateMacResponse) ProtoMessage() {}
 
 func (x *GenerateMacResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[34]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2635,7 +2941,7 @@ func (x *GenerateMacResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateMacResponse.ProtoReflect.Descriptor instead.
 func (*GenerateMacResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{34}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *GenerateMacResponse) GetMac() []byte {
@@ -2673,7 +2979,7 @@ type VerifyMacRequest struct {
 
 func (x *VerifyMacRequest) Reset() {
 	*x = VerifyMacRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[35]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2685,7 +2991,7 @@ func (x *VerifyMacRequest) String() string {
 func (*VerifyMacRequest) ProtoMessage() {}
 
 func (x *VerifyMacRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[35]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2698,7 +3004,7 @@ func (x *VerifyMacRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyMacRequest.ProtoReflect.Descriptor instead.
 func (*VerifyMacRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{35}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *VerifyMacRequest) GetKeyId() string {
@@ -2754,7 +3060,7 @@ type VerifyMacResponse struct {
 
 func (x *VerifyMacResponse) Reset() {
 	*x = VerifyMacResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[36]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2766,7 +3072,7 @@ func (x *VerifyMacResponse) String() string {
 func (*VerifyMacResponse) ProtoMessage() {}
 
 func (x *VerifyMacResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[36]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2779,7 +3085,7 @@ func (x *VerifyMacResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyMacResponse.ProtoReflect.Descriptor instead.
 func (*VerifyMacResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{36}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *VerifyMacResponse) GetValid() bool {
@@ -2812,7 +3118,7 @@ type GenerateRandomRequest struct {
 
 func (x *GenerateRandomRequest) Reset() {
 	*x = GenerateRandomRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[37]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2824,7 +3130,7 @@ func (x *GenerateRandomRequest) String() string {
 func (*GenerateRandomRequest) ProtoMessage() {}
 
 func (x *GenerateRandomRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[37]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2837,7 +3143,7 @@ func (x *GenerateRandomRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateRandomRequest.ProtoReflect.Descriptor instead.
 func (*GenerateRandomRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{37}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *GenerateRandomRequest) GetNumberOfBytes() int32 {
@@ -2856,7 +3162,7 @@ type GenerateRandomResponse struct {
 
 func (x *GenerateRandomResponse) Reset() {
 	*x = GenerateRandomResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[38]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2868,7 +3174,7 @@ func (x *GenerateRandomResponse) String() string {
 func (*GenerateRandomResponse) ProtoMessage() {}
 
 func (x *GenerateRandomResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[38]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2881,7 +3187,7 @@ func (x *GenerateRandomResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateRandomResponse.ProtoReflect.Descriptor instead.
 func (*GenerateRandomResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{38}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *GenerateRandomResponse) GetRandom() []byte {
@@ -2900,7 +3206,7 @@ type KeyResponse struct {
 
 func (x *KeyResponse) Reset() {
 	*x = KeyResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[39]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2912,7 +3218,7 @@ func (x *KeyResponse) String() string {
 func (*KeyResponse) ProtoMessage() {}
 
 func (x *KeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[39]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2925,7 +3231,7 @@ func (x *KeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyResponse.ProtoReflect.Descriptor instead.
 func (*KeyResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{39}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *KeyResponse) GetKey() *Key {
@@ -2945,7 +3251,7 @@ type KeyRefRequest struct {
 
 func (x *KeyRefRequest) Reset() {
 	*x = KeyRefRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[40]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2957,7 +3263,7 @@ func (x *KeyRefRequest) String() string {
 func (*KeyRefRequest) ProtoMessage() {}
 
 func (x *KeyRefRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[40]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2970,7 +3276,7 @@ func (x *KeyRefRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyRefRequest.ProtoReflect.Descriptor instead.
 func (*KeyRefRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{40}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *KeyRefRequest) GetKeyId() string {
@@ -3001,7 +3307,7 @@ type UpdateKeyRequest struct {
 
 func (x *UpdateKeyRequest) Reset() {
 	*x = UpdateKeyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[41]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3013,7 +3319,7 @@ func (x *UpdateKeyRequest) String() string {
 func (*UpdateKeyRequest) ProtoMessage() {}
 
 func (x *UpdateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[41]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3026,7 +3332,7 @@ func (x *UpdateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateKeyRequest.ProtoReflect.Descriptor instead.
 func (*UpdateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{41}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *UpdateKeyRequest) GetKeyId() string {
@@ -3075,7 +3381,7 @@ type SetAliasRequest struct {
 
 func (x *SetAliasRequest) Reset() {
 	*x = SetAliasRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[42]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3087,7 +3393,7 @@ func (x *SetAliasRequest) String() string {
 func (*SetAliasRequest) ProtoMessage() {}
 
 func (x *SetAliasRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[42]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3100,7 +3406,7 @@ func (x *SetAliasRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetAliasRequest.ProtoReflect.Descriptor instead.
 func (*SetAliasRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{42}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *SetAliasRequest) GetAlias() string {
@@ -3134,7 +3440,7 @@ type DeleteAliasRequest struct {
 
 func (x *DeleteAliasRequest) Reset() {
 	*x = DeleteAliasRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[43]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3146,7 +3452,7 @@ func (x *DeleteAliasRequest) String() string {
 func (*DeleteAliasRequest) ProtoMessage() {}
 
 func (x *DeleteAliasRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[43]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3159,7 +3465,7 @@ func (x *DeleteAliasRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteAliasRequest.ProtoReflect.Descriptor instead.
 func (*DeleteAliasRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{43}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *DeleteAliasRequest) GetAlias() string {
@@ -3184,7 +3490,7 @@ type DeleteAliasResponse struct {
 
 func (x *DeleteAliasResponse) Reset() {
 	*x = DeleteAliasResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[44]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3196,7 +3502,7 @@ func (x *DeleteAliasResponse) String() string {
 func (*DeleteAliasResponse) ProtoMessage() {}
 
 func (x *DeleteAliasResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[44]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3209,7 +3515,7 @@ func (x *DeleteAliasResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteAliasResponse.ProtoReflect.Descriptor instead.
 func (*DeleteAliasResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{44}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{48}
 }
 
 type RevokeKeyRequest struct {
@@ -3224,7 +3530,7 @@ type RevokeKeyRequest struct {
 
 func (x *RevokeKeyRequest) Reset() {
 	*x = RevokeKeyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[45]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3236,7 +3542,7 @@ func (x *RevokeKeyRequest) String() string {
 func (*RevokeKeyRequest) ProtoMessage() {}
 
 func (x *RevokeKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[45]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3249,7 +3555,7 @@ func (x *RevokeKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeKeyRequest.ProtoReflect.Descriptor instead.
 func (*RevokeKeyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{45}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *RevokeKeyRequest) GetKeyId() string {
@@ -3291,7 +3597,7 @@ type SetRotationPolicyRequest struct {
 
 func (x *SetRotationPolicyRequest) Reset() {
 	*x = SetRotationPolicyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[46]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3303,7 +3609,7 @@ func (x *SetRotationPolicyRequest) String() string {
 func (*SetRotationPolicyRequest) ProtoMessage() {}
 
 func (x *SetRotationPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[46]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3316,7 +3622,7 @@ func (x *SetRotationPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetRotationPolicyRequest.ProtoReflect.Descriptor instead.
 func (*SetRotationPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{46}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *SetRotationPolicyRequest) GetKeyId() string {
@@ -3352,7 +3658,7 @@ type SetKeyVersionStateRequest struct {
 
 func (x *SetKeyVersionStateRequest) Reset() {
 	*x = SetKeyVersionStateRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[47]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3364,7 +3670,7 @@ func (x *SetKeyVersionStateRequest) String() string {
 func (*SetKeyVersionStateRequest) ProtoMessage() {}
 
 func (x *SetKeyVersionStateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[47]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3377,7 +3683,7 @@ func (x *SetKeyVersionStateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKeyVersionStateRequest.ProtoReflect.Descriptor instead.
 func (*SetKeyVersionStateRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{47}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *SetKeyVersionStateRequest) GetKeyId() string {
@@ -3419,7 +3725,7 @@ type SetMinDecryptionVersionRequest struct {
 
 func (x *SetMinDecryptionVersionRequest) Reset() {
 	*x = SetMinDecryptionVersionRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[48]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3431,7 +3737,7 @@ func (x *SetMinDecryptionVersionRequest) String() string {
 func (*SetMinDecryptionVersionRequest) ProtoMessage() {}
 
 func (x *SetMinDecryptionVersionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[48]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3444,7 +3750,7 @@ func (x *SetMinDecryptionVersionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetMinDecryptionVersionRequest.ProtoReflect.Descriptor instead.
 func (*SetMinDecryptionVersionRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{48}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *SetMinDecryptionVersionRequest) GetKeyId() string {
@@ -3480,7 +3786,7 @@ type ScheduleKeyDestructionRequest struct {
 
 func (x *ScheduleKeyDestructionRequest) Reset() {
 	*x = ScheduleKeyDestructionRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[49]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3492,7 +3798,7 @@ func (x *ScheduleKeyDestructionRequest) String() string {
 func (*ScheduleKeyDestructionRequest) ProtoMessage() {}
 
 func (x *ScheduleKeyDestructionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[49]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3505,7 +3811,7 @@ func (x *ScheduleKeyDestructionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleKeyDestructionRequest.ProtoReflect.Descriptor instead.
 func (*ScheduleKeyDestructionRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{49}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *ScheduleKeyDestructionRequest) GetKeyId() string {
@@ -3538,7 +3844,7 @@ type GetImportParametersRequest struct {
 
 func (x *GetImportParametersRequest) Reset() {
 	*x = GetImportParametersRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[50]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3550,7 +3856,7 @@ func (x *GetImportParametersRequest) String() string {
 func (*GetImportParametersRequest) ProtoMessage() {}
 
 func (x *GetImportParametersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[50]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3563,7 +3869,7 @@ func (x *GetImportParametersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetImportParametersRequest.ProtoReflect.Descriptor instead.
 func (*GetImportParametersRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{50}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *GetImportParametersRequest) GetSpec() KeySpec {
@@ -3590,7 +3896,7 @@ type GetImportParametersResponse struct {
 
 func (x *GetImportParametersResponse) Reset() {
 	*x = GetImportParametersResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[51]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3602,7 +3908,7 @@ func (x *GetImportParametersResponse) String() string {
 func (*GetImportParametersResponse) ProtoMessage() {}
 
 func (x *GetImportParametersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[51]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3615,7 +3921,7 @@ func (x *GetImportParametersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetImportParametersResponse.ProtoReflect.Descriptor instead.
 func (*GetImportParametersResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{51}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *GetImportParametersResponse) GetImportToken() string {
@@ -3676,7 +3982,7 @@ type ImportKeyRequest struct {
 
 func (x *ImportKeyRequest) Reset() {
 	*x = ImportKeyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[52]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3688,7 +3994,7 @@ func (x *ImportKeyRequest) String() string {
 func (*ImportKeyRequest) ProtoMessage() {}
 
 func (x *ImportKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[52]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3701,7 +4007,7 @@ func (x *ImportKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportKeyRequest.ProtoReflect.Descriptor instead.
 func (*ImportKeyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{52}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *ImportKeyRequest) GetImportToken() string {
@@ -3777,7 +4083,7 @@ type Grant struct {
 
 func (x *Grant) Reset() {
 	*x = Grant{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[53]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3789,7 +4095,7 @@ func (x *Grant) String() string {
 func (*Grant) ProtoMessage() {}
 
 func (x *Grant) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[53]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3802,7 +4108,7 @@ func (x *Grant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Grant.ProtoReflect.Descriptor instead.
 func (*Grant) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{53}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *Grant) GetGrantId() string {
@@ -3867,7 +4173,7 @@ type CreateGrantRequest struct {
 
 func (x *CreateGrantRequest) Reset() {
 	*x = CreateGrantRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[54]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3879,7 +4185,7 @@ func (x *CreateGrantRequest) String() string {
 func (*CreateGrantRequest) ProtoMessage() {}
 
 func (x *CreateGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[54]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3892,7 +4198,7 @@ func (x *CreateGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateGrantRequest.ProtoReflect.Descriptor instead.
 func (*CreateGrantRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{54}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *CreateGrantRequest) GetKeyId() string {
@@ -3939,7 +4245,7 @@ type GrantResponse struct {
 
 func (x *GrantResponse) Reset() {
 	*x = GrantResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[55]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3951,7 +4257,7 @@ func (x *GrantResponse) String() string {
 func (*GrantResponse) ProtoMessage() {}
 
 func (x *GrantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[55]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3964,7 +4270,7 @@ func (x *GrantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GrantResponse.ProtoReflect.Descriptor instead.
 func (*GrantResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{55}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *GrantResponse) GetGrant() *Grant {
@@ -3984,7 +4290,7 @@ type RevokeGrantRequest struct {
 
 func (x *RevokeGrantRequest) Reset() {
 	*x = RevokeGrantRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[56]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3996,7 +4302,7 @@ func (x *RevokeGrantRequest) String() string {
 func (*RevokeGrantRequest) ProtoMessage() {}
 
 func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[56]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4009,7 +4315,7 @@ func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeGrantRequest.ProtoReflect.Descriptor instead.
 func (*RevokeGrantRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{56}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *RevokeGrantRequest) GetGrantId() string {
@@ -4034,7 +4340,7 @@ type RevokeGrantResponse struct {
 
 func (x *RevokeGrantResponse) Reset() {
 	*x = RevokeGrantResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[57]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4046,7 +4352,7 @@ func (x *RevokeGrantResponse) String() string {
 func (*RevokeGrantResponse) ProtoMessage() {}
 
 func (x *RevokeGrantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[57]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4059,7 +4365,7 @@ func (x *RevokeGrantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeGrantResponse.ProtoReflect.Descriptor instead.
 func (*RevokeGrantResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{57}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{61}
 }
 
 type ListGrantsRequest struct {
@@ -4073,7 +4379,7 @@ type ListGrantsRequest struct {
 
 func (x *ListGrantsRequest) Reset() {
 	*x = ListGrantsRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[58]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4085,7 +4391,7 @@ func (x *ListGrantsRequest) String() string {
 func (*ListGrantsRequest) ProtoMessage() {}
 
 func (x *ListGrantsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[58]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4098,7 +4404,7 @@ func (x *ListGrantsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListGrantsRequest.ProtoReflect.Descriptor instead.
 func (*ListGrantsRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{58}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *ListGrantsRequest) GetKeyId() string {
@@ -4124,7 +4430,7 @@ type ListGrantsResponse struct {
 
 func (x *ListGrantsResponse) Reset() {
 	*x = ListGrantsResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[59]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4136,7 +4442,7 @@ func (x *ListGrantsResponse) String() string {
 func (*ListGrantsResponse) ProtoMessage() {}
 
 func (x *ListGrantsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[59]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4149,7 +4455,7 @@ func (x *ListGrantsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListGrantsResponse.ProtoReflect.Descriptor instead.
 func (*ListGrantsResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{59}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *ListGrantsResponse) GetGrants() []*Grant {
@@ -4172,7 +4478,7 @@ type IssueCertificateRequest struct {
 
 func (x *IssueCertificateRequest) Reset() {
 	*x = IssueCertificateRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[60]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4184,7 +4490,7 @@ func (x *IssueCertificateRequest) String() string {
 func (*IssueCertificateRequest) ProtoMessage() {}
 
 func (x *IssueCertificateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[60]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4197,7 +4503,7 @@ func (x *IssueCertificateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssueCertificateRequest.ProtoReflect.Descriptor instead.
 func (*IssueCertificateRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{60}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *IssueCertificateRequest) GetCsrDer() []byte {
@@ -4232,7 +4538,7 @@ type IssueCertificateResponse struct {
 
 func (x *IssueCertificateResponse) Reset() {
 	*x = IssueCertificateResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[61]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4244,7 +4550,7 @@ func (x *IssueCertificateResponse) String() string {
 func (*IssueCertificateResponse) ProtoMessage() {}
 
 func (x *IssueCertificateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[61]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4257,7 +4563,7 @@ func (x *IssueCertificateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssueCertificateResponse.ProtoReflect.Descriptor instead.
 func (*IssueCertificateResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{61}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *IssueCertificateResponse) GetCertDer() []byte {
@@ -4292,7 +4598,7 @@ type DenyPrincipalRequest struct {
 
 func (x *DenyPrincipalRequest) Reset() {
 	*x = DenyPrincipalRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[62]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4304,7 +4610,7 @@ func (x *DenyPrincipalRequest) String() string {
 func (*DenyPrincipalRequest) ProtoMessage() {}
 
 func (x *DenyPrincipalRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[62]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4317,7 +4623,7 @@ func (x *DenyPrincipalRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DenyPrincipalRequest.ProtoReflect.Descriptor instead.
 func (*DenyPrincipalRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{62}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *DenyPrincipalRequest) GetPrincipal() string {
@@ -4349,7 +4655,7 @@ type DenyPrincipalResponse struct {
 
 func (x *DenyPrincipalResponse) Reset() {
 	*x = DenyPrincipalResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[63]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4361,7 +4667,7 @@ func (x *DenyPrincipalResponse) String() string {
 func (*DenyPrincipalResponse) ProtoMessage() {}
 
 func (x *DenyPrincipalResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[63]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4374,7 +4680,7 @@ func (x *DenyPrincipalResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DenyPrincipalResponse.ProtoReflect.Descriptor instead.
 func (*DenyPrincipalResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{63}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{67}
 }
 
 type AllowPrincipalRequest struct {
@@ -4387,7 +4693,7 @@ type AllowPrincipalRequest struct {
 
 func (x *AllowPrincipalRequest) Reset() {
 	*x = AllowPrincipalRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[64]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4399,7 +4705,7 @@ func (x *AllowPrincipalRequest) String() string {
 func (*AllowPrincipalRequest) ProtoMessage() {}
 
 func (x *AllowPrincipalRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[64]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4412,7 +4718,7 @@ func (x *AllowPrincipalRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllowPrincipalRequest.ProtoReflect.Descriptor instead.
 func (*AllowPrincipalRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{64}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *AllowPrincipalRequest) GetPrincipal() string {
@@ -4437,7 +4743,7 @@ type AllowPrincipalResponse struct {
 
 func (x *AllowPrincipalResponse) Reset() {
 	*x = AllowPrincipalResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[65]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4449,7 +4755,7 @@ func (x *AllowPrincipalResponse) String() string {
 func (*AllowPrincipalResponse) ProtoMessage() {}
 
 func (x *AllowPrincipalResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[65]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4462,7 +4768,7 @@ func (x *AllowPrincipalResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllowPrincipalResponse.ProtoReflect.Descriptor instead.
 func (*AllowPrincipalResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{65}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{69}
 }
 
 type DeniedPrincipal struct {
@@ -4477,7 +4783,7 @@ type DeniedPrincipal struct {
 
 func (x *DeniedPrincipal) Reset() {
 	*x = DeniedPrincipal{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[66]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4489,7 +4795,7 @@ func (x *DeniedPrincipal) String() string {
 func (*DeniedPrincipal) ProtoMessage() {}
 
 func (x *DeniedPrincipal) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[66]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4502,7 +4808,7 @@ func (x *DeniedPrincipal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeniedPrincipal.ProtoReflect.Descriptor instead.
 func (*DeniedPrincipal) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{66}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *DeniedPrincipal) GetPrincipal() string {
@@ -4541,7 +4847,7 @@ type ListDeniedPrincipalsRequest struct {
 
 func (x *ListDeniedPrincipalsRequest) Reset() {
 	*x = ListDeniedPrincipalsRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[67]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4553,7 +4859,7 @@ func (x *ListDeniedPrincipalsRequest) String() string {
 func (*ListDeniedPrincipalsRequest) ProtoMessage() {}
 
 func (x *ListDeniedPrincipalsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[67]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4566,7 +4872,7 @@ func (x *ListDeniedPrincipalsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDeniedPrincipalsRequest.ProtoReflect.Descriptor instead.
 func (*ListDeniedPrincipalsRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{67}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{71}
 }
 
 type ListDeniedPrincipalsResponse struct {
@@ -4578,7 +4884,7 @@ type ListDeniedPrincipalsResponse struct {
 
 func (x *ListDeniedPrincipalsResponse) Reset() {
 	*x = ListDeniedPrincipalsResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[68]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4590,7 +4896,7 @@ func (x *ListDeniedPrincipalsResponse) String() string {
 func (*ListDeniedPrincipalsResponse) ProtoMessage() {}
 
 func (x *ListDeniedPrincipalsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[68]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4603,7 +4909,7 @@ func (x *ListDeniedPrincipalsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDeniedPrincipalsResponse.ProtoReflect.Descriptor instead.
 func (*ListDeniedPrincipalsResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{68}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *ListDeniedPrincipalsResponse) GetPrincipals() []*DeniedPrincipal {
@@ -4636,7 +4942,7 @@ type AuditRecord struct {
 
 func (x *AuditRecord) Reset() {
 	*x = AuditRecord{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[69]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4648,7 +4954,7 @@ func (x *AuditRecord) String() string {
 func (*AuditRecord) ProtoMessage() {}
 
 func (x *AuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[69]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4661,7 +4967,7 @@ func (x *AuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
 func (*AuditRecord) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{69}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *AuditRecord) GetSeq() uint64 {
@@ -4764,7 +5070,7 @@ type AuditTailRequest struct {
 
 func (x *AuditTailRequest) Reset() {
 	*x = AuditTailRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[70]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4776,7 +5082,7 @@ func (x *AuditTailRequest) String() string {
 func (*AuditTailRequest) ProtoMessage() {}
 
 func (x *AuditTailRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[70]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4789,7 +5095,7 @@ func (x *AuditTailRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditTailRequest.ProtoReflect.Descriptor instead.
 func (*AuditTailRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{70}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *AuditTailRequest) GetCount() int32 {
@@ -4808,7 +5114,7 @@ type AuditTailResponse struct {
 
 func (x *AuditTailResponse) Reset() {
 	*x = AuditTailResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[71]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4820,7 +5126,7 @@ func (x *AuditTailResponse) String() string {
 func (*AuditTailResponse) ProtoMessage() {}
 
 func (x *AuditTailResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[71]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4833,7 +5139,7 @@ func (x *AuditTailResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditTailResponse.ProtoReflect.Descriptor instead.
 func (*AuditTailResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{71}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *AuditTailResponse) GetRecords() []*AuditRecord {
@@ -4851,7 +5157,7 @@ type AuditVerifyRequest struct {
 
 func (x *AuditVerifyRequest) Reset() {
 	*x = AuditVerifyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[72]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4863,7 +5169,7 @@ func (x *AuditVerifyRequest) String() string {
 func (*AuditVerifyRequest) ProtoMessage() {}
 
 func (x *AuditVerifyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[72]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4876,7 +5182,7 @@ func (x *AuditVerifyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditVerifyRequest.ProtoReflect.Descriptor instead.
 func (*AuditVerifyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{72}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{76}
 }
 
 type AuditVerifyResponse struct {
@@ -4893,7 +5199,7 @@ type AuditVerifyResponse struct {
 
 func (x *AuditVerifyResponse) Reset() {
 	*x = AuditVerifyResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[73]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4905,7 +5211,7 @@ func (x *AuditVerifyResponse) String() string {
 func (*AuditVerifyResponse) ProtoMessage() {}
 
 func (x *AuditVerifyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[73]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4918,7 +5224,7 @@ func (x *AuditVerifyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditVerifyResponse.ProtoReflect.Descriptor instead.
 func (*AuditVerifyResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{73}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *AuditVerifyResponse) GetOk() bool {
@@ -4967,7 +5273,7 @@ type EchoRequest struct {
 
 func (x *EchoRequest) Reset() {
 	*x = EchoRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[74]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4979,7 +5285,7 @@ func (x *EchoRequest) String() string {
 func (*EchoRequest) ProtoMessage() {}
 
 func (x *EchoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[74]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4992,7 +5298,7 @@ func (x *EchoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EchoRequest.ProtoReflect.Descriptor instead.
 func (*EchoRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{74}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *EchoRequest) GetPayload() []byte {
@@ -5018,7 +5324,7 @@ type EchoResponse struct {
 
 func (x *EchoResponse) Reset() {
 	*x = EchoResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[75]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5030,7 +5336,7 @@ func (x *EchoResponse) String() string {
 func (*EchoResponse) ProtoMessage() {}
 
 func (x *EchoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[75]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5043,7 +5349,7 @@ func (x *EchoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EchoResponse.ProtoReflect.Descriptor instead.
 func (*EchoResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{75}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *EchoResponse) GetPayload() []byte {
@@ -5062,7 +5368,7 @@ type ApplyNoopRequest struct {
 
 func (x *ApplyNoopRequest) Reset() {
 	*x = ApplyNoopRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[76]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5074,7 +5380,7 @@ func (x *ApplyNoopRequest) String() string {
 func (*ApplyNoopRequest) ProtoMessage() {}
 
 func (x *ApplyNoopRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[76]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5087,7 +5393,7 @@ func (x *ApplyNoopRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyNoopRequest.ProtoReflect.Descriptor instead.
 func (*ApplyNoopRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{76}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *ApplyNoopRequest) GetSize() int32 {
@@ -5106,7 +5412,7 @@ type ApplyNoopResponse struct {
 
 func (x *ApplyNoopResponse) Reset() {
 	*x = ApplyNoopResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[77]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5118,7 +5424,7 @@ func (x *ApplyNoopResponse) String() string {
 func (*ApplyNoopResponse) ProtoMessage() {}
 
 func (x *ApplyNoopResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[77]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5131,7 +5437,7 @@ func (x *ApplyNoopResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyNoopResponse.ProtoReflect.Descriptor instead.
 func (*ApplyNoopResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{77}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *ApplyNoopResponse) GetIndex() uint64 {
@@ -5151,7 +5457,7 @@ type RemovePeerRequest struct {
 
 func (x *RemovePeerRequest) Reset() {
 	*x = RemovePeerRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[78]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5163,7 +5469,7 @@ func (x *RemovePeerRequest) String() string {
 func (*RemovePeerRequest) ProtoMessage() {}
 
 func (x *RemovePeerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[78]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5176,7 +5482,7 @@ func (x *RemovePeerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemovePeerRequest.ProtoReflect.Descriptor instead.
 func (*RemovePeerRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{78}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *RemovePeerRequest) GetNodeId() string {
@@ -5201,7 +5507,7 @@ type RemovePeerResponse struct {
 
 func (x *RemovePeerResponse) Reset() {
 	*x = RemovePeerResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[79]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5213,7 +5519,7 @@ func (x *RemovePeerResponse) String() string {
 func (*RemovePeerResponse) ProtoMessage() {}
 
 func (x *RemovePeerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[79]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5226,7 +5532,7 @@ func (x *RemovePeerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemovePeerResponse.ProtoReflect.Descriptor instead.
 func (*RemovePeerResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{79}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{83}
 }
 
 type TransferLeadershipRequest struct {
@@ -5239,7 +5545,7 @@ type TransferLeadershipRequest struct {
 
 func (x *TransferLeadershipRequest) Reset() {
 	*x = TransferLeadershipRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[80]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5251,7 +5557,7 @@ func (x *TransferLeadershipRequest) String() string {
 func (*TransferLeadershipRequest) ProtoMessage() {}
 
 func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[80]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5264,7 +5570,7 @@ func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{80}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *TransferLeadershipRequest) GetToNodeId() string {
@@ -5283,7 +5589,7 @@ type TransferLeadershipResponse struct {
 
 func (x *TransferLeadershipResponse) Reset() {
 	*x = TransferLeadershipResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[81]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5295,7 +5601,7 @@ func (x *TransferLeadershipResponse) String() string {
 func (*TransferLeadershipResponse) ProtoMessage() {}
 
 func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[81]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5308,7 +5614,7 @@ func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{81}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *TransferLeadershipResponse) GetLeaderId() string {
@@ -5326,7 +5632,7 @@ type SnapshotSaveRequest struct {
 
 func (x *SnapshotSaveRequest) Reset() {
 	*x = SnapshotSaveRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[82]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5338,7 +5644,7 @@ func (x *SnapshotSaveRequest) String() string {
 func (*SnapshotSaveRequest) ProtoMessage() {}
 
 func (x *SnapshotSaveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[82]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5351,7 +5657,7 @@ func (x *SnapshotSaveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotSaveRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotSaveRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{82}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{86}
 }
 
 type SnapshotChunk struct {
@@ -5367,7 +5673,7 @@ type SnapshotChunk struct {
 
 func (x *SnapshotChunk) Reset() {
 	*x = SnapshotChunk{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[83]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5379,7 +5685,7 @@ func (x *SnapshotChunk) String() string {
 func (*SnapshotChunk) ProtoMessage() {}
 
 func (x *SnapshotChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[83]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5392,7 +5698,7 @@ func (x *SnapshotChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotChunk.ProtoReflect.Descriptor instead.
 func (*SnapshotChunk) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{83}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *SnapshotChunk) GetData() []byte {
@@ -5430,7 +5736,7 @@ type SnapshotMeta struct {
 
 func (x *SnapshotMeta) Reset() {
 	*x = SnapshotMeta{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[84]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5442,7 +5748,7 @@ func (x *SnapshotMeta) String() string {
 func (*SnapshotMeta) ProtoMessage() {}
 
 func (x *SnapshotMeta) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[84]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5455,7 +5761,7 @@ func (x *SnapshotMeta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotMeta.ProtoReflect.Descriptor instead.
 func (*SnapshotMeta) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{84}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{88}
 }
 
 func (x *SnapshotMeta) GetIndex() uint64 {
@@ -5503,7 +5809,7 @@ type SnapshotRestoreResponse struct {
 
 func (x *SnapshotRestoreResponse) Reset() {
 	*x = SnapshotRestoreResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[85]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5515,7 +5821,7 @@ func (x *SnapshotRestoreResponse) String() string {
 func (*SnapshotRestoreResponse) ProtoMessage() {}
 
 func (x *SnapshotRestoreResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[85]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5528,7 +5834,7 @@ func (x *SnapshotRestoreResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRestoreResponse.ProtoReflect.Descriptor instead.
 func (*SnapshotRestoreResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{85}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *SnapshotRestoreResponse) GetIndex() uint64 {
@@ -5555,7 +5861,7 @@ type RecoveryExportRequest struct {
 
 func (x *RecoveryExportRequest) Reset() {
 	*x = RecoveryExportRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[86]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5567,7 +5873,7 @@ func (x *RecoveryExportRequest) String() string {
 func (*RecoveryExportRequest) ProtoMessage() {}
 
 func (x *RecoveryExportRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[86]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5580,7 +5886,7 @@ func (x *RecoveryExportRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecoveryExportRequest.ProtoReflect.Descriptor instead.
 func (*RecoveryExportRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{86}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *RecoveryExportRequest) GetRecoveryPublicKeyDer() []byte {
@@ -5602,7 +5908,7 @@ type RecoveryKEK struct {
 
 func (x *RecoveryKEK) Reset() {
 	*x = RecoveryKEK{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[87]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5614,7 +5920,7 @@ func (x *RecoveryKEK) String() string {
 func (*RecoveryKEK) ProtoMessage() {}
 
 func (x *RecoveryKEK) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[87]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5627,7 +5933,7 @@ func (x *RecoveryKEK) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecoveryKEK.ProtoReflect.Descriptor instead.
 func (*RecoveryKEK) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{87}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{91}
 }
 
 func (x *RecoveryKEK) GetVersion() uint32 {
@@ -5669,7 +5975,7 @@ type RecoveryBundle struct {
 
 func (x *RecoveryBundle) Reset() {
 	*x = RecoveryBundle{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[88]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5681,7 +5987,7 @@ func (x *RecoveryBundle) String() string {
 func (*RecoveryBundle) ProtoMessage() {}
 
 func (x *RecoveryBundle) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[88]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5694,7 +6000,7 @@ func (x *RecoveryBundle) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecoveryBundle.ProtoReflect.Descriptor instead.
 func (*RecoveryBundle) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{88}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{92}
 }
 
 func (x *RecoveryBundle) GetFormat() uint32 {
@@ -5754,7 +6060,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[89]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5766,7 +6072,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[89]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5779,7 +6085,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{89}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{93}
 }
 
 type StatusResponse struct {
@@ -5817,7 +6123,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[90]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5829,7 +6135,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[90]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5842,7 +6148,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{90}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{94}
 }
 
 func (x *StatusResponse) GetRegion() string {
@@ -6007,7 +6313,7 @@ type ListPeersRequest struct {
 
 func (x *ListPeersRequest) Reset() {
 	*x = ListPeersRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[91]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[95]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6019,7 +6325,7 @@ func (x *ListPeersRequest) String() string {
 func (*ListPeersRequest) ProtoMessage() {}
 
 func (x *ListPeersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[91]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[95]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6032,7 +6338,7 @@ func (x *ListPeersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPeersRequest.ProtoReflect.Descriptor instead.
 func (*ListPeersRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{91}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{95}
 }
 
 type Peer struct {
@@ -6059,7 +6365,7 @@ type Peer struct {
 
 func (x *Peer) Reset() {
 	*x = Peer{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[92]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[96]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6071,7 +6377,7 @@ func (x *Peer) String() string {
 func (*Peer) ProtoMessage() {}
 
 func (x *Peer) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[92]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[96]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6084,7 +6390,7 @@ func (x *Peer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Peer.ProtoReflect.Descriptor instead.
 func (*Peer) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{92}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{96}
 }
 
 func (x *Peer) GetRegion() string {
@@ -6194,7 +6500,7 @@ type ListPeersResponse struct {
 
 func (x *ListPeersResponse) Reset() {
 	*x = ListPeersResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[93]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[97]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6206,7 +6512,7 @@ func (x *ListPeersResponse) String() string {
 func (*ListPeersResponse) ProtoMessage() {}
 
 func (x *ListPeersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[93]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[97]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6219,7 +6525,7 @@ func (x *ListPeersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPeersResponse.ProtoReflect.Descriptor instead.
 func (*ListPeersResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{93}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{97}
 }
 
 func (x *ListPeersResponse) GetPeers() []*Peer {
@@ -6240,7 +6546,7 @@ type CreateJoinTokenRequest struct {
 
 func (x *CreateJoinTokenRequest) Reset() {
 	*x = CreateJoinTokenRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[94]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[98]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6252,7 +6558,7 @@ func (x *CreateJoinTokenRequest) String() string {
 func (*CreateJoinTokenRequest) ProtoMessage() {}
 
 func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[94]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[98]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6265,7 +6571,7 @@ func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{94}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{98}
 }
 
 func (x *CreateJoinTokenRequest) GetTtlSeconds() int64 {
@@ -6294,7 +6600,7 @@ type CreateJoinTokenResponse struct {
 
 func (x *CreateJoinTokenResponse) Reset() {
 	*x = CreateJoinTokenResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[95]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[99]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6306,7 +6612,7 @@ func (x *CreateJoinTokenResponse) String() string {
 func (*CreateJoinTokenResponse) ProtoMessage() {}
 
 func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[95]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[99]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6319,7 +6625,7 @@ func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{95}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{99}
 }
 
 func (x *CreateJoinTokenResponse) GetToken() string {
@@ -6356,7 +6662,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[96]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[100]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6368,7 +6674,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[96]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[100]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6381,7 +6687,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{96}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{100}
 }
 
 func (x *JoinRequest) GetNonVoter() bool {
@@ -6460,7 +6766,7 @@ type WrappedKEK struct {
 
 func (x *WrappedKEK) Reset() {
 	*x = WrappedKEK{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[97]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[101]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6472,7 +6778,7 @@ func (x *WrappedKEK) String() string {
 func (*WrappedKEK) ProtoMessage() {}
 
 func (x *WrappedKEK) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[97]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[101]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6485,7 +6791,7 @@ func (x *WrappedKEK) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WrappedKEK.ProtoReflect.Descriptor instead.
 func (*WrappedKEK) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{97}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{101}
 }
 
 func (x *WrappedKEK) GetVersion() uint32 {
@@ -6524,7 +6830,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[98]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[102]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6536,7 +6842,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[98]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[102]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6549,7 +6855,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{98}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{102}
 }
 
 func (x *JoinResponse) GetClusterId() string {
@@ -6604,7 +6910,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[99]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[103]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6616,7 +6922,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[99]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[103]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6629,7 +6935,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{99}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{103}
 }
 
 func (x *ApplyRequest) GetCommand() []byte {
@@ -6650,7 +6956,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[100]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[104]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6662,7 +6968,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[100]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[104]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6675,7 +6981,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{100}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{104}
 }
 
 func (x *ApplyResponse) GetResult() []byte {
@@ -6700,7 +7006,7 @@ type ReadIndexRequest struct {
 
 func (x *ReadIndexRequest) Reset() {
 	*x = ReadIndexRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[101]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[105]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6712,7 +7018,7 @@ func (x *ReadIndexRequest) String() string {
 func (*ReadIndexRequest) ProtoMessage() {}
 
 func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[101]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[105]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6725,7 +7031,7 @@ func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexRequest.ProtoReflect.Descriptor instead.
 func (*ReadIndexRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{101}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{105}
 }
 
 type ReadIndexResponse struct {
@@ -6737,7 +7043,7 @@ type ReadIndexResponse struct {
 
 func (x *ReadIndexResponse) Reset() {
 	*x = ReadIndexResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[102]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[106]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6749,7 +7055,7 @@ func (x *ReadIndexResponse) String() string {
 func (*ReadIndexResponse) ProtoMessage() {}
 
 func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[102]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[106]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6762,7 +7068,7 @@ func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexResponse.ProtoReflect.Descriptor instead.
 func (*ReadIndexResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{102}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{106}
 }
 
 func (x *ReadIndexResponse) GetIndex() uint64 {
@@ -6781,7 +7087,7 @@ type AddPeerRequest struct {
 
 func (x *AddPeerRequest) Reset() {
 	*x = AddPeerRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[103]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[107]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6793,7 +7099,7 @@ func (x *AddPeerRequest) String() string {
 func (*AddPeerRequest) ProtoMessage() {}
 
 func (x *AddPeerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[103]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[107]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6806,7 +7112,7 @@ func (x *AddPeerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddPeerRequest.ProtoReflect.Descriptor instead.
 func (*AddPeerRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{103}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{107}
 }
 
 func (x *AddPeerRequest) GetVoter() bool {
@@ -6828,7 +7134,7 @@ type AddPeerResponse struct {
 
 func (x *AddPeerResponse) Reset() {
 	*x = AddPeerResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[104]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[108]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6840,7 +7146,7 @@ func (x *AddPeerResponse) String() string {
 func (*AddPeerResponse) ProtoMessage() {}
 
 func (x *AddPeerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[104]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[108]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6853,7 +7159,7 @@ func (x *AddPeerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddPeerResponse.ProtoReflect.Descriptor instead.
 func (*AddPeerResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{104}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{108}
 }
 
 func (x *AddPeerResponse) GetAdded() bool {
@@ -6875,7 +7181,34 @@ var File_transport_cabinetpb_cabinet_proto protoreflect.FileDescriptor
 const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\n" +
 	"!transport/cabinetpb/cabinet.proto\x12\n" +
-	"cabinet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe0\x01\n" +
+	"cabinet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"1\n" +
+	"\x10RotateKEKRequest\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\"\x12\n" +
+	"\x10KEKStatusRequest\"\xf0\x03\n" +
+	"\x10KEKVersionStatus\x12\x18\n" +
+	"\aversion\x18\x01 \x01(\rR\aversion\x12\x14\n" +
+	"\x05state\x18\x02 \x01(\tR\x05state\x12\x1f\n" +
+	"\vcheck_value\x18\x03 \x01(\tR\n" +
+	"checkValue\x12!\n" +
+	"\finstalled_on\x18\x04 \x03(\tR\vinstalledOn\x12!\n" +
+	"\fremoved_from\x18\x05 \x03(\tR\vremovedFrom\x12!\n" +
+	"\fsealed_blobs\x18\x06 \x01(\x04R\vsealedBlobs\x12!\n" +
+	"\fgenerated_by\x18\a \x01(\tR\vgeneratedBy\x124\n" +
+	"\acreated\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\acreated\x128\n" +
+	"\tactivated\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\tactivated\x124\n" +
+	"\aretired\x18\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\aretired\x128\n" +
+	"\tdestroyed\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\tdestroyed\x12\x1f\n" +
+	"\vwaiting_for\x18\f \x03(\tR\n" +
+	"waitingFor\"\xd0\x01\n" +
+	"\x11KEKStatusResponse\x12'\n" +
+	"\x0fcurrent_version\x18\x01 \x01(\rR\x0ecurrentVersion\x12\x14\n" +
+	"\x05phase\x18\x02 \x01(\tR\x05phase\x12\x18\n" +
+	"\asummary\x18\x03 \x01(\tR\asummary\x128\n" +
+	"\bversions\x18\x04 \x03(\v2\x1c.cabinet.v1.KEKVersionStatusR\bversions\x12\x14\n" +
+	"\x05nodes\x18\x05 \x03(\tR\x05nodes\x12\x12\n" +
+	"\x04done\x18\x06 \x01(\bR\x04done\"\xe0\x01\n" +
 	"\x0eKeyVersionInfo\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x129\n" +
@@ -7508,8 +7841,7 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\vCreateGrant\x12\x1e.cabinet.v1.CreateGrantRequest\x1a\x19.cabinet.v1.GrantResponse\x12N\n" +
 	"\vRevokeGrant\x12\x1e.cabinet.v1.RevokeGrantRequest\x1a\x1f.cabinet.v1.RevokeGrantResponse\x12K\n" +
 	"\n" +
-	"ListGrants\x12\x1d.cabinet.v1.ListGrantsRequest\x1a\x1e.cabinet.v1.ListGrantsResponse2\xf1\n" +
-	"\n" +
+	"ListGrants\x12\x1d.cabinet.v1.ListGrantsRequest\x1a\x1e.cabinet.v1.ListGrantsResponse2\x85\f\n" +
 	"\x0fOperatorService\x12?\n" +
 	"\x06Status\x12\x19.cabinet.v1.StatusRequest\x1a\x1a.cabinet.v1.StatusResponse\x12H\n" +
 	"\tListPeers\x12\x1c.cabinet.v1.ListPeersRequest\x1a\x1d.cabinet.v1.ListPeersResponse\x12Z\n" +
@@ -7528,7 +7860,9 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\x12TransferLeadership\x12%.cabinet.v1.TransferLeadershipRequest\x1a&.cabinet.v1.TransferLeadershipResponse\x12L\n" +
 	"\fSnapshotSave\x12\x1f.cabinet.v1.SnapshotSaveRequest\x1a\x19.cabinet.v1.SnapshotChunk0\x01\x12S\n" +
 	"\x0fSnapshotRestore\x12\x19.cabinet.v1.SnapshotChunk\x1a#.cabinet.v1.SnapshotRestoreResponse(\x01\x12O\n" +
-	"\x0eRecoveryExport\x12!.cabinet.v1.RecoveryExportRequest\x1a\x1a.cabinet.v1.RecoveryBundle2\xd9\x01\n" +
+	"\x0eRecoveryExport\x12!.cabinet.v1.RecoveryExportRequest\x1a\x1a.cabinet.v1.RecoveryBundle\x12H\n" +
+	"\tRotateKEK\x12\x1c.cabinet.v1.RotateKEKRequest\x1a\x1d.cabinet.v1.KEKStatusResponse\x12H\n" +
+	"\tKEKStatus\x12\x1c.cabinet.v1.KEKStatusRequest\x1a\x1d.cabinet.v1.KEKStatusResponse2\xd9\x01\n" +
 	"\vNodeService\x12<\n" +
 	"\x05Apply\x12\x18.cabinet.v1.ApplyRequest\x1a\x19.cabinet.v1.ApplyResponse\x12H\n" +
 	"\tReadIndex\x12\x1c.cabinet.v1.ReadIndexRequest\x1a\x1d.cabinet.v1.ReadIndexResponse\x12B\n" +
@@ -7547,7 +7881,7 @@ func file_transport_cabinetpb_cabinet_proto_rawDescGZIP() []byte {
 }
 
 var file_transport_cabinetpb_cabinet_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
-var file_transport_cabinetpb_cabinet_proto_msgTypes = make([]protoimpl.MessageInfo, 116)
+var file_transport_cabinetpb_cabinet_proto_msgTypes = make([]protoimpl.MessageInfo, 120)
 var file_transport_cabinetpb_cabinet_proto_goTypes = []any{
 	(KeySpec)(0),                                    // 0: cabinet.v1.KeySpec
 	(KeyUsage)(0),                                   // 1: cabinet.v1.KeyUsage
@@ -7555,312 +7889,325 @@ var file_transport_cabinetpb_cabinet_proto_goTypes = []any{
 	(Consistency)(0),                                // 3: cabinet.v1.Consistency
 	(MessageType)(0),                                // 4: cabinet.v1.MessageType
 	(RevocationReason)(0),                           // 5: cabinet.v1.RevocationReason
-	(*KeyVersionInfo)(nil),                          // 6: cabinet.v1.KeyVersionInfo
-	(*Key)(nil),                                     // 7: cabinet.v1.Key
-	(*CreateKeyRequest)(nil),                        // 8: cabinet.v1.CreateKeyRequest
-	(*CreateKeyResponse)(nil),                       // 9: cabinet.v1.CreateKeyResponse
-	(*ListKeysRequest)(nil),                         // 10: cabinet.v1.ListKeysRequest
-	(*ListKeysResponse)(nil),                        // 11: cabinet.v1.ListKeysResponse
-	(*DescribeKeyRequest)(nil),                      // 12: cabinet.v1.DescribeKeyRequest
-	(*DescribeKeyResponse)(nil),                     // 13: cabinet.v1.DescribeKeyResponse
-	(*EncryptRequest)(nil),                          // 14: cabinet.v1.EncryptRequest
-	(*EncryptResponse)(nil),                         // 15: cabinet.v1.EncryptResponse
-	(*DecryptRequest)(nil),                          // 16: cabinet.v1.DecryptRequest
-	(*DecryptResponse)(nil),                         // 17: cabinet.v1.DecryptResponse
-	(*GenerateDataKeyRequest)(nil),                  // 18: cabinet.v1.GenerateDataKeyRequest
-	(*GenerateDataKeyResponse)(nil),                 // 19: cabinet.v1.GenerateDataKeyResponse
-	(*GenerateDataKeyWithoutPlaintextResponse)(nil), // 20: cabinet.v1.GenerateDataKeyWithoutPlaintextResponse
-	(*ReEncryptRequest)(nil),                        // 21: cabinet.v1.ReEncryptRequest
-	(*ReEncryptResponse)(nil),                       // 22: cabinet.v1.ReEncryptResponse
-	(*ItemError)(nil),                               // 23: cabinet.v1.ItemError
-	(*BatchEncryptRequest)(nil),                     // 24: cabinet.v1.BatchEncryptRequest
-	(*BatchEncryptResult)(nil),                      // 25: cabinet.v1.BatchEncryptResult
-	(*BatchEncryptResponse)(nil),                    // 26: cabinet.v1.BatchEncryptResponse
-	(*BatchDecryptRequest)(nil),                     // 27: cabinet.v1.BatchDecryptRequest
-	(*BatchDecryptResult)(nil),                      // 28: cabinet.v1.BatchDecryptResult
-	(*BatchDecryptResponse)(nil),                    // 29: cabinet.v1.BatchDecryptResponse
-	(*BatchReEncryptRequest)(nil),                   // 30: cabinet.v1.BatchReEncryptRequest
-	(*BatchReEncryptResult)(nil),                    // 31: cabinet.v1.BatchReEncryptResult
-	(*BatchReEncryptResponse)(nil),                  // 32: cabinet.v1.BatchReEncryptResponse
-	(*SignRequest)(nil),                             // 33: cabinet.v1.SignRequest
-	(*SignResponse)(nil),                            // 34: cabinet.v1.SignResponse
-	(*VerifyRequest)(nil),                           // 35: cabinet.v1.VerifyRequest
-	(*VerifyResponse)(nil),                          // 36: cabinet.v1.VerifyResponse
-	(*GetPublicKeyRequest)(nil),                     // 37: cabinet.v1.GetPublicKeyRequest
-	(*GetPublicKeyResponse)(nil),                    // 38: cabinet.v1.GetPublicKeyResponse
-	(*GenerateMacRequest)(nil),                      // 39: cabinet.v1.GenerateMacRequest
-	(*GenerateMacResponse)(nil),                     // 40: cabinet.v1.GenerateMacResponse
-	(*VerifyMacRequest)(nil),                        // 41: cabinet.v1.VerifyMacRequest
-	(*VerifyMacResponse)(nil),                       // 42: cabinet.v1.VerifyMacResponse
-	(*GenerateRandomRequest)(nil),                   // 43: cabinet.v1.GenerateRandomRequest
-	(*GenerateRandomResponse)(nil),                  // 44: cabinet.v1.GenerateRandomResponse
-	(*KeyResponse)(nil),                             // 45: cabinet.v1.KeyResponse
-	(*KeyRefRequest)(nil),                           // 46: cabinet.v1.KeyRefRequest
-	(*UpdateKeyRequest)(nil),                        // 47: cabinet.v1.UpdateKeyRequest
-	(*SetAliasRequest)(nil),                         // 48: cabinet.v1.SetAliasRequest
-	(*DeleteAliasRequest)(nil),                      // 49: cabinet.v1.DeleteAliasRequest
-	(*DeleteAliasResponse)(nil),                     // 50: cabinet.v1.DeleteAliasResponse
-	(*RevokeKeyRequest)(nil),                        // 51: cabinet.v1.RevokeKeyRequest
-	(*SetRotationPolicyRequest)(nil),                // 52: cabinet.v1.SetRotationPolicyRequest
-	(*SetKeyVersionStateRequest)(nil),               // 53: cabinet.v1.SetKeyVersionStateRequest
-	(*SetMinDecryptionVersionRequest)(nil),          // 54: cabinet.v1.SetMinDecryptionVersionRequest
-	(*ScheduleKeyDestructionRequest)(nil),           // 55: cabinet.v1.ScheduleKeyDestructionRequest
-	(*GetImportParametersRequest)(nil),              // 56: cabinet.v1.GetImportParametersRequest
-	(*GetImportParametersResponse)(nil),             // 57: cabinet.v1.GetImportParametersResponse
-	(*ImportKeyRequest)(nil),                        // 58: cabinet.v1.ImportKeyRequest
-	(*Grant)(nil),                                   // 59: cabinet.v1.Grant
-	(*CreateGrantRequest)(nil),                      // 60: cabinet.v1.CreateGrantRequest
-	(*GrantResponse)(nil),                           // 61: cabinet.v1.GrantResponse
-	(*RevokeGrantRequest)(nil),                      // 62: cabinet.v1.RevokeGrantRequest
-	(*RevokeGrantResponse)(nil),                     // 63: cabinet.v1.RevokeGrantResponse
-	(*ListGrantsRequest)(nil),                       // 64: cabinet.v1.ListGrantsRequest
-	(*ListGrantsResponse)(nil),                      // 65: cabinet.v1.ListGrantsResponse
-	(*IssueCertificateRequest)(nil),                 // 66: cabinet.v1.IssueCertificateRequest
-	(*IssueCertificateResponse)(nil),                // 67: cabinet.v1.IssueCertificateResponse
-	(*DenyPrincipalRequest)(nil),                    // 68: cabinet.v1.DenyPrincipalRequest
-	(*DenyPrincipalResponse)(nil),                   // 69: cabinet.v1.DenyPrincipalResponse
-	(*AllowPrincipalRequest)(nil),                   // 70: cabinet.v1.AllowPrincipalRequest
-	(*AllowPrincipalResponse)(nil),                  // 71: cabinet.v1.AllowPrincipalResponse
-	(*DeniedPrincipal)(nil),                         // 72: cabinet.v1.DeniedPrincipal
-	(*ListDeniedPrincipalsRequest)(nil),             // 73: cabinet.v1.ListDeniedPrincipalsRequest
-	(*ListDeniedPrincipalsResponse)(nil),            // 74: cabinet.v1.ListDeniedPrincipalsResponse
-	(*AuditRecord)(nil),                             // 75: cabinet.v1.AuditRecord
-	(*AuditTailRequest)(nil),                        // 76: cabinet.v1.AuditTailRequest
-	(*AuditTailResponse)(nil),                       // 77: cabinet.v1.AuditTailResponse
-	(*AuditVerifyRequest)(nil),                      // 78: cabinet.v1.AuditVerifyRequest
-	(*AuditVerifyResponse)(nil),                     // 79: cabinet.v1.AuditVerifyResponse
-	(*EchoRequest)(nil),                             // 80: cabinet.v1.EchoRequest
-	(*EchoResponse)(nil),                            // 81: cabinet.v1.EchoResponse
-	(*ApplyNoopRequest)(nil),                        // 82: cabinet.v1.ApplyNoopRequest
-	(*ApplyNoopResponse)(nil),                       // 83: cabinet.v1.ApplyNoopResponse
-	(*RemovePeerRequest)(nil),                       // 84: cabinet.v1.RemovePeerRequest
-	(*RemovePeerResponse)(nil),                      // 85: cabinet.v1.RemovePeerResponse
-	(*TransferLeadershipRequest)(nil),               // 86: cabinet.v1.TransferLeadershipRequest
-	(*TransferLeadershipResponse)(nil),              // 87: cabinet.v1.TransferLeadershipResponse
-	(*SnapshotSaveRequest)(nil),                     // 88: cabinet.v1.SnapshotSaveRequest
-	(*SnapshotChunk)(nil),                           // 89: cabinet.v1.SnapshotChunk
-	(*SnapshotMeta)(nil),                            // 90: cabinet.v1.SnapshotMeta
-	(*SnapshotRestoreResponse)(nil),                 // 91: cabinet.v1.SnapshotRestoreResponse
-	(*RecoveryExportRequest)(nil),                   // 92: cabinet.v1.RecoveryExportRequest
-	(*RecoveryKEK)(nil),                             // 93: cabinet.v1.RecoveryKEK
-	(*RecoveryBundle)(nil),                          // 94: cabinet.v1.RecoveryBundle
-	(*StatusRequest)(nil),                           // 95: cabinet.v1.StatusRequest
-	(*StatusResponse)(nil),                          // 96: cabinet.v1.StatusResponse
-	(*ListPeersRequest)(nil),                        // 97: cabinet.v1.ListPeersRequest
-	(*Peer)(nil),                                    // 98: cabinet.v1.Peer
-	(*ListPeersResponse)(nil),                       // 99: cabinet.v1.ListPeersResponse
-	(*CreateJoinTokenRequest)(nil),                  // 100: cabinet.v1.CreateJoinTokenRequest
-	(*CreateJoinTokenResponse)(nil),                 // 101: cabinet.v1.CreateJoinTokenResponse
-	(*JoinRequest)(nil),                             // 102: cabinet.v1.JoinRequest
-	(*WrappedKEK)(nil),                              // 103: cabinet.v1.WrappedKEK
-	(*JoinResponse)(nil),                            // 104: cabinet.v1.JoinResponse
-	(*ApplyRequest)(nil),                            // 105: cabinet.v1.ApplyRequest
-	(*ApplyResponse)(nil),                           // 106: cabinet.v1.ApplyResponse
-	(*ReadIndexRequest)(nil),                        // 107: cabinet.v1.ReadIndexRequest
-	(*ReadIndexResponse)(nil),                       // 108: cabinet.v1.ReadIndexResponse
-	(*AddPeerRequest)(nil),                          // 109: cabinet.v1.AddPeerRequest
-	(*AddPeerResponse)(nil),                         // 110: cabinet.v1.AddPeerResponse
-	nil,                                             // 111: cabinet.v1.Key.TagsEntry
-	nil,                                             // 112: cabinet.v1.CreateKeyRequest.TagsEntry
-	nil,                                             // 113: cabinet.v1.EncryptRequest.EncryptionContextEntry
-	nil,                                             // 114: cabinet.v1.DecryptRequest.EncryptionContextEntry
-	nil,                                             // 115: cabinet.v1.GenerateDataKeyRequest.EncryptionContextEntry
-	nil,                                             // 116: cabinet.v1.ReEncryptRequest.SourceEncryptionContextEntry
-	nil,                                             // 117: cabinet.v1.ReEncryptRequest.DestinationEncryptionContextEntry
-	nil,                                             // 118: cabinet.v1.UpdateKeyRequest.TagsEntry
-	nil,                                             // 119: cabinet.v1.ImportKeyRequest.TagsEntry
-	nil,                                             // 120: cabinet.v1.Grant.EncryptionContextEqualsEntry
-	nil,                                             // 121: cabinet.v1.CreateGrantRequest.EncryptionContextEqualsEntry
-	(*timestamppb.Timestamp)(nil),                   // 122: google.protobuf.Timestamp
+	(*RotateKEKRequest)(nil),                        // 6: cabinet.v1.RotateKEKRequest
+	(*KEKStatusRequest)(nil),                        // 7: cabinet.v1.KEKStatusRequest
+	(*KEKVersionStatus)(nil),                        // 8: cabinet.v1.KEKVersionStatus
+	(*KEKStatusResponse)(nil),                       // 9: cabinet.v1.KEKStatusResponse
+	(*KeyVersionInfo)(nil),                          // 10: cabinet.v1.KeyVersionInfo
+	(*Key)(nil),                                     // 11: cabinet.v1.Key
+	(*CreateKeyRequest)(nil),                        // 12: cabinet.v1.CreateKeyRequest
+	(*CreateKeyResponse)(nil),                       // 13: cabinet.v1.CreateKeyResponse
+	(*ListKeysRequest)(nil),                         // 14: cabinet.v1.ListKeysRequest
+	(*ListKeysResponse)(nil),                        // 15: cabinet.v1.ListKeysResponse
+	(*DescribeKeyRequest)(nil),                      // 16: cabinet.v1.DescribeKeyRequest
+	(*DescribeKeyResponse)(nil),                     // 17: cabinet.v1.DescribeKeyResponse
+	(*EncryptRequest)(nil),                          // 18: cabinet.v1.EncryptRequest
+	(*EncryptResponse)(nil),                         // 19: cabinet.v1.EncryptResponse
+	(*DecryptRequest)(nil),                          // 20: cabinet.v1.DecryptRequest
+	(*DecryptResponse)(nil),                         // 21: cabinet.v1.DecryptResponse
+	(*GenerateDataKeyRequest)(nil),                  // 22: cabinet.v1.GenerateDataKeyRequest
+	(*GenerateDataKeyResponse)(nil),                 // 23: cabinet.v1.GenerateDataKeyResponse
+	(*GenerateDataKeyWithoutPlaintextResponse)(nil), // 24: cabinet.v1.GenerateDataKeyWithoutPlaintextResponse
+	(*ReEncryptRequest)(nil),                        // 25: cabinet.v1.ReEncryptRequest
+	(*ReEncryptResponse)(nil),                       // 26: cabinet.v1.ReEncryptResponse
+	(*ItemError)(nil),                               // 27: cabinet.v1.ItemError
+	(*BatchEncryptRequest)(nil),                     // 28: cabinet.v1.BatchEncryptRequest
+	(*BatchEncryptResult)(nil),                      // 29: cabinet.v1.BatchEncryptResult
+	(*BatchEncryptResponse)(nil),                    // 30: cabinet.v1.BatchEncryptResponse
+	(*BatchDecryptRequest)(nil),                     // 31: cabinet.v1.BatchDecryptRequest
+	(*BatchDecryptResult)(nil),                      // 32: cabinet.v1.BatchDecryptResult
+	(*BatchDecryptResponse)(nil),                    // 33: cabinet.v1.BatchDecryptResponse
+	(*BatchReEncryptRequest)(nil),                   // 34: cabinet.v1.BatchReEncryptRequest
+	(*BatchReEncryptResult)(nil),                    // 35: cabinet.v1.BatchReEncryptResult
+	(*BatchReEncryptResponse)(nil),                  // 36: cabinet.v1.BatchReEncryptResponse
+	(*SignRequest)(nil),                             // 37: cabinet.v1.SignRequest
+	(*SignResponse)(nil),                            // 38: cabinet.v1.SignResponse
+	(*VerifyRequest)(nil),                           // 39: cabinet.v1.VerifyRequest
+	(*VerifyResponse)(nil),                          // 40: cabinet.v1.VerifyResponse
+	(*GetPublicKeyRequest)(nil),                     // 41: cabinet.v1.GetPublicKeyRequest
+	(*GetPublicKeyResponse)(nil),                    // 42: cabinet.v1.GetPublicKeyResponse
+	(*GenerateMacRequest)(nil),                      // 43: cabinet.v1.GenerateMacRequest
+	(*GenerateMacResponse)(nil),                     // 44: cabinet.v1.GenerateMacResponse
+	(*VerifyMacRequest)(nil),                        // 45: cabinet.v1.VerifyMacRequest
+	(*VerifyMacResponse)(nil),                       // 46: cabinet.v1.VerifyMacResponse
+	(*GenerateRandomRequest)(nil),                   // 47: cabinet.v1.GenerateRandomRequest
+	(*GenerateRandomResponse)(nil),                  // 48: cabinet.v1.GenerateRandomResponse
+	(*KeyResponse)(nil),                             // 49: cabinet.v1.KeyResponse
+	(*KeyRefRequest)(nil),                           // 50: cabinet.v1.KeyRefRequest
+	(*UpdateKeyRequest)(nil),                        // 51: cabinet.v1.UpdateKeyRequest
+	(*SetAliasRequest)(nil),                         // 52: cabinet.v1.SetAliasRequest
+	(*DeleteAliasRequest)(nil),                      // 53: cabinet.v1.DeleteAliasRequest
+	(*DeleteAliasResponse)(nil),                     // 54: cabinet.v1.DeleteAliasResponse
+	(*RevokeKeyRequest)(nil),                        // 55: cabinet.v1.RevokeKeyRequest
+	(*SetRotationPolicyRequest)(nil),                // 56: cabinet.v1.SetRotationPolicyRequest
+	(*SetKeyVersionStateRequest)(nil),               // 57: cabinet.v1.SetKeyVersionStateRequest
+	(*SetMinDecryptionVersionRequest)(nil),          // 58: cabinet.v1.SetMinDecryptionVersionRequest
+	(*ScheduleKeyDestructionRequest)(nil),           // 59: cabinet.v1.ScheduleKeyDestructionRequest
+	(*GetImportParametersRequest)(nil),              // 60: cabinet.v1.GetImportParametersRequest
+	(*GetImportParametersResponse)(nil),             // 61: cabinet.v1.GetImportParametersResponse
+	(*ImportKeyRequest)(nil),                        // 62: cabinet.v1.ImportKeyRequest
+	(*Grant)(nil),                                   // 63: cabinet.v1.Grant
+	(*CreateGrantRequest)(nil),                      // 64: cabinet.v1.CreateGrantRequest
+	(*GrantResponse)(nil),                           // 65: cabinet.v1.GrantResponse
+	(*RevokeGrantRequest)(nil),                      // 66: cabinet.v1.RevokeGrantRequest
+	(*RevokeGrantResponse)(nil),                     // 67: cabinet.v1.RevokeGrantResponse
+	(*ListGrantsRequest)(nil),                       // 68: cabinet.v1.ListGrantsRequest
+	(*ListGrantsResponse)(nil),                      // 69: cabinet.v1.ListGrantsResponse
+	(*IssueCertificateRequest)(nil),                 // 70: cabinet.v1.IssueCertificateRequest
+	(*IssueCertificateResponse)(nil),                // 71: cabinet.v1.IssueCertificateResponse
+	(*DenyPrincipalRequest)(nil),                    // 72: cabinet.v1.DenyPrincipalRequest
+	(*DenyPrincipalResponse)(nil),                   // 73: cabinet.v1.DenyPrincipalResponse
+	(*AllowPrincipalRequest)(nil),                   // 74: cabinet.v1.AllowPrincipalRequest
+	(*AllowPrincipalResponse)(nil),                  // 75: cabinet.v1.AllowPrincipalResponse
+	(*DeniedPrincipal)(nil),                         // 76: cabinet.v1.DeniedPrincipal
+	(*ListDeniedPrincipalsRequest)(nil),             // 77: cabinet.v1.ListDeniedPrincipalsRequest
+	(*ListDeniedPrincipalsResponse)(nil),            // 78: cabinet.v1.ListDeniedPrincipalsResponse
+	(*AuditRecord)(nil),                             // 79: cabinet.v1.AuditRecord
+	(*AuditTailRequest)(nil),                        // 80: cabinet.v1.AuditTailRequest
+	(*AuditTailResponse)(nil),                       // 81: cabinet.v1.AuditTailResponse
+	(*AuditVerifyRequest)(nil),                      // 82: cabinet.v1.AuditVerifyRequest
+	(*AuditVerifyResponse)(nil),                     // 83: cabinet.v1.AuditVerifyResponse
+	(*EchoRequest)(nil),                             // 84: cabinet.v1.EchoRequest
+	(*EchoResponse)(nil),                            // 85: cabinet.v1.EchoResponse
+	(*ApplyNoopRequest)(nil),                        // 86: cabinet.v1.ApplyNoopRequest
+	(*ApplyNoopResponse)(nil),                       // 87: cabinet.v1.ApplyNoopResponse
+	(*RemovePeerRequest)(nil),                       // 88: cabinet.v1.RemovePeerRequest
+	(*RemovePeerResponse)(nil),                      // 89: cabinet.v1.RemovePeerResponse
+	(*TransferLeadershipRequest)(nil),               // 90: cabinet.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil),              // 91: cabinet.v1.TransferLeadershipResponse
+	(*SnapshotSaveRequest)(nil),                     // 92: cabinet.v1.SnapshotSaveRequest
+	(*SnapshotChunk)(nil),                           // 93: cabinet.v1.SnapshotChunk
+	(*SnapshotMeta)(nil),                            // 94: cabinet.v1.SnapshotMeta
+	(*SnapshotRestoreResponse)(nil),                 // 95: cabinet.v1.SnapshotRestoreResponse
+	(*RecoveryExportRequest)(nil),                   // 96: cabinet.v1.RecoveryExportRequest
+	(*RecoveryKEK)(nil),                             // 97: cabinet.v1.RecoveryKEK
+	(*RecoveryBundle)(nil),                          // 98: cabinet.v1.RecoveryBundle
+	(*StatusRequest)(nil),                           // 99: cabinet.v1.StatusRequest
+	(*StatusResponse)(nil),                          // 100: cabinet.v1.StatusResponse
+	(*ListPeersRequest)(nil),                        // 101: cabinet.v1.ListPeersRequest
+	(*Peer)(nil),                                    // 102: cabinet.v1.Peer
+	(*ListPeersResponse)(nil),                       // 103: cabinet.v1.ListPeersResponse
+	(*CreateJoinTokenRequest)(nil),                  // 104: cabinet.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil),                 // 105: cabinet.v1.CreateJoinTokenResponse
+	(*JoinRequest)(nil),                             // 106: cabinet.v1.JoinRequest
+	(*WrappedKEK)(nil),                              // 107: cabinet.v1.WrappedKEK
+	(*JoinResponse)(nil),                            // 108: cabinet.v1.JoinResponse
+	(*ApplyRequest)(nil),                            // 109: cabinet.v1.ApplyRequest
+	(*ApplyResponse)(nil),                           // 110: cabinet.v1.ApplyResponse
+	(*ReadIndexRequest)(nil),                        // 111: cabinet.v1.ReadIndexRequest
+	(*ReadIndexResponse)(nil),                       // 112: cabinet.v1.ReadIndexResponse
+	(*AddPeerRequest)(nil),                          // 113: cabinet.v1.AddPeerRequest
+	(*AddPeerResponse)(nil),                         // 114: cabinet.v1.AddPeerResponse
+	nil,                                             // 115: cabinet.v1.Key.TagsEntry
+	nil,                                             // 116: cabinet.v1.CreateKeyRequest.TagsEntry
+	nil,                                             // 117: cabinet.v1.EncryptRequest.EncryptionContextEntry
+	nil,                                             // 118: cabinet.v1.DecryptRequest.EncryptionContextEntry
+	nil,                                             // 119: cabinet.v1.GenerateDataKeyRequest.EncryptionContextEntry
+	nil,                                             // 120: cabinet.v1.ReEncryptRequest.SourceEncryptionContextEntry
+	nil,                                             // 121: cabinet.v1.ReEncryptRequest.DestinationEncryptionContextEntry
+	nil,                                             // 122: cabinet.v1.UpdateKeyRequest.TagsEntry
+	nil,                                             // 123: cabinet.v1.ImportKeyRequest.TagsEntry
+	nil,                                             // 124: cabinet.v1.Grant.EncryptionContextEqualsEntry
+	nil,                                             // 125: cabinet.v1.CreateGrantRequest.EncryptionContextEqualsEntry
+	(*timestamppb.Timestamp)(nil),                   // 126: google.protobuf.Timestamp
 }
 var file_transport_cabinetpb_cabinet_proto_depIdxs = []int32{
-	122, // 0: cabinet.v1.KeyVersionInfo.created_at:type_name -> google.protobuf.Timestamp
-	122, // 1: cabinet.v1.KeyVersionInfo.destroyed_at:type_name -> google.protobuf.Timestamp
-	0,   // 2: cabinet.v1.Key.spec:type_name -> cabinet.v1.KeySpec
-	1,   // 3: cabinet.v1.Key.usage:type_name -> cabinet.v1.KeyUsage
-	2,   // 4: cabinet.v1.Key.state:type_name -> cabinet.v1.KeyState
-	111, // 5: cabinet.v1.Key.tags:type_name -> cabinet.v1.Key.TagsEntry
-	122, // 6: cabinet.v1.Key.created_at:type_name -> google.protobuf.Timestamp
-	122, // 7: cabinet.v1.Key.updated_at:type_name -> google.protobuf.Timestamp
-	6,   // 8: cabinet.v1.Key.versions:type_name -> cabinet.v1.KeyVersionInfo
-	122, // 9: cabinet.v1.Key.next_rotation_at:type_name -> google.protobuf.Timestamp
-	122, // 10: cabinet.v1.Key.revoked_at:type_name -> google.protobuf.Timestamp
-	122, // 11: cabinet.v1.Key.destroy_after:type_name -> google.protobuf.Timestamp
-	122, // 12: cabinet.v1.Key.destroyed_at:type_name -> google.protobuf.Timestamp
-	0,   // 13: cabinet.v1.CreateKeyRequest.spec:type_name -> cabinet.v1.KeySpec
-	1,   // 14: cabinet.v1.CreateKeyRequest.usage:type_name -> cabinet.v1.KeyUsage
-	112, // 15: cabinet.v1.CreateKeyRequest.tags:type_name -> cabinet.v1.CreateKeyRequest.TagsEntry
-	7,   // 16: cabinet.v1.CreateKeyResponse.key:type_name -> cabinet.v1.Key
-	7,   // 17: cabinet.v1.ListKeysResponse.keys:type_name -> cabinet.v1.Key
-	7,   // 18: cabinet.v1.DescribeKeyResponse.key:type_name -> cabinet.v1.Key
-	113, // 19: cabinet.v1.EncryptRequest.encryption_context:type_name -> cabinet.v1.EncryptRequest.EncryptionContextEntry
-	3,   // 20: cabinet.v1.EncryptRequest.consistency:type_name -> cabinet.v1.Consistency
-	114, // 21: cabinet.v1.DecryptRequest.encryption_context:type_name -> cabinet.v1.DecryptRequest.EncryptionContextEntry
-	3,   // 22: cabinet.v1.DecryptRequest.consistency:type_name -> cabinet.v1.Consistency
-	115, // 23: cabinet.v1.GenerateDataKeyRequest.encryption_context:type_name -> cabinet.v1.GenerateDataKeyRequest.EncryptionContextEntry
-	3,   // 24: cabinet.v1.GenerateDataKeyRequest.consistency:type_name -> cabinet.v1.Consistency
-	116, // 25: cabinet.v1.ReEncryptRequest.source_encryption_context:type_name -> cabinet.v1.ReEncryptRequest.SourceEncryptionContextEntry
-	117, // 26: cabinet.v1.ReEncryptRequest.destination_encryption_context:type_name -> cabinet.v1.ReEncryptRequest.DestinationEncryptionContextEntry
-	3,   // 27: cabinet.v1.ReEncryptRequest.consistency:type_name -> cabinet.v1.Consistency
-	14,  // 28: cabinet.v1.BatchEncryptRequest.items:type_name -> cabinet.v1.EncryptRequest
-	15,  // 29: cabinet.v1.BatchEncryptResult.response:type_name -> cabinet.v1.EncryptResponse
-	23,  // 30: cabinet.v1.BatchEncryptResult.error:type_name -> cabinet.v1.ItemError
-	25,  // 31: cabinet.v1.BatchEncryptResponse.results:type_name -> cabinet.v1.BatchEncryptResult
-	16,  // 32: cabinet.v1.BatchDecryptRequest.items:type_name -> cabinet.v1.DecryptRequest
-	17,  // 33: cabinet.v1.BatchDecryptResult.response:type_name -> cabinet.v1.DecryptResponse
-	23,  // 34: cabinet.v1.BatchDecryptResult.error:type_name -> cabinet.v1.ItemError
-	28,  // 35: cabinet.v1.BatchDecryptResponse.results:type_name -> cabinet.v1.BatchDecryptResult
-	21,  // 36: cabinet.v1.BatchReEncryptRequest.items:type_name -> cabinet.v1.ReEncryptRequest
-	22,  // 37: cabinet.v1.BatchReEncryptResult.response:type_name -> cabinet.v1.ReEncryptResponse
-	23,  // 38: cabinet.v1.BatchReEncryptResult.error:type_name -> cabinet.v1.ItemError
-	31,  // 39: cabinet.v1.BatchReEncryptResponse.results:type_name -> cabinet.v1.BatchReEncryptResult
-	4,   // 40: cabinet.v1.SignRequest.message_type:type_name -> cabinet.v1.MessageType
-	3,   // 41: cabinet.v1.SignRequest.consistency:type_name -> cabinet.v1.Consistency
-	4,   // 42: cabinet.v1.VerifyRequest.message_type:type_name -> cabinet.v1.MessageType
-	3,   // 43: cabinet.v1.VerifyRequest.consistency:type_name -> cabinet.v1.Consistency
-	0,   // 44: cabinet.v1.GetPublicKeyResponse.spec:type_name -> cabinet.v1.KeySpec
-	1,   // 45: cabinet.v1.GetPublicKeyResponse.usage:type_name -> cabinet.v1.KeyUsage
-	3,   // 46: cabinet.v1.GenerateMacRequest.consistency:type_name -> cabinet.v1.Consistency
-	3,   // 47: cabinet.v1.VerifyMacRequest.consistency:type_name -> cabinet.v1.Consistency
-	7,   // 48: cabinet.v1.KeyResponse.key:type_name -> cabinet.v1.Key
-	118, // 49: cabinet.v1.UpdateKeyRequest.tags:type_name -> cabinet.v1.UpdateKeyRequest.TagsEntry
-	5,   // 50: cabinet.v1.RevokeKeyRequest.reason:type_name -> cabinet.v1.RevocationReason
-	0,   // 51: cabinet.v1.GetImportParametersRequest.spec:type_name -> cabinet.v1.KeySpec
-	122, // 52: cabinet.v1.GetImportParametersResponse.expires_at:type_name -> google.protobuf.Timestamp
-	0,   // 53: cabinet.v1.GetImportParametersResponse.spec:type_name -> cabinet.v1.KeySpec
-	0,   // 54: cabinet.v1.ImportKeyRequest.spec:type_name -> cabinet.v1.KeySpec
-	1,   // 55: cabinet.v1.ImportKeyRequest.usage:type_name -> cabinet.v1.KeyUsage
-	119, // 56: cabinet.v1.ImportKeyRequest.tags:type_name -> cabinet.v1.ImportKeyRequest.TagsEntry
-	120, // 57: cabinet.v1.Grant.encryption_context_equals:type_name -> cabinet.v1.Grant.EncryptionContextEqualsEntry
-	122, // 58: cabinet.v1.Grant.created_at:type_name -> google.protobuf.Timestamp
-	121, // 59: cabinet.v1.CreateGrantRequest.encryption_context_equals:type_name -> cabinet.v1.CreateGrantRequest.EncryptionContextEqualsEntry
-	59,  // 60: cabinet.v1.GrantResponse.grant:type_name -> cabinet.v1.Grant
-	59,  // 61: cabinet.v1.ListGrantsResponse.grants:type_name -> cabinet.v1.Grant
-	122, // 62: cabinet.v1.IssueCertificateResponse.not_after:type_name -> google.protobuf.Timestamp
-	122, // 63: cabinet.v1.DeniedPrincipal.denied_at:type_name -> google.protobuf.Timestamp
-	72,  // 64: cabinet.v1.ListDeniedPrincipalsResponse.principals:type_name -> cabinet.v1.DeniedPrincipal
-	122, // 65: cabinet.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
-	75,  // 66: cabinet.v1.AuditTailResponse.records:type_name -> cabinet.v1.AuditRecord
-	90,  // 67: cabinet.v1.SnapshotChunk.meta:type_name -> cabinet.v1.SnapshotMeta
-	122, // 68: cabinet.v1.SnapshotMeta.taken_at:type_name -> google.protobuf.Timestamp
-	93,  // 69: cabinet.v1.RecoveryBundle.keks:type_name -> cabinet.v1.RecoveryKEK
-	122, // 70: cabinet.v1.RecoveryBundle.created_at:type_name -> google.protobuf.Timestamp
-	98,  // 71: cabinet.v1.ListPeersResponse.peers:type_name -> cabinet.v1.Peer
-	122, // 72: cabinet.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
-	103, // 73: cabinet.v1.JoinResponse.keks:type_name -> cabinet.v1.WrappedKEK
-	8,   // 74: cabinet.v1.KeyService.CreateKey:input_type -> cabinet.v1.CreateKeyRequest
-	10,  // 75: cabinet.v1.KeyService.ListKeys:input_type -> cabinet.v1.ListKeysRequest
-	12,  // 76: cabinet.v1.KeyService.DescribeKey:input_type -> cabinet.v1.DescribeKeyRequest
-	14,  // 77: cabinet.v1.KeyService.Encrypt:input_type -> cabinet.v1.EncryptRequest
-	16,  // 78: cabinet.v1.KeyService.Decrypt:input_type -> cabinet.v1.DecryptRequest
-	18,  // 79: cabinet.v1.KeyService.GenerateDataKey:input_type -> cabinet.v1.GenerateDataKeyRequest
-	18,  // 80: cabinet.v1.KeyService.GenerateDataKeyWithoutPlaintext:input_type -> cabinet.v1.GenerateDataKeyRequest
-	21,  // 81: cabinet.v1.KeyService.ReEncrypt:input_type -> cabinet.v1.ReEncryptRequest
-	24,  // 82: cabinet.v1.KeyService.BatchEncrypt:input_type -> cabinet.v1.BatchEncryptRequest
-	27,  // 83: cabinet.v1.KeyService.BatchDecrypt:input_type -> cabinet.v1.BatchDecryptRequest
-	30,  // 84: cabinet.v1.KeyService.BatchReEncrypt:input_type -> cabinet.v1.BatchReEncryptRequest
-	33,  // 85: cabinet.v1.KeyService.Sign:input_type -> cabinet.v1.SignRequest
-	35,  // 86: cabinet.v1.KeyService.Verify:input_type -> cabinet.v1.VerifyRequest
-	37,  // 87: cabinet.v1.KeyService.GetPublicKey:input_type -> cabinet.v1.GetPublicKeyRequest
-	39,  // 88: cabinet.v1.KeyService.GenerateMac:input_type -> cabinet.v1.GenerateMacRequest
-	41,  // 89: cabinet.v1.KeyService.VerifyMac:input_type -> cabinet.v1.VerifyMacRequest
-	43,  // 90: cabinet.v1.KeyService.GenerateRandom:input_type -> cabinet.v1.GenerateRandomRequest
-	47,  // 91: cabinet.v1.KeyService.UpdateKey:input_type -> cabinet.v1.UpdateKeyRequest
-	48,  // 92: cabinet.v1.KeyService.SetAlias:input_type -> cabinet.v1.SetAliasRequest
-	49,  // 93: cabinet.v1.KeyService.DeleteAlias:input_type -> cabinet.v1.DeleteAliasRequest
-	46,  // 94: cabinet.v1.KeyService.EnableKey:input_type -> cabinet.v1.KeyRefRequest
-	46,  // 95: cabinet.v1.KeyService.DisableKey:input_type -> cabinet.v1.KeyRefRequest
-	51,  // 96: cabinet.v1.KeyService.RevokeKey:input_type -> cabinet.v1.RevokeKeyRequest
-	46,  // 97: cabinet.v1.KeyService.RotateKey:input_type -> cabinet.v1.KeyRefRequest
-	52,  // 98: cabinet.v1.KeyService.SetRotationPolicy:input_type -> cabinet.v1.SetRotationPolicyRequest
-	53,  // 99: cabinet.v1.KeyService.SetKeyVersionState:input_type -> cabinet.v1.SetKeyVersionStateRequest
-	54,  // 100: cabinet.v1.KeyService.SetMinDecryptionVersion:input_type -> cabinet.v1.SetMinDecryptionVersionRequest
-	55,  // 101: cabinet.v1.KeyService.ScheduleKeyDestruction:input_type -> cabinet.v1.ScheduleKeyDestructionRequest
-	46,  // 102: cabinet.v1.KeyService.CancelKeyDestruction:input_type -> cabinet.v1.KeyRefRequest
-	56,  // 103: cabinet.v1.KeyService.GetImportParameters:input_type -> cabinet.v1.GetImportParametersRequest
-	58,  // 104: cabinet.v1.KeyService.ImportKey:input_type -> cabinet.v1.ImportKeyRequest
-	60,  // 105: cabinet.v1.KeyService.CreateGrant:input_type -> cabinet.v1.CreateGrantRequest
-	62,  // 106: cabinet.v1.KeyService.RevokeGrant:input_type -> cabinet.v1.RevokeGrantRequest
-	64,  // 107: cabinet.v1.KeyService.ListGrants:input_type -> cabinet.v1.ListGrantsRequest
-	95,  // 108: cabinet.v1.OperatorService.Status:input_type -> cabinet.v1.StatusRequest
-	97,  // 109: cabinet.v1.OperatorService.ListPeers:input_type -> cabinet.v1.ListPeersRequest
-	100, // 110: cabinet.v1.OperatorService.CreateJoinToken:input_type -> cabinet.v1.CreateJoinTokenRequest
-	102, // 111: cabinet.v1.OperatorService.Join:input_type -> cabinet.v1.JoinRequest
-	66,  // 112: cabinet.v1.OperatorService.IssueCertificate:input_type -> cabinet.v1.IssueCertificateRequest
-	68,  // 113: cabinet.v1.OperatorService.DenyPrincipal:input_type -> cabinet.v1.DenyPrincipalRequest
-	70,  // 114: cabinet.v1.OperatorService.AllowPrincipal:input_type -> cabinet.v1.AllowPrincipalRequest
-	73,  // 115: cabinet.v1.OperatorService.ListDeniedPrincipals:input_type -> cabinet.v1.ListDeniedPrincipalsRequest
-	76,  // 116: cabinet.v1.OperatorService.AuditTail:input_type -> cabinet.v1.AuditTailRequest
-	78,  // 117: cabinet.v1.OperatorService.AuditVerify:input_type -> cabinet.v1.AuditVerifyRequest
-	80,  // 118: cabinet.v1.OperatorService.Echo:input_type -> cabinet.v1.EchoRequest
-	82,  // 119: cabinet.v1.OperatorService.ApplyNoop:input_type -> cabinet.v1.ApplyNoopRequest
-	84,  // 120: cabinet.v1.OperatorService.RemovePeer:input_type -> cabinet.v1.RemovePeerRequest
-	86,  // 121: cabinet.v1.OperatorService.TransferLeadership:input_type -> cabinet.v1.TransferLeadershipRequest
-	88,  // 122: cabinet.v1.OperatorService.SnapshotSave:input_type -> cabinet.v1.SnapshotSaveRequest
-	89,  // 123: cabinet.v1.OperatorService.SnapshotRestore:input_type -> cabinet.v1.SnapshotChunk
-	92,  // 124: cabinet.v1.OperatorService.RecoveryExport:input_type -> cabinet.v1.RecoveryExportRequest
-	105, // 125: cabinet.v1.NodeService.Apply:input_type -> cabinet.v1.ApplyRequest
-	107, // 126: cabinet.v1.NodeService.ReadIndex:input_type -> cabinet.v1.ReadIndexRequest
-	109, // 127: cabinet.v1.NodeService.AddPeer:input_type -> cabinet.v1.AddPeerRequest
-	9,   // 128: cabinet.v1.KeyService.CreateKey:output_type -> cabinet.v1.CreateKeyResponse
-	11,  // 129: cabinet.v1.KeyService.ListKeys:output_type -> cabinet.v1.ListKeysResponse
-	13,  // 130: cabinet.v1.KeyService.DescribeKey:output_type -> cabinet.v1.DescribeKeyResponse
-	15,  // 131: cabinet.v1.KeyService.Encrypt:output_type -> cabinet.v1.EncryptResponse
-	17,  // 132: cabinet.v1.KeyService.Decrypt:output_type -> cabinet.v1.DecryptResponse
-	19,  // 133: cabinet.v1.KeyService.GenerateDataKey:output_type -> cabinet.v1.GenerateDataKeyResponse
-	20,  // 134: cabinet.v1.KeyService.GenerateDataKeyWithoutPlaintext:output_type -> cabinet.v1.GenerateDataKeyWithoutPlaintextResponse
-	22,  // 135: cabinet.v1.KeyService.ReEncrypt:output_type -> cabinet.v1.ReEncryptResponse
-	26,  // 136: cabinet.v1.KeyService.BatchEncrypt:output_type -> cabinet.v1.BatchEncryptResponse
-	29,  // 137: cabinet.v1.KeyService.BatchDecrypt:output_type -> cabinet.v1.BatchDecryptResponse
-	32,  // 138: cabinet.v1.KeyService.BatchReEncrypt:output_type -> cabinet.v1.BatchReEncryptResponse
-	34,  // 139: cabinet.v1.KeyService.Sign:output_type -> cabinet.v1.SignResponse
-	36,  // 140: cabinet.v1.KeyService.Verify:output_type -> cabinet.v1.VerifyResponse
-	38,  // 141: cabinet.v1.KeyService.GetPublicKey:output_type -> cabinet.v1.GetPublicKeyResponse
-	40,  // 142: cabinet.v1.KeyService.GenerateMac:output_type -> cabinet.v1.GenerateMacResponse
-	42,  // 143: cabinet.v1.KeyService.VerifyMac:output_type -> cabinet.v1.VerifyMacResponse
-	44,  // 144: cabinet.v1.KeyService.GenerateRandom:output_type -> cabinet.v1.GenerateRandomResponse
-	45,  // 145: cabinet.v1.KeyService.UpdateKey:output_type -> cabinet.v1.KeyResponse
-	45,  // 146: cabinet.v1.KeyService.SetAlias:output_type -> cabinet.v1.KeyResponse
-	50,  // 147: cabinet.v1.KeyService.DeleteAlias:output_type -> cabinet.v1.DeleteAliasResponse
-	45,  // 148: cabinet.v1.KeyService.EnableKey:output_type -> cabinet.v1.KeyResponse
-	45,  // 149: cabinet.v1.KeyService.DisableKey:output_type -> cabinet.v1.KeyResponse
-	45,  // 150: cabinet.v1.KeyService.RevokeKey:output_type -> cabinet.v1.KeyResponse
-	45,  // 151: cabinet.v1.KeyService.RotateKey:output_type -> cabinet.v1.KeyResponse
-	45,  // 152: cabinet.v1.KeyService.SetRotationPolicy:output_type -> cabinet.v1.KeyResponse
-	45,  // 153: cabinet.v1.KeyService.SetKeyVersionState:output_type -> cabinet.v1.KeyResponse
-	45,  // 154: cabinet.v1.KeyService.SetMinDecryptionVersion:output_type -> cabinet.v1.KeyResponse
-	45,  // 155: cabinet.v1.KeyService.ScheduleKeyDestruction:output_type -> cabinet.v1.KeyResponse
-	45,  // 156: cabinet.v1.KeyService.CancelKeyDestruction:output_type -> cabinet.v1.KeyResponse
-	57,  // 157: cabinet.v1.KeyService.GetImportParameters:output_type -> cabinet.v1.GetImportParametersResponse
-	45,  // 158: cabinet.v1.KeyService.ImportKey:output_type -> cabinet.v1.KeyResponse
-	61,  // 159: cabinet.v1.KeyService.CreateGrant:output_type -> cabinet.v1.GrantResponse
-	63,  // 160: cabinet.v1.KeyService.RevokeGrant:output_type -> cabinet.v1.RevokeGrantResponse
-	65,  // 161: cabinet.v1.KeyService.ListGrants:output_type -> cabinet.v1.ListGrantsResponse
-	96,  // 162: cabinet.v1.OperatorService.Status:output_type -> cabinet.v1.StatusResponse
-	99,  // 163: cabinet.v1.OperatorService.ListPeers:output_type -> cabinet.v1.ListPeersResponse
-	101, // 164: cabinet.v1.OperatorService.CreateJoinToken:output_type -> cabinet.v1.CreateJoinTokenResponse
-	104, // 165: cabinet.v1.OperatorService.Join:output_type -> cabinet.v1.JoinResponse
-	67,  // 166: cabinet.v1.OperatorService.IssueCertificate:output_type -> cabinet.v1.IssueCertificateResponse
-	69,  // 167: cabinet.v1.OperatorService.DenyPrincipal:output_type -> cabinet.v1.DenyPrincipalResponse
-	71,  // 168: cabinet.v1.OperatorService.AllowPrincipal:output_type -> cabinet.v1.AllowPrincipalResponse
-	74,  // 169: cabinet.v1.OperatorService.ListDeniedPrincipals:output_type -> cabinet.v1.ListDeniedPrincipalsResponse
-	77,  // 170: cabinet.v1.OperatorService.AuditTail:output_type -> cabinet.v1.AuditTailResponse
-	79,  // 171: cabinet.v1.OperatorService.AuditVerify:output_type -> cabinet.v1.AuditVerifyResponse
-	81,  // 172: cabinet.v1.OperatorService.Echo:output_type -> cabinet.v1.EchoResponse
-	83,  // 173: cabinet.v1.OperatorService.ApplyNoop:output_type -> cabinet.v1.ApplyNoopResponse
-	85,  // 174: cabinet.v1.OperatorService.RemovePeer:output_type -> cabinet.v1.RemovePeerResponse
-	87,  // 175: cabinet.v1.OperatorService.TransferLeadership:output_type -> cabinet.v1.TransferLeadershipResponse
-	89,  // 176: cabinet.v1.OperatorService.SnapshotSave:output_type -> cabinet.v1.SnapshotChunk
-	91,  // 177: cabinet.v1.OperatorService.SnapshotRestore:output_type -> cabinet.v1.SnapshotRestoreResponse
-	94,  // 178: cabinet.v1.OperatorService.RecoveryExport:output_type -> cabinet.v1.RecoveryBundle
-	106, // 179: cabinet.v1.NodeService.Apply:output_type -> cabinet.v1.ApplyResponse
-	108, // 180: cabinet.v1.NodeService.ReadIndex:output_type -> cabinet.v1.ReadIndexResponse
-	110, // 181: cabinet.v1.NodeService.AddPeer:output_type -> cabinet.v1.AddPeerResponse
-	128, // [128:182] is the sub-list for method output_type
-	74,  // [74:128] is the sub-list for method input_type
-	74,  // [74:74] is the sub-list for extension type_name
-	74,  // [74:74] is the sub-list for extension extendee
-	0,   // [0:74] is the sub-list for field type_name
+	126, // 0: cabinet.v1.KEKVersionStatus.created:type_name -> google.protobuf.Timestamp
+	126, // 1: cabinet.v1.KEKVersionStatus.activated:type_name -> google.protobuf.Timestamp
+	126, // 2: cabinet.v1.KEKVersionStatus.retired:type_name -> google.protobuf.Timestamp
+	126, // 3: cabinet.v1.KEKVersionStatus.destroyed:type_name -> google.protobuf.Timestamp
+	8,   // 4: cabinet.v1.KEKStatusResponse.versions:type_name -> cabinet.v1.KEKVersionStatus
+	126, // 5: cabinet.v1.KeyVersionInfo.created_at:type_name -> google.protobuf.Timestamp
+	126, // 6: cabinet.v1.KeyVersionInfo.destroyed_at:type_name -> google.protobuf.Timestamp
+	0,   // 7: cabinet.v1.Key.spec:type_name -> cabinet.v1.KeySpec
+	1,   // 8: cabinet.v1.Key.usage:type_name -> cabinet.v1.KeyUsage
+	2,   // 9: cabinet.v1.Key.state:type_name -> cabinet.v1.KeyState
+	115, // 10: cabinet.v1.Key.tags:type_name -> cabinet.v1.Key.TagsEntry
+	126, // 11: cabinet.v1.Key.created_at:type_name -> google.protobuf.Timestamp
+	126, // 12: cabinet.v1.Key.updated_at:type_name -> google.protobuf.Timestamp
+	10,  // 13: cabinet.v1.Key.versions:type_name -> cabinet.v1.KeyVersionInfo
+	126, // 14: cabinet.v1.Key.next_rotation_at:type_name -> google.protobuf.Timestamp
+	126, // 15: cabinet.v1.Key.revoked_at:type_name -> google.protobuf.Timestamp
+	126, // 16: cabinet.v1.Key.destroy_after:type_name -> google.protobuf.Timestamp
+	126, // 17: cabinet.v1.Key.destroyed_at:type_name -> google.protobuf.Timestamp
+	0,   // 18: cabinet.v1.CreateKeyRequest.spec:type_name -> cabinet.v1.KeySpec
+	1,   // 19: cabinet.v1.CreateKeyRequest.usage:type_name -> cabinet.v1.KeyUsage
+	116, // 20: cabinet.v1.CreateKeyRequest.tags:type_name -> cabinet.v1.CreateKeyRequest.TagsEntry
+	11,  // 21: cabinet.v1.CreateKeyResponse.key:type_name -> cabinet.v1.Key
+	11,  // 22: cabinet.v1.ListKeysResponse.keys:type_name -> cabinet.v1.Key
+	11,  // 23: cabinet.v1.DescribeKeyResponse.key:type_name -> cabinet.v1.Key
+	117, // 24: cabinet.v1.EncryptRequest.encryption_context:type_name -> cabinet.v1.EncryptRequest.EncryptionContextEntry
+	3,   // 25: cabinet.v1.EncryptRequest.consistency:type_name -> cabinet.v1.Consistency
+	118, // 26: cabinet.v1.DecryptRequest.encryption_context:type_name -> cabinet.v1.DecryptRequest.EncryptionContextEntry
+	3,   // 27: cabinet.v1.DecryptRequest.consistency:type_name -> cabinet.v1.Consistency
+	119, // 28: cabinet.v1.GenerateDataKeyRequest.encryption_context:type_name -> cabinet.v1.GenerateDataKeyRequest.EncryptionContextEntry
+	3,   // 29: cabinet.v1.GenerateDataKeyRequest.consistency:type_name -> cabinet.v1.Consistency
+	120, // 30: cabinet.v1.ReEncryptRequest.source_encryption_context:type_name -> cabinet.v1.ReEncryptRequest.SourceEncryptionContextEntry
+	121, // 31: cabinet.v1.ReEncryptRequest.destination_encryption_context:type_name -> cabinet.v1.ReEncryptRequest.DestinationEncryptionContextEntry
+	3,   // 32: cabinet.v1.ReEncryptRequest.consistency:type_name -> cabinet.v1.Consistency
+	18,  // 33: cabinet.v1.BatchEncryptRequest.items:type_name -> cabinet.v1.EncryptRequest
+	19,  // 34: cabinet.v1.BatchEncryptResult.response:type_name -> cabinet.v1.EncryptResponse
+	27,  // 35: cabinet.v1.BatchEncryptResult.error:type_name -> cabinet.v1.ItemError
+	29,  // 36: cabinet.v1.BatchEncryptResponse.results:type_name -> cabinet.v1.BatchEncryptResult
+	20,  // 37: cabinet.v1.BatchDecryptRequest.items:type_name -> cabinet.v1.DecryptRequest
+	21,  // 38: cabinet.v1.BatchDecryptResult.response:type_name -> cabinet.v1.DecryptResponse
+	27,  // 39: cabinet.v1.BatchDecryptResult.error:type_name -> cabinet.v1.ItemError
+	32,  // 40: cabinet.v1.BatchDecryptResponse.results:type_name -> cabinet.v1.BatchDecryptResult
+	25,  // 41: cabinet.v1.BatchReEncryptRequest.items:type_name -> cabinet.v1.ReEncryptRequest
+	26,  // 42: cabinet.v1.BatchReEncryptResult.response:type_name -> cabinet.v1.ReEncryptResponse
+	27,  // 43: cabinet.v1.BatchReEncryptResult.error:type_name -> cabinet.v1.ItemError
+	35,  // 44: cabinet.v1.BatchReEncryptResponse.results:type_name -> cabinet.v1.BatchReEncryptResult
+	4,   // 45: cabinet.v1.SignRequest.message_type:type_name -> cabinet.v1.MessageType
+	3,   // 46: cabinet.v1.SignRequest.consistency:type_name -> cabinet.v1.Consistency
+	4,   // 47: cabinet.v1.VerifyRequest.message_type:type_name -> cabinet.v1.MessageType
+	3,   // 48: cabinet.v1.VerifyRequest.consistency:type_name -> cabinet.v1.Consistency
+	0,   // 49: cabinet.v1.GetPublicKeyResponse.spec:type_name -> cabinet.v1.KeySpec
+	1,   // 50: cabinet.v1.GetPublicKeyResponse.usage:type_name -> cabinet.v1.KeyUsage
+	3,   // 51: cabinet.v1.GenerateMacRequest.consistency:type_name -> cabinet.v1.Consistency
+	3,   // 52: cabinet.v1.VerifyMacRequest.consistency:type_name -> cabinet.v1.Consistency
+	11,  // 53: cabinet.v1.KeyResponse.key:type_name -> cabinet.v1.Key
+	122, // 54: cabinet.v1.UpdateKeyRequest.tags:type_name -> cabinet.v1.UpdateKeyRequest.TagsEntry
+	5,   // 55: cabinet.v1.RevokeKeyRequest.reason:type_name -> cabinet.v1.RevocationReason
+	0,   // 56: cabinet.v1.GetImportParametersRequest.spec:type_name -> cabinet.v1.KeySpec
+	126, // 57: cabinet.v1.GetImportParametersResponse.expires_at:type_name -> google.protobuf.Timestamp
+	0,   // 58: cabinet.v1.GetImportParametersResponse.spec:type_name -> cabinet.v1.KeySpec
+	0,   // 59: cabinet.v1.ImportKeyRequest.spec:type_name -> cabinet.v1.KeySpec
+	1,   // 60: cabinet.v1.ImportKeyRequest.usage:type_name -> cabinet.v1.KeyUsage
+	123, // 61: cabinet.v1.ImportKeyRequest.tags:type_name -> cabinet.v1.ImportKeyRequest.TagsEntry
+	124, // 62: cabinet.v1.Grant.encryption_context_equals:type_name -> cabinet.v1.Grant.EncryptionContextEqualsEntry
+	126, // 63: cabinet.v1.Grant.created_at:type_name -> google.protobuf.Timestamp
+	125, // 64: cabinet.v1.CreateGrantRequest.encryption_context_equals:type_name -> cabinet.v1.CreateGrantRequest.EncryptionContextEqualsEntry
+	63,  // 65: cabinet.v1.GrantResponse.grant:type_name -> cabinet.v1.Grant
+	63,  // 66: cabinet.v1.ListGrantsResponse.grants:type_name -> cabinet.v1.Grant
+	126, // 67: cabinet.v1.IssueCertificateResponse.not_after:type_name -> google.protobuf.Timestamp
+	126, // 68: cabinet.v1.DeniedPrincipal.denied_at:type_name -> google.protobuf.Timestamp
+	76,  // 69: cabinet.v1.ListDeniedPrincipalsResponse.principals:type_name -> cabinet.v1.DeniedPrincipal
+	126, // 70: cabinet.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
+	79,  // 71: cabinet.v1.AuditTailResponse.records:type_name -> cabinet.v1.AuditRecord
+	94,  // 72: cabinet.v1.SnapshotChunk.meta:type_name -> cabinet.v1.SnapshotMeta
+	126, // 73: cabinet.v1.SnapshotMeta.taken_at:type_name -> google.protobuf.Timestamp
+	97,  // 74: cabinet.v1.RecoveryBundle.keks:type_name -> cabinet.v1.RecoveryKEK
+	126, // 75: cabinet.v1.RecoveryBundle.created_at:type_name -> google.protobuf.Timestamp
+	102, // 76: cabinet.v1.ListPeersResponse.peers:type_name -> cabinet.v1.Peer
+	126, // 77: cabinet.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	107, // 78: cabinet.v1.JoinResponse.keks:type_name -> cabinet.v1.WrappedKEK
+	12,  // 79: cabinet.v1.KeyService.CreateKey:input_type -> cabinet.v1.CreateKeyRequest
+	14,  // 80: cabinet.v1.KeyService.ListKeys:input_type -> cabinet.v1.ListKeysRequest
+	16,  // 81: cabinet.v1.KeyService.DescribeKey:input_type -> cabinet.v1.DescribeKeyRequest
+	18,  // 82: cabinet.v1.KeyService.Encrypt:input_type -> cabinet.v1.EncryptRequest
+	20,  // 83: cabinet.v1.KeyService.Decrypt:input_type -> cabinet.v1.DecryptRequest
+	22,  // 84: cabinet.v1.KeyService.GenerateDataKey:input_type -> cabinet.v1.GenerateDataKeyRequest
+	22,  // 85: cabinet.v1.KeyService.GenerateDataKeyWithoutPlaintext:input_type -> cabinet.v1.GenerateDataKeyRequest
+	25,  // 86: cabinet.v1.KeyService.ReEncrypt:input_type -> cabinet.v1.ReEncryptRequest
+	28,  // 87: cabinet.v1.KeyService.BatchEncrypt:input_type -> cabinet.v1.BatchEncryptRequest
+	31,  // 88: cabinet.v1.KeyService.BatchDecrypt:input_type -> cabinet.v1.BatchDecryptRequest
+	34,  // 89: cabinet.v1.KeyService.BatchReEncrypt:input_type -> cabinet.v1.BatchReEncryptRequest
+	37,  // 90: cabinet.v1.KeyService.Sign:input_type -> cabinet.v1.SignRequest
+	39,  // 91: cabinet.v1.KeyService.Verify:input_type -> cabinet.v1.VerifyRequest
+	41,  // 92: cabinet.v1.KeyService.GetPublicKey:input_type -> cabinet.v1.GetPublicKeyRequest
+	43,  // 93: cabinet.v1.KeyService.GenerateMac:input_type -> cabinet.v1.GenerateMacRequest
+	45,  // 94: cabinet.v1.KeyService.VerifyMac:input_type -> cabinet.v1.VerifyMacRequest
+	47,  // 95: cabinet.v1.KeyService.GenerateRandom:input_type -> cabinet.v1.GenerateRandomRequest
+	51,  // 96: cabinet.v1.KeyService.UpdateKey:input_type -> cabinet.v1.UpdateKeyRequest
+	52,  // 97: cabinet.v1.KeyService.SetAlias:input_type -> cabinet.v1.SetAliasRequest
+	53,  // 98: cabinet.v1.KeyService.DeleteAlias:input_type -> cabinet.v1.DeleteAliasRequest
+	50,  // 99: cabinet.v1.KeyService.EnableKey:input_type -> cabinet.v1.KeyRefRequest
+	50,  // 100: cabinet.v1.KeyService.DisableKey:input_type -> cabinet.v1.KeyRefRequest
+	55,  // 101: cabinet.v1.KeyService.RevokeKey:input_type -> cabinet.v1.RevokeKeyRequest
+	50,  // 102: cabinet.v1.KeyService.RotateKey:input_type -> cabinet.v1.KeyRefRequest
+	56,  // 103: cabinet.v1.KeyService.SetRotationPolicy:input_type -> cabinet.v1.SetRotationPolicyRequest
+	57,  // 104: cabinet.v1.KeyService.SetKeyVersionState:input_type -> cabinet.v1.SetKeyVersionStateRequest
+	58,  // 105: cabinet.v1.KeyService.SetMinDecryptionVersion:input_type -> cabinet.v1.SetMinDecryptionVersionRequest
+	59,  // 106: cabinet.v1.KeyService.ScheduleKeyDestruction:input_type -> cabinet.v1.ScheduleKeyDestructionRequest
+	50,  // 107: cabinet.v1.KeyService.CancelKeyDestruction:input_type -> cabinet.v1.KeyRefRequest
+	60,  // 108: cabinet.v1.KeyService.GetImportParameters:input_type -> cabinet.v1.GetImportParametersRequest
+	62,  // 109: cabinet.v1.KeyService.ImportKey:input_type -> cabinet.v1.ImportKeyRequest
+	64,  // 110: cabinet.v1.KeyService.CreateGrant:input_type -> cabinet.v1.CreateGrantRequest
+	66,  // 111: cabinet.v1.KeyService.RevokeGrant:input_type -> cabinet.v1.RevokeGrantRequest
+	68,  // 112: cabinet.v1.KeyService.ListGrants:input_type -> cabinet.v1.ListGrantsRequest
+	99,  // 113: cabinet.v1.OperatorService.Status:input_type -> cabinet.v1.StatusRequest
+	101, // 114: cabinet.v1.OperatorService.ListPeers:input_type -> cabinet.v1.ListPeersRequest
+	104, // 115: cabinet.v1.OperatorService.CreateJoinToken:input_type -> cabinet.v1.CreateJoinTokenRequest
+	106, // 116: cabinet.v1.OperatorService.Join:input_type -> cabinet.v1.JoinRequest
+	70,  // 117: cabinet.v1.OperatorService.IssueCertificate:input_type -> cabinet.v1.IssueCertificateRequest
+	72,  // 118: cabinet.v1.OperatorService.DenyPrincipal:input_type -> cabinet.v1.DenyPrincipalRequest
+	74,  // 119: cabinet.v1.OperatorService.AllowPrincipal:input_type -> cabinet.v1.AllowPrincipalRequest
+	77,  // 120: cabinet.v1.OperatorService.ListDeniedPrincipals:input_type -> cabinet.v1.ListDeniedPrincipalsRequest
+	80,  // 121: cabinet.v1.OperatorService.AuditTail:input_type -> cabinet.v1.AuditTailRequest
+	82,  // 122: cabinet.v1.OperatorService.AuditVerify:input_type -> cabinet.v1.AuditVerifyRequest
+	84,  // 123: cabinet.v1.OperatorService.Echo:input_type -> cabinet.v1.EchoRequest
+	86,  // 124: cabinet.v1.OperatorService.ApplyNoop:input_type -> cabinet.v1.ApplyNoopRequest
+	88,  // 125: cabinet.v1.OperatorService.RemovePeer:input_type -> cabinet.v1.RemovePeerRequest
+	90,  // 126: cabinet.v1.OperatorService.TransferLeadership:input_type -> cabinet.v1.TransferLeadershipRequest
+	92,  // 127: cabinet.v1.OperatorService.SnapshotSave:input_type -> cabinet.v1.SnapshotSaveRequest
+	93,  // 128: cabinet.v1.OperatorService.SnapshotRestore:input_type -> cabinet.v1.SnapshotChunk
+	96,  // 129: cabinet.v1.OperatorService.RecoveryExport:input_type -> cabinet.v1.RecoveryExportRequest
+	6,   // 130: cabinet.v1.OperatorService.RotateKEK:input_type -> cabinet.v1.RotateKEKRequest
+	7,   // 131: cabinet.v1.OperatorService.KEKStatus:input_type -> cabinet.v1.KEKStatusRequest
+	109, // 132: cabinet.v1.NodeService.Apply:input_type -> cabinet.v1.ApplyRequest
+	111, // 133: cabinet.v1.NodeService.ReadIndex:input_type -> cabinet.v1.ReadIndexRequest
+	113, // 134: cabinet.v1.NodeService.AddPeer:input_type -> cabinet.v1.AddPeerRequest
+	13,  // 135: cabinet.v1.KeyService.CreateKey:output_type -> cabinet.v1.CreateKeyResponse
+	15,  // 136: cabinet.v1.KeyService.ListKeys:output_type -> cabinet.v1.ListKeysResponse
+	17,  // 137: cabinet.v1.KeyService.DescribeKey:output_type -> cabinet.v1.DescribeKeyResponse
+	19,  // 138: cabinet.v1.KeyService.Encrypt:output_type -> cabinet.v1.EncryptResponse
+	21,  // 139: cabinet.v1.KeyService.Decrypt:output_type -> cabinet.v1.DecryptResponse
+	23,  // 140: cabinet.v1.KeyService.GenerateDataKey:output_type -> cabinet.v1.GenerateDataKeyResponse
+	24,  // 141: cabinet.v1.KeyService.GenerateDataKeyWithoutPlaintext:output_type -> cabinet.v1.GenerateDataKeyWithoutPlaintextResponse
+	26,  // 142: cabinet.v1.KeyService.ReEncrypt:output_type -> cabinet.v1.ReEncryptResponse
+	30,  // 143: cabinet.v1.KeyService.BatchEncrypt:output_type -> cabinet.v1.BatchEncryptResponse
+	33,  // 144: cabinet.v1.KeyService.BatchDecrypt:output_type -> cabinet.v1.BatchDecryptResponse
+	36,  // 145: cabinet.v1.KeyService.BatchReEncrypt:output_type -> cabinet.v1.BatchReEncryptResponse
+	38,  // 146: cabinet.v1.KeyService.Sign:output_type -> cabinet.v1.SignResponse
+	40,  // 147: cabinet.v1.KeyService.Verify:output_type -> cabinet.v1.VerifyResponse
+	42,  // 148: cabinet.v1.KeyService.GetPublicKey:output_type -> cabinet.v1.GetPublicKeyResponse
+	44,  // 149: cabinet.v1.KeyService.GenerateMac:output_type -> cabinet.v1.GenerateMacResponse
+	46,  // 150: cabinet.v1.KeyService.VerifyMac:output_type -> cabinet.v1.VerifyMacResponse
+	48,  // 151: cabinet.v1.KeyService.GenerateRandom:output_type -> cabinet.v1.GenerateRandomResponse
+	49,  // 152: cabinet.v1.KeyService.UpdateKey:output_type -> cabinet.v1.KeyResponse
+	49,  // 153: cabinet.v1.KeyService.SetAlias:output_type -> cabinet.v1.KeyResponse
+	54,  // 154: cabinet.v1.KeyService.DeleteAlias:output_type -> cabinet.v1.DeleteAliasResponse
+	49,  // 155: cabinet.v1.KeyService.EnableKey:output_type -> cabinet.v1.KeyResponse
+	49,  // 156: cabinet.v1.KeyService.DisableKey:output_type -> cabinet.v1.KeyResponse
+	49,  // 157: cabinet.v1.KeyService.RevokeKey:output_type -> cabinet.v1.KeyResponse
+	49,  // 158: cabinet.v1.KeyService.RotateKey:output_type -> cabinet.v1.KeyResponse
+	49,  // 159: cabinet.v1.KeyService.SetRotationPolicy:output_type -> cabinet.v1.KeyResponse
+	49,  // 160: cabinet.v1.KeyService.SetKeyVersionState:output_type -> cabinet.v1.KeyResponse
+	49,  // 161: cabinet.v1.KeyService.SetMinDecryptionVersion:output_type -> cabinet.v1.KeyResponse
+	49,  // 162: cabinet.v1.KeyService.ScheduleKeyDestruction:output_type -> cabinet.v1.KeyResponse
+	49,  // 163: cabinet.v1.KeyService.CancelKeyDestruction:output_type -> cabinet.v1.KeyResponse
+	61,  // 164: cabinet.v1.KeyService.GetImportParameters:output_type -> cabinet.v1.GetImportParametersResponse
+	49,  // 165: cabinet.v1.KeyService.ImportKey:output_type -> cabinet.v1.KeyResponse
+	65,  // 166: cabinet.v1.KeyService.CreateGrant:output_type -> cabinet.v1.GrantResponse
+	67,  // 167: cabinet.v1.KeyService.RevokeGrant:output_type -> cabinet.v1.RevokeGrantResponse
+	69,  // 168: cabinet.v1.KeyService.ListGrants:output_type -> cabinet.v1.ListGrantsResponse
+	100, // 169: cabinet.v1.OperatorService.Status:output_type -> cabinet.v1.StatusResponse
+	103, // 170: cabinet.v1.OperatorService.ListPeers:output_type -> cabinet.v1.ListPeersResponse
+	105, // 171: cabinet.v1.OperatorService.CreateJoinToken:output_type -> cabinet.v1.CreateJoinTokenResponse
+	108, // 172: cabinet.v1.OperatorService.Join:output_type -> cabinet.v1.JoinResponse
+	71,  // 173: cabinet.v1.OperatorService.IssueCertificate:output_type -> cabinet.v1.IssueCertificateResponse
+	73,  // 174: cabinet.v1.OperatorService.DenyPrincipal:output_type -> cabinet.v1.DenyPrincipalResponse
+	75,  // 175: cabinet.v1.OperatorService.AllowPrincipal:output_type -> cabinet.v1.AllowPrincipalResponse
+	78,  // 176: cabinet.v1.OperatorService.ListDeniedPrincipals:output_type -> cabinet.v1.ListDeniedPrincipalsResponse
+	81,  // 177: cabinet.v1.OperatorService.AuditTail:output_type -> cabinet.v1.AuditTailResponse
+	83,  // 178: cabinet.v1.OperatorService.AuditVerify:output_type -> cabinet.v1.AuditVerifyResponse
+	85,  // 179: cabinet.v1.OperatorService.Echo:output_type -> cabinet.v1.EchoResponse
+	87,  // 180: cabinet.v1.OperatorService.ApplyNoop:output_type -> cabinet.v1.ApplyNoopResponse
+	89,  // 181: cabinet.v1.OperatorService.RemovePeer:output_type -> cabinet.v1.RemovePeerResponse
+	91,  // 182: cabinet.v1.OperatorService.TransferLeadership:output_type -> cabinet.v1.TransferLeadershipResponse
+	93,  // 183: cabinet.v1.OperatorService.SnapshotSave:output_type -> cabinet.v1.SnapshotChunk
+	95,  // 184: cabinet.v1.OperatorService.SnapshotRestore:output_type -> cabinet.v1.SnapshotRestoreResponse
+	98,  // 185: cabinet.v1.OperatorService.RecoveryExport:output_type -> cabinet.v1.RecoveryBundle
+	9,   // 186: cabinet.v1.OperatorService.RotateKEK:output_type -> cabinet.v1.KEKStatusResponse
+	9,   // 187: cabinet.v1.OperatorService.KEKStatus:output_type -> cabinet.v1.KEKStatusResponse
+	110, // 188: cabinet.v1.NodeService.Apply:output_type -> cabinet.v1.ApplyResponse
+	112, // 189: cabinet.v1.NodeService.ReadIndex:output_type -> cabinet.v1.ReadIndexResponse
+	114, // 190: cabinet.v1.NodeService.AddPeer:output_type -> cabinet.v1.AddPeerResponse
+	135, // [135:191] is the sub-list for method output_type
+	79,  // [79:135] is the sub-list for method input_type
+	79,  // [79:79] is the sub-list for extension type_name
+	79,  // [79:79] is the sub-list for extension extendee
+	0,   // [0:79] is the sub-list for field type_name
 }
 
 func init() { file_transport_cabinetpb_cabinet_proto_init() }
@@ -7868,14 +8215,14 @@ func file_transport_cabinetpb_cabinet_proto_init() {
 	if File_transport_cabinetpb_cabinet_proto != nil {
 		return
 	}
-	file_transport_cabinetpb_cabinet_proto_msgTypes[41].OneofWrappers = []any{}
+	file_transport_cabinetpb_cabinet_proto_msgTypes[45].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_transport_cabinetpb_cabinet_proto_rawDesc), len(file_transport_cabinetpb_cabinet_proto_rawDesc)),
 			NumEnums:      6,
-			NumMessages:   116,
+			NumMessages:   120,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

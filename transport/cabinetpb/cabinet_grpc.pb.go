@@ -1463,6 +1463,8 @@ const (
 	OperatorService_SnapshotSave_FullMethodName         = "/cabinet.v1.OperatorService/SnapshotSave"
 	OperatorService_SnapshotRestore_FullMethodName      = "/cabinet.v1.OperatorService/SnapshotRestore"
 	OperatorService_RecoveryExport_FullMethodName       = "/cabinet.v1.OperatorService/RecoveryExport"
+	OperatorService_RotateKEK_FullMethodName            = "/cabinet.v1.OperatorService/RotateKEK"
+	OperatorService_KEKStatus_FullMethodName            = "/cabinet.v1.OperatorService/KEKStatus"
 )
 
 // OperatorServiceClient is the client API for OperatorService service.
@@ -1514,6 +1516,13 @@ type OperatorServiceClient interface {
 	// RecoveryExport (admin) wraps every active KEK version under an
 	// operator's offline RSA-4096 recovery public key (RSA-OAEP).
 	RecoveryExport(ctx context.Context, in *RecoveryExportRequest, opts ...grpc.CallOption) (*RecoveryBundle, error)
+	// KEK rotation. RotateKEK (admin) generates KEK version current+1 in this
+	// node's HSM and starts its delivery to every node; the cluster then
+	// activates it, re-wraps all material under it in bounded batches and
+	// removes the old version from every HSM by itself. KEKStatus (admin,
+	// operator) reports the progress.
+	RotateKEK(ctx context.Context, in *RotateKEKRequest, opts ...grpc.CallOption) (*KEKStatusResponse, error)
+	KEKStatus(ctx context.Context, in *KEKStatusRequest, opts ...grpc.CallOption) (*KEKStatusResponse, error)
 }
 
 type operatorServiceClient struct {
@@ -1706,6 +1715,26 @@ func (c *operatorServiceClient) RecoveryExport(ctx context.Context, in *Recovery
 	return out, nil
 }
 
+func (c *operatorServiceClient) RotateKEK(ctx context.Context, in *RotateKEKRequest, opts ...grpc.CallOption) (*KEKStatusResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(KEKStatusResponse)
+	err := c.cc.Invoke(ctx, OperatorService_RotateKEK_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *operatorServiceClient) KEKStatus(ctx context.Context, in *KEKStatusRequest, opts ...grpc.CallOption) (*KEKStatusResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(KEKStatusResponse)
+	err := c.cc.Invoke(ctx, OperatorService_KEKStatus_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // OperatorServiceServer is the server API for OperatorService service.
 // All implementations must embed UnimplementedOperatorServiceServer
 // for forward compatibility.
@@ -1755,6 +1784,13 @@ type OperatorServiceServer interface {
 	// RecoveryExport (admin) wraps every active KEK version under an
 	// operator's offline RSA-4096 recovery public key (RSA-OAEP).
 	RecoveryExport(context.Context, *RecoveryExportRequest) (*RecoveryBundle, error)
+	// KEK rotation. RotateKEK (admin) generates KEK version current+1 in this
+	// node's HSM and starts its delivery to every node; the cluster then
+	// activates it, re-wraps all material under it in bounded batches and
+	// removes the old version from every HSM by itself. KEKStatus (admin,
+	// operator) reports the progress.
+	RotateKEK(context.Context, *RotateKEKRequest) (*KEKStatusResponse, error)
+	KEKStatus(context.Context, *KEKStatusRequest) (*KEKStatusResponse, error)
 	mustEmbedUnimplementedOperatorServiceServer()
 }
 
@@ -1815,6 +1851,12 @@ func (UnimplementedOperatorServiceServer) SnapshotRestore(grpc.ClientStreamingSe
 }
 func (UnimplementedOperatorServiceServer) RecoveryExport(context.Context, *RecoveryExportRequest) (*RecoveryBundle, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method RecoveryExport not implemented")
+}
+func (UnimplementedOperatorServiceServer) RotateKEK(context.Context, *RotateKEKRequest) (*KEKStatusResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RotateKEK not implemented")
+}
+func (UnimplementedOperatorServiceServer) KEKStatus(context.Context, *KEKStatusRequest) (*KEKStatusResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method KEKStatus not implemented")
 }
 func (UnimplementedOperatorServiceServer) mustEmbedUnimplementedOperatorServiceServer() {}
 func (UnimplementedOperatorServiceServer) testEmbeddedByValue()                         {}
@@ -2125,6 +2167,42 @@ func _OperatorService_RecoveryExport_Handler(srv interface{}, ctx context.Contex
 	return interceptor(ctx, in, info, handler)
 }
 
+func _OperatorService_RotateKEK_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RotateKEKRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(OperatorServiceServer).RotateKEK(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: OperatorService_RotateKEK_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(OperatorServiceServer).RotateKEK(ctx, req.(*RotateKEKRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _OperatorService_KEKStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(KEKStatusRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(OperatorServiceServer).KEKStatus(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: OperatorService_KEKStatus_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(OperatorServiceServer).KEKStatus(ctx, req.(*KEKStatusRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // OperatorService_ServiceDesc is the grpc.ServiceDesc for OperatorService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -2191,6 +2269,14 @@ var OperatorService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RecoveryExport",
 			Handler:    _OperatorService_RecoveryExport_Handler,
+		},
+		{
+			MethodName: "RotateKEK",
+			Handler:    _OperatorService_RotateKEK_Handler,
+		},
+		{
+			MethodName: "KEKStatus",
+			Handler:    _OperatorService_KEKStatus_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
