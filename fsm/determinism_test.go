@@ -41,10 +41,17 @@ func randomLog(t testing.TB, seed int64, n int) []*raft.Log {
 		}
 		return pick("alias-", 30)
 	}
+	var shadow *State
 	material := func() *fsmpb.WrappedBlob {
-		b := &fsmpb.WrappedBlob{KekVersion: 1, Blob: []byte(fmt.Sprintf("wrapped-material-%d", rng.Int63()))}
-		if rng.Intn(15) == 0 {
-			b.KekVersion = 2
+		// Mostly under the current KEK version; sometimes the next (not
+		// usable yet) or a draining one.
+		cur := max(shadow.cluster.GetCurrentKekVersion(), 1)
+		b := &fsmpb.WrappedBlob{KekVersion: cur, Blob: []byte(fmt.Sprintf("wrapped-material-%d", rng.Int63()))}
+		switch rng.Intn(15) {
+		case 0:
+			b.KekVersion = cur + 1
+		case 1:
+			b.KekVersion = cur - 1
 		}
 		return b
 	}
@@ -64,7 +71,7 @@ func randomLog(t testing.TB, seed int64, n int) []*raft.Log {
 			return 60 + rng.Int63n(3*3600)
 		}
 	}
-	shadow := NewState()
+	shadow = NewState()
 	// existingKey mostly picks a key the shadow state holds.
 	existingKey := func() string {
 		keys := shadow.listKeys("", 0)
@@ -117,7 +124,7 @@ func randomLog(t testing.TB, seed int64, n int) []*raft.Log {
 		var typ fsmpb.CommandType
 		var payload proto.Message
 		ignorable, scheduled := false, false
-		switch r := rng.Intn(114); {
+		switch r := rng.Intn(132); {
 		case i == 0 || r < 2:
 			typ, payload = typInit, initPayload()
 		case r < 22:
@@ -304,6 +311,8 @@ func randomLog(t testing.TB, seed int64, n int) []*raft.Log {
 				p.Reason = strings.Repeat("r", maxDenyReasonLen+1)
 			}
 			typ, payload = typDeny, p
+		case r >= 114:
+			typ, payload = randomKEKCommand(rng, shadow)
 		default:
 			who := pick("user", 5)
 			if denied := shadow.listDenied(); len(denied) > 0 && rng.Intn(2) == 0 {
@@ -365,7 +374,7 @@ func applyAll(f *FSM, logs []*raft.Log) []interface{} {
 func TestDeterminism(t *testing.T) {
 	for _, seed := range []int64{1, 2, 3} {
 		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
-			logs := randomLog(t, seed, 800)
+			logs := randomLog(t, seed, 1200)
 
 			a, b := New(Config{}), New(Config{})
 			resA := applyAll(a, logs)
@@ -465,7 +474,11 @@ func TestDeterminism(t *testing.T) {
 				"CREATE_GRANT/RESULT_CODE_NOT_FOUND", "CREATE_GRANT/RESULT_CODE_FAILED_PRECONDITION",
 				"REVOKE_GRANT/RESULT_CODE_OK", "REVOKE_GRANT/RESULT_CODE_NOT_FOUND",
 				"DENY_PRINCIPAL/RESULT_CODE_OK", "DENY_PRINCIPAL/RESULT_CODE_FAILED_PRECONDITION", "DENY_PRINCIPAL/RESULT_CODE_INVALID_ARGUMENT",
-				"ALLOW_PRINCIPAL/RESULT_CODE_OK", "ALLOW_PRINCIPAL/RESULT_CODE_NOT_FOUND", "DESTROY_KEY with grants"} {
+				"ALLOW_PRINCIPAL/RESULT_CODE_OK", "ALLOW_PRINCIPAL/RESULT_CODE_NOT_FOUND", "DESTROY_KEY with grants",
+				"BEGIN_KEK_ROTATION/RESULT_CODE_OK", "BEGIN_KEK_ROTATION/RESULT_CODE_FAILED_PRECONDITION", "DELIVER_KEK/RESULT_CODE_OK",
+				"KEK_INSTALLED/RESULT_CODE_OK", "KEK_INSTALLED/RESULT_CODE_FAILED_PRECONDITION", "ACTIVATE_KEK/RESULT_CODE_OK",
+				"ACTIVATE_KEK/RESULT_CODE_FAILED_PRECONDITION", "REWRAP_MATERIAL/RESULT_CODE_OK", "RETIRE_KEK/RESULT_CODE_OK",
+				"RETIRE_KEK/RESULT_CODE_FAILED_PRECONDITION", "KEK_REMOVED/RESULT_CODE_OK"} {
 				if counts[want] == 0 {
 					t.Errorf("the random log never produced %s", want)
 				}
@@ -480,5 +493,110 @@ func TestDeterminism(t *testing.T) {
 				t.Fatalf("halted: %v", a.Halted())
 			}
 		})
+	}
+}
+
+// randomKEKCommand proposes a plausible KEK-rotation step for the shadow
+// state (mostly the one that would advance it; sometimes a stale or wrong one).
+func randomKEKCommand(rng *rand.Rand, s *State) (fsmpb.CommandType, proto.Message) {
+	var ids []string
+	for _, n := range s.sortedNodes() {
+		ids = append(ids, n.GetNodeId())
+	}
+	member := func() string {
+		if len(ids) == 0 || rng.Intn(10) == 0 {
+			return fmt.Sprintf("n%d", rng.Intn(12))
+		}
+		return ids[rng.Intn(len(ids))]
+	}
+	kcv := func(v uint32) []byte { return []byte{byte(v), 7} }
+	var maxV uint32
+	for _, k := range s.cluster.GetKekVersions() {
+		maxV = max(maxV, k.GetVersion())
+	}
+	pending, draining, retired := s.kekInState(kekPending), s.kekInState(kekDraining), s.kekInState(kekRetired)
+	switch {
+	case (pending == nil && draining == nil && rng.Intn(2) == 0) || rng.Intn(15) == 0:
+		gen := member()
+		k := &fsmpb.KEKVersion{Version: maxV + 1, CheckValue: kcv(maxV + 1), GeneratedBy: gen}
+		if rng.Intn(10) == 0 {
+			k.Version++
+		}
+		for _, id := range ids {
+			if id != gen && rng.Intn(2) != 0 {
+				k.Deliveries = append(k.Deliveries, &fsmpb.KEKDelivery{NodeId: id, Wrapped: []byte("wrapped-kek-" + id)})
+			}
+		}
+		return fsmpb.CommandType_COMMAND_TYPE_BEGIN_KEK_ROTATION, &fsmpb.BeginKEKRotation{Kek: k}
+	case pending != nil:
+		v := pending.GetVersion()
+		switch rng.Intn(5) {
+		case 0:
+			id := member()
+			for _, m := range ids {
+				has := slices.Contains(pending.GetInstalledOn(), m) ||
+					slices.ContainsFunc(pending.GetDeliveries(), func(d *fsmpb.KEKDelivery) bool { return d.GetNodeId() == m })
+				if !has && rng.Intn(4) != 0 {
+					id = m
+				}
+			}
+			return fsmpb.CommandType_COMMAND_TYPE_DELIVER_KEK, &fsmpb.DeliverKEK{Version: v,
+				Deliveries: []*fsmpb.KEKDelivery{{NodeId: id, Wrapped: []byte("wrapped-kek-" + id)}}}
+		case 1, 2, 3:
+			id := member()
+			for _, m := range ids {
+				if !slices.Contains(pending.GetInstalledOn(), m) && rng.Intn(2) == 0 {
+					id = m
+				}
+			}
+			cv := kcv(v)
+			if rng.Intn(8) == 0 {
+				cv = kcv(v + 1)
+			}
+			return fsmpb.CommandType_COMMAND_TYPE_KEK_INSTALLED, &fsmpb.KEKInstalled{Version: v, NodeId: id, CheckValue: cv}
+		default:
+			return fsmpb.CommandType_COMMAND_TYPE_ACTIVATE_KEK, &fsmpb.ActivateKEK{Version: v}
+		}
+	case draining != nil:
+		old, cur := draining.GetVersion(), s.cluster.GetCurrentKekVersion()
+		if rng.Intn(3) == 0 {
+			return fsmpb.CommandType_COMMAND_TYPE_RETIRE_KEK, &fsmpb.RetireKEK{Version: old}
+		}
+		p := &fsmpb.RewrapMaterial{}
+		if s.cluster.GetCaKey().GetKekVersion() == old || rng.Intn(4) == 0 {
+			p.CaKey, p.CaKeyFrom = &fsmpb.WrappedBlob{KekVersion: cur, Blob: []byte("wrapped-ca")}, old
+		}
+		for _, rec := range s.listKeys("", 0) {
+			for _, kv := range rec.GetVersions() {
+				if kv.GetMaterial().GetKekVersion() == old && kv.GetMaterial() != nil && rng.Intn(2) == 0 {
+					from := old
+					if rng.Intn(10) == 0 {
+						from = cur // stale: skipped
+					}
+					p.Keys = append(p.Keys, &fsmpb.RewrappedKeyVersion{KeyId: rec.GetKeyId(), Version: kv.GetVersion(), FromKekVersion: from,
+						Material: &fsmpb.WrappedBlob{KekVersion: cur, Blob: []byte("wrapped-again")}})
+				}
+			}
+		}
+		s.importSealed.Ascend(func(tok *fsmpb.ImportToken) bool {
+			if tok.GetPrivateKey().GetKekVersion() == old {
+				p.ImportTokens = append(p.ImportTokens, &fsmpb.RewrappedImportToken{TokenId: tok.GetTokenId(), FromKekVersion: old,
+					PrivateKey: &fsmpb.WrappedBlob{KekVersion: cur, Blob: []byte("wrapped-again")}})
+			}
+			return true
+		})
+		return fsmpb.CommandType_COMMAND_TYPE_REWRAP_MATERIAL, p
+	case retired != nil && rng.Intn(4) != 0:
+		return fsmpb.CommandType_COMMAND_TYPE_KEK_REMOVED, &fsmpb.KEKRemoved{Version: retired.GetVersion(), NodeId: member()}
+	default: // out of turn: refused
+		v := uint32(rng.Intn(int(maxV) + 2))
+		switch rng.Intn(3) {
+		case 0:
+			return fsmpb.CommandType_COMMAND_TYPE_ACTIVATE_KEK, &fsmpb.ActivateKEK{Version: v}
+		case 1:
+			return fsmpb.CommandType_COMMAND_TYPE_RETIRE_KEK, &fsmpb.RetireKEK{Version: v}
+		default:
+			return fsmpb.CommandType_COMMAND_TYPE_KEK_INSTALLED, &fsmpb.KEKInstalled{Version: v, NodeId: member(), CheckValue: kcv(v)}
+		}
 	}
 }
