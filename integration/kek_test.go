@@ -326,6 +326,15 @@ func TestKEKRotationOnRealCluster(t *testing.T) {
 	// 7. Stop every node and look into each SoftHSM token: version 1 is
 	// gone, version 2 is there.
 	c.stopAll()
+	// Not a check: what the nodes said about the rotation beyond info level.
+	for _, nd := range c.nodes {
+		b, _ := readFile(nd.logPath)
+		for _, l := range strings.Split(b, "\n") {
+			if strings.Contains(l, "KEK") && (strings.Contains(l, "WARN") || strings.Contains(l, "ERROR")) {
+				t.Logf("%s: %s", nd.id, l)
+			}
+		}
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	for _, nd := range c.nodes {

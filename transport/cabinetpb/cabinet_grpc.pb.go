@@ -1513,7 +1513,7 @@ type OperatorServiceClient interface {
 	// SnapshotRestore streams a saved snapshot (same chunk framing) to any
 	// node, which forwards it to the leader; the cluster's state becomes it.
 	SnapshotRestore(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[SnapshotChunk, SnapshotRestoreResponse], error)
-	// RecoveryExport (admin) wraps every active KEK version under an
+	// RecoveryExport (admin) wraps every ACTIVE and DRAINING KEK version under an
 	// operator's offline RSA-4096 recovery public key (RSA-OAEP).
 	RecoveryExport(ctx context.Context, in *RecoveryExportRequest, opts ...grpc.CallOption) (*RecoveryBundle, error)
 	// KEK rotation. RotateKEK (admin) generates KEK version current+1 in this
@@ -1781,7 +1781,7 @@ type OperatorServiceServer interface {
 	// SnapshotRestore streams a saved snapshot (same chunk framing) to any
 	// node, which forwards it to the leader; the cluster's state becomes it.
 	SnapshotRestore(grpc.ClientStreamingServer[SnapshotChunk, SnapshotRestoreResponse]) error
-	// RecoveryExport (admin) wraps every active KEK version under an
+	// RecoveryExport (admin) wraps every ACTIVE and DRAINING KEK version under an
 	// operator's offline RSA-4096 recovery public key (RSA-OAEP).
 	RecoveryExport(context.Context, *RecoveryExportRequest) (*RecoveryBundle, error)
 	// KEK rotation. RotateKEK (admin) generates KEK version current+1 in this
