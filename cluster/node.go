@@ -22,6 +22,13 @@ import (
 )
 
 // Errors callers map to gRPC codes.
+// DefaultMaxStaleness is the default bound on a follower's staleness. It
+// must exceed the worst leader failover (dead-leader detection, randomised
+// between 1 and 2 heartbeat timeouts, plus the election; 1.2-3.0 s measured
+// with 1 s timeouts) plus the read-index mark interval (MaxStaleness/4),
+// or followers refuse crypto while a new leader is elected (docs/RELIABILITY.md).
+const DefaultMaxStaleness = 5 * time.Second
+
 var (
 	// ErrNoLeader: no leader is known (election in progress or quorum lost).
 	ErrNoLeader = errors.New("no Raft leader is known: the cluster is electing a leader or has lost quorum; retry or use another node")
@@ -53,7 +60,7 @@ type Config struct {
 	Forwarder   Forwarder
 	Logger      *slog.Logger
 	// MaxStaleness bounds how old a follower's view may be when it serves a
-	// crypto operation (default 2s).
+	// crypto operation (default DefaultMaxStaleness).
 	MaxStaleness time.Duration
 	// LeaderWait is how long a write waits for a leader to appear (default 5s).
 	LeaderWait time.Duration
@@ -81,7 +88,7 @@ type Config struct {
 
 func (c *Config) setDefaults() {
 	if c.MaxStaleness == 0 {
-		c.MaxStaleness = 2 * time.Second
+		c.MaxStaleness = DefaultMaxStaleness
 	}
 	if c.LeaderWait == 0 {
 		c.LeaderWait = 5 * time.Second
@@ -418,24 +425,31 @@ func (n *Node) CheckRead(ctx context.Context, strong bool) error {
 		}
 		return n.applied.wait(ctx, idx)
 	}
-	switch n.raft.State() {
+	switch st := n.raft.State(); st {
 	case raft.Leader:
 		return nil
-	case raft.Follower:
-		lc := n.raft.LastContact()
-		if lc.IsZero() || time.Since(lc) > n.cfg.MaxStaleness {
-			return ErrStale
+	case raft.Follower, raft.Candidate:
+		if n.cfg.Forwarder == nil { // no read index to ask for: contact only
+			lc := n.raft.LastContact()
+			if id, _ := n.raft.LeaderWithID(); st != raft.Follower || id == "" || lc.IsZero() || time.Since(lc) > n.cfg.MaxStaleness {
+				return ErrStale
+			}
+			return nil
 		}
-		if id, _ := n.raft.LeaderWithID(); id == "" {
-			return ErrStale
+		// The node must have applied a leader commit index learnt within
+		// MaxStaleness (freshness.go). That alone bounds staleness, whatever
+		// the Raft state: while a dead leader is detected and a new one
+		// elected (no leader known, or this node a candidate), the node
+		// keeps serving on its last mark until it is MaxStaleness old, so a
+		// failover shorter than that refuses nothing. With marks too old it
+		// fetches one now (one round trip) if a leader is known.
+		if n.isFresh() {
+			return nil
 		}
-		// Contact alone is not enough (see freshness.go): the node must have
-		// applied a leader commit index learnt within MaxStaleness; if its
-		// marks are too old it fetches one now (one round trip).
-		if n.cfg.Forwarder != nil && !n.isFresh() {
+		if st == raft.Follower {
 			return n.refreshNow(ctx)
 		}
-		return nil
+		return ErrStale
 	default:
 		return ErrStale
 	}

@@ -209,8 +209,12 @@ func (s *Server) kekStatusResponse() *cabinetpb.KEKStatusResponse {
 		case fsmpb.KEKState_KEK_STATE_PENDING:
 			vs.WaitingFor = missing(k.GetInstalledOn())
 			out.Phase, out.Done = "distributing", false
-			parts = append(parts, fmt.Sprintf("version %d installed on %d/%d nodes (waiting for %s)",
-				k.GetVersion(), len(nodes)-len(vs.WaitingFor), len(nodes), strings.Join(vs.WaitingFor, ", ")))
+			if len(vs.WaitingFor) == 0 {
+				parts = append(parts, fmt.Sprintf("version %d installed on every node; activating", k.GetVersion()))
+			} else {
+				parts = append(parts, fmt.Sprintf("version %d installed on %d/%d nodes (waiting for %s)",
+					k.GetVersion(), len(nodes)-len(vs.WaitingFor), len(nodes), strings.Join(vs.WaitingFor, ", ")))
+			}
 		case fsmpb.KEKState_KEK_STATE_DRAINING:
 			if out.Phase == "idle" {
 				out.Phase = "re-wrapping"
@@ -224,8 +228,12 @@ func (s *Server) kekStatusResponse() *cabinetpb.KEKStatusResponse {
 				out.Phase = "removing"
 			}
 			out.Done = false
-			parts = append(parts, fmt.Sprintf("version %d removed from %d/%d HSMs (waiting for %s)",
-				k.GetVersion(), len(nodes)-len(vs.WaitingFor), len(nodes), strings.Join(vs.WaitingFor, ", ")))
+			if len(vs.WaitingFor) == 0 {
+				parts = append(parts, fmt.Sprintf("version %d removed from every HSM; finishing", k.GetVersion()))
+			} else {
+				parts = append(parts, fmt.Sprintf("version %d removed from %d/%d HSMs (waiting for %s)",
+					k.GetVersion(), len(nodes)-len(vs.WaitingFor), len(nodes), strings.Join(vs.WaitingFor, ", ")))
+			}
 		}
 		out.Versions = append(out.Versions, vs)
 	}

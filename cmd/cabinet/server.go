@@ -68,7 +68,7 @@ environment, which wins over the file. docs/CONFIG.md lists every option.`,
 	cmd.Flags().StringVar(&f.dataDir, "data-dir", "", "node data directory (written by operator init/join)")
 	cmd.Flags().StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	cmd.Flags().StringVar(&f.logFormat, "log-format", "text", "text or json")
-	cmd.Flags().DurationVar(&f.maxStaleness, "max-staleness", 2*time.Second, "a follower serves crypto only if it heard from the leader within this")
+	cmd.Flags().DurationVar(&f.maxStaleness, "max-staleness", cluster.DefaultMaxStaleness, "a follower serves crypto only while it applied the leader's commit index learnt within this (keep it above the worst leader failover, ~2x the election timeout + 1s)")
 	cmd.Flags().DurationVar(&f.heartbeat, "raft-heartbeat-timeout", time.Second, "Raft heartbeat timeout")
 	cmd.Flags().DurationVar(&f.election, "raft-election-timeout", time.Second, "Raft election timeout")
 	cmd.Flags().IntVar(&f.cacheSize, "cache-size", 10000, "unwrapped key versions kept in memory")

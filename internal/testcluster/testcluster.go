@@ -52,7 +52,7 @@ import (
 type Config struct {
 	// Nodes is the number of nodes (default 3).
 	Nodes int
-	// MaxStaleness is how long a follower serves crypto without hearing
+	// MaxStaleness is how long a follower serves crypto without a fresh
 	// from the leader (default 2s, as on a server).
 	MaxStaleness time.Duration
 	// Logger receives every node's logs (default: discarded).
@@ -126,7 +126,7 @@ func New(cfg Config) (_ *Cluster, err error) {
 		cfg.Nodes = 3
 	}
 	if cfg.MaxStaleness == 0 {
-		cfg.MaxStaleness = 2 * time.Second
+		cfg.MaxStaleness = cluster.DefaultMaxStaleness
 	}
 	c := &Cluster{cfg: cfg, dir: cfg.Dir, clusterID: "c-test", log: cfg.Logger}
 	if c.log == nil {
