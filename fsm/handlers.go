@@ -105,6 +105,8 @@ func (s *State) applyInitCluster(c *cmdContext, p *fsmpb.InitCluster) *fsmpb.Res
 	// p was decoded for this call alone, so its messages can be stored as is.
 	kek.CreatedUnixNano = c.time
 	kek.State = fsmpb.KEKState_KEK_STATE_ACTIVE
+	kek.InstalledOn = []string{node.GetNodeId()}
+	kek.GeneratedBy = node.GetNodeId()
 	node.Voter = true
 	node.JoinedUnixNano = c.time
 	s.cluster = &fsmpb.ClusterInfo{

@@ -17,7 +17,7 @@ import (
 )
 
 // TestChaosFailoverFigures measures, on a real three-node cluster with the
-// default --max-staleness (2s) and 1s Raft timeouts, (a) the time from a
+// default --max-staleness (5s) and 1s Raft timeouts, (a) the time from a
 // kill -9 of the leader to the first acknowledged write, and (b) how many
 // bounded-staleness Encrypts fail on the surviving followers meanwhile
 // (target: none); then (c) an HSM outage on one follower: it reports

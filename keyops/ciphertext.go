@@ -5,6 +5,7 @@ import (
 	"crypto/cipher"
 	"encoding/binary"
 	"slices"
+	"sync"
 )
 
 // Ciphertext format, version 1 (docs/CIPHERTEXT.md is the reference):
@@ -184,24 +185,87 @@ func appendContext(dst []byte, encCtx map[string]string) []byte {
 	return dst
 }
 
-// messageAEAD derives the per-message AES-256-GCM instance and nonce from a
-// version's material, the message salt and the header.
-func messageAEAD(material, salt, header []byte) (cipher.AEAD, [nonceLen]byte, error) {
-	var nonce [nonceLen]byte
-	kdf := kdfPool.Get().(*messageKDF)
-	defer func() {
-		kdf.wipe()
-		kdfPool.Put(kdf)
-	}()
-	okm := kdf.derive(material, salt, header)
-	copy(nonce[:], okm[aeadKeyLen:])
+// msgScratch is the pooled working state of one message: the key
+// derivation, the nonce and the AAD buffer, so sealing or opening a message
+// allocates only what crypto/aes and crypto/cipher allocate (the key
+// schedule and the GCM instance) and its output.
+type msgScratch struct {
+	kdf   messageKDF
+	nonce [nonceLen]byte
+	aad   []byte
+}
+
+// maxPooledAAD bounds the AAD buffer a pooled msgScratch keeps (a maximal
+// context is ~9 KiB; most are tiny).
+const maxPooledAAD = 16 << 10
+
+var scratchPool = sync.Pool{New: func() any { return &msgScratch{aad: make([]byte, 0, 256)} }}
+
+func getScratch() *msgScratch { return scratchPool.Get().(*msgScratch) }
+
+// release wipes the derived key material and returns s to the pool.
+func (s *msgScratch) release() {
+	s.kdf.wipe()
+	clear(s.nonce[:])
+	if cap(s.aad) > maxPooledAAD {
+		s.aad = make([]byte, 0, 256)
+	}
+	s.aad = s.aad[:0]
+	scratchPool.Put(s)
+}
+
+// aead derives the per-message AES-256-GCM instance from a version's
+// material, the message salt and the header, and sets s.nonce.
+func (s *msgScratch) aead(material, salt, header []byte) (cipher.AEAD, error) {
+	okm := s.kdf.derive(material, salt, header)
+	copy(s.nonce[:], okm[aeadKeyLen:])
 	block, err := aes.NewCipher(okm[:aeadKeyLen])
 	if err != nil {
-		return nil, nonce, err
+		return nil, err
 	}
-	aead, err := cipher.NewGCM(block)
+	return cipher.NewGCM(block)
+}
+
+// setAAD sets s.aad = header || encodeContext(encCtx) and returns it.
+func (s *msgScratch) setAAD(header []byte, encCtx map[string]string) []byte {
+	s.aad = append(s.aad[:0], header...)
+	s.aad = appendContext(s.aad, encCtx)
+	return s.aad
+}
+
+// sealedLen is the length of the v1 ciphertext of an n-byte plaintext under
+// keyID.
+func sealedLen(keyID string, n int) int { return fixedHeaderLen + len(keyID) + n + tagLen }
+
+// sealV1 appends the v1 ciphertext of plaintext (header with salt, body,
+// tag) to dst; with cap(dst)-len(dst) >= sealedLen it does not allocate
+// beyond crypto/aes and crypto/cipher. salt may alias the header position in
+// dst's spare capacity. The caller validated keyID and encCtx.
+func sealV1(dst, material []byte, keyID string, version uint32, salt, plaintext []byte, encCtx map[string]string) ([]byte, error) {
+	s := getScratch()
+	defer s.release()
+	start := len(dst)
+	dst = appendHeader(dst, keyID, version, salt)
+	header := dst[start:len(dst):len(dst)]
+	aead, err := s.aead(material, header[len(header)-saltLen:], header)
 	if err != nil {
-		return nil, nonce, err
+		return nil, err
 	}
-	return aead, nonce, nil
+	return aead.Seal(dst, s.nonce[:], plaintext, s.setAAD(header, encCtx)), nil
+}
+
+// openV1 opens a parsed v1 ciphertext; a failure to authenticate is
+// errAuthFailed.
+func openV1(material []byte, p parsed, encCtx map[string]string) ([]byte, error) {
+	s := getScratch()
+	defer s.release()
+	aead, err := s.aead(material, p.salt, p.header)
+	if err != nil {
+		return nil, wrapErr(ErrUnwrap, err, "could not derive message key")
+	}
+	plaintext, err := aead.Open(nil, s.nonce[:], p.body, s.setAAD(p.header, encCtx))
+	if err != nil {
+		return nil, errAuthFailed
+	}
+	return plaintext, nil
 }

@@ -123,21 +123,16 @@ func (e *Engine) encrypt(ctx context.Context, key *fsmpb.KeyRecord, plaintext []
 	}
 	defer entry.release()
 
-	var salt [saltLen]byte
-	if _, err := io.ReadFull(e.rand, salt[:]); err != nil {
+	n := sealedLen(keyID, len(plaintext))
+	out := make([]byte, n)
+	salt := out[n-len(plaintext)-tagLen-saltLen : n-len(plaintext)-tagLen]
+	if _, err := io.ReadFull(e.rand, salt); err != nil {
 		return nil, 0, wrapErr(ErrUnwrap, err, "could not read random salt")
 	}
-	hdrLen := fixedHeaderLen + len(keyID)
-	out := make([]byte, 0, hdrLen+len(plaintext)+tagLen)
-	out = appendHeader(out, keyID, version, salt[:])
-	aead, nonce, err := messageAEAD(entry.material, salt[:], out)
+	out, err = sealV1(out[:0], entry.material, keyID, version, salt, plaintext, encCtx)
 	if err != nil {
 		return nil, 0, wrapErr(ErrUnwrap, err, "could not derive message key")
 	}
-	aad := make([]byte, 0, hdrLen+ctxLen)
-	aad = append(aad, out...)
-	aad = appendContext(aad, encCtx)
-	out = aead.Seal(out, nonce[:], plaintext, aad)
 	return out, version, nil
 }
 
@@ -190,18 +185,7 @@ func (e *Engine) decrypt(ctx context.Context, p parsed, key *fsmpb.KeyRecord, en
 		return nil, err
 	}
 	defer entry.release()
-	aead, nonce, err := messageAEAD(entry.material, p.salt, p.header)
-	if err != nil {
-		return nil, wrapErr(ErrUnwrap, err, "could not derive message key")
-	}
-	aad := make([]byte, 0, len(p.header)+ctxLen)
-	aad = append(aad, p.header...)
-	aad = appendContext(aad, encCtx)
-	plaintext, err := aead.Open(nil, nonce[:], p.body, aad)
-	if err != nil {
-		return nil, errAuthFailed
-	}
-	return plaintext, nil
+	return openV1(entry.material, p, encCtx)
 }
 
 // ReEncrypt decrypts ciphertext (OpReEncryptFrom on the version it names,

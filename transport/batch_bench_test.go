@@ -28,9 +28,6 @@ func newBenchEnv(tb testing.TB) *benchEnv {
 	tb.Helper()
 	ctx := context.Background()
 	h := hsm.NewMemory()
-	if _, err := h.EnsureIdentity(ctx); err != nil {
-		tb.Fatal(err)
-	}
 	kcv, err := h.GenerateKEK(ctx, 1)
 	if err != nil {
 		tb.Fatal(err)

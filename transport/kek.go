@@ -320,7 +320,7 @@ func (s *Server) installKEK(ctx context.Context, k *fsmpb.KEKVersion) error {
 	_, err = s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_KEK_INSTALLED,
 		&fsmpb.KEKInstalled{Version: v, NodeId: s.cfg.NodeID, CheckValue: k.GetCheckValue()}, autoRequestID("kek-installed"), s.nodePrincipal())
 	if err == nil {
-		s.log.Info("KEK rotation: KEK version installed in this node's HSM", "kek_version", v)
+		s.log.Info("KEK version held by this node's HSM recorded in the state", "kek_version", v)
 	}
 	return err
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"runtime"
 	"runtime/pprof"
+	"slices"
 	"strings"
 	"time"
 
@@ -47,6 +48,7 @@ type benchFlags struct {
 	localKeep       bool
 	localServerArgs []string
 	serverProfile   string
+	failoverRounds  int
 }
 
 // benchDefaultOps are the operations the issue sets targets for.
@@ -72,7 +74,13 @@ operation and as long again for its ceiling, alternating --slice-long slices.
 Sign and verify also time the same Go crypto in this process, to compare with
 their cost over the ceiling. Method and JSON schema: docs/PERFORMANCE.md.
 
-Operations: ` + strings.Join(benchOpNames(), ", ") + ` (or "all").
+Operations: ` + strings.Join(benchOpNames(), ", ") + ` (or "all"), and failover.
+failover (--local only, never part of "all") kills the leader's process with
+SIGKILL while --concurrency callers Encrypt on the two followers and one writer
+proposes a no-op through a follower every 20ms; it reports the failed follower
+requests (by gRPC code), the longest gap between their successes, and the time
+from the kill to the first acknowledged write, also in Raft HeartbeatTimeouts;
+then it restarts the node. --failover-rounds repeats it with the then leader.
 --target: leader, follower (a node whose status is follower), all, or an API address.
 --local starts a throwaway 3-node cluster on SoftHSM tokens in a temp dir with this
 binary and stops it afterwards. Without --local, bench uses --addr (repeatable or
@@ -80,6 +88,7 @@ comma-separated; any node, the others are found with ListPeers) and the client
 certificate flags; it needs an admin certificate (ApplyNoop is admin-only) and
 leaves the keys it created (description "cabinet-bench <run id>").`,
 		Example: `  cabinet bench --local --target follower --ops encrypt,decrypt
+  cabinet bench --local --ops failover --failover-rounds 3
   cabinet bench --addr 127.0.0.1:7101 --ops create-key,rotate-key --target leader -o json`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -111,6 +120,7 @@ leaves the keys it created (description "cabinet-bench <run id>").`,
 	fl.BoolVar(&f.localKeep, "local-keep", false, "with --local: keep the cluster's temp dir (data, tokens, logs) afterwards")
 	fl.StringArrayVar(&f.localServerArgs, "local-server-arg", nil, "with --local: extra flag for every local server (repeatable), e.g. --local-server-arg=--log-level=warn")
 	fl.StringVar(&f.serverProfile, "server-cpuprofile", "", "with --local: each server writes a CPU profile of the run to DIR/<node>.pprof")
+	fl.IntVar(&f.failoverRounds, "failover-rounds", 1, "with --local --ops failover: leader kills (each followed by a restart of the killed node), 1..20")
 	return cmd
 }
 
@@ -159,6 +169,12 @@ func (f *benchFlags) validate() error {
 		return err
 	}
 	f.ops = ops
+	if slices.Contains(ops, "failover") && !f.local {
+		return errors.New("--ops failover needs --local: it kills (SIGKILL) and restarts a node process, so only on a cluster bench started itself")
+	}
+	if f.failoverRounds < 1 || f.failoverRounds > failoverMaxRounds {
+		return fmt.Errorf("--failover-rounds must be 1..%d", failoverMaxRounds)
+	}
 	if f.warmup == 0 {
 		f.warmup = min(time.Second, f.duration/5)
 	}
@@ -189,9 +205,9 @@ func resolveBenchOps(in []string) ([]string, error) {
 		}
 		names := []string{o}
 		if o == "all" {
-			names = benchOpNames()
+			names = benchOpNames() // never failover: it kills a node
 		} else if benchOps[o] == nil {
-			return nil, fmt.Errorf("unknown operation %q; known: %s (or all)", o, strings.Join(benchOpNames(), ", "))
+			return nil, fmt.Errorf("unknown operation %q; known: %s (or all), failover (--local only)", o, strings.Join(benchOpNames(), ", "))
 		}
 		for _, n := range names {
 			if !seen[n] {
@@ -231,6 +247,7 @@ func runBench(ctx context.Context, cmd *cobra.Command, f *benchFlags) (err error
 	started := time.Now()
 
 	var nodePIDs []int
+	var local *localCluster
 	if f.local {
 		lc, err := startLocalCluster(ctx, f, prog)
 		if lc != nil {
@@ -242,6 +259,7 @@ func runBench(ctx context.Context, cmd *cobra.Command, f *benchFlags) (err error
 		f.addrs = lc.apiAddrs()
 		f.caCert, f.clientCert, f.clientKey = lc.adminFiles()
 		nodePIDs = lc.pids()
+		local = lc
 	}
 
 	env, err := connectBench(ctx, f, prog, nodePIDs)
@@ -249,6 +267,7 @@ func runBench(ctx context.Context, cmd *cobra.Command, f *benchFlags) (err error
 		return err
 	}
 	defer env.close()
+	env.local = local
 
 	rep := &benchReport{
 		Schema:    benchSchema,
@@ -319,6 +338,7 @@ func (f *benchFlags) settings() benchSettings {
 		SignSpec:        strings.ToUpper(f.spec),
 		Strong:          f.strong,
 		Local:           f.local,
+		FailoverRounds:  f.failoverRounds,
 	}
 }
 

@@ -113,6 +113,18 @@ func (m *cpuMeter) sample() cpuSample {
 	return s
 }
 
+// replacePID swaps a restarted node's process into the meter.
+func (m *cpuMeter) replacePID(old, new int) {
+	if m == nil {
+		return
+	}
+	for i, p := range m.pids {
+		if p == strconv.Itoa(old) {
+			m.pids[i] = strconv.Itoa(new)
+		}
+	}
+}
+
 // newCPUMeter finds the node processes: given pids (--local), or the
 // processes listening on the nodes' API ports when those addresses are on
 // this machine.

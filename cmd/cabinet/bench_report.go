@@ -37,6 +37,7 @@ type benchSettings struct {
 	SignSpec        string   `json:"sign_spec"`
 	Strong          bool     `json:"strong"`
 	Local           bool     `json:"local"`
+	FailoverRounds  int      `json:"failover_rounds"`
 }
 
 type benchMachine struct {
@@ -84,6 +85,8 @@ type benchResult struct {
 	Crypto   *benchCrypto `json:"crypto"`
 	// FirstUse is set for the first-use operation only.
 	FirstUse *benchFirstUse `json:"first_use"`
+	// Failover is set for the failover operation only (bench_failover.go).
+	Failover *benchFailover `json:"failover"`
 }
 
 // benchFirstUse: the first Encrypt with a key version on the target node
@@ -198,6 +201,11 @@ func printBenchTable(w io.Writer, r *benchReport) error {
 			fmt.Fprintf(t, "%s\tFAILED\t\t\t\t%d\t\t\t\t\t\t\n", name, res.Result.Errors)
 			continue
 		}
+		if res.Failover != nil { // follower Encrypts in the failover windows; no ceiling
+			fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\t%d\t-\t(see below)\t\t\t\t\t\t\n", name,
+				benchFmtRate(res.Result.OpsPerSec), benchFmtMS(res.Result.LatencyMS.P50), benchFmtMS(res.Result.LatencyMS.P99), benchFmtMS(res.Result.LatencyMS.P999), res.Result.Errors)
+			continue
+		}
 		ceil := res.Ceiling.Kind
 		switch {
 		case res.Ceiling.Error != "":
@@ -264,6 +272,13 @@ func printBenchTable(w io.Writer, r *benchReport) error {
 		fmt.Fprintln(w)
 		for _, n := range notes {
 			fmt.Fprintln(w, "  "+n)
+		}
+	}
+	for _, res := range r.Results {
+		if res.Failover != nil {
+			if err := printFailoverTable(w, res.Failover); err != nil {
+				return err
+			}
 		}
 	}
 	fmt.Fprintln(w, "\nRATIO = ops/s of the operation / ops/s of its ceiling in the same run (echo: Cabinet's Echo with the same message sizes; raft-noop: a no-op Raft command of the same size; bare-grpc: a bare gRPC server in the bench process; warm-use: the second use of the key).")

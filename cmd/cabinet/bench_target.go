@@ -39,6 +39,9 @@ type benchEnv struct {
 	targets   []benchNode
 
 	meter *cpuMeter
+	// local is the --local cluster (nil otherwise): failover kills and
+	// restarts its processes.
+	local *localCluster
 
 	conns []*grpc.ClientConn
 	kcs   []cabinetpb.KeyServiceClient

@@ -212,6 +212,9 @@ func runServerCommand(cmd *cobra.Command, f *serverFlags) error {
 	if err != nil {
 		return err
 	}
+	if f.dev { // no data dir, HSM or certificates to configure
+		return runDevServer(cmd.Context(), cmd.OutOrStdout(), cmd.ErrOrStderr(), f)
+	}
 	if err := validateServerFlags(f); err != nil {
 		return err
 	}

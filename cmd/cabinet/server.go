@@ -47,6 +47,9 @@ type serverFlags struct {
 
 	configPath     string
 	validateConfig bool
+
+	dev     bool
+	devAddr string
 }
 
 func newServerCmd() *cobra.Command {
@@ -87,6 +90,8 @@ environment, which wins over the file. docs/CONFIG.md lists every option.`,
 	cmd.Flags().StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics over plain HTTP at this address, e.g. 127.0.0.1:9464 (off when empty)")
 	cmd.Flags().StringVar(&f.configPath, "config", "", "YAML config file whose keys are these flags' names (env CABINET_CONFIG)")
 	cmd.Flags().BoolVar(&f.validateConfig, "validate-config", false, "check the configuration (file, environment, flags), print the effective options and exit")
+	cmd.Flags().BoolVar(&f.dev, "dev", false, "try Cabinet out: a single node in this process with an in-memory HSM and a temporary data dir (all keys lost at exit; loopback only; prints the client environment)")
+	cmd.Flags().StringVar(&f.devAddr, "dev-addr", devDefaultAddr, "with --dev: the API address (a loopback IP:port)")
 	return cmd
 }
 

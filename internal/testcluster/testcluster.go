@@ -44,6 +44,7 @@ import (
 	"github.com/cabinet-kms/cabinet/hsm"
 	"github.com/cabinet-kms/cabinet/keyops"
 	"github.com/cabinet-kms/cabinet/transport"
+	"github.com/cabinet-kms/cabinet/transport/audit"
 	"github.com/cabinet-kms/cabinet/transport/cabinetpb"
 	"github.com/cabinet-kms/cabinet/transport/tlsutil"
 )
@@ -60,6 +61,12 @@ type Config struct {
 	// Dir is where data and credentials go (default: a new temporary
 	// directory that Close removes).
 	Dir string
+	// APIAddr, when set, is node 1's API address (an IP literal; it goes
+	// into the node certificate). Default: a free port on 127.0.0.1.
+	APIAddr string
+	// Audit gives every node a hash-chained audit log in its directory, as
+	// a server has (default off: tests that do not look at it save the I/O).
+	Audit bool
 }
 
 // Cluster is a running in-process cluster. Its methods are safe for
@@ -102,6 +109,7 @@ type running struct {
 	peers  *transport.PeerClients
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	audit  *audit.Log
 }
 
 // Start starts a cluster and waits until every node is healthy; it fails tb
@@ -196,8 +204,18 @@ func (c *Cluster) makeCredentials(n int) error {
 	for i := 1; i <= n; i++ {
 		nd := &node{id: fmt.Sprintf("node%d", i), dir: filepath.Join(c.dir, fmt.Sprintf("node%d", i)), hsm: hsm.NewMemory()}
 		c.nodes = append(c.nodes, nd)
+		ips := []net.IP{net.ParseIP("127.0.0.1")}
 		for j := range nd.listeners {
-			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			addr := "127.0.0.1:0"
+			if i == 1 && j == 0 && c.cfg.APIAddr != "" {
+				addr = c.cfg.APIAddr
+				host, _, err := net.SplitHostPort(addr)
+				if err != nil || net.ParseIP(host) == nil {
+					return fmt.Errorf("API address %q must be IP:port", addr)
+				}
+				ips = append(ips, net.ParseIP(host))
+			}
+			ln, err := net.Listen("tcp", addr)
 			if err != nil {
 				return err
 			}
@@ -208,7 +226,7 @@ func (c *Cluster) makeCredentials(n int) error {
 		if err != nil {
 			return err
 		}
-		der, err := ca.IssueNode(csr, nd.id, []net.IP{net.ParseIP("127.0.0.1")}, now)
+		der, err := ca.IssueNode(csr, nd.id, ips, now)
 		if err != nil {
 			return err
 		}
@@ -391,10 +409,18 @@ func (c *Cluster) start(nd *node) (err error) {
 		raftLn.Close()
 		return fmt.Errorf("%s: %w", nd.id, err)
 	}
-	srv := transport.NewServer(transport.Config{
+	tcfg := transport.Config{
 		NodeID: nd.id, APIAddr: nd.apiAddr, RaftAddr: nd.raftAddr, Version: "testcluster",
 		Cluster: r.raft, State: state, Crypto: engine, HSM: nd.hsm, Peers: r.peers, Logger: log,
-	})
+	}
+	if c.cfg.Audit {
+		tcfg.AuditPath = filepath.Join(nd.dir, "audit", "audit.log")
+		if r.audit, err = audit.Open(tcfg.AuditPath, audit.Options{Node: nd.id}); err != nil {
+			return fmt.Errorf("%s: audit log: %w", nd.id, err)
+		}
+		tcfg.Audit = r.audit
+	}
+	srv := transport.NewServer(tcfg)
 	apiLn, err := nd.listen(0, nd.apiAddr)
 	if err != nil {
 		return fmt.Errorf("%s: listen for the API: %w", nd.id, err)
@@ -425,6 +451,9 @@ func (r *running) stop() {
 	}
 	r.wg.Wait()
 	r.peers.Close()
+	if r.audit != nil {
+		r.audit.Close()
+	}
 }
 
 // Endpoints returns the API addresses of every node, node 1 first.

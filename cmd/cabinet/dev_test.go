@@ -1,0 +1,122 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cabinet-kms/cabinet/client"
+	"github.com/cabinet-kms/cabinet/transport/cabinetpb"
+)
+
+func TestCheckDevAddr(t *testing.T) {
+	for addr, ok := range map[string]bool{
+		"127.0.0.1:8200": true, "127.0.0.2:1": true, "[::1]:8200": true,
+		"0.0.0.0:8200": false, "10.1.2.3:8200": false, "[::]:8200": false, "localhost:8200": false, "8200": false, "": false,
+	} {
+		if err := checkDevAddr(addr); (err == nil) != ok {
+			t.Errorf("checkDevAddr(%q) = %v, want ok=%v", addr, err, ok)
+		}
+	}
+}
+
+// TestDevServer: `server --dev` serves keys on the loopback address it was
+// given with the credentials it prints, and removes its data at exit.
+func TestDevServer(t *testing.T) {
+	addr := freeLoopbackAddr(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var stdout, stderr syncBuffer
+	done := make(chan error, 1)
+	go func() {
+		done <- runDevServer(ctx, &stdout, &stderr, &serverFlags{devAddr: addr, logLevel: "warn", logFormat: "text"})
+	}()
+	env := map[string]string{}
+	deadline := time.Now().Add(60 * time.Second)
+	for len(env) < 4 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no environment printed; stderr:\n%s", stderr.String())
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("dev server exited: %v\n%s", err, stderr.String())
+		case <-time.After(50 * time.Millisecond):
+		}
+		for _, line := range strings.Split(stdout.String(), "\n") {
+			if k, v, ok := strings.Cut(strings.TrimPrefix(line, "export "), "="); ok {
+				env[k] = v
+			}
+		}
+	}
+	if env["CABINET_ADDR"] != addr {
+		t.Fatalf("CABINET_ADDR = %q, want %q", env["CABINET_ADDR"], addr)
+	}
+	c, err := client.New([]string{addr}, client.WithTLSFiles(env["CABINET_CACERT"], env["CABINET_CLIENT_CERT"], env["CABINET_CLIENT_KEY"]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	cctx, ccancel := context.WithTimeout(ctx, 30*time.Second)
+	defer ccancel()
+	k, err := c.CreateKey(cctx, &cabinetpb.CreateKeyRequest{Spec: cabinetpb.KeySpec_AES_256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ct, err := c.Encrypt(cctx, k.GetKeyId(), []byte("hello"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pt, err := c.Decrypt(cctx, ct, nil); err != nil || string(pt) != "hello" {
+		t.Fatalf("decrypt: %q %v", pt, err)
+	}
+	dir := env["CABINET_CACERT"][:strings.Index(env["CABINET_CACERT"], "/admin/")]
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("dev server did not stop")
+	}
+	if _, err := os.Stat(dir); err == nil {
+		t.Fatalf("dev data dir %s left behind", dir)
+	}
+	if !bytes.Contains([]byte(stderr.String()), []byte("in-memory HSM")) {
+		t.Fatalf("no dev banner on stderr:\n%s", stderr.String())
+	}
+}
+
+func freeLoopbackAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+// syncBuffer is a bytes.Buffer safe for one writer and concurrent readers.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
