@@ -273,6 +273,11 @@ func SplitEndpoints(s string) []string {
 	return out
 }
 
+// Conn returns the failover connection itself, for generated stubs of
+// any Cabinet service (unary calls fail over and retry as the typed methods
+// do; streams go to the current endpoint).
+func (c *Client) Conn() grpc.ClientConnInterface { return c.conn }
+
 // Close closes every connection.
 func (c *Client) Close() error { return c.conn.close() }
 

@@ -113,6 +113,9 @@ up() {
     fi
   done
   for n in "${NODES[@]}"; do wait_healthy "$n" 60; done
+  # Every node: CLI calls fail over between them when one is down.
+  CABINET_ADDR="$(api_addr 1),$(api_addr 2),$(api_addr 3)"
+  export CABINET_ADDR
   "$BIN" operator list-peers
   cat > "$RUN/env" <<ENV
 export CABINET_ADDR=$CABINET_ADDR

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -18,6 +19,8 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/cabinet-kms/cabinet/client"
 )
 
 // clientFlags are the connection flags every client command takes; each
@@ -39,7 +42,7 @@ func envOr(name, def string) string {
 }
 
 func addClientFlags(cmd *cobra.Command, f *clientFlags) {
-	cmd.PersistentFlags().StringVar(&f.addr, "addr", envOr("CABINET_ADDR", "127.0.0.1:7101"), "address of any Cabinet node (env CABINET_ADDR)")
+	cmd.PersistentFlags().StringVar(&f.addr, "addr", envOr("CABINET_ADDR", "127.0.0.1:7101"), "address of any Cabinet node, or several comma-separated to fail over between them (env CABINET_ADDR)")
 	cmd.PersistentFlags().StringVar(&f.caCert, "ca-cert", os.Getenv("CABINET_CACERT"), "cluster CA certificate PEM (env CABINET_CACERT)")
 	cmd.PersistentFlags().StringVar(&f.clientCert, "client-cert", os.Getenv("CABINET_CLIENT_CERT"), "client certificate PEM (env CABINET_CLIENT_CERT)")
 	cmd.PersistentFlags().StringVar(&f.clientKey, "client-key", os.Getenv("CABINET_CLIENT_KEY"), "client private key PEM (env CABINET_CLIENT_KEY)")
@@ -66,7 +69,31 @@ func (f *clientFlags) tlsConfig() (*tls.Config, error) {
 	return &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, Certificates: []tls.Certificate{cert}}, nil
 }
 
-func (f *clientFlags) dial() (*grpc.ClientConn, error) {
+// cliConn is what client commands call through: one node's connection, or
+// the client library's failover over several.
+type cliConn interface {
+	grpc.ClientConnInterface
+	Close() error
+}
+
+// libConn adapts a client.Client (failover, retries) to cliConn.
+type libConn struct{ c *client.Client }
+
+func (l libConn) Invoke(ctx context.Context, method string, args, reply any, opts ...grpc.CallOption) error {
+	return l.c.Conn().Invoke(ctx, method, args, reply, opts...)
+}
+
+func (l libConn) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	return l.c.Conn().NewStream(ctx, desc, method, opts...)
+}
+
+func (l libConn) Close() error { return l.c.Close() }
+
+// dial connects to --addr: one node, or with a comma-separated list every
+// listed node, unary calls failing over between them (as the client library
+// does: Unavailable and Aborted answers move on, with backoff, until
+// --timeout; writes keep their request id, so a retry applies once).
+func (f *clientFlags) dial() (cliConn, error) {
 	if f.output != "table" && f.output != "json" {
 		return nil, fmt.Errorf("--output must be table or json, not %q", f.output)
 	}
@@ -74,16 +101,27 @@ func (f *clientFlags) dial() (*grpc.ClientConn, error) {
 	if err != nil {
 		return nil, err
 	}
-	conn, err := grpc.NewClient(f.addr, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
-	if err != nil {
-		return nil, fmt.Errorf("connect to %s: %w", f.addr, err)
+	eps := client.SplitEndpoints(f.addr)
+	switch len(eps) {
+	case 0:
+		return nil, errors.New("--addr is empty: give a node's host:port (or several, comma-separated)")
+	case 1:
+		conn, err := grpc.NewClient(eps[0], grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+		if err != nil {
+			return nil, fmt.Errorf("connect to %s: %w", eps[0], err)
+		}
+		return conn, nil
 	}
-	return conn, nil
+	c, err := client.New(eps, client.WithTLSConfig(cfg), client.WithCallTimeout(f.timeout))
+	if err != nil {
+		return nil, err
+	}
+	return libConn{c}, nil
 }
 
-// connect dials the node and returns a context bounded by --timeout; done
-// releases both.
-func (f *clientFlags) connect(parent context.Context) (*grpc.ClientConn, context.Context, func(), error) {
+// connect dials the node(s) and returns a context bounded by --timeout;
+// done releases both.
+func (f *clientFlags) connect(parent context.Context) (cliConn, context.Context, func(), error) {
 	conn, err := f.dial()
 	if err != nil {
 		return nil, nil, nil, err

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cabinet-kms/cabinet/client"
+	"github.com/cabinet-kms/cabinet/internal/testcluster"
 	"github.com/cabinet-kms/cabinet/transport/cabinetpb"
 )
 
@@ -119,4 +120,25 @@ func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// TestCLIAddrList: with a comma-separated --addr, ordinary commands fail
+// over past a node that does not answer; alone, that node's address fails
+// with a clear Unavailable.
+func TestCLIAddrList(t *testing.T) {
+	tc := testcluster.Start(t, testcluster.Config{Nodes: 1})
+	dead := freeLoopbackAddr(t)
+	creds := []string{"--ca-cert", tc.CAFile(), "--client-cert", tc.AdminCertFile(), "--client-key", tc.AdminKeyFile(), "--timeout", "20s"}
+	out, stderr, err := runCabinet(t, nil, append([]string{"key", "create", "--spec", "AES_256", "--alias", "via-list", "--addr", dead + "," + tc.Endpoint(0)}, creds...)...)
+	if err != nil || !strings.Contains(out, "via-list") {
+		t.Fatalf("key create through [dead, live]: %v\n%s%s", err, out, stderr)
+	}
+	out, stderr, err = runCabinet(t, nil, append([]string{"operator", "kek", "status", "--addr", dead + "," + tc.Endpoint(0)}, creds...)...)
+	if err != nil || !strings.Contains(out, "Current KEK version: 1") {
+		t.Fatalf("kek status through [dead, live]: %v\n%s%s", err, out, stderr)
+	}
+	_, _, err = runCabinet(t, nil, append([]string{"key", "list", "--addr", dead, "--timeout", "2s"}, creds...)...)
+	if err == nil || !strings.Contains(err.Error(), "Unavailable") {
+		t.Fatalf("key list through a dead node alone: %v, want Unavailable", err)
+	}
 }

@@ -84,7 +84,7 @@ func kekRotateCmd(f *clientFlags) *cobra.Command {
 
 // followKEK polls KEKStatus until the rotation is done, printing each new
 // summary on w.
-func followKEK(parent context.Context, conn *grpc.ClientConn, w io.Writer, callTimeout, total time.Duration) (*cabinetpb.KEKStatusResponse, error) {
+func followKEK(parent context.Context, conn grpc.ClientConnInterface, w io.Writer, callTimeout, total time.Duration) (*cabinetpb.KEKStatusResponse, error) {
 	ctx, cancel := context.WithTimeout(parent, total)
 	defer cancel()
 	client := cabinetpb.NewOperatorServiceClient(conn)
