@@ -14,10 +14,25 @@ package integration
 // same cluster state, plus N synthetic AES-256 key records. Then it starts
 // `cabinet server` again and times process start -> `cabinet operator
 // status` reports healthy with N keys, and reads the server's VmRSS.
+//
+// Then, with the N keys in the server's state, it runs the real benchmark
+// tool against that node: `cabinet bench --ops echo,encrypt --duration 5s
+// -o json --json-out FILE` with the admin certificate from `operator init
+// --admin-out`. It parses the JSON report and logs a "SCALE bench" line:
+// encrypt ops/s, its ceiling (Echo of the same sizes on the same server) and
+// the ratio, CPU µs per request of both (bench + server process), p50/p99,
+// and the Echo ratio against a bare gRPC server in the bench process (a
+// ceiling outside the server). The bench runs before the snapshot save, so
+// the logged peak RSS after the snapshot includes the bench load. Bench creates its own encrypt key: the
+// N keys are there for their effect on the server (heap and GC, map sizes),
+// not as a working set (bench has no option for one). The test fails if the
+// bench run fails or the report lacks a field; timings are not asserted.
 
 import (
 	"bufio"
+	"context"
 	"crypto/rand"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log"
@@ -138,6 +153,9 @@ func TestScaleRestart(t *testing.T) {
 		hwm := procStatus(nd.cmd.Process.Pid, "VmHWM:")
 		// A snapshot through the API (Raft snapshot + Persist + stream to
 		// the CLI), then the server's peak RSS.
+		benchScale(t, c, nd, label)
+		hwmBench := procStatus(nd.cmd.Process.Pid, "VmHWM:")
+		t.Logf("SCALE bench %s: peak-rss-after-bench=%.1f MiB", label, float64(hwmBench)/(1<<20))
 		snapStart := time.Now()
 		c.mustCLI(nil, "operator", "snapshot", "save", filepath.Join(c.root, "scale.snap"), "--addr", nd.apiAddr, "--force")
 		snapTook := time.Since(snapStart)
@@ -192,4 +210,124 @@ func TestScaleRestart(t *testing.T) {
 		log.Printf("seeded %d keys: snapshot %s, %d bytes", n, metas[0].ID, metas[0].Size)
 		restart(fmt.Sprintf("n=%d snapshot=%d bytes", n, metas[0].Size), n)
 	}
+}
+
+// scaleBenchStats is the part of a cabinet-bench/v1 result (or
+// ceiling_result) this test reads. Pointers: a field missing from the report
+// fails the test.
+type scaleBenchStats struct {
+	OK         *uint64  `json:"ok"`
+	Errors     *uint64  `json:"errors"`
+	OpsPerSec  *float64 `json:"ops_per_sec"`
+	CPUUSPerOp *float64 `json:"cpu_us_per_op"`
+	LatencyMS  *struct {
+		P50 *float64 `json:"p50"`
+		P99 *float64 `json:"p99"`
+	} `json:"latency_ms"`
+	MachineCPUBusy *float64 `json:"machine_cpu_busy"`
+}
+
+type scaleBenchResult struct {
+	Op      string `json:"op"`
+	Error   string `json:"error"`
+	Ceiling *struct {
+		Kind  string `json:"kind"`
+		Error string `json:"error"`
+	} `json:"ceiling"`
+	Result        *scaleBenchStats `json:"result"`
+	CeilingResult *scaleBenchStats `json:"ceiling_result"`
+	Ratio         *float64         `json:"ratio"`
+	RatioIQR      *[2]float64      `json:"ratio_iqr"`
+	CPURatio      *float64         `json:"cpu_ratio"`
+}
+
+type scaleBenchReport struct {
+	Schema      string             `json:"schema"`
+	Interrupted bool               `json:"interrupted"`
+	CPUScope    string             `json:"cpu_scope"`
+	Results     []scaleBenchResult `json:"results"`
+}
+
+// check returns why the stats lack a field the SCALE line needs, or "".
+func (s *scaleBenchStats) check() string {
+	switch {
+	case s == nil:
+		return "missing"
+	case s.OK == nil || s.Errors == nil || s.OpsPerSec == nil:
+		return "ok/errors/ops_per_sec missing"
+	case s.CPUUSPerOp == nil:
+		return "cpu_us_per_op missing or null"
+	case s.LatencyMS == nil || s.LatencyMS.P50 == nil || s.LatencyMS.P99 == nil:
+		return "latency_ms.p50/p99 missing"
+	case *s.OK == 0 || *s.OpsPerSec <= 0:
+		return fmt.Sprintf("no successful requests (ok %d, errors %d)", *s.OK, *s.Errors)
+	}
+	return ""
+}
+
+// benchScale runs `cabinet bench --ops echo,encrypt` against nd and logs a
+// SCALE line from its JSON report. Measurement only: it fails on a failed
+// run or an incomplete report, never on a timing.
+func benchScale(t *testing.T, c *testCluster, nd *node, label string) {
+	t.Helper()
+	out := filepath.Join(c.root, fmt.Sprintf("bench-%d.json", time.Now().UnixNano()))
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	start := time.Now()
+	stdout, stderr, err := c.cli(ctx, nil, "bench", "--addr", nd.apiAddr, "--target", nd.apiAddr,
+		"--ca-cert", filepath.Join(c.adminDir, "ca.pem"),
+		"--client-cert", filepath.Join(c.adminDir, "admin.pem"),
+		"--client-key", filepath.Join(c.adminDir, "admin-key.pem"),
+		"--ops", "echo,encrypt", "--duration", "5s", "-o", "json", "--json-out", out, "-q")
+	if err != nil {
+		t.Fatalf("cabinet bench (%s): %v\nstdout: %.2000s\nstderr: %.2000s", label, err, stdout, stderr)
+	}
+	took := time.Since(start)
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatalf("bench JSON report: %v", err)
+	}
+	var rep scaleBenchReport
+	if err := json.Unmarshal(b, &rep); err != nil {
+		t.Fatalf("bench report is not JSON: %v\n%.2000s", err, b)
+	}
+	if rep.Schema != "cabinet-bench/v1" || rep.Interrupted {
+		t.Fatalf("bench report: schema %q, interrupted %v", rep.Schema, rep.Interrupted)
+	}
+	res := map[string]scaleBenchResult{}
+	for _, r := range rep.Results {
+		res[r.Op] = r
+	}
+	for op, kind := range map[string]string{"echo": "bare-grpc", "encrypt": "echo"} {
+		r, ok := res[op]
+		switch {
+		case !ok:
+			t.Fatalf("bench report has no %s result: %.2000s", op, b)
+		case r.Error != "" || r.Ceiling == nil || r.Ceiling.Error != "":
+			t.Fatalf("bench %s failed: %q (ceiling: %+v)", op, r.Error, r.Ceiling)
+		case r.Ceiling.Kind != kind:
+			t.Fatalf("bench %s: ceiling %q, want %q", op, r.Ceiling.Kind, kind)
+		case r.Ratio == nil || *r.Ratio <= 0 || r.RatioIQR == nil || r.CPURatio == nil:
+			t.Fatalf("bench %s: ratio/ratio_iqr/cpu_ratio missing or zero", op)
+		}
+		if why := r.Result.check(); why != "" {
+			t.Fatalf("bench %s result: %s", op, why)
+		}
+		if why := r.CeilingResult.check(); why != "" {
+			t.Fatalf("bench %s ceiling_result: %s", op, why)
+		}
+	}
+	e, x := res["encrypt"], res["echo"]
+	busy := "?"
+	if e.Result.MachineCPUBusy != nil {
+		busy = fmt.Sprintf("%.0f%%", 100**e.Result.MachineCPUBusy)
+	}
+	t.Logf("SCALE bench %s: encrypt 1KiB %.0f ops/s, ceiling (echo, same sizes) %.0f ops/s, ratio %.2f (IQR %.2f-%.2f); "+
+		"CPU %.1f us/op vs ceiling %.1f us/op (cpu_ratio %.2f); encrypt p50 %.2f ms p99 %.2f ms (ceiling p50 %.2f p99 %.2f); "+
+		"echo/bare-grpc ratio %.2f (cpu_ratio %.2f, bare %.0f ops/s, %.1f us/op) => encrypt/bare %.2f; errors %d; machine busy %s; cpu_scope %q; bench took %v",
+		label, *e.Result.OpsPerSec, *e.CeilingResult.OpsPerSec, *e.Ratio, e.RatioIQR[0], e.RatioIQR[1],
+		*e.Result.CPUUSPerOp, *e.CeilingResult.CPUUSPerOp, *e.CPURatio,
+		*e.Result.LatencyMS.P50, *e.Result.LatencyMS.P99, *e.CeilingResult.LatencyMS.P50, *e.CeilingResult.LatencyMS.P99,
+		*x.Ratio, *x.CPURatio, *x.CeilingResult.OpsPerSec, *x.CeilingResult.CPUUSPerOp, *e.Ratio**x.Ratio,
+		*e.Result.Errors, busy, rep.CPUScope, took.Round(time.Second))
 }
