@@ -111,6 +111,12 @@ func TestScaleRestart(t *testing.T) {
 		}
 	}
 	c := newTestCluster(t, 1)
+	// CABINET_SCALE_MEMORY_LIMIT (e.g. 1200MiB) is passed as the server's
+	// --memory-limit, to measure resident memory under a soft limit.
+	if ml := os.Getenv("CABINET_SCALE_MEMORY_LIMIT"); ml != "" {
+		c.serverArgs = append(c.serverArgs, "--memory-limit", ml)
+		t.Logf("SCALE server --memory-limit %s", ml)
+	}
 	nd := c.nodes[0]
 	c.initNode(nd)
 	c.start(nd)

@@ -13,6 +13,12 @@ type EncryptItem struct {
 	Key       *fsmpb.KeyRecord
 	Plaintext []byte
 	Context   map[string]string
+	// Index is the item's position in the caller's batch request (0-based),
+	// written into its ciphertext and mixed into its nonce. Indices must
+	// increase strictly through the items passed to one EncryptBatch call
+	// (items the caller dropped from its request may leave gaps), so no two
+	// messages of a batch share a nonce.
+	Index uint32
 
 	Ciphertext []byte
 	Version    uint32
@@ -20,35 +26,54 @@ type EncryptItem struct {
 }
 
 // EncryptBatch does what Encrypt(ctx, it.Key, it.Plaintext, it.Context)
-// would do for every item, with the same checks, errors and ciphertext
-// format, and sets each item's Ciphertext and Version or Err: one item's
-// failure never affects the others. Per batch rather than per item, it
-// takes the cache entry of each distinct key record and version once, reads
-// the salts with one call to the random source (still 32 fresh bytes per
-// message), and allocates all ciphertexts as one block (they alias it; each
-// has its own capacity).
+// would do for every item, with the same checks and errors, and sets each
+// item's Ciphertext and Version or Err: one item's failure never affects the
+// others. The ciphertexts are in format 2 (batch; docs/CIPHERTEXT.md), not
+// Encrypt's format 1: the batch reads one fresh 32-byte salt from the random
+// source, and per distinct key record and version it takes the cache entry
+// once, derives one batch key and base nonce with HKDF and builds one
+// AES-GCM instance; each item is then sealed under the nonce of its Index.
+// All ciphertexts are allocated as one block (they alias it; each has its
+// own capacity).
+//
+// Indices that do not increase strictly are a caller bug: every item fails
+// with ErrInvalidArgument and nothing is encrypted.
 func (e *Engine) EncryptBatch(ctx context.Context, items []EncryptItem) {
-	type held struct {
+	for i := range items {
+		it := &items[i]
+		it.Ciphertext, it.Version, it.Err = nil, 0, nil
+		if i > 0 && it.Index <= items[i-1].Index {
+			err := newErr(ErrInvalidArgument, "batch item indices must increase strictly (item %d has index %d after %d)", i, it.Index, items[i-1].Index)
+			for j := range items {
+				items[j].Ciphertext, items[j].Version, items[j].Err = nil, 0, err
+			}
+			return
+		}
+	}
+	// A group is one key record and version of the batch: one cache
+	// entry, one batch key.
+	type group struct {
 		key     *fsmpb.KeyRecord
 		version uint32
 		entry   *cacheEntry
+		sealer  batchSealer
+		err     error
 	}
-	var entries []held
+	var groups []group
 	defer func() {
-		for _, h := range entries {
-			h.entry.release()
+		for i := range groups {
+			groups[i].sealer.wipe()
+			groups[i].entry.release()
 		}
 	}()
 	// Pass 1: the checks and material, as encrypt does them, per item.
 	type readyItem struct {
-		i        int
-		material []byte
+		i, g int
 	}
 	ready := make([]readyItem, 0, len(items))
 	total := 0
 	for i := range items {
 		it := &items[i]
-		it.Ciphertext, it.Version, it.Err = nil, 0, nil
 		key := it.Key
 		if len(it.Plaintext) > MaxPlaintextLen {
 			it.Err = newErr(ErrInvalidArgument, "plaintext is %d bytes; Encrypt takes at most %d (encrypt larger data under a data key from GenerateDataKey)", len(it.Plaintext), MaxPlaintextLen)
@@ -71,14 +96,14 @@ func (e *Engine) EncryptBatch(ctx context.Context, items []EncryptItem) {
 			it.Err = newErr(ErrInvalidArgument, "key id cannot be carried in a ciphertext")
 			continue
 		}
-		var entry *cacheEntry
-		for _, h := range entries {
-			if h.key == key && h.version == version {
-				entry = h.entry
+		g := -1
+		for j := range groups {
+			if groups[j].key == key && groups[j].version == version {
+				g = j
 				break
 			}
 		}
-		if entry == nil {
+		if g < 0 {
 			// Failures are not remembered: the next item of this key
 			// tries again, as a separate Encrypt would.
 			en, err := e.material(ctx, key, version)
@@ -86,38 +111,43 @@ func (e *Engine) EncryptBatch(ctx context.Context, items []EncryptItem) {
 				it.Err = err
 				continue
 			}
-			entries = append(entries, held{key, version, en})
-			entry = en
+			groups = append(groups, group{key: key, version: version, entry: en})
+			g = len(groups) - 1
 		}
-		ready = append(ready, readyItem{i, entry.material})
+		ready = append(ready, readyItem{i, g})
 		it.Version = version
-		total += sealedLen(keyID, len(it.Plaintext))
+		total += sealedLenV2(keyID, len(it.Plaintext))
 	}
 	if len(ready) == 0 {
 		return
 	}
-	// Pass 2: one read for all salts, one block for all ciphertexts.
-	salts := make([]byte, len(ready)*saltLen)
-	if _, err := io.ReadFull(e.rand, salts); err != nil {
+	// Pass 2: one salt for the batch, one batch key per group, one block
+	// for all ciphertexts.
+	salt := make([]byte, saltLen)
+	if _, err := io.ReadFull(e.rand, salt); err != nil {
 		err = wrapErr(ErrUnwrap, err, "could not read random salt")
 		for _, r := range ready {
 			items[r.i].Version, items[r.i].Err = 0, err
 		}
 		return
 	}
+	s := getScratch()
+	defer s.release()
+	for j := range groups {
+		g := &groups[j]
+		g.err = g.sealer.init(s, g.entry.material, g.key.GetKeyId(), g.version, salt)
+	}
 	block := make([]byte, total)
 	off := 0
 	for _, r := range ready {
-		it := &items[r.i]
-		n := sealedLen(it.Key.GetKeyId(), len(it.Plaintext))
-		salt := salts[:saltLen:saltLen]
-		salts = salts[saltLen:]
-		ct, err := sealV1(block[off:off:off+n], r.material, it.Key.GetKeyId(), it.Version, salt, it.Plaintext, it.Context)
-		off += n
-		if err != nil {
-			it.Version, it.Err = 0, wrapErr(ErrUnwrap, err, "could not derive message key")
+		it, g := &items[r.i], &groups[r.g]
+		n := sealedLenV2(it.Key.GetKeyId(), len(it.Plaintext))
+		if g.err != nil {
+			it.Version, it.Err = 0, wrapErr(ErrUnwrap, g.err, "could not derive message key")
+			off += n
 			continue
 		}
-		it.Ciphertext = ct
+		it.Ciphertext = g.sealer.seal(block[off:off:off+n], s, it.Index, it.Plaintext, it.Context)
+		off += n
 	}
 }

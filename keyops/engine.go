@@ -185,7 +185,7 @@ func (e *Engine) decrypt(ctx context.Context, p parsed, key *fsmpb.KeyRecord, en
 		return nil, err
 	}
 	defer entry.release()
-	return openV1(entry.material, p, encCtx)
+	return openCiphertext(entry.material, p, encCtx)
 }
 
 // ReEncrypt decrypts ciphertext (OpReEncryptFrom on the version it names,

@@ -189,7 +189,8 @@ func TestDecryptTamperedFields(t *testing.T) {
 		ct   []byte
 		want error // nil: the authentication failure
 	}{
-		{"format byte", mutate(func(b []byte) []byte { b[0] = 0x02; return b }), ErrInvalidCiphertext},
+		{"format byte", mutate(func(b []byte) []byte { b[0] = 0x03; return b }), ErrInvalidCiphertext},
+		{"format byte 2 (batch)", mutate(func(b []byte) []byte { b[0] = FormatV2; return b }), nil},
 		{"format byte zero", mutate(func(b []byte) []byte { b[0] = 0; return b }), ErrInvalidCiphertext},
 		{"key id length zero", mutate(func(b []byte) []byte { b[1] = 0; return b }), ErrInvalidCiphertext},
 		{"key id length shorter", mutate(func(b []byte) []byte { b[1]--; return b }), ErrKeyNotFound}, // a shorter, unknown id

@@ -3,6 +3,7 @@ package keyops
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"testing"
 )
@@ -17,6 +18,17 @@ func FuzzParseCiphertext(f *testing.F) {
 	f.Add([]byte{FormatV1})
 	f.Add([]byte{FormatV1, 0xFF})
 	f.Add([]byte{0x02, 1, 'k', 0, 0, 0, 1})
+	// Format 2 (batch).
+	items := []EncryptItem{{Key: key, Plaintext: []byte("seed")}, {Key: key, Plaintext: nil, Index: 7}}
+	e.EncryptBatch(context.Background(), items)
+	for _, it := range items {
+		f.Add(it.Ciphertext)
+		f.Add(it.Ciphertext[:fixedHeaderLenV2+len(key.KeyId)])
+		f.Add(it.Ciphertext[:fixedHeaderLenV2+len(key.KeyId)+tagLen-1])
+	}
+	f.Add([]byte{FormatV2})
+	f.Add([]byte{FormatV2, 0xFF})
+	f.Add([]byte{0x03, 1, 'k', 0, 0, 0, 1})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		h, err := ParseCiphertext(data)
 		if err != nil {
@@ -27,8 +39,16 @@ func FuzzParseCiphertext(f *testing.F) {
 		}
 		// A parsed header re-encodes to the input's prefix.
 		p, _ := parseCiphertext(data)
-		re := appendHeader(nil, h.KeyID, h.Version, p.salt)
-		if h.Format != FormatV1 || h.Version == 0 || !bytes.HasPrefix(data, re) || len(p.body) < tagLen {
+		re := appendPrefix(nil, h.Format, h.KeyID, h.Version, p.salt)
+		if !bytes.Equal(re, p.prefix) {
+			t.Fatalf("prefix %x does not re-encode (%x)", p.prefix, re)
+		}
+		if h.Format == FormatV2 {
+			re = binary.BigEndian.AppendUint32(re, p.index)
+		}
+		if (h.Format != FormatV1 && h.Format != FormatV2) || h.Version == 0 || !bytes.Equal(re, p.header) ||
+			!bytes.HasPrefix(data, re) || len(p.body) < tagLen || len(re)+len(p.body) != len(data) ||
+			len(data) > maxCiphertextLen(h.Format) {
 			t.Fatalf("inconsistent parse %+v of %x", h, data)
 		}
 	})
@@ -44,6 +64,20 @@ func FuzzDecrypt(f *testing.F) {
 		ct, _, _ = e.Encrypt(context.Background(), key, []byte(pt), nil)
 		f.Add(ct, "", "")
 	}
+	// Format 2 (batch).
+	var items []EncryptItem
+	for i, pt := range []string{"", "x", "a longer plaintext for the fuzzer"} {
+		items = append(items, EncryptItem{Key: key, Plaintext: []byte(pt), Context: map[string]string{"k": "v"}, Index: uint32(2 * i)},
+			EncryptItem{Key: key, Plaintext: []byte(pt), Index: uint32(2*i + 1)})
+	}
+	e.EncryptBatch(context.Background(), items)
+	for _, it := range items {
+		if it.Context != nil {
+			f.Add(it.Ciphertext, "k", "v")
+		} else {
+			f.Add(it.Ciphertext, "", "")
+		}
+	}
 	f.Fuzz(func(t *testing.T, data []byte, ck, cv string) {
 		var encCtx map[string]string
 		if ck != "" {
@@ -51,9 +85,14 @@ func FuzzDecrypt(f *testing.F) {
 		}
 		pt, _, _, err := e.Decrypt(context.Background(), lookup, data, encCtx, false)
 		if err == nil {
-			// Only genuine ciphertexts decrypt; re-encrypting must work.
+			// Only genuine ciphertexts decrypt; re-encrypting must work,
+			// in both formats.
 			if _, _, err := e.Encrypt(context.Background(), key, pt, encCtx); err != nil {
 				t.Fatal(err)
+			}
+			b := []EncryptItem{{Key: key, Plaintext: pt, Context: encCtx}}
+			if e.EncryptBatch(context.Background(), b); b[0].Err != nil {
+				t.Fatal(b[0].Err)
 			}
 			return
 		}

@@ -27,32 +27,33 @@ type messageKDF struct {
 }
 
 // maxKDFMessage is the longest HMAC message derive builds in buf: the
-// second expand block, T(1) || info || header || 0x02, with the longest v1
-// header. Longer input (never produced by this package) falls back to
-// crypto/hkdf.
-const maxKDFMessage = sha256.Size + len(hkdfInfoV1) + fixedHeaderLen + maxKeyIDLen + 1
+// second expand block, T(1) || info || header || 0x02, with the longer info
+// string and the longest v1 header (= the longest v2 batch prefix). Longer
+// input (never produced by this package) falls back to crypto/hkdf.
+const maxKDFMessage = sha256.Size + max(len(hkdfInfoV1), len(hkdfInfoV2)) + fixedHeaderLen + maxKeyIDLen + 1
 
 var kdfPool = sync.Pool{New: func() any { return new(messageKDF) }}
 
-// derive returns okm = HKDF-SHA-256(ikm, salt, info = hkdfInfoV1 || header)
-// of length aeadKeyLen+nonceLen. The result aliases k and is valid until k is
-// released; both need len(salt) <= 64.
-func (k *messageKDF) derive(ikm, salt, header []byte) []byte {
+// derive returns okm = HKDF-SHA-256(ikm, salt, info || header) of length
+// aeadKeyLen+nonceLen (info is hkdfInfoV1 with a v1 header, hkdfInfoV2 with
+// a v2 batch prefix). The result aliases k and is valid until k is wiped or
+// released; the fast path needs len(salt) <= 64.
+func (k *messageKDF) derive(ikm, salt []byte, info string, header []byte) []byte {
 	if len(salt) > sha256.BlockSize || len(ikm) > maxKDFMessage ||
-		sha256.Size+len(hkdfInfoV1)+len(header)+1 > maxKDFMessage {
-		return k.deriveSlow(ikm, salt, header)
+		sha256.Size+len(info)+len(header)+1 > maxKDFMessage {
+		return k.deriveSlow(ikm, salt, info, header)
 	}
 	msg := k.buf[sha256.BlockSize:]
 	// Extract: PRK = HMAC(salt, ikm).
 	n := copy(msg, ikm)
 	k.hmac(salt, n, &k.prk)
 	// Expand: T(1) = HMAC(PRK, info || 0x01), T(2) = HMAC(PRK, T(1) || info || 0x02).
-	n = copy(msg, hkdfInfoV1)
+	n = copy(msg, info)
 	n += copy(msg[n:], header)
 	msg[n] = 1
 	k.hmac(k.prk[:], n+1, (*[sha256.Size]byte)(k.okm[:sha256.Size]))
 	n = copy(msg, k.okm[:sha256.Size])
-	n += copy(msg[n:], hkdfInfoV1)
+	n += copy(msg[n:], info)
 	n += copy(msg[n:], header)
 	msg[n] = 2
 	k.hmac(k.prk[:], n+1, (*[sha256.Size]byte)(k.okm[sha256.Size:]))
@@ -77,8 +78,8 @@ func (k *messageKDF) hmac(key []byte, n int, dst *[sha256.Size]byte) {
 var ipad, opad = bytes.Repeat([]byte{0x36}, sha256.BlockSize), bytes.Repeat([]byte{0x5c}, sha256.BlockSize)
 
 // deriveSlow is derive for input that does not fit buf.
-func (k *messageKDF) deriveSlow(ikm, salt, header []byte) []byte {
-	okm, err := hkdf.Key(sha256.New, ikm, salt, hkdfInfoV1+string(header), aeadKeyLen+nonceLen)
+func (k *messageKDF) deriveSlow(ikm, salt []byte, info string, header []byte) []byte {
+	okm, err := hkdf.Key(sha256.New, ikm, salt, info+string(header), aeadKeyLen+nonceLen)
 	if err != nil {
 		panic("keyops: HKDF-SHA-256 failed: " + err.Error()) // only for lengths > 255*32
 	}

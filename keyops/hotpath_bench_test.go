@@ -13,7 +13,7 @@ func BenchmarkMessageKDF(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		k := kdfPool.Get().(*messageKDF)
-		k.derive(ikm, salt, header)
+		k.derive(ikm, salt, hkdfInfoV1, header)
 		k.wipe()
 		kdfPool.Put(k)
 	}

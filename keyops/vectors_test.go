@@ -229,7 +229,7 @@ func TestMessageKDFMatchesHKDF(t *testing.T) {
 			t.Fatal(err)
 		}
 		k := kdfPool.Get().(*messageKDF)
-		got := bytes.Clone(k.derive(ikm, salt, header))
+		got := bytes.Clone(k.derive(ikm, salt, hkdfInfoV1, header))
 		k.wipe()
 		kdfPool.Put(k)
 		if !bytes.Equal(got, want) {

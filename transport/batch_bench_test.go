@@ -2,6 +2,7 @@ package transport
 
 import (
 	"context"
+	"io"
 	"testing"
 
 	"github.com/cabinet-kms/cabinet/fsm"
@@ -22,9 +23,15 @@ type benchEnv struct {
 	keyID string
 	admin context.Context
 	user  context.Context // a plain principal with an encrypt grant
+	hsm   *hsm.Memory
+	fc    *fakeCluster
 }
 
-func newBenchEnv(tb testing.TB) *benchEnv {
+func newBenchEnv(tb testing.TB) *benchEnv { return newBenchEnvRand(tb, nil) }
+
+// newBenchEnvRand is newBenchEnv with the engine's random source (salts)
+// set; nil means crypto/rand.
+func newBenchEnvRand(tb testing.TB, rnd io.Reader) *benchEnv {
 	tb.Helper()
 	ctx := context.Background()
 	h := hsm.NewMemory()
@@ -42,7 +49,7 @@ func newBenchEnv(tb testing.TB) *benchEnv {
 	if res, err := fc.Propose(ctx, cmd); err != nil || res.GetCode() != fsmpb.ResultCode_RESULT_CODE_OK {
 		tb.Fatalf("init: %v %v", res, err)
 	}
-	engine, err := keyops.New(keyops.Config{Sealer: h})
+	engine, err := keyops.New(keyops.Config{Sealer: h, Rand: rnd})
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -57,7 +64,7 @@ func newBenchEnv(tb testing.TB) *benchEnv {
 		tb.Fatal(err)
 	}
 	user := context.WithValue(ctx, identityKey{}, tlsutil.Identity{Name: "bob", Role: roleClient})
-	return &benchEnv{srv: srv, keyID: id, admin: admin, user: user}
+	return &benchEnv{srv: srv, keyID: id, admin: admin, user: user, hsm: h, fc: fc}
 }
 
 // withNote adds the audit note the interceptor would add per request.

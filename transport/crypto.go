@@ -286,7 +286,10 @@ func (b *batchPrep) lookup(idOrAlias string) (*fsmpb.KeyRecord, error) {
 // The readiness gate and key lookups are done once per batch (per
 // consistency level and per key), and the AES_256 items go to keyops in one
 // EncryptBatch call; each item's checks, authorization and errors are
-// those of Encrypt.
+// those of Encrypt. Their ciphertexts are in format 2 (batch,
+// docs/CIPHERTEXT.md): one salt per request, one derived key per key
+// version, and the item's position in the request as its index. Decrypt,
+// BatchDecrypt and ReEncrypt take them like any other.
 func (s *Server) BatchEncrypt(ctx context.Context, req *cabinetpb.BatchEncryptRequest) (*cabinetpb.BatchEncryptResponse, error) {
 	be, ok := s.cfg.Crypto.(batchEncrypter)
 	if !ok {
@@ -330,7 +333,7 @@ func (s *Server) BatchEncrypt(ctx context.Context, req *cabinetpb.BatchEncryptRe
 			out[i] = &cabinetpb.BatchEncryptResult{Response: r}
 			continue
 		}
-		work = append(work, keyops.EncryptItem{Key: k, Plaintext: it.GetPlaintext(), Context: it.GetEncryptionContext()})
+		work = append(work, keyops.EncryptItem{Key: k, Plaintext: it.GetPlaintext(), Context: it.GetEncryptionContext(), Index: uint32(i)})
 		index = append(index, i)
 	}
 	if len(work) > 0 {

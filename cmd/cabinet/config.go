@@ -148,6 +148,9 @@ func validateServerFlags(f *serverFlags) error {
 	if _, err := newLogger(f.logLevel, f.logFormat); err != nil {
 		add("%v", err)
 	}
+	if _, err := parseMemoryLimit(f.memoryLimit, os.ReadFile); err != nil {
+		add("%v", err)
+	}
 	for name, d := range map[string]int64{
 		"max-staleness": int64(f.maxStaleness), "raft-heartbeat-timeout": int64(f.heartbeat),
 		"raft-election-timeout": int64(f.election), "audit-sync-interval": int64(f.auditSync),

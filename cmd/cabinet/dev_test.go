@@ -142,3 +142,35 @@ func TestCLIAddrList(t *testing.T) {
 		t.Fatalf("key list through a dead node alone: %v, want Unavailable", err)
 	}
 }
+
+func TestParseMemoryLimit(t *testing.T) {
+	cg := func(v string) func(string) ([]byte, error) {
+		return func(string) ([]byte, error) { return []byte(v), nil }
+	}
+	noCG := func(string) ([]byte, error) { return nil, os.ErrNotExist }
+	for _, c := range []struct {
+		in   string
+		read func(string) ([]byte, error)
+		want int64
+		bad  bool
+	}{
+		{"", noCG, 0, false},
+		{"1200MiB", noCG, 1200 << 20, false},
+		{"1.5GiB", noCG, 3 << 29, false},
+		{"2GB", noCG, 2e9, false},
+		{"134217728", noCG, 128 << 20, false},
+		{"auto", noCG, 0, false},
+		{"auto", cg("max\n"), 0, false},
+		{"auto", cg("2147483648\n"), 2147483648 / 10 * 9, false},
+		{"auto", cg("lots"), 0, true},
+		{"10MiB", noCG, 0, true},
+		{"-1GiB", noCG, 0, true},
+		{"1.2 TB", noCG, 0, true},
+		{"many", noCG, 0, true},
+	} {
+		got, err := parseMemoryLimit(c.in, c.read)
+		if (err != nil) != c.bad || got != c.want {
+			t.Errorf("parseMemoryLimit(%q) = %d, %v; want %d, error %v", c.in, got, err, c.want, c.bad)
+		}
+	}
+}

@@ -50,6 +50,8 @@ type serverFlags struct {
 
 	dev     bool
 	devAddr string
+
+	memoryLimit string
 }
 
 func newServerCmd() *cobra.Command {
@@ -90,6 +92,7 @@ environment, which wins over the file. docs/CONFIG.md lists every option.`,
 	cmd.Flags().StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics over plain HTTP at this address, e.g. 127.0.0.1:9464 (off when empty)")
 	cmd.Flags().StringVar(&f.configPath, "config", "", "YAML config file whose keys are these flags' names (env CABINET_CONFIG)")
 	cmd.Flags().BoolVar(&f.validateConfig, "validate-config", false, "check the configuration (file, environment, flags), print the effective options and exit")
+	cmd.Flags().StringVar(&f.memoryLimit, "memory-limit", "", "soft memory limit for the Go runtime, e.g. 1200MiB; \"auto\" = 90% of the cgroup limit; empty = GOMEMLIMIT or none (docs/PRODUCTION.md)")
 	cmd.Flags().BoolVar(&f.dev, "dev", false, "try Cabinet out: a single node in this process with an in-memory HSM and a temporary data dir (all keys lost at exit; loopback only; prints the client environment)")
 	cmd.Flags().StringVar(&f.devAddr, "dev-addr", devDefaultAddr, "with --dev: the API address (a loopback IP:port)")
 	return cmd
@@ -162,6 +165,11 @@ func runServer(ctx context.Context, f *serverFlags) error {
 	log, err := newLogger(f.logLevel, f.logFormat)
 	if err != nil {
 		return err
+	}
+	if n, err := applyMemoryLimit(f.memoryLimit); err != nil {
+		return err
+	} else if n > 0 {
+		log.Info("soft memory limit set", "bytes", n)
 	}
 	nc, err := waitNodeConfig(ctx, f.dataDir, log)
 	if err != nil {
