@@ -51,9 +51,10 @@ type Config struct {
 
 // Engine performs key operations. It is safe for concurrent use.
 type Engine struct {
-	sealer Sealer
-	rand   io.Reader
-	cache  *unwrapCache
+	sealer  Sealer
+	rand    io.Reader
+	cache   *unwrapCache
+	entropy hsmEntropy
 }
 
 // New returns an Engine.

@@ -158,7 +158,7 @@ func (e *Engine) sealPrivateKey(ctx context.Context, keyID string, version uint3
 // salt = none, info). Unpredictable if either source is; unlike XOR it does
 // not collapse to zeros when both sources return the same bytes.
 func (e *Engine) mixRandom(ctx context.Context, n int, info string) ([]byte, error) {
-	hsmRandom, err := e.sealer.GenerateRandom(ctx, n)
+	hsmRandom, err := e.entropy.take(ctx, e.sealer, n)
 	if err != nil {
 		return nil, wrapErr(ErrUnwrap, err, "hsm could not generate random bytes")
 	}
