@@ -186,6 +186,8 @@ func (n *Node) autoCompact() {
 }
 
 func (n *Node) snapshotWithoutTrailingLogs(ctx context.Context) error {
+	n.reloadMu.Lock()
+	defer n.reloadMu.Unlock()
 	rc := n.raft.ReloadableConfig()
 	rc.TrailingLogs = 0
 	if err := n.raft.ReloadConfig(rc); err != nil {

@@ -143,6 +143,9 @@ type Node struct {
 	compactKick    chan struct{} // wakes autoCompact (CompactAfter set)
 	bg             sync.WaitGroup
 	fresh          freshness
+	// reloadMu serialises read-modify-write of Raft's reloadable config
+	// (compaction's TrailingLogs=0, the election nudge).
+	reloadMu sync.Mutex
 	// Test hooks, set before the node is used.
 	compactHook        func() // called at the start of each run
 	compactSkipRewrite bool   // skip step 3 (rewrite of raft.db)
@@ -214,6 +217,8 @@ func Open(cfg Config) (*Node, error) {
 	n.raft = r
 	n.bg.Add(1)
 	go n.runFreshness()
+	n.bg.Add(1)
+	go n.runElectionNudge()
 	if n.compactKick != nil {
 		n.bg.Add(1)
 		go n.autoCompact()
