@@ -478,7 +478,7 @@ func TestDeterminism(t *testing.T) {
 				"BEGIN_KEK_ROTATION/RESULT_CODE_OK", "BEGIN_KEK_ROTATION/RESULT_CODE_FAILED_PRECONDITION", "DELIVER_KEK/RESULT_CODE_OK",
 				"KEK_INSTALLED/RESULT_CODE_OK", "KEK_INSTALLED/RESULT_CODE_FAILED_PRECONDITION", "ACTIVATE_KEK/RESULT_CODE_OK",
 				"ACTIVATE_KEK/RESULT_CODE_FAILED_PRECONDITION", "REWRAP_MATERIAL/RESULT_CODE_OK", "RETIRE_KEK/RESULT_CODE_OK",
-				"RETIRE_KEK/RESULT_CODE_FAILED_PRECONDITION", "KEK_REMOVED/RESULT_CODE_OK"} {
+				"RETIRE_KEK/RESULT_CODE_FAILED_PRECONDITION", "KEK_REMOVED/RESULT_CODE_OK", "ABANDON_KEK_ROTATION/RESULT_CODE_OK"} {
 				if counts[want] == 0 {
 					t.Errorf("the random log never produced %s", want)
 				}
@@ -555,6 +555,9 @@ func randomKEKCommand(rng *rand.Rand, s *State) (fsmpb.CommandType, proto.Messag
 			}
 			return fsmpb.CommandType_COMMAND_TYPE_KEK_INSTALLED, &fsmpb.KEKInstalled{Version: v, NodeId: id, CheckValue: cv}
 		default:
+			if rng.Intn(6) == 0 {
+				return fsmpb.CommandType_COMMAND_TYPE_ABANDON_KEK_ROTATION, &fsmpb.AbandonKEKRotation{Version: v, Reason: "test"}
+			}
 			return fsmpb.CommandType_COMMAND_TYPE_ACTIVATE_KEK, &fsmpb.ActivateKEK{Version: v}
 		}
 	case draining != nil:

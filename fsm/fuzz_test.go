@@ -53,6 +53,7 @@ func fuzzSeeds(f *testing.F) {
 			Keys: []*fsmpb.RewrappedKeyVersion{{KeyId: k1, Version: 1, FromKekVersion: 1, Material: &fsmpb.WrappedBlob{KekVersion: 2, Blob: []byte("m")}}}}, env{}},
 		{typRetireKEK, &fsmpb.RetireKEK{Version: 1}, env{}},
 		{typKEKRemoved, &fsmpb.KEKRemoved{Version: 1, NodeId: "n1"}, env{}},
+		{typAbandonKEK, &fsmpb.AbandonKEKRotation{Version: 2, Reason: "r"}, env{}},
 		{77, nil, env{ignorable: true}},
 		{77, nil, env{}},
 		{typNoop, nil, env{format: 2}},

@@ -41,6 +41,8 @@ const (
 	// maxWrappedKEKLen bounds one delivery (an RSA-OAEP block of a 4096-bit
 	// identity key is 512 bytes).
 	maxWrappedKEKLen = 2048
+	// maxAbandonReasonLen bounds ABANDON_KEK_ROTATION's reason.
+	maxAbandonReasonLen = 1024
 )
 
 // KEKStateName is the short name of a KEK version state (PENDING, ...).
@@ -435,6 +437,26 @@ func (s *State) applyKEKRemoved(c *cmdContext, p *fsmpb.KEKRemoved) *fsmpb.Resul
 	})
 	s.settleRetiredKEKs(c.time)
 	return &fsmpb.Result{}
+}
+
+func (s *State) applyAbandonKEKRotation(c *cmdContext, p *fsmpb.AbandonKEKRotation) *fsmpb.Result {
+	if s.cluster == nil {
+		return failf(codePrecondition, msgNotInitialised)
+	}
+	i := s.kekIndex(p.GetVersion())
+	if i < 0 || s.cluster.KekVersions[i].GetState() != kekPending {
+		return failf(codePrecondition, "KEK version %d is not PENDING; only a PENDING rotation can be abandoned", p.GetVersion())
+	}
+	if len(p.GetReason()) > maxAbandonReasonLen {
+		return failf(codeInvalid, "reason is %d bytes; the limit is %d", len(p.GetReason()), maxAbandonReasonLen)
+	}
+	s.withKEK(i, func(k *fsmpb.KEKVersion) {
+		k.State = kekRetired
+		k.RetiredUnixNano = c.time
+		k.Deliveries = nil
+	})
+	s.settleRetiredKEKs(c.time)
+	return &fsmpb.Result{Message: fmt.Sprintf("KEK rotation to version %d abandoned; members that hold it remove it", p.GetVersion())}
 }
 
 // settleRetiredKEKs marks RETIRED versions that every member removed as

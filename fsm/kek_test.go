@@ -15,6 +15,7 @@ const (
 	typRewrap      = fsmpb.CommandType_COMMAND_TYPE_REWRAP_MATERIAL
 	typRetireKEK   = fsmpb.CommandType_COMMAND_TYPE_RETIRE_KEK
 	typKEKRemoved  = fsmpb.CommandType_COMMAND_TYPE_KEK_REMOVED
+	typAbandonKEK  = fsmpb.CommandType_COMMAND_TYPE_ABANDON_KEK_ROTATION
 )
 
 var kcv2 = []byte{9, 9, 9, 9}
@@ -208,4 +209,27 @@ func TestFSMMaterialUnderKEK(t *testing.T) {
 	if got := f.KEKProgress().SealedBlobs[1]; got != 26 {
 		t.Fatalf("progress = %d, want 26", got)
 	}
+}
+
+// TestAbandonKEKRotation: only a PENDING version can be abandoned; it becomes
+// RETIRED (its holders remove it), then a new rotation takes the next number.
+func TestAbandonKEKRotation(t *testing.T) {
+	a := threeNodes(t, 2)
+	checkResult(t, a.apply(typAbandonKEK, &fsmpb.AbandonKEKRotation{Version: 1}, env{}), codePrecondition, "only a PENDING rotation")
+	a.mustOK(typBeginKEK, beginV2("n1", "n2", "n3"))
+	checkResult(t, a.apply(typAbandonKEK, &fsmpb.AbandonKEKRotation{Version: 2, Reason: string(make([]byte, 2000))}, env{}), codeInvalid, "limit")
+	a.mustOK(typAbandonKEK, &fsmpb.AbandonKEKRotation{Version: 2, Reason: "restored elsewhere"})
+	k := kekOf(t, a, 2)
+	if k.GetState() != kekRetired || len(k.GetDeliveries()) != 0 || a.s.cluster.GetCurrentKekVersion() != 1 {
+		t.Fatalf("after abandon: %v (current %d)", k, a.s.cluster.GetCurrentKekVersion())
+	}
+	for _, n := range []string{"n1", "n2", "n3"} {
+		a.mustOK(typKEKRemoved, &fsmpb.KEKRemoved{Version: 2, NodeId: n})
+	}
+	if kekOf(t, a, 2).GetState() != kekDestroyed {
+		t.Fatal("abandoned version not DESTROYED after every member removed it")
+	}
+	next := beginV2("n1", "n2", "n3")
+	next.Kek.Version = 3
+	a.mustOK(typBeginKEK, next)
 }

@@ -269,6 +269,8 @@ var handlers = map[fsmpb.CommandType]handler{
 		func() *fsmpb.RetireKEK { return &fsmpb.RetireKEK{} }, (*State).applyRetireKEK),
 	fsmpb.CommandType_COMMAND_TYPE_KEK_REMOVED: register(
 		func() *fsmpb.KEKRemoved { return &fsmpb.KEKRemoved{} }, (*State).applyKEKRemoved),
+	fsmpb.CommandType_COMMAND_TYPE_ABANDON_KEK_ROTATION: register(
+		func() *fsmpb.AbandonKEKRotation { return &fsmpb.AbandonKEKRotation{} }, (*State).applyAbandonKEKRotation),
 }
 
 // Apply processes the command at Raft index `index` and returns its outcome.

@@ -416,6 +416,19 @@ func (s *Server) advancePendingKEK(ctx context.Context, k *fsmpb.KEKVersion) err
 	}
 	got, err := s.cfg.HSM.KEKCheckValue(ctx, k.GetVersion())
 	if err != nil || subtle.ConstantTimeCompare(got, k.GetCheckValue()) != 1 {
+		if len(missing) == len(s.cfg.State.Nodes()) && errors.Is(err, hsm.ErrKEKNotFound) {
+			// No member holds it or has a delivery, and this leader cannot
+			// make one: it can never become current (e.g. a snapshot taken
+			// mid-rotation restored into other nodes). Nothing is sealed
+			// under a PENDING version, so give it up; a new rotation can start.
+			_, err := s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_ABANDON_KEK_ROTATION, &fsmpb.AbandonKEKRotation{
+				Version: k.GetVersion(), Reason: "no member holds it or has a delivery of it"},
+				fmt.Sprintf("kek-abandon/%d", k.GetVersion()), s.nodePrincipal())
+			if err == nil {
+				s.log.Warn("KEK rotation abandoned: no member holds the pending version or has a delivery of it; start a new one with `cabinet operator kek rotate`", "kek_version", k.GetVersion())
+			}
+			return err
+		}
 		return nil // this leader does not hold it yet; its own node loop installs it first
 	}
 	p := &fsmpb.DeliverKEK{Version: k.GetVersion()}

@@ -89,6 +89,8 @@ type apiEnv struct {
 	audit     *audit.Log
 	auditPath string
 	state     *fsm.FSM
+	server    *Server
+	hsm       *hsm.Memory
 }
 
 func issueClient(t *testing.T, ca *tlsutil.CA, name, role string) tls.Certificate {
@@ -178,7 +180,7 @@ func newAPIEnv(t *testing.T) *apiEnv {
 	g := srv.NewGRPCServer(tlsutil.ServerConfig(nodeCert, ca.Pool()))
 	go g.Serve(ln)
 	t.Cleanup(g.Stop)
-	e := &apiEnv{t: t, addr: ln.Addr().String(), ca: ca, cluster: fc, caFP: tlsutil.Fingerprint(ca.CertDER), audit: alog, auditPath: auditPath, state: state}
+	e := &apiEnv{t: t, addr: ln.Addr().String(), ca: ca, cluster: fc, caFP: tlsutil.Fingerprint(ca.CertDER), audit: alog, auditPath: auditPath, state: state, server: srv, hsm: h}
 	e.admin = dialTLS(t, e.addr, tlsutil.ClientConfig(issueClient(t, ca, "alice", tlsutil.RoleAdmin), ca.Pool()))
 	e.node = dialTLS(t, e.addr, tlsutil.ClientConfig(nodeCert, ca.Pool()))
 	return e

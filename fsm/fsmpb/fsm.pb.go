@@ -59,13 +59,14 @@ const (
 	// Cluster operations (issue 4).
 	CommandType_COMMAND_TYPE_SET_GOSSIP_KEY CommandType = 25
 	// KEK rotation (issue 4, see fsm/kek.go).
-	CommandType_COMMAND_TYPE_BEGIN_KEK_ROTATION CommandType = 26
-	CommandType_COMMAND_TYPE_DELIVER_KEK        CommandType = 27
-	CommandType_COMMAND_TYPE_KEK_INSTALLED      CommandType = 28
-	CommandType_COMMAND_TYPE_ACTIVATE_KEK       CommandType = 29
-	CommandType_COMMAND_TYPE_REWRAP_MATERIAL    CommandType = 30
-	CommandType_COMMAND_TYPE_RETIRE_KEK         CommandType = 31
-	CommandType_COMMAND_TYPE_KEK_REMOVED        CommandType = 32
+	CommandType_COMMAND_TYPE_BEGIN_KEK_ROTATION   CommandType = 26
+	CommandType_COMMAND_TYPE_DELIVER_KEK          CommandType = 27
+	CommandType_COMMAND_TYPE_KEK_INSTALLED        CommandType = 28
+	CommandType_COMMAND_TYPE_ACTIVATE_KEK         CommandType = 29
+	CommandType_COMMAND_TYPE_REWRAP_MATERIAL      CommandType = 30
+	CommandType_COMMAND_TYPE_RETIRE_KEK           CommandType = 31
+	CommandType_COMMAND_TYPE_KEK_REMOVED          CommandType = 32
+	CommandType_COMMAND_TYPE_ABANDON_KEK_ROTATION CommandType = 33
 )
 
 // Enum value maps for CommandType.
@@ -104,6 +105,7 @@ var (
 		30: "COMMAND_TYPE_REWRAP_MATERIAL",
 		31: "COMMAND_TYPE_RETIRE_KEK",
 		32: "COMMAND_TYPE_KEK_REMOVED",
+		33: "COMMAND_TYPE_ABANDON_KEK_ROTATION",
 	}
 	CommandType_value = map[string]int32{
 		"COMMAND_TYPE_UNSPECIFIED":                0,
@@ -139,6 +141,7 @@ var (
 		"COMMAND_TYPE_REWRAP_MATERIAL":            30,
 		"COMMAND_TYPE_RETIRE_KEK":                 31,
 		"COMMAND_TYPE_KEK_REMOVED":                32,
+		"COMMAND_TYPE_ABANDON_KEK_ROTATION":       33,
 	}
 )
 
@@ -806,6 +809,62 @@ func (x *Command) GetPayload() []byte {
 	return nil
 }
 
+// AbandonKEKRotation gives up a PENDING version (nothing is ever sealed
+// under one): it becomes RETIRED, so members that installed it destroy it.
+// The leader proposes it when no member can ever hold the version, e.g.
+// after a restore into nodes the deliveries were not made for.
+type AbandonKEKRotation struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Version       uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	Reason        string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AbandonKEKRotation) Reset() {
+	*x = AbandonKEKRotation{}
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AbandonKEKRotation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AbandonKEKRotation) ProtoMessage() {}
+
+func (x *AbandonKEKRotation) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AbandonKEKRotation.ProtoReflect.Descriptor instead.
+func (*AbandonKEKRotation) Descriptor() ([]byte, []int) {
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *AbandonKEKRotation) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *AbandonKEKRotation) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 // BeginKEKRotation records a new KEK version, generated inside the HSM of the
 // proposing node, PENDING until every node holds it. `kek.deliveries` carry it
 // wrapped (RSA-OAEP, inside the generating HSM) for the identity key of each
@@ -820,7 +879,7 @@ type BeginKEKRotation struct {
 
 func (x *BeginKEKRotation) Reset() {
 	*x = BeginKEKRotation{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[1]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -832,7 +891,7 @@ func (x *BeginKEKRotation) String() string {
 func (*BeginKEKRotation) ProtoMessage() {}
 
 func (x *BeginKEKRotation) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[1]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -845,7 +904,7 @@ func (x *BeginKEKRotation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BeginKEKRotation.ProtoReflect.Descriptor instead.
 func (*BeginKEKRotation) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{1}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *BeginKEKRotation) GetKek() *KEKVersion {
@@ -867,7 +926,7 @@ type DeliverKEK struct {
 
 func (x *DeliverKEK) Reset() {
 	*x = DeliverKEK{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[2]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -879,7 +938,7 @@ func (x *DeliverKEK) String() string {
 func (*DeliverKEK) ProtoMessage() {}
 
 func (x *DeliverKEK) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[2]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -892,7 +951,7 @@ func (x *DeliverKEK) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeliverKEK.ProtoReflect.Descriptor instead.
 func (*DeliverKEK) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{2}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *DeliverKEK) GetVersion() uint32 {
@@ -922,7 +981,7 @@ type KEKInstalled struct {
 
 func (x *KEKInstalled) Reset() {
 	*x = KEKInstalled{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[3]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -934,7 +993,7 @@ func (x *KEKInstalled) String() string {
 func (*KEKInstalled) ProtoMessage() {}
 
 func (x *KEKInstalled) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[3]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -947,7 +1006,7 @@ func (x *KEKInstalled) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KEKInstalled.ProtoReflect.Descriptor instead.
 func (*KEKInstalled) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{3}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *KEKInstalled) GetVersion() uint32 {
@@ -982,7 +1041,7 @@ type ActivateKEK struct {
 
 func (x *ActivateKEK) Reset() {
 	*x = ActivateKEK{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[4]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -994,7 +1053,7 @@ func (x *ActivateKEK) String() string {
 func (*ActivateKEK) ProtoMessage() {}
 
 func (x *ActivateKEK) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[4]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1007,7 +1066,7 @@ func (x *ActivateKEK) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ActivateKEK.ProtoReflect.Descriptor instead.
 func (*ActivateKEK) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{4}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ActivateKEK) GetVersion() uint32 {
@@ -1036,7 +1095,7 @@ type RewrapMaterial struct {
 
 func (x *RewrapMaterial) Reset() {
 	*x = RewrapMaterial{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[5]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1048,7 +1107,7 @@ func (x *RewrapMaterial) String() string {
 func (*RewrapMaterial) ProtoMessage() {}
 
 func (x *RewrapMaterial) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[5]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1061,7 +1120,7 @@ func (x *RewrapMaterial) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RewrapMaterial.ProtoReflect.Descriptor instead.
 func (*RewrapMaterial) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{5}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *RewrapMaterial) GetKeys() []*RewrappedKeyVersion {
@@ -1118,7 +1177,7 @@ type RewrappedKeyVersion struct {
 
 func (x *RewrappedKeyVersion) Reset() {
 	*x = RewrappedKeyVersion{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[6]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1130,7 +1189,7 @@ func (x *RewrappedKeyVersion) String() string {
 func (*RewrappedKeyVersion) ProtoMessage() {}
 
 func (x *RewrappedKeyVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[6]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1143,7 +1202,7 @@ func (x *RewrappedKeyVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RewrappedKeyVersion.ProtoReflect.Descriptor instead.
 func (*RewrappedKeyVersion) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{6}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *RewrappedKeyVersion) GetKeyId() string {
@@ -1185,7 +1244,7 @@ type RewrappedImportToken struct {
 
 func (x *RewrappedImportToken) Reset() {
 	*x = RewrappedImportToken{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[7]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1197,7 +1256,7 @@ func (x *RewrappedImportToken) String() string {
 func (*RewrappedImportToken) ProtoMessage() {}
 
 func (x *RewrappedImportToken) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[7]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1210,7 +1269,7 @@ func (x *RewrappedImportToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RewrappedImportToken.ProtoReflect.Descriptor instead.
 func (*RewrappedImportToken) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{7}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RewrappedImportToken) GetTokenId() string {
@@ -1245,7 +1304,7 @@ type RetireKEK struct {
 
 func (x *RetireKEK) Reset() {
 	*x = RetireKEK{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[8]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1257,7 +1316,7 @@ func (x *RetireKEK) String() string {
 func (*RetireKEK) ProtoMessage() {}
 
 func (x *RetireKEK) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[8]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1270,7 +1329,7 @@ func (x *RetireKEK) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetireKEK.ProtoReflect.Descriptor instead.
 func (*RetireKEK) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{8}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RetireKEK) GetVersion() uint32 {
@@ -1292,7 +1351,7 @@ type KEKRemoved struct {
 
 func (x *KEKRemoved) Reset() {
 	*x = KEKRemoved{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[9]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1304,7 +1363,7 @@ func (x *KEKRemoved) String() string {
 func (*KEKRemoved) ProtoMessage() {}
 
 func (x *KEKRemoved) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[9]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1317,7 +1376,7 @@ func (x *KEKRemoved) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KEKRemoved.ProtoReflect.Descriptor instead.
 func (*KEKRemoved) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{9}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *KEKRemoved) GetVersion() uint32 {
@@ -1346,7 +1405,7 @@ type SetGossipKey struct {
 
 func (x *SetGossipKey) Reset() {
 	*x = SetGossipKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[10]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1358,7 +1417,7 @@ func (x *SetGossipKey) String() string {
 func (*SetGossipKey) ProtoMessage() {}
 
 func (x *SetGossipKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[10]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1371,7 +1430,7 @@ func (x *SetGossipKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetGossipKey.ProtoReflect.Descriptor instead.
 func (*SetGossipKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{10}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *SetGossipKey) GetGossipKey() *WrappedBlob {
@@ -1394,7 +1453,7 @@ type WrappedBlob struct {
 
 func (x *WrappedBlob) Reset() {
 	*x = WrappedBlob{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[11]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1406,7 +1465,7 @@ func (x *WrappedBlob) String() string {
 func (*WrappedBlob) ProtoMessage() {}
 
 func (x *WrappedBlob) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[11]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1419,7 +1478,7 @@ func (x *WrappedBlob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WrappedBlob.ProtoReflect.Descriptor instead.
 func (*WrappedBlob) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{11}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *WrappedBlob) GetKekVersion() uint32 {
@@ -1461,7 +1520,7 @@ type KEKVersion struct {
 
 func (x *KEKVersion) Reset() {
 	*x = KEKVersion{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[12]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1473,7 +1532,7 @@ func (x *KEKVersion) String() string {
 func (*KEKVersion) ProtoMessage() {}
 
 func (x *KEKVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[12]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1486,7 +1545,7 @@ func (x *KEKVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KEKVersion.ProtoReflect.Descriptor instead.
 func (*KEKVersion) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{12}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *KEKVersion) GetVersion() uint32 {
@@ -1578,7 +1637,7 @@ type KEKDelivery struct {
 
 func (x *KEKDelivery) Reset() {
 	*x = KEKDelivery{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[13]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1590,7 +1649,7 @@ func (x *KEKDelivery) String() string {
 func (*KEKDelivery) ProtoMessage() {}
 
 func (x *KEKDelivery) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[13]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1603,7 +1662,7 @@ func (x *KEKDelivery) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KEKDelivery.ProtoReflect.Descriptor instead.
 func (*KEKDelivery) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{13}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *KEKDelivery) GetNodeId() string {
@@ -1636,7 +1695,7 @@ type NodeRecord struct {
 
 func (x *NodeRecord) Reset() {
 	*x = NodeRecord{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[14]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1648,7 +1707,7 @@ func (x *NodeRecord) String() string {
 func (*NodeRecord) ProtoMessage() {}
 
 func (x *NodeRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[14]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1661,7 +1720,7 @@ func (x *NodeRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeRecord.ProtoReflect.Descriptor instead.
 func (*NodeRecord) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{14}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *NodeRecord) GetNodeId() string {
@@ -1727,7 +1786,7 @@ type InitCluster struct {
 
 func (x *InitCluster) Reset() {
 	*x = InitCluster{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[15]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1739,7 +1798,7 @@ func (x *InitCluster) String() string {
 func (*InitCluster) ProtoMessage() {}
 
 func (x *InitCluster) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[15]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1752,7 +1811,7 @@ func (x *InitCluster) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InitCluster.ProtoReflect.Descriptor instead.
 func (*InitCluster) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{15}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *InitCluster) GetClusterId() string {
@@ -1813,7 +1872,7 @@ type CreateKey struct {
 
 func (x *CreateKey) Reset() {
 	*x = CreateKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[16]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1825,7 +1884,7 @@ func (x *CreateKey) String() string {
 func (*CreateKey) ProtoMessage() {}
 
 func (x *CreateKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[16]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1838,7 +1897,7 @@ func (x *CreateKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKey.ProtoReflect.Descriptor instead.
 func (*CreateKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{16}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CreateKey) GetKeyId() string {
@@ -1923,7 +1982,7 @@ type RotateKey struct {
 
 func (x *RotateKey) Reset() {
 	*x = RotateKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[17]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1935,7 +1994,7 @@ func (x *RotateKey) String() string {
 func (*RotateKey) ProtoMessage() {}
 
 func (x *RotateKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[17]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1948,7 +2007,7 @@ func (x *RotateKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKey.ProtoReflect.Descriptor instead.
 func (*RotateKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{17}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *RotateKey) GetKeyId() string {
@@ -2001,7 +2060,7 @@ type UpdateKey struct {
 
 func (x *UpdateKey) Reset() {
 	*x = UpdateKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[18]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2013,7 +2072,7 @@ func (x *UpdateKey) String() string {
 func (*UpdateKey) ProtoMessage() {}
 
 func (x *UpdateKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[18]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2026,7 +2085,7 @@ func (x *UpdateKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateKey.ProtoReflect.Descriptor instead.
 func (*UpdateKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{18}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *UpdateKey) GetKeyId() string {
@@ -2076,7 +2135,7 @@ type SetAlias struct {
 
 func (x *SetAlias) Reset() {
 	*x = SetAlias{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[19]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2088,7 +2147,7 @@ func (x *SetAlias) String() string {
 func (*SetAlias) ProtoMessage() {}
 
 func (x *SetAlias) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[19]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2101,7 +2160,7 @@ func (x *SetAlias) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetAlias.ProtoReflect.Descriptor instead.
 func (*SetAlias) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{19}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SetAlias) GetAlias() string {
@@ -2127,7 +2186,7 @@ type DeleteAlias struct {
 
 func (x *DeleteAlias) Reset() {
 	*x = DeleteAlias{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[20]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2139,7 +2198,7 @@ func (x *DeleteAlias) String() string {
 func (*DeleteAlias) ProtoMessage() {}
 
 func (x *DeleteAlias) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[20]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2152,7 +2211,7 @@ func (x *DeleteAlias) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteAlias.ProtoReflect.Descriptor instead.
 func (*DeleteAlias) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{20}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *DeleteAlias) GetAlias() string {
@@ -2173,7 +2232,7 @@ type SetKeyEnabled struct {
 
 func (x *SetKeyEnabled) Reset() {
 	*x = SetKeyEnabled{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[21]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2185,7 +2244,7 @@ func (x *SetKeyEnabled) String() string {
 func (*SetKeyEnabled) ProtoMessage() {}
 
 func (x *SetKeyEnabled) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[21]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2198,7 +2257,7 @@ func (x *SetKeyEnabled) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKeyEnabled.ProtoReflect.Descriptor instead.
 func (*SetKeyEnabled) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{21}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SetKeyEnabled) GetKeyId() string {
@@ -2228,7 +2287,7 @@ type RevokeKey struct {
 
 func (x *RevokeKey) Reset() {
 	*x = RevokeKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[22]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2240,7 +2299,7 @@ func (x *RevokeKey) String() string {
 func (*RevokeKey) ProtoMessage() {}
 
 func (x *RevokeKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[22]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2253,7 +2312,7 @@ func (x *RevokeKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeKey.ProtoReflect.Descriptor instead.
 func (*RevokeKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{22}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *RevokeKey) GetKeyId() string {
@@ -2290,7 +2349,7 @@ type SetVersionState struct {
 
 func (x *SetVersionState) Reset() {
 	*x = SetVersionState{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[23]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2302,7 +2361,7 @@ func (x *SetVersionState) String() string {
 func (*SetVersionState) ProtoMessage() {}
 
 func (x *SetVersionState) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[23]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2315,7 +2374,7 @@ func (x *SetVersionState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetVersionState.ProtoReflect.Descriptor instead.
 func (*SetVersionState) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{23}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *SetVersionState) GetKeyId() string {
@@ -2350,7 +2409,7 @@ type SetMinDecryptionVersion struct {
 
 func (x *SetMinDecryptionVersion) Reset() {
 	*x = SetMinDecryptionVersion{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[24]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2362,7 +2421,7 @@ func (x *SetMinDecryptionVersion) String() string {
 func (*SetMinDecryptionVersion) ProtoMessage() {}
 
 func (x *SetMinDecryptionVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[24]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2375,7 +2434,7 @@ func (x *SetMinDecryptionVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetMinDecryptionVersion.ProtoReflect.Descriptor instead.
 func (*SetMinDecryptionVersion) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{24}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *SetMinDecryptionVersion) GetKeyId() string {
@@ -2404,7 +2463,7 @@ type SetRotationPolicy struct {
 
 func (x *SetRotationPolicy) Reset() {
 	*x = SetRotationPolicy{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[25]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2416,7 +2475,7 @@ func (x *SetRotationPolicy) String() string {
 func (*SetRotationPolicy) ProtoMessage() {}
 
 func (x *SetRotationPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[25]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2429,7 +2488,7 @@ func (x *SetRotationPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetRotationPolicy.ProtoReflect.Descriptor instead.
 func (*SetRotationPolicy) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{25}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *SetRotationPolicy) GetKeyId() string {
@@ -2458,7 +2517,7 @@ type ScheduleDestruction struct {
 
 func (x *ScheduleDestruction) Reset() {
 	*x = ScheduleDestruction{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[26]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2470,7 +2529,7 @@ func (x *ScheduleDestruction) String() string {
 func (*ScheduleDestruction) ProtoMessage() {}
 
 func (x *ScheduleDestruction) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[26]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2483,7 +2542,7 @@ func (x *ScheduleDestruction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleDestruction.ProtoReflect.Descriptor instead.
 func (*ScheduleDestruction) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{26}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ScheduleDestruction) GetKeyId() string {
@@ -2509,7 +2568,7 @@ type CancelDestruction struct {
 
 func (x *CancelDestruction) Reset() {
 	*x = CancelDestruction{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[27]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2521,7 +2580,7 @@ func (x *CancelDestruction) String() string {
 func (*CancelDestruction) ProtoMessage() {}
 
 func (x *CancelDestruction) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[27]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2534,7 +2593,7 @@ func (x *CancelDestruction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelDestruction.ProtoReflect.Descriptor instead.
 func (*CancelDestruction) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{27}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *CancelDestruction) GetKeyId() string {
@@ -2555,7 +2614,7 @@ type DestroyKey struct {
 
 func (x *DestroyKey) Reset() {
 	*x = DestroyKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[28]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2567,7 +2626,7 @@ func (x *DestroyKey) String() string {
 func (*DestroyKey) ProtoMessage() {}
 
 func (x *DestroyKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[28]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2580,7 +2639,7 @@ func (x *DestroyKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroyKey.ProtoReflect.Descriptor instead.
 func (*DestroyKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{28}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *DestroyKey) GetKeyId() string {
@@ -2605,7 +2664,7 @@ type CreateImportToken struct {
 
 func (x *CreateImportToken) Reset() {
 	*x = CreateImportToken{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[29]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2617,7 +2676,7 @@ func (x *CreateImportToken) String() string {
 func (*CreateImportToken) ProtoMessage() {}
 
 func (x *CreateImportToken) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[29]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2630,7 +2689,7 @@ func (x *CreateImportToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateImportToken.ProtoReflect.Descriptor instead.
 func (*CreateImportToken) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{29}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *CreateImportToken) GetTokenId() string {
@@ -2681,7 +2740,7 @@ type ImportKey struct {
 
 func (x *ImportKey) Reset() {
 	*x = ImportKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[30]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2693,7 +2752,7 @@ func (x *ImportKey) String() string {
 func (*ImportKey) ProtoMessage() {}
 
 func (x *ImportKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[30]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2706,7 +2765,7 @@ func (x *ImportKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportKey.ProtoReflect.Descriptor instead.
 func (*ImportKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{30}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ImportKey) GetTokenId() string {
@@ -2735,7 +2794,7 @@ type CreateJoinToken struct {
 
 func (x *CreateJoinToken) Reset() {
 	*x = CreateJoinToken{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[31]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2747,7 +2806,7 @@ func (x *CreateJoinToken) String() string {
 func (*CreateJoinToken) ProtoMessage() {}
 
 func (x *CreateJoinToken) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[31]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2760,7 +2819,7 @@ func (x *CreateJoinToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinToken.ProtoReflect.Descriptor instead.
 func (*CreateJoinToken) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{31}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *CreateJoinToken) GetTokenId() string {
@@ -2795,7 +2854,7 @@ type AdmitNode struct {
 
 func (x *AdmitNode) Reset() {
 	*x = AdmitNode{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[32]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2807,7 +2866,7 @@ func (x *AdmitNode) String() string {
 func (*AdmitNode) ProtoMessage() {}
 
 func (x *AdmitNode) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[32]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2820,7 +2879,7 @@ func (x *AdmitNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdmitNode.ProtoReflect.Descriptor instead.
 func (*AdmitNode) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{32}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *AdmitNode) GetTokenId() string {
@@ -2853,7 +2912,7 @@ type RemoveNode struct {
 
 func (x *RemoveNode) Reset() {
 	*x = RemoveNode{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[33]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2865,7 +2924,7 @@ func (x *RemoveNode) String() string {
 func (*RemoveNode) ProtoMessage() {}
 
 func (x *RemoveNode) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[33]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2878,7 +2937,7 @@ func (x *RemoveNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveNode.ProtoReflect.Descriptor instead.
 func (*RemoveNode) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{33}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *RemoveNode) GetNodeId() string {
@@ -2897,7 +2956,7 @@ type Noop struct {
 
 func (x *Noop) Reset() {
 	*x = Noop{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[34]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2909,7 +2968,7 @@ func (x *Noop) String() string {
 func (*Noop) ProtoMessage() {}
 
 func (x *Noop) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[34]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2922,7 +2981,7 @@ func (x *Noop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Noop.ProtoReflect.Descriptor instead.
 func (*Noop) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{34}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *Noop) GetPadding() []byte {
@@ -2947,7 +3006,7 @@ type KeyVersion struct {
 
 func (x *KeyVersion) Reset() {
 	*x = KeyVersion{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[35]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2959,7 +3018,7 @@ func (x *KeyVersion) String() string {
 func (*KeyVersion) ProtoMessage() {}
 
 func (x *KeyVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[35]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2972,7 +3031,7 @@ func (x *KeyVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyVersion.ProtoReflect.Descriptor instead.
 func (*KeyVersion) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{35}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *KeyVersion) GetVersion() uint32 {
@@ -3048,7 +3107,7 @@ type KeyRecord struct {
 
 func (x *KeyRecord) Reset() {
 	*x = KeyRecord{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[36]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3060,7 +3119,7 @@ func (x *KeyRecord) String() string {
 func (*KeyRecord) ProtoMessage() {}
 
 func (x *KeyRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[36]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3073,7 +3132,7 @@ func (x *KeyRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyRecord.ProtoReflect.Descriptor instead.
 func (*KeyRecord) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{36}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *KeyRecord) GetKeyId() string {
@@ -3243,7 +3302,7 @@ type Grant struct {
 
 func (x *Grant) Reset() {
 	*x = Grant{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[37]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3255,7 +3314,7 @@ func (x *Grant) String() string {
 func (*Grant) ProtoMessage() {}
 
 func (x *Grant) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[37]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3268,7 +3327,7 @@ func (x *Grant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Grant.ProtoReflect.Descriptor instead.
 func (*Grant) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{37}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *Grant) GetGrantId() string {
@@ -3332,7 +3391,7 @@ type CreateGrant struct {
 
 func (x *CreateGrant) Reset() {
 	*x = CreateGrant{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[38]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3344,7 +3403,7 @@ func (x *CreateGrant) String() string {
 func (*CreateGrant) ProtoMessage() {}
 
 func (x *CreateGrant) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[38]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3357,7 +3416,7 @@ func (x *CreateGrant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateGrant.ProtoReflect.Descriptor instead.
 func (*CreateGrant) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{38}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *CreateGrant) GetGrant() *Grant {
@@ -3376,7 +3435,7 @@ type RevokeGrant struct {
 
 func (x *RevokeGrant) Reset() {
 	*x = RevokeGrant{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[39]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3388,7 +3447,7 @@ func (x *RevokeGrant) String() string {
 func (*RevokeGrant) ProtoMessage() {}
 
 func (x *RevokeGrant) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[39]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3401,7 +3460,7 @@ func (x *RevokeGrant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeGrant.ProtoReflect.Descriptor instead.
 func (*RevokeGrant) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{39}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *RevokeGrant) GetGrantId() string {
@@ -3424,7 +3483,7 @@ type DenyPrincipal struct {
 
 func (x *DenyPrincipal) Reset() {
 	*x = DenyPrincipal{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[40]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3436,7 +3495,7 @@ func (x *DenyPrincipal) String() string {
 func (*DenyPrincipal) ProtoMessage() {}
 
 func (x *DenyPrincipal) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[40]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3449,7 +3508,7 @@ func (x *DenyPrincipal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DenyPrincipal.ProtoReflect.Descriptor instead.
 func (*DenyPrincipal) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{40}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *DenyPrincipal) GetPrincipal() string {
@@ -3475,7 +3534,7 @@ type AllowPrincipal struct {
 
 func (x *AllowPrincipal) Reset() {
 	*x = AllowPrincipal{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[41]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3487,7 +3546,7 @@ func (x *AllowPrincipal) String() string {
 func (*AllowPrincipal) ProtoMessage() {}
 
 func (x *AllowPrincipal) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[41]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3500,7 +3559,7 @@ func (x *AllowPrincipal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllowPrincipal.ProtoReflect.Descriptor instead.
 func (*AllowPrincipal) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{41}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *AllowPrincipal) GetPrincipal() string {
@@ -3522,7 +3581,7 @@ type DeniedPrincipal struct {
 
 func (x *DeniedPrincipal) Reset() {
 	*x = DeniedPrincipal{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[42]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3534,7 +3593,7 @@ func (x *DeniedPrincipal) String() string {
 func (*DeniedPrincipal) ProtoMessage() {}
 
 func (x *DeniedPrincipal) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[42]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3547,7 +3606,7 @@ func (x *DeniedPrincipal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeniedPrincipal.ProtoReflect.Descriptor instead.
 func (*DeniedPrincipal) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{42}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *DeniedPrincipal) GetPrincipal() string {
@@ -3595,7 +3654,7 @@ type ImportToken struct {
 
 func (x *ImportToken) Reset() {
 	*x = ImportToken{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[43]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3607,7 +3666,7 @@ func (x *ImportToken) String() string {
 func (*ImportToken) ProtoMessage() {}
 
 func (x *ImportToken) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[43]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3620,7 +3679,7 @@ func (x *ImportToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportToken.ProtoReflect.Descriptor instead.
 func (*ImportToken) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{43}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *ImportToken) GetTokenId() string {
@@ -3694,7 +3753,7 @@ type JoinToken struct {
 
 func (x *JoinToken) Reset() {
 	*x = JoinToken{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[44]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3706,7 +3765,7 @@ func (x *JoinToken) String() string {
 func (*JoinToken) ProtoMessage() {}
 
 func (x *JoinToken) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[44]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3719,7 +3778,7 @@ func (x *JoinToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinToken.ProtoReflect.Descriptor instead.
 func (*JoinToken) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{44}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *JoinToken) GetTokenId() string {
@@ -3779,7 +3838,7 @@ type Result struct {
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[45]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3791,7 +3850,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[45]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3804,7 +3863,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{45}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *Result) GetCode() ResultCode {
@@ -3853,7 +3912,7 @@ type RequestRecord struct {
 
 func (x *RequestRecord) Reset() {
 	*x = RequestRecord{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[46]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3865,7 +3924,7 @@ func (x *RequestRecord) String() string {
 func (*RequestRecord) ProtoMessage() {}
 
 func (x *RequestRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[46]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3878,7 +3937,7 @@ func (x *RequestRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestRecord.ProtoReflect.Descriptor instead.
 func (*RequestRecord) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{46}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *RequestRecord) GetRequestId() string {
@@ -3918,7 +3977,7 @@ type ClusterInfo struct {
 
 func (x *ClusterInfo) Reset() {
 	*x = ClusterInfo{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[47]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3930,7 +3989,7 @@ func (x *ClusterInfo) String() string {
 func (*ClusterInfo) ProtoMessage() {}
 
 func (x *ClusterInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[47]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3943,7 +4002,7 @@ func (x *ClusterInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterInfo.ProtoReflect.Descriptor instead.
 func (*ClusterInfo) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{47}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *ClusterInfo) GetClusterId() string {
@@ -4018,7 +4077,7 @@ type State struct {
 
 func (x *State) Reset() {
 	*x = State{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[48]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4030,7 +4089,7 @@ func (x *State) String() string {
 func (*State) ProtoMessage() {}
 
 func (x *State) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[48]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4043,7 +4102,7 @@ func (x *State) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use State.ProtoReflect.Descriptor instead.
 func (*State) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{48}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *State) GetFormat() uint32 {
@@ -4129,7 +4188,10 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\n" +
 	"request_id\x18\x05 \x01(\tR\trequestId\x12\x1c\n" +
 	"\tprincipal\x18\x06 \x01(\tR\tprincipal\x12\x18\n" +
-	"\apayload\x18\a \x01(\fR\apayload\"@\n" +
+	"\apayload\x18\a \x01(\fR\apayload\"F\n" +
+	"\x12AbandonKEKRotation\x12\x18\n" +
+	"\aversion\x18\x01 \x01(\rR\aversion\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"@\n" +
 	"\x10BeginKEKRotation\x12,\n" +
 	"\x03kek\x18\x01 \x01(\v2\x1a.cabinet.fsm.v1.KEKVersionR\x03kek\"c\n" +
 	"\n" +
@@ -4413,7 +4475,7 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\rimport_tokens\x18\b \x03(\v2\x1b.cabinet.fsm.v1.ImportTokenR\fimportTokens\x12-\n" +
 	"\x06grants\x18\t \x03(\v2\x15.cabinet.fsm.v1.GrantR\x06grants\x12L\n" +
 	"\x11denied_principals\x18\n" +
-	" \x03(\v2\x1f.cabinet.fsm.v1.DeniedPrincipalR\x10deniedPrincipals*\xb6\b\n" +
+	" \x03(\v2\x1f.cabinet.fsm.v1.DeniedPrincipalR\x10deniedPrincipals*\xdd\b\n" +
 	"\vCommandType\x12\x1c\n" +
 	"\x18COMMAND_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19COMMAND_TYPE_INIT_CLUSTER\x10\x01\x12\x1b\n" +
@@ -4448,7 +4510,8 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\x19COMMAND_TYPE_ACTIVATE_KEK\x10\x1d\x12 \n" +
 	"\x1cCOMMAND_TYPE_REWRAP_MATERIAL\x10\x1e\x12\x1b\n" +
 	"\x17COMMAND_TYPE_RETIRE_KEK\x10\x1f\x12\x1c\n" +
-	"\x18COMMAND_TYPE_KEK_REMOVED\x10 *\x9a\x01\n" +
+	"\x18COMMAND_TYPE_KEK_REMOVED\x10 \x12%\n" +
+	"!COMMAND_TYPE_ABANDON_KEK_ROTATION\x10!*\x9a\x01\n" +
 	"\bKEKState\x12\x19\n" +
 	"\x15KEK_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10KEK_STATE_ACTIVE\x10\x01\x12\x15\n" +
@@ -4527,7 +4590,7 @@ func file_fsm_fsmpb_fsm_proto_rawDescGZIP() []byte {
 }
 
 var file_fsm_fsmpb_fsm_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
-var file_fsm_fsmpb_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 53)
+var file_fsm_fsmpb_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 54)
 var file_fsm_fsmpb_fsm_proto_goTypes = []any{
 	(CommandType)(0),                // 0: cabinet.fsm.v1.CommandType
 	(KEKState)(0),                   // 1: cabinet.fsm.v1.KEKState
@@ -4540,117 +4603,118 @@ var file_fsm_fsmpb_fsm_proto_goTypes = []any{
 	(GrantOperation)(0),             // 8: cabinet.fsm.v1.GrantOperation
 	(ResultCode)(0),                 // 9: cabinet.fsm.v1.ResultCode
 	(*Command)(nil),                 // 10: cabinet.fsm.v1.Command
-	(*BeginKEKRotation)(nil),        // 11: cabinet.fsm.v1.BeginKEKRotation
-	(*DeliverKEK)(nil),              // 12: cabinet.fsm.v1.DeliverKEK
-	(*KEKInstalled)(nil),            // 13: cabinet.fsm.v1.KEKInstalled
-	(*ActivateKEK)(nil),             // 14: cabinet.fsm.v1.ActivateKEK
-	(*RewrapMaterial)(nil),          // 15: cabinet.fsm.v1.RewrapMaterial
-	(*RewrappedKeyVersion)(nil),     // 16: cabinet.fsm.v1.RewrappedKeyVersion
-	(*RewrappedImportToken)(nil),    // 17: cabinet.fsm.v1.RewrappedImportToken
-	(*RetireKEK)(nil),               // 18: cabinet.fsm.v1.RetireKEK
-	(*KEKRemoved)(nil),              // 19: cabinet.fsm.v1.KEKRemoved
-	(*SetGossipKey)(nil),            // 20: cabinet.fsm.v1.SetGossipKey
-	(*WrappedBlob)(nil),             // 21: cabinet.fsm.v1.WrappedBlob
-	(*KEKVersion)(nil),              // 22: cabinet.fsm.v1.KEKVersion
-	(*KEKDelivery)(nil),             // 23: cabinet.fsm.v1.KEKDelivery
-	(*NodeRecord)(nil),              // 24: cabinet.fsm.v1.NodeRecord
-	(*InitCluster)(nil),             // 25: cabinet.fsm.v1.InitCluster
-	(*CreateKey)(nil),               // 26: cabinet.fsm.v1.CreateKey
-	(*RotateKey)(nil),               // 27: cabinet.fsm.v1.RotateKey
-	(*UpdateKey)(nil),               // 28: cabinet.fsm.v1.UpdateKey
-	(*SetAlias)(nil),                // 29: cabinet.fsm.v1.SetAlias
-	(*DeleteAlias)(nil),             // 30: cabinet.fsm.v1.DeleteAlias
-	(*SetKeyEnabled)(nil),           // 31: cabinet.fsm.v1.SetKeyEnabled
-	(*RevokeKey)(nil),               // 32: cabinet.fsm.v1.RevokeKey
-	(*SetVersionState)(nil),         // 33: cabinet.fsm.v1.SetVersionState
-	(*SetMinDecryptionVersion)(nil), // 34: cabinet.fsm.v1.SetMinDecryptionVersion
-	(*SetRotationPolicy)(nil),       // 35: cabinet.fsm.v1.SetRotationPolicy
-	(*ScheduleDestruction)(nil),     // 36: cabinet.fsm.v1.ScheduleDestruction
-	(*CancelDestruction)(nil),       // 37: cabinet.fsm.v1.CancelDestruction
-	(*DestroyKey)(nil),              // 38: cabinet.fsm.v1.DestroyKey
-	(*CreateImportToken)(nil),       // 39: cabinet.fsm.v1.CreateImportToken
-	(*ImportKey)(nil),               // 40: cabinet.fsm.v1.ImportKey
-	(*CreateJoinToken)(nil),         // 41: cabinet.fsm.v1.CreateJoinToken
-	(*AdmitNode)(nil),               // 42: cabinet.fsm.v1.AdmitNode
-	(*RemoveNode)(nil),              // 43: cabinet.fsm.v1.RemoveNode
-	(*Noop)(nil),                    // 44: cabinet.fsm.v1.Noop
-	(*KeyVersion)(nil),              // 45: cabinet.fsm.v1.KeyVersion
-	(*KeyRecord)(nil),               // 46: cabinet.fsm.v1.KeyRecord
-	(*Grant)(nil),                   // 47: cabinet.fsm.v1.Grant
-	(*CreateGrant)(nil),             // 48: cabinet.fsm.v1.CreateGrant
-	(*RevokeGrant)(nil),             // 49: cabinet.fsm.v1.RevokeGrant
-	(*DenyPrincipal)(nil),           // 50: cabinet.fsm.v1.DenyPrincipal
-	(*AllowPrincipal)(nil),          // 51: cabinet.fsm.v1.AllowPrincipal
-	(*DeniedPrincipal)(nil),         // 52: cabinet.fsm.v1.DeniedPrincipal
-	(*ImportToken)(nil),             // 53: cabinet.fsm.v1.ImportToken
-	(*JoinToken)(nil),               // 54: cabinet.fsm.v1.JoinToken
-	(*Result)(nil),                  // 55: cabinet.fsm.v1.Result
-	(*RequestRecord)(nil),           // 56: cabinet.fsm.v1.RequestRecord
-	(*ClusterInfo)(nil),             // 57: cabinet.fsm.v1.ClusterInfo
-	(*State)(nil),                   // 58: cabinet.fsm.v1.State
-	nil,                             // 59: cabinet.fsm.v1.CreateKey.TagsEntry
-	nil,                             // 60: cabinet.fsm.v1.UpdateKey.TagsEntry
-	nil,                             // 61: cabinet.fsm.v1.KeyRecord.TagsEntry
-	nil,                             // 62: cabinet.fsm.v1.Grant.EncryptionContextEqualsEntry
+	(*AbandonKEKRotation)(nil),      // 11: cabinet.fsm.v1.AbandonKEKRotation
+	(*BeginKEKRotation)(nil),        // 12: cabinet.fsm.v1.BeginKEKRotation
+	(*DeliverKEK)(nil),              // 13: cabinet.fsm.v1.DeliverKEK
+	(*KEKInstalled)(nil),            // 14: cabinet.fsm.v1.KEKInstalled
+	(*ActivateKEK)(nil),             // 15: cabinet.fsm.v1.ActivateKEK
+	(*RewrapMaterial)(nil),          // 16: cabinet.fsm.v1.RewrapMaterial
+	(*RewrappedKeyVersion)(nil),     // 17: cabinet.fsm.v1.RewrappedKeyVersion
+	(*RewrappedImportToken)(nil),    // 18: cabinet.fsm.v1.RewrappedImportToken
+	(*RetireKEK)(nil),               // 19: cabinet.fsm.v1.RetireKEK
+	(*KEKRemoved)(nil),              // 20: cabinet.fsm.v1.KEKRemoved
+	(*SetGossipKey)(nil),            // 21: cabinet.fsm.v1.SetGossipKey
+	(*WrappedBlob)(nil),             // 22: cabinet.fsm.v1.WrappedBlob
+	(*KEKVersion)(nil),              // 23: cabinet.fsm.v1.KEKVersion
+	(*KEKDelivery)(nil),             // 24: cabinet.fsm.v1.KEKDelivery
+	(*NodeRecord)(nil),              // 25: cabinet.fsm.v1.NodeRecord
+	(*InitCluster)(nil),             // 26: cabinet.fsm.v1.InitCluster
+	(*CreateKey)(nil),               // 27: cabinet.fsm.v1.CreateKey
+	(*RotateKey)(nil),               // 28: cabinet.fsm.v1.RotateKey
+	(*UpdateKey)(nil),               // 29: cabinet.fsm.v1.UpdateKey
+	(*SetAlias)(nil),                // 30: cabinet.fsm.v1.SetAlias
+	(*DeleteAlias)(nil),             // 31: cabinet.fsm.v1.DeleteAlias
+	(*SetKeyEnabled)(nil),           // 32: cabinet.fsm.v1.SetKeyEnabled
+	(*RevokeKey)(nil),               // 33: cabinet.fsm.v1.RevokeKey
+	(*SetVersionState)(nil),         // 34: cabinet.fsm.v1.SetVersionState
+	(*SetMinDecryptionVersion)(nil), // 35: cabinet.fsm.v1.SetMinDecryptionVersion
+	(*SetRotationPolicy)(nil),       // 36: cabinet.fsm.v1.SetRotationPolicy
+	(*ScheduleDestruction)(nil),     // 37: cabinet.fsm.v1.ScheduleDestruction
+	(*CancelDestruction)(nil),       // 38: cabinet.fsm.v1.CancelDestruction
+	(*DestroyKey)(nil),              // 39: cabinet.fsm.v1.DestroyKey
+	(*CreateImportToken)(nil),       // 40: cabinet.fsm.v1.CreateImportToken
+	(*ImportKey)(nil),               // 41: cabinet.fsm.v1.ImportKey
+	(*CreateJoinToken)(nil),         // 42: cabinet.fsm.v1.CreateJoinToken
+	(*AdmitNode)(nil),               // 43: cabinet.fsm.v1.AdmitNode
+	(*RemoveNode)(nil),              // 44: cabinet.fsm.v1.RemoveNode
+	(*Noop)(nil),                    // 45: cabinet.fsm.v1.Noop
+	(*KeyVersion)(nil),              // 46: cabinet.fsm.v1.KeyVersion
+	(*KeyRecord)(nil),               // 47: cabinet.fsm.v1.KeyRecord
+	(*Grant)(nil),                   // 48: cabinet.fsm.v1.Grant
+	(*CreateGrant)(nil),             // 49: cabinet.fsm.v1.CreateGrant
+	(*RevokeGrant)(nil),             // 50: cabinet.fsm.v1.RevokeGrant
+	(*DenyPrincipal)(nil),           // 51: cabinet.fsm.v1.DenyPrincipal
+	(*AllowPrincipal)(nil),          // 52: cabinet.fsm.v1.AllowPrincipal
+	(*DeniedPrincipal)(nil),         // 53: cabinet.fsm.v1.DeniedPrincipal
+	(*ImportToken)(nil),             // 54: cabinet.fsm.v1.ImportToken
+	(*JoinToken)(nil),               // 55: cabinet.fsm.v1.JoinToken
+	(*Result)(nil),                  // 56: cabinet.fsm.v1.Result
+	(*RequestRecord)(nil),           // 57: cabinet.fsm.v1.RequestRecord
+	(*ClusterInfo)(nil),             // 58: cabinet.fsm.v1.ClusterInfo
+	(*State)(nil),                   // 59: cabinet.fsm.v1.State
+	nil,                             // 60: cabinet.fsm.v1.CreateKey.TagsEntry
+	nil,                             // 61: cabinet.fsm.v1.UpdateKey.TagsEntry
+	nil,                             // 62: cabinet.fsm.v1.KeyRecord.TagsEntry
+	nil,                             // 63: cabinet.fsm.v1.Grant.EncryptionContextEqualsEntry
 }
 var file_fsm_fsmpb_fsm_proto_depIdxs = []int32{
 	0,  // 0: cabinet.fsm.v1.Command.type:type_name -> cabinet.fsm.v1.CommandType
-	22, // 1: cabinet.fsm.v1.BeginKEKRotation.kek:type_name -> cabinet.fsm.v1.KEKVersion
-	23, // 2: cabinet.fsm.v1.DeliverKEK.deliveries:type_name -> cabinet.fsm.v1.KEKDelivery
-	16, // 3: cabinet.fsm.v1.RewrapMaterial.keys:type_name -> cabinet.fsm.v1.RewrappedKeyVersion
-	21, // 4: cabinet.fsm.v1.RewrapMaterial.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	21, // 5: cabinet.fsm.v1.RewrapMaterial.gossip_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	17, // 6: cabinet.fsm.v1.RewrapMaterial.import_tokens:type_name -> cabinet.fsm.v1.RewrappedImportToken
-	21, // 7: cabinet.fsm.v1.RewrappedKeyVersion.material:type_name -> cabinet.fsm.v1.WrappedBlob
-	21, // 8: cabinet.fsm.v1.RewrappedImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	21, // 9: cabinet.fsm.v1.SetGossipKey.gossip_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	23, // 1: cabinet.fsm.v1.BeginKEKRotation.kek:type_name -> cabinet.fsm.v1.KEKVersion
+	24, // 2: cabinet.fsm.v1.DeliverKEK.deliveries:type_name -> cabinet.fsm.v1.KEKDelivery
+	17, // 3: cabinet.fsm.v1.RewrapMaterial.keys:type_name -> cabinet.fsm.v1.RewrappedKeyVersion
+	22, // 4: cabinet.fsm.v1.RewrapMaterial.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	22, // 5: cabinet.fsm.v1.RewrapMaterial.gossip_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	18, // 6: cabinet.fsm.v1.RewrapMaterial.import_tokens:type_name -> cabinet.fsm.v1.RewrappedImportToken
+	22, // 7: cabinet.fsm.v1.RewrappedKeyVersion.material:type_name -> cabinet.fsm.v1.WrappedBlob
+	22, // 8: cabinet.fsm.v1.RewrappedImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	22, // 9: cabinet.fsm.v1.SetGossipKey.gossip_key:type_name -> cabinet.fsm.v1.WrappedBlob
 	1,  // 10: cabinet.fsm.v1.KEKVersion.state:type_name -> cabinet.fsm.v1.KEKState
-	23, // 11: cabinet.fsm.v1.KEKVersion.deliveries:type_name -> cabinet.fsm.v1.KEKDelivery
-	21, // 12: cabinet.fsm.v1.InitCluster.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	22, // 13: cabinet.fsm.v1.InitCluster.kek:type_name -> cabinet.fsm.v1.KEKVersion
-	24, // 14: cabinet.fsm.v1.InitCluster.first_node:type_name -> cabinet.fsm.v1.NodeRecord
+	24, // 11: cabinet.fsm.v1.KEKVersion.deliveries:type_name -> cabinet.fsm.v1.KEKDelivery
+	22, // 12: cabinet.fsm.v1.InitCluster.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	23, // 13: cabinet.fsm.v1.InitCluster.kek:type_name -> cabinet.fsm.v1.KEKVersion
+	25, // 14: cabinet.fsm.v1.InitCluster.first_node:type_name -> cabinet.fsm.v1.NodeRecord
 	2,  // 15: cabinet.fsm.v1.CreateKey.spec:type_name -> cabinet.fsm.v1.KeySpec
 	3,  // 16: cabinet.fsm.v1.CreateKey.usage:type_name -> cabinet.fsm.v1.KeyUsage
-	59, // 17: cabinet.fsm.v1.CreateKey.tags:type_name -> cabinet.fsm.v1.CreateKey.TagsEntry
-	21, // 18: cabinet.fsm.v1.CreateKey.material:type_name -> cabinet.fsm.v1.WrappedBlob
-	21, // 19: cabinet.fsm.v1.RotateKey.material:type_name -> cabinet.fsm.v1.WrappedBlob
-	60, // 20: cabinet.fsm.v1.UpdateKey.tags:type_name -> cabinet.fsm.v1.UpdateKey.TagsEntry
+	60, // 17: cabinet.fsm.v1.CreateKey.tags:type_name -> cabinet.fsm.v1.CreateKey.TagsEntry
+	22, // 18: cabinet.fsm.v1.CreateKey.material:type_name -> cabinet.fsm.v1.WrappedBlob
+	22, // 19: cabinet.fsm.v1.RotateKey.material:type_name -> cabinet.fsm.v1.WrappedBlob
+	61, // 20: cabinet.fsm.v1.UpdateKey.tags:type_name -> cabinet.fsm.v1.UpdateKey.TagsEntry
 	7,  // 21: cabinet.fsm.v1.RevokeKey.reason:type_name -> cabinet.fsm.v1.RevocationReason
 	5,  // 22: cabinet.fsm.v1.SetVersionState.state:type_name -> cabinet.fsm.v1.KeyVersionState
-	21, // 23: cabinet.fsm.v1.CreateImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	22, // 23: cabinet.fsm.v1.CreateImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
 	2,  // 24: cabinet.fsm.v1.CreateImportToken.spec:type_name -> cabinet.fsm.v1.KeySpec
-	26, // 25: cabinet.fsm.v1.ImportKey.key:type_name -> cabinet.fsm.v1.CreateKey
-	24, // 26: cabinet.fsm.v1.AdmitNode.node:type_name -> cabinet.fsm.v1.NodeRecord
-	21, // 27: cabinet.fsm.v1.KeyVersion.material:type_name -> cabinet.fsm.v1.WrappedBlob
+	27, // 25: cabinet.fsm.v1.ImportKey.key:type_name -> cabinet.fsm.v1.CreateKey
+	25, // 26: cabinet.fsm.v1.AdmitNode.node:type_name -> cabinet.fsm.v1.NodeRecord
+	22, // 27: cabinet.fsm.v1.KeyVersion.material:type_name -> cabinet.fsm.v1.WrappedBlob
 	5,  // 28: cabinet.fsm.v1.KeyVersion.state:type_name -> cabinet.fsm.v1.KeyVersionState
 	2,  // 29: cabinet.fsm.v1.KeyRecord.spec:type_name -> cabinet.fsm.v1.KeySpec
 	3,  // 30: cabinet.fsm.v1.KeyRecord.usage:type_name -> cabinet.fsm.v1.KeyUsage
 	4,  // 31: cabinet.fsm.v1.KeyRecord.state:type_name -> cabinet.fsm.v1.KeyState
-	61, // 32: cabinet.fsm.v1.KeyRecord.tags:type_name -> cabinet.fsm.v1.KeyRecord.TagsEntry
-	45, // 33: cabinet.fsm.v1.KeyRecord.versions:type_name -> cabinet.fsm.v1.KeyVersion
+	62, // 32: cabinet.fsm.v1.KeyRecord.tags:type_name -> cabinet.fsm.v1.KeyRecord.TagsEntry
+	46, // 33: cabinet.fsm.v1.KeyRecord.versions:type_name -> cabinet.fsm.v1.KeyVersion
 	6,  // 34: cabinet.fsm.v1.KeyRecord.origin:type_name -> cabinet.fsm.v1.KeyOrigin
 	7,  // 35: cabinet.fsm.v1.KeyRecord.revocation_reason:type_name -> cabinet.fsm.v1.RevocationReason
 	8,  // 36: cabinet.fsm.v1.Grant.operations:type_name -> cabinet.fsm.v1.GrantOperation
-	62, // 37: cabinet.fsm.v1.Grant.encryption_context_equals:type_name -> cabinet.fsm.v1.Grant.EncryptionContextEqualsEntry
-	47, // 38: cabinet.fsm.v1.CreateGrant.grant:type_name -> cabinet.fsm.v1.Grant
-	21, // 39: cabinet.fsm.v1.ImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	63, // 37: cabinet.fsm.v1.Grant.encryption_context_equals:type_name -> cabinet.fsm.v1.Grant.EncryptionContextEqualsEntry
+	48, // 38: cabinet.fsm.v1.CreateGrant.grant:type_name -> cabinet.fsm.v1.Grant
+	22, // 39: cabinet.fsm.v1.ImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
 	2,  // 40: cabinet.fsm.v1.ImportToken.spec:type_name -> cabinet.fsm.v1.KeySpec
 	9,  // 41: cabinet.fsm.v1.Result.code:type_name -> cabinet.fsm.v1.ResultCode
-	46, // 42: cabinet.fsm.v1.Result.key:type_name -> cabinet.fsm.v1.KeyRecord
-	24, // 43: cabinet.fsm.v1.Result.node:type_name -> cabinet.fsm.v1.NodeRecord
-	47, // 44: cabinet.fsm.v1.Result.grant:type_name -> cabinet.fsm.v1.Grant
-	55, // 45: cabinet.fsm.v1.RequestRecord.result:type_name -> cabinet.fsm.v1.Result
-	21, // 46: cabinet.fsm.v1.ClusterInfo.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	22, // 47: cabinet.fsm.v1.ClusterInfo.kek_versions:type_name -> cabinet.fsm.v1.KEKVersion
-	21, // 48: cabinet.fsm.v1.ClusterInfo.gossip_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	57, // 49: cabinet.fsm.v1.State.cluster:type_name -> cabinet.fsm.v1.ClusterInfo
-	46, // 50: cabinet.fsm.v1.State.keys:type_name -> cabinet.fsm.v1.KeyRecord
-	24, // 51: cabinet.fsm.v1.State.nodes:type_name -> cabinet.fsm.v1.NodeRecord
-	54, // 52: cabinet.fsm.v1.State.join_tokens:type_name -> cabinet.fsm.v1.JoinToken
-	56, // 53: cabinet.fsm.v1.State.requests:type_name -> cabinet.fsm.v1.RequestRecord
-	53, // 54: cabinet.fsm.v1.State.import_tokens:type_name -> cabinet.fsm.v1.ImportToken
-	47, // 55: cabinet.fsm.v1.State.grants:type_name -> cabinet.fsm.v1.Grant
-	52, // 56: cabinet.fsm.v1.State.denied_principals:type_name -> cabinet.fsm.v1.DeniedPrincipal
+	47, // 42: cabinet.fsm.v1.Result.key:type_name -> cabinet.fsm.v1.KeyRecord
+	25, // 43: cabinet.fsm.v1.Result.node:type_name -> cabinet.fsm.v1.NodeRecord
+	48, // 44: cabinet.fsm.v1.Result.grant:type_name -> cabinet.fsm.v1.Grant
+	56, // 45: cabinet.fsm.v1.RequestRecord.result:type_name -> cabinet.fsm.v1.Result
+	22, // 46: cabinet.fsm.v1.ClusterInfo.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	23, // 47: cabinet.fsm.v1.ClusterInfo.kek_versions:type_name -> cabinet.fsm.v1.KEKVersion
+	22, // 48: cabinet.fsm.v1.ClusterInfo.gossip_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	58, // 49: cabinet.fsm.v1.State.cluster:type_name -> cabinet.fsm.v1.ClusterInfo
+	47, // 50: cabinet.fsm.v1.State.keys:type_name -> cabinet.fsm.v1.KeyRecord
+	25, // 51: cabinet.fsm.v1.State.nodes:type_name -> cabinet.fsm.v1.NodeRecord
+	55, // 52: cabinet.fsm.v1.State.join_tokens:type_name -> cabinet.fsm.v1.JoinToken
+	57, // 53: cabinet.fsm.v1.State.requests:type_name -> cabinet.fsm.v1.RequestRecord
+	54, // 54: cabinet.fsm.v1.State.import_tokens:type_name -> cabinet.fsm.v1.ImportToken
+	48, // 55: cabinet.fsm.v1.State.grants:type_name -> cabinet.fsm.v1.Grant
+	53, // 56: cabinet.fsm.v1.State.denied_principals:type_name -> cabinet.fsm.v1.DeniedPrincipal
 	57, // [57:57] is the sub-list for method output_type
 	57, // [57:57] is the sub-list for method input_type
 	57, // [57:57] is the sub-list for extension type_name
@@ -4669,7 +4733,7 @@ func file_fsm_fsmpb_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fsm_fsmpb_fsm_proto_rawDesc), len(file_fsm_fsmpb_fsm_proto_rawDesc)),
 			NumEnums:      10,
-			NumMessages:   53,
+			NumMessages:   54,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
