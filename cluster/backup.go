@@ -290,6 +290,7 @@ func ReplaceMembership(st *fsmpb.State, nodes []*fsmpb.NodeRecord, dropJoinToken
 	sorted := append([]*fsmpb.NodeRecord(nil), nodes...)
 	sort.Slice(sorted, func(i, j int) bool { return sorted[i].GetNodeId() < sorted[j].GetNodeId() })
 	st.Nodes = sorted
+	resetKEKBookkeeping(st, sorted)
 	if dropJoinTokens {
 		st.JoinTokens = nil
 	}
@@ -305,4 +306,29 @@ func ReplaceMembership(st *fsmpb.State, nodes []*fsmpb.NodeRecord, dropJoinToken
 		return nil, fmt.Errorf("state after replacing its members: %w", err)
 	}
 	return buf.Bytes(), nil
+}
+
+// resetKEKBookkeeping makes the KEK versions' per-node lists name the new
+// members: ACTIVE and DRAINING versions are held by every member (a restore
+// checks that its HSM holds them; a restore is refused while a rotation is
+// in progress, so every member holds what the cluster uses); a PENDING
+// version's holders and deliveries named the old nodes, so it starts with
+// none (the leader then abandons it); a RETIRED version must be removed by
+// the new members again (an idempotent destroy).
+func resetKEKBookkeeping(st *fsmpb.State, members []*fsmpb.NodeRecord) {
+	ids := make([]string, 0, len(members))
+	for _, n := range members {
+		ids = append(ids, n.GetNodeId())
+	}
+	for _, k := range st.GetCluster().GetKekVersions() {
+		switch k.GetState() {
+		case fsmpb.KEKState_KEK_STATE_ACTIVE, fsmpb.KEKState_KEK_STATE_DRAINING:
+			k.InstalledOn = append([]string(nil), ids...)
+			k.Deliveries = nil
+		case fsmpb.KEKState_KEK_STATE_PENDING:
+			k.InstalledOn, k.Deliveries = nil, nil
+		case fsmpb.KEKState_KEK_STATE_RETIRED:
+			k.RemovedFrom = nil
+		}
+	}
 }

@@ -16,7 +16,9 @@ import (
 //
 //   - BEGIN_KEK_ROTATION: a node generated version current+1 in its HSM and
 //     wrapped it for every other node's identity key (deliveries);
-//   - DELIVER_KEK: deliveries for nodes admitted since;
+//   - DELIVER_KEK: deliveries for members that hold a PENDING, ACTIVE or
+//     DRAINING version neither installed nor delivered (admitted since, or
+//     re-admitted after a removal, which forgets a node's entries);
 //   - KEK_INSTALLED: a node holds the version (check value matched);
 //   - ACTIVATE_KEK: every node holds it; it becomes current, the old current
 //     version DRAINING, deliveries are dropped;
@@ -215,8 +217,8 @@ func (s *State) applyDeliverKEK(_ *cmdContext, p *fsmpb.DeliverKEK) *fsmpb.Resul
 		return failf(codePrecondition, msgNotInitialised)
 	}
 	i := s.kekIndex(p.GetVersion())
-	if i < 0 || s.cluster.KekVersions[i].GetState() != kekPending {
-		return failf(codePrecondition, "KEK version %d is not PENDING", p.GetVersion())
+	if i < 0 || (s.cluster.KekVersions[i].GetState() != kekPending && !KEKOpensMaterial(s.cluster.KekVersions[i].GetState())) {
+		return failf(codePrecondition, "KEK version %d is not PENDING, ACTIVE or DRAINING", p.GetVersion())
 	}
 	k := s.cluster.KekVersions[i]
 	have := map[string]bool{}
@@ -457,6 +459,26 @@ func (s *State) applyAbandonKEKRotation(c *cmdContext, p *fsmpb.AbandonKEKRotati
 	})
 	s.settleRetiredKEKs(c.time)
 	return &fsmpb.Result{Message: fmt.Sprintf("KEK rotation to version %d abandoned; members that hold it remove it", p.GetVersion())}
+}
+
+// forgetKEKHolder drops a removed node from every version's holders and
+// deliveries: if it comes back (a new HSM, or the same one), it reports or
+// receives each version again instead of being counted as holding it.
+func (s *State) forgetKEKHolder(id string) {
+	if s.cluster == nil {
+		return
+	}
+	for i, k := range s.cluster.GetKekVersions() {
+		_, held := slices.BinarySearch(k.GetInstalledOn(), id)
+		delivered := slices.ContainsFunc(k.GetDeliveries(), func(d *fsmpb.KEKDelivery) bool { return d.GetNodeId() == id })
+		if !held && !delivered {
+			continue
+		}
+		s.withKEK(i, func(k *fsmpb.KEKVersion) {
+			k.InstalledOn = slices.DeleteFunc(k.InstalledOn, func(n string) bool { return n == id })
+			k.Deliveries = slices.DeleteFunc(k.Deliveries, func(d *fsmpb.KEKDelivery) bool { return d.GetNodeId() == id })
+		})
+	}
 }
 
 // settleRetiredKEKs marks RETIRED versions that every member removed as

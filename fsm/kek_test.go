@@ -233,3 +233,33 @@ func TestAbandonKEKRotation(t *testing.T) {
 	next.Kek.Version = 3
 	a.mustOK(typBeginKEK, next)
 }
+
+// TestKEKRemovedNodeIsForgotten: REMOVE_NODE drops a node from every
+// version's holders and deliveries, so a re-admitted node gets the versions
+// delivered again (DELIVER_KEK works for ACTIVE versions too) instead of
+// being counted as holding them.
+func TestKEKRemovedNodeIsForgotten(t *testing.T) {
+	a := threeNodes(t, 1)
+	a.mustOK(typBeginKEK, beginV2("n1", "n3"))
+	a.mustOK(typKEKInstall, &fsmpb.KEKInstalled{Version: 2, NodeId: "n2", CheckValue: kcv2})
+	a.mustOK(fsmpb.CommandType_COMMAND_TYPE_REMOVE_NODE, &fsmpb.RemoveNode{NodeId: "n2"})
+	a.mustOK(fsmpb.CommandType_COMMAND_TYPE_REMOVE_NODE, &fsmpb.RemoveNode{NodeId: "n3"})
+	if k := kekOf(t, a, 2); !slices.Equal(k.GetInstalledOn(), []string{"n1"}) || len(k.GetDeliveries()) != 0 {
+		t.Fatalf("after removing n2 and n3: %v", k)
+	}
+	if v1 := kekOf(t, a, 1); slices.Contains(v1.GetInstalledOn(), "n2") {
+		t.Fatalf("v1 still lists the removed n2: %v", v1)
+	}
+	a.mustOK(typActivateKEK, &fsmpb.ActivateKEK{Version: 2}) // n1 is the only member
+	a.mustOK(fsmpb.CommandType_COMMAND_TYPE_CREATE_JOIN_TOKEN, joinTokenPayload("tok-again", t0+int64(1e12)))
+	a.mustOK(fsmpb.CommandType_COMMAND_TYPE_ADMIT_NODE, admitPayload("tok-again", "n2"))
+	for _, v := range []uint32{1, 2} { // DRAINING and ACTIVE
+		a.mustOK(typDeliverKEK, &fsmpb.DeliverKEK{Version: v, Deliveries: []*fsmpb.KEKDelivery{{NodeId: "n2", Wrapped: []byte("w")}}})
+	}
+	a.mustOK(typKEKInstall, &fsmpb.KEKInstalled{Version: 2, NodeId: "n2", CheckValue: kcv2})
+	if k := kekOf(t, a, 2); !slices.Equal(k.GetInstalledOn(), []string{"n1", "n2"}) || len(k.GetDeliveries()) != 0 {
+		t.Fatalf("after n2 came back: %v", k)
+	}
+	checkResult(t, a.apply(typDeliverKEK, &fsmpb.DeliverKEK{Version: 2, Deliveries: []*fsmpb.KEKDelivery{{NodeId: "n2", Wrapped: []byte("w")}}}, env{}),
+		codeInvalid, "already holds")
+}

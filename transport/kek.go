@@ -50,6 +50,11 @@ const (
 // kekDriver is the leader's re-wrap position (in memory; a new leader starts
 // a fresh pass, which only costs a scan).
 type kekDriver struct {
+	// hsmMu serialises this node's KEK changes in its own HSM: RotateKEK's
+	// generate (and orphan removal) against the node loop's install and
+	// remove, so RotateKEK never mistakes a version the loop has just
+	// installed for an orphan of a failed attempt.
+	hsmMu   sync.Mutex
 	mu      sync.Mutex // one ProposeKEKWork / RotateKEK at a time
 	version uint32     // the DRAINING version the cursor belongs to
 	cursor  string     // last key id of the current pass
@@ -81,7 +86,9 @@ func (s *Server) nodePrincipal() string { return "node:" + s.cfg.NodeID }
 func (s *Server) RotateKEK(ctx context.Context, req *cabinetpb.RotateKEKRequest) (*cabinetpb.KEKStatusResponse, error) {
 	s.kek.mu.Lock()
 	defer s.kek.mu.Unlock()
-	ci := s.cfg.State.Cluster()
+	s.kek.hsmMu.Lock()
+	defer s.kek.hsmMu.Unlock()
+	ci := s.cfg.State.Cluster() // read under hsmMu: see kekDriver
 	if ci == nil {
 		return nil, status.Error(codes.Unavailable, "the cluster is not initialised yet")
 	}
@@ -99,8 +106,14 @@ func (s *Server) RotateKEK(ctx context.Context, req *cabinetpb.RotateKEKRequest)
 	}
 	kcv, err := s.generateKEK(ctx, next)
 	if errors.Is(err, hsm.ErrKEKExists) {
-		// Left by an attempt that never reached the state (the state has
-		// no version `next`), so nothing is sealed under it.
+		// The state read above (under hsmMu, so the node loop installed
+		// nothing since) has no version `next`: this key was left by an
+		// attempt that never reached the state, so nothing is sealed under
+		// it. Check again anyway in case a rotation committed meanwhile.
+		if s.kekVersionKnown(next) {
+			return nil, status.Errorf(codes.FailedPrecondition,
+				"a KEK rotation to version %d started meanwhile; follow it with `cabinet operator kek status`", next)
+		}
 		s.log.Warn("KEK rotation: replacing an unused KEK version left in this node's HSM by an earlier attempt", "kek_version", next)
 		if err := s.cfg.HSM.DestroyKEK(ctx, next); err != nil {
 			return nil, status.Errorf(codes.Unavailable, "remove the unused KEK version %d from this node's HSM: %v", next, err)
@@ -128,6 +141,15 @@ func (s *Server) RotateKEK(ctx context.Context, req *cabinetpb.RotateKEKRequest)
 	}
 	s.log.Warn("KEK rotation started", "kek_version", next, "deliveries", len(kek.GetDeliveries()), "by", principal(ctx), "result", res.GetMessage())
 	return s.kekStatusResponse(), nil
+}
+
+func (s *Server) kekVersionKnown(v uint32) bool {
+	for _, k := range s.cfg.State.Cluster().GetKekVersions() {
+		if k.GetVersion() == v {
+			return true
+		}
+	}
+	return false
 }
 
 // generateKEK retries a failed generation twice: SoftHSM 2.6 sometimes fails
@@ -270,6 +292,9 @@ func (s *Server) KEKNodeStep(ctx context.Context) {
 	if _, member := s.cfg.State.Node(s.cfg.NodeID); !member {
 		return
 	}
+	s.kek.hsmMu.Lock()
+	defer s.kek.hsmMu.Unlock()
+	ci = s.cfg.State.Cluster()
 	for _, k := range ci.GetKekVersions() {
 		if ctx.Err() != nil {
 			return
@@ -371,11 +396,14 @@ func (s *Server) ProposeKEKWork(ctx context.Context) {
 	}
 	for _, k := range ci.GetKekVersions() {
 		var err error
+		if fsm.KEKOpensMaterial(k.GetState()) {
+			err = s.deliverMissing(ctx, k) // PENDING: in advancePendingKEK
+		}
 		switch k.GetState() {
 		case fsmpb.KEKState_KEK_STATE_PENDING:
-			err = s.advancePendingKEK(ctx, k)
+			err = errors.Join(err, s.advancePendingKEK(ctx, k))
 		case fsmpb.KEKState_KEK_STATE_DRAINING:
-			err = s.drainKEK(ctx, k.GetVersion())
+			err = errors.Join(err, s.drainKEK(ctx, k.GetVersion()))
 		}
 		if err != nil && ctx.Err() == nil {
 			s.kek.warnOnce(s.log, fmt.Sprint("leader", k.GetVersion(), err), "KEK rotation: leader step failed; retrying", "kek_version", k.GetVersion(), "err", err)
@@ -383,53 +411,23 @@ func (s *Server) ProposeKEKWork(ctx context.Context) {
 	}
 }
 
-// advancePendingKEK delivers PENDING version k to members that have neither
-// it nor a delivery, and activates it once every member holds it.
-func (s *Server) advancePendingKEK(ctx context.Context, k *fsmpb.KEKVersion) error {
-	has := map[string]bool{}
-	for _, id := range k.GetInstalledOn() {
-		has[id] = true
-	}
-	for _, d := range k.GetDeliveries() {
-		has[d.GetNodeId()] = true
-	}
+// deliverMissing wraps version k (held by this leader) for members that
+// neither hold it nor have a delivery: nodes that joined while it was being
+// activated, or were removed and admitted again.
+func (s *Server) deliverMissing(ctx context.Context, k *fsmpb.KEKVersion) error {
 	var missing []*fsmpb.NodeRecord
-	installed := true
 	for _, n := range s.cfg.State.Nodes() {
-		if !slices.Contains(k.GetInstalledOn(), n.GetNodeId()) {
-			installed = false
-		}
-		if !has[n.GetNodeId()] {
+		if !slices.Contains(k.GetInstalledOn(), n.GetNodeId()) &&
+			!slices.ContainsFunc(k.GetDeliveries(), func(d *fsmpb.KEKDelivery) bool { return d.GetNodeId() == n.GetNodeId() }) {
 			missing = append(missing, n)
 		}
-	}
-	if installed {
-		_, err := s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_ACTIVATE_KEK, &fsmpb.ActivateKEK{Version: k.GetVersion()},
-			fmt.Sprintf("kek-activate/%d", k.GetVersion()), s.nodePrincipal())
-		if err == nil {
-			s.log.Warn("KEK rotation: every node holds the new KEK version; it is now current", "kek_version", k.GetVersion())
-		}
-		return err
 	}
 	if len(missing) == 0 {
 		return nil
 	}
 	got, err := s.cfg.HSM.KEKCheckValue(ctx, k.GetVersion())
 	if err != nil || subtle.ConstantTimeCompare(got, k.GetCheckValue()) != 1 {
-		if len(missing) == len(s.cfg.State.Nodes()) && errors.Is(err, hsm.ErrKEKNotFound) {
-			// No member holds it or has a delivery, and this leader cannot
-			// make one: it can never become current (e.g. a snapshot taken
-			// mid-rotation restored into other nodes). Nothing is sealed
-			// under a PENDING version, so give it up; a new rotation can start.
-			_, err := s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_ABANDON_KEK_ROTATION, &fsmpb.AbandonKEKRotation{
-				Version: k.GetVersion(), Reason: "no member holds it or has a delivery of it"},
-				fmt.Sprintf("kek-abandon/%d", k.GetVersion()), s.nodePrincipal())
-			if err == nil {
-				s.log.Warn("KEK rotation abandoned: no member holds the pending version or has a delivery of it; start a new one with `cabinet operator kek rotate`", "kek_version", k.GetVersion())
-			}
-			return err
-		}
-		return nil // this leader does not hold it yet; its own node loop installs it first
+		return nil // not held here yet; this node's loop installs it first
 	}
 	p := &fsmpb.DeliverKEK{Version: k.GetVersion()}
 	for _, n := range missing {
@@ -441,6 +439,41 @@ func (s *Server) advancePendingKEK(ctx context.Context, k *fsmpb.KEKVersion) err
 	}
 	_, err = s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_DELIVER_KEK, p, autoRequestID("kek-deliver"), s.nodePrincipal())
 	return err
+}
+
+// advancePendingKEK delivers PENDING version k to members that have neither
+// it nor a delivery, and activates it once every member holds it.
+func (s *Server) advancePendingKEK(ctx context.Context, k *fsmpb.KEKVersion) error {
+	members := s.cfg.State.Nodes()
+	installed, reachable := true, false
+	for _, n := range members {
+		held := slices.Contains(k.GetInstalledOn(), n.GetNodeId())
+		installed = installed && held
+		reachable = reachable || held ||
+			slices.ContainsFunc(k.GetDeliveries(), func(d *fsmpb.KEKDelivery) bool { return d.GetNodeId() == n.GetNodeId() })
+	}
+	if installed {
+		_, err := s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_ACTIVATE_KEK, &fsmpb.ActivateKEK{Version: k.GetVersion()},
+			autoRequestID(fmt.Sprintf("kek-activate/%d", k.GetVersion())), s.nodePrincipal())
+		if err == nil {
+			s.log.Warn("KEK rotation: every node holds the new KEK version; it is now current", "kek_version", k.GetVersion())
+		}
+		return err
+	}
+	if _, err := s.cfg.HSM.KEKCheckValue(ctx, k.GetVersion()); !reachable && errors.Is(err, hsm.ErrKEKNotFound) {
+		// No member holds it or has a delivery, and this leader cannot make
+		// one: it can never become current (e.g. a snapshot taken
+		// mid-rotation restored into other nodes). Nothing is sealed under a
+		// PENDING version, so give it up; a new rotation can start.
+		_, err := s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_ABANDON_KEK_ROTATION, &fsmpb.AbandonKEKRotation{
+			Version: k.GetVersion(), Reason: "no member holds it or has a delivery of it"},
+			autoRequestID(fmt.Sprintf("kek-abandon/%d", k.GetVersion())), s.nodePrincipal())
+		if err == nil {
+			s.log.Warn("KEK rotation abandoned: no member holds the pending version or has a delivery of it; start a new one with `cabinet operator kek rotate`", "kek_version", k.GetVersion())
+		}
+		return err
+	}
+	return s.deliverMissing(ctx, k)
 }
 
 // drainKEK re-wraps blobs sealed under DRAINING version old in batches for
@@ -468,8 +501,11 @@ func (s *Server) drainKEK(ctx context.Context, old uint32) error {
 			p.Keys = append(p.Keys, &fsmpb.RewrappedKeyVersion{KeyId: it.Key.GetKeyId(), Version: it.Version.GetVersion(), FromKekVersion: old,
 				Material: &fsmpb.WrappedBlob{KekVersion: cur, Blob: blob}})
 		}
-		if len(p.Keys) > 0 {
-			if _, err := s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_REWRAP_MATERIAL, p, autoRequestID("kek-rewrap"), s.nodePrincipal()); err != nil {
+		// A key with many versions can exceed one command's limit.
+		for len(p.Keys) > 0 {
+			part := &fsmpb.RewrapMaterial{Keys: p.Keys[:min(len(p.Keys), fsm.MaxRewrapBatch)]}
+			p.Keys = p.Keys[len(part.Keys):]
+			if _, err := s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_REWRAP_MATERIAL, part, autoRequestID("kek-rewrap"), s.nodePrincipal()); err != nil {
 				return err
 			}
 		}
@@ -489,7 +525,7 @@ func (s *Server) drainKEK(ctx context.Context, old uint32) error {
 			continue // created meanwhile: another pass
 		}
 		_, err := s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_RETIRE_KEK, &fsmpb.RetireKEK{Version: old},
-			fmt.Sprintf("kek-retire/%d", old), s.nodePrincipal())
+			autoRequestID(fmt.Sprintf("kek-retire/%d", old)), s.nodePrincipal())
 		if err == nil {
 			s.log.Warn("KEK rotation: nothing is sealed under the old KEK version any more; retired, nodes now remove it from their HSMs", "kek_version", old)
 		}

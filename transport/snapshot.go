@@ -278,6 +278,17 @@ func (s *Server) SnapshotRestore(stream cabinetpb.OperatorService_SnapshotRestor
 		return status.Errorf(codes.FailedPrecondition, "the snapshot is of cluster %q, this is cluster %q; restore another cluster's snapshot into new nodes with `cabinet operator recovery restore`",
 			snapCI.GetClusterId(), ci.GetClusterId())
 	}
+	// During a KEK rotation nodes are installing or destroying versions the
+	// snapshot may need, and only this (the leader's) HSM is checked below.
+	for _, k := range ci.GetKekVersions() {
+		if st := k.GetState(); st == fsmpb.KEKState_KEK_STATE_PENDING || st == fsmpb.KEKState_KEK_STATE_DRAINING || st == fsmpb.KEKState_KEK_STATE_RETIRED {
+			return status.Errorf(codes.FailedPrecondition,
+				"refusing to restore during a KEK rotation (version %d is %s); wait until `cabinet operator kek status` shows idle",
+				k.GetVersion(), fsm.KEKStateName(st))
+		}
+	}
+	s.kek.hsmMu.Lock() // this node's loop destroys no KEK while restoring
+	defer s.kek.hsmMu.Unlock()
 	if err := s.checkSnapshotKEKs(ctx, st); err != nil {
 		return err
 	}

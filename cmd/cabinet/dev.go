@@ -39,6 +39,9 @@ func runDevServer(ctx context.Context, stdout, stderr io.Writer, f *serverFlags)
 	if err := checkDevAddr(f.devAddr); err != nil {
 		return err
 	}
+	if f.dataDir != "" {
+		return fmt.Errorf("--dev uses a temporary data dir and an in-memory HSM and keeps nothing; drop --data-dir (or drop --dev to run a real node)")
+	}
 	log, err := newLogger(f.logLevel, f.logFormat)
 	if err != nil {
 		return err
