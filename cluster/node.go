@@ -143,6 +143,10 @@ type Node struct {
 	compactKick    chan struct{} // wakes autoCompact (CompactAfter set)
 	bg             sync.WaitGroup
 	fresh          freshness
+	// readyTerm is the term in which this leader has applied an entry of its
+	// own (leaderReady); readyMu makes concurrent first reads share one Barrier.
+	readyTerm atomic.Uint64
+	readyMu   sync.Mutex
 	// reloadMu serialises read-modify-write of Raft's reloadable config
 	// (compaction's TrailingLogs=0, the election nudge).
 	reloadMu sync.Mutex
@@ -402,10 +406,36 @@ func (n *Node) ReadIndexLocal(ctx context.Context) (uint64, error) {
 	if !n.IsLeader() {
 		return 0, ErrNotLeader
 	}
+	if err := n.leaderReady(); err != nil {
+		return 0, err
+	}
 	if err := n.raft.VerifyLeader().Error(); err != nil {
 		return 0, fmt.Errorf("%w: %v", ErrNotLeader, err)
 	}
 	return n.raft.CommitIndex(), nil
+}
+
+// leaderReady returns once this leader has committed and applied an entry
+// of its own term (a Barrier, once per term). Until then its commit index
+// and its FSM may lag entries the previous leader acknowledged, so neither a
+// read index it hands out nor a read it serves would cover them.
+func (n *Node) leaderReady() error {
+	term := n.raft.CurrentTerm()
+	if n.readyTerm.Load() == term {
+		return nil
+	}
+	n.readyMu.Lock()
+	defer n.readyMu.Unlock()
+	if n.readyTerm.Load() == term {
+		return nil
+	}
+	if err := n.raft.Barrier(n.cfg.ApplyTimeout).Error(); err != nil {
+		return fmt.Errorf("%w: new leader not ready: %v", ErrNotLeader, err)
+	}
+	if n.raft.CurrentTerm() == term && n.IsLeader() {
+		n.readyTerm.Store(term)
+	}
+	return nil
 }
 
 // CheckRead decides whether this node may serve a crypto operation now.
@@ -432,7 +462,7 @@ func (n *Node) CheckRead(ctx context.Context, strong bool) error {
 	}
 	switch st := n.raft.State(); st {
 	case raft.Leader:
-		return nil
+		return n.leaderReady()
 	case raft.Follower, raft.Candidate:
 		if n.cfg.Forwarder == nil { // no read index to ask for: contact only
 			lc := n.raft.LastContact()
