@@ -58,10 +58,13 @@ type kekDriver struct {
 	mu      sync.Mutex // one ProposeKEKWork / RotateKEK at a time
 	version uint32     // the DRAINING version the cursor belongs to
 	cursor  string     // last key id of the current pass
+	warnMu  sync.Mutex // guards warned only (taken under either lock above)
 	warned  map[string]bool
 }
 
 func (d *kekDriver) warnOnce(log interface{ Warn(string, ...any) }, key, msg string, args ...any) {
+	d.warnMu.Lock()
+	defer d.warnMu.Unlock()
 	if d.warned == nil {
 		d.warned = map[string]bool{}
 	}
@@ -311,9 +314,7 @@ func (s *Server) KEKNodeStep(ctx context.Context) {
 			}
 		}
 		if err != nil {
-			s.kek.mu.Lock()
 			s.kek.warnOnce(s.log, fmt.Sprint(k.GetVersion(), err), "KEK rotation: this node's step failed; retrying", "kek_version", k.GetVersion(), "err", err)
-			s.kek.mu.Unlock()
 		}
 	}
 }
