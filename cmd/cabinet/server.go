@@ -308,7 +308,7 @@ func runServer(ctx context.Context, f *serverFlags) error {
 	go node.RunLeaderLoop(bg, time.Second, srv.ProposeDue)
 	go node.RunLeaderLoop(bg, time.Second, srv.ProposeKEKWork)      // KEK rotation: deliver, activate, re-wrap, retire
 	go srv.RunKEKNodeDuties(bg, time.Second)                        // KEK rotation: install, remove from this HSM
-	defer startGossip(bg, log, f.gossip, nc, node, state, h, srv)() // server_gossip.go: memberlist, gossip key, dead-voter removal
+	defer srv.StartGossip(bg, log, f.gossip.transport(), node)() // transport/gossip.go: memberlist, gossip key, dead-voter removal
 	if _, err := os.Stat(filepath.Join(f.dataDir, initFile)); err == nil {
 		go applyPendingInit(bg, log, node, state, f.dataDir)
 	}

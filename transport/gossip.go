@@ -1,0 +1,273 @@
+package transport
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/cabinet-kms/cabinet/cluster"
+	"github.com/cabinet-kms/cabinet/fsm"
+	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
+)
+
+// GossipSettings configures StartGossip (the server's --gossip* flags).
+type GossipSettings struct {
+	// Addr is the bind+advertise address (default: the Raft IP at Raft port + 100).
+	Addr string
+	// Join lists extra gossip addresses to contact.
+	Join []string
+	// AutoremoveAfter: the leader removes voters gossip saw dead this long (0: off).
+	AutoremoveAfter time.Duration
+	Enabled         bool
+}
+
+const (
+	// gossipMinVoters: automatic removal never shrinks the voters below
+	// this. Going from 3 voters to 2 gains nothing (2 voters tolerate no
+	// failure, like 3 with one dead) and loses the spare vote the dead node
+	// gives back when it returns.
+	gossipMinVoters = 3
+	gossipTick      = time.Second
+)
+
+// gossipRunner owns this node's memberlist member and the leader's gossip
+// duties (creating the gossip key; removing dead voters when enabled).
+type gossipRunner struct {
+	log  *slog.Logger
+	gs   GossipSettings
+	node *cluster.Node
+	srv  *Server
+
+	mu      sync.Mutex
+	g       *cluster.Gossip
+	keyBlob []byte          // the sealed key g runs with
+	warned  map[string]bool // messages logged once
+}
+
+// warnOnce logs msg at warning level the first time it is seen.
+func (r *gossipRunner) warnOnce(key, msg string, args ...any) {
+	r.mu.Lock()
+	seen := r.warned[key]
+	r.warned[key] = true
+	r.mu.Unlock()
+	if !seen {
+		r.log.Warn(msg, args...)
+	}
+}
+
+// StartGossip starts memberlist gossip for this node; the returned function
+// stops it (announcing the departure). Gossip starts once the replicated
+// state holds the gossip key and this node's HSM unsealed it: nodes without
+// the KEK cannot gossip. The leader creates the gossip key and, with
+// AutoremoveAfter set, removes voters gossip reports dead (never below 3
+// voters nor below a majority of live ones).
+func (s *Server) StartGossip(ctx context.Context, log *slog.Logger, gs GossipSettings, node *cluster.Node) (stop func()) {
+	log = log.With("component", "gossip")
+	if gs.AutoremoveAfter < 0 {
+		log.Error("--autoremove-dead-after must not be negative; gossip not started")
+		return func() {}
+	}
+	if !gs.Enabled {
+		log.Info("gossip is disabled")
+		return func() {}
+	}
+	r := &gossipRunner{log: log, gs: gs, node: node, srv: s, warned: map[string]bool{}}
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); node.RunLeaderLoop(ctx, 2*gossipTick, r.leaderDuties) }()
+	go func() { defer wg.Done(); r.run(ctx) }()
+	return func() {
+		cancel()
+		wg.Wait()
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if r.g != nil {
+			s.SetGossip(nil)
+			if err := r.g.Leave(time.Second); err != nil {
+				log.Warn("leave gossip", "err", err)
+			}
+			r.g = nil
+		}
+	}
+}
+
+func (r *gossipRunner) gossip() *cluster.Gossip {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.g
+}
+
+// run starts gossip when the key is available, then keeps joining members
+// it does not see alive and follows key rotations.
+func (r *gossipRunner) run(ctx context.Context) {
+	tick := time.NewTicker(gossipTick)
+	defer tick.Stop()
+	rejoin := time.Time{}
+	for {
+		if err := r.step(ctx, &rejoin); err != nil {
+			r.warnOnce(err.Error(), "gossip", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+func (r *gossipRunner) step(ctx context.Context, rejoin *time.Time) error {
+	ci := r.srv.cfg.State.Cluster()
+	blob := ci.GetGossipKey()
+	if blob == nil {
+		return nil // the leader has not created it yet
+	}
+	g := r.gossip()
+	if g != nil && string(blob.GetBlob()) == string(r.keyBlob) {
+		if time.Now().After(*rejoin) {
+			*rejoin = time.Now().Add(5 * gossipTick)
+			r.joinMissing(g)
+		}
+		return nil
+	}
+	key, err := r.srv.cfg.HSM.Open(ctx, blob.GetKekVersion(), blob.GetBlob(), GossipKeyAAD(ci.GetClusterId()))
+	if err != nil {
+		return fmt.Errorf("this node's HSM cannot unseal the gossip key (KEK version %d): %w", blob.GetKekVersion(), err)
+	}
+	defer clear(key)
+	if g != nil { // rotation
+		if err := g.UseKey(key); err != nil {
+			return fmt.Errorf("install the new gossip key: %w", err)
+		}
+		r.mu.Lock()
+		r.keyBlob = blob.GetBlob()
+		r.mu.Unlock()
+		r.log.Info("gossip key rotated")
+		return nil
+	}
+	addr := r.gs.Addr
+	if addr == "" {
+		if addr, err = cluster.DeriveGossipAddr(r.srv.cfg.RaftAddr); err != nil {
+			return err
+		}
+	}
+	g, err = cluster.StartGossip(cluster.GossipConfig{NodeID: r.srv.cfg.NodeID, BindAddr: addr, Key: key, ClusterID: ci.GetClusterId(), Logger: r.log})
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	r.g, r.keyBlob = g, blob.GetBlob()
+	r.mu.Unlock()
+	r.srv.SetGossip(g)
+	r.log.Info("gossip started", "addr", addr)
+	*rejoin = time.Now().Add(5 * gossipTick)
+	r.joinMissing(g)
+	return nil
+}
+
+// joinMissing contacts every recorded member gossip does not see alive, at
+// its derived gossip address (plus the configured join addresses).
+func (r *gossipRunner) joinMissing(g *cluster.Gossip) {
+	addrs := append([]string{}, r.gs.Join...)
+	for _, rec := range r.srv.cfg.State.Nodes() {
+		if rec.GetNodeId() == r.srv.cfg.NodeID {
+			continue
+		}
+		if h := g.Health(rec.GetNodeId()); h == cluster.GossipAlive || h == cluster.GossipSuspect {
+			continue
+		}
+		if a, err := cluster.DeriveGossipAddr(rec.GetRaftAddr()); err == nil {
+			addrs = append(addrs, a)
+		}
+	}
+	if len(addrs) == 0 {
+		return
+	}
+	if _, err := g.Join(addrs); err != nil {
+		r.log.Debug("gossip join", "addrs", addrs, "err", err)
+	}
+}
+
+// leaderDuties runs on the leader: create the gossip key once, and remove
+// dead voters when --autoremove-dead-after is set.
+func (r *gossipRunner) leaderDuties(ctx context.Context) {
+	if err := r.ensureGossipKey(ctx); err != nil {
+		r.log.Warn("create the gossip key", "err", err)
+	}
+	if r.gs.AutoremoveAfter > 0 {
+		r.removeDead(ctx)
+	}
+}
+
+// ensureGossipKey: 32 bytes from this node's HSM, sealed under the current
+// KEK by the HSM, proposed with a fixed request id so that leaders racing
+// to do it agree on the first one.
+func (r *gossipRunner) ensureGossipKey(ctx context.Context) error {
+	ci := r.srv.cfg.State.Cluster()
+	if ci == nil || ci.GetGossipKey() != nil {
+		return nil
+	}
+	key, err := r.srv.cfg.HSM.GenerateRandom(ctx, 32)
+	if err != nil {
+		return err
+	}
+	sealed, err := r.srv.cfg.HSM.Seal(ctx, ci.GetCurrentKekVersion(), key, GossipKeyAAD(ci.GetClusterId()))
+	clear(key)
+	if err != nil {
+		return err
+	}
+	cmd, err := fsm.NewCommand(fsmpb.CommandType_COMMAND_TYPE_SET_GOSSIP_KEY, &fsmpb.SetGossipKey{
+		GossipKey: &fsmpb.WrappedBlob{KekVersion: ci.GetCurrentKekVersion(), Blob: sealed},
+	}, "gossip-key/"+ci.GetClusterId(), "node:"+r.srv.cfg.NodeID)
+	if err != nil {
+		return err
+	}
+	res, err := r.node.Propose(ctx, cmd)
+	if err != nil {
+		return err
+	}
+	if res.GetCode() != fsmpb.ResultCode_RESULT_CODE_OK {
+		return fmt.Errorf("refused: %s %s", res.GetCode(), res.GetMessage())
+	}
+	r.log.Info("gossip key created")
+	return nil
+}
+
+// removeDead removes at most one voter per round that gossip reported dead
+// for at least autoremoveAfter, when cluster.SafeToRemoveVoter allows it
+// with every dead or suspect member counted as down.
+func (r *gossipRunner) removeDead(ctx context.Context) {
+	g := r.gossip()
+	if g == nil {
+		return
+	}
+	servers, err := r.node.Servers()
+	if err != nil {
+		return
+	}
+	down := map[string]bool{}
+	for _, s := range servers {
+		if h := g.Health(s.ID); s.ID != r.srv.cfg.NodeID && h != cluster.GossipAlive {
+			down[s.ID] = true
+		}
+	}
+	for _, s := range servers {
+		since, dead := g.DeadSince(s.ID)
+		if !s.Voter || s.ID == r.srv.cfg.NodeID || !dead || time.Since(since) < r.gs.AutoremoveAfter {
+			continue
+		}
+		if err := cluster.SafeToRemoveVoter(servers, s.ID, down, gossipMinVoters); err != nil {
+			r.warnOnce("autoremove:"+err.Error(), "not removing a dead voter", "node_id", s.ID, "reason", err)
+			continue
+		}
+		reqID := fmt.Sprintf("autoremove/%s/%d", s.ID, since.UnixNano())
+		if err := r.srv.RemoveNode(ctx, s.ID, reqID, "node:"+r.srv.cfg.NodeID, gossipMinVoters); err != nil {
+			r.log.Warn("remove dead voter", "node_id", s.ID, "err", err)
+			return
+		}
+		r.log.Warn("removed dead voter", "node_id", s.ID, "dead_for", time.Since(since).Round(time.Second))
+		return
+	}
+}
