@@ -1,7 +1,9 @@
 package fsm
 
 import (
+	"bytes"
 	"crypto/subtle"
+	"maps"
 	"math"
 	"regexp"
 	"slices"
@@ -155,7 +157,53 @@ func (s *State) applyCreateKey(c *cmdContext, p *fsmpb.CreateKey) *fsmpb.Result 
 		return res
 	}
 	s.putKey(rec)
-	return &fsmpb.Result{Key: withoutMaterial(rec)}
+	return &fsmpb.Result{Key: createdKeyView(rec)}
+}
+
+// createdKeyView is withoutMaterial for a record buildKey just made, built
+// field by field instead of through proto.Clone's reflection (a third of a
+// CREATE_KEY's apply time on every node). It copies every field
+// KeyRecord and KeyVersion have; TestCreatedKeyViewMatchesWithoutMaterial
+// (which sets every field by reflection) keeps the two equal. Like
+// withoutMaterial, it shares nothing mutable with rec.
+func createdKeyView(rec *fsmpb.KeyRecord) *fsmpb.KeyRecord {
+	v := &fsmpb.KeyRecord{
+		KeyId:                 rec.GetKeyId(),
+		Spec:                  rec.GetSpec(),
+		Usage:                 rec.GetUsage(),
+		State:                 rec.GetState(),
+		Alias:                 rec.GetAlias(),
+		Description:           rec.GetDescription(),
+		CreatedUnixNano:       rec.GetCreatedUnixNano(),
+		UpdatedUnixNano:       rec.GetUpdatedUnixNano(),
+		CreatedBy:             rec.GetCreatedBy(),
+		PrimaryVersion:        rec.GetPrimaryVersion(),
+		Origin:                rec.GetOrigin(),
+		RotationPeriodSeconds: rec.GetRotationPeriodSeconds(),
+		NextRotationUnixNano:  rec.GetNextRotationUnixNano(),
+		MinDecryptionVersion:  rec.GetMinDecryptionVersion(),
+		RevocationReason:      rec.GetRevocationReason(),
+		RevocationComment:     rec.GetRevocationComment(),
+		RevokedUnixNano:       rec.GetRevokedUnixNano(),
+		DestroyAfterUnixNano:  rec.GetDestroyAfterUnixNano(),
+		DestroyedUnixNano:     rec.GetDestroyedUnixNano(),
+	}
+	if tags := rec.GetTags(); len(tags) > 0 {
+		v.Tags = maps.Clone(tags)
+	}
+	if vers := rec.GetVersions(); len(vers) > 0 {
+		v.Versions = make([]*fsmpb.KeyVersion, len(vers))
+		for i, ver := range vers {
+			v.Versions[i] = &fsmpb.KeyVersion{
+				Version:           ver.GetVersion(),
+				CreatedUnixNano:   ver.GetCreatedUnixNano(),
+				State:             ver.GetState(),
+				PublicKeyDer:      bytes.Clone(ver.GetPublicKeyDer()),
+				DestroyedUnixNano: ver.GetDestroyedUnixNano(),
+			}
+		}
+	}
+	return v
 }
 
 // buildKey validates a CreateKey (also the one inside an ImportKey) against

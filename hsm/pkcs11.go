@@ -1059,7 +1059,10 @@ func (p *PKCS11) Seal(ctx context.Context, kekVersion uint32, plaintext, aad []b
 		if err != nil {
 			return err
 		}
-		iv := make([]byte, gcmIVSize)
+		// One allocation for the result: the IV is drawn into its head and
+		// the ciphertext appended after it.
+		buf := make([]byte, gcmIVSize, gcmIVSize+len(plaintext)+gcmTagSize)
+		iv := buf[:gcmIVSize:gcmIVSize]
 		if _, err := io.ReadFull(rand.Reader, iv); err != nil {
 			return err
 		}
@@ -1075,7 +1078,7 @@ func (p *PKCS11) Seal(ctx context.Context, kekVersion uint32, plaintext, aad []b
 		if len(ct) != len(plaintext)+gcmTagSize {
 			return fmt.Errorf("encrypt: output is %d bytes, want %d", len(ct), len(plaintext)+gcmTagSize)
 		}
-		out = append(iv, ct...)
+		out = append(buf, ct...)
 		return nil
 	})
 	return out, err
