@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"errors"
+	"slices"
 	"testing"
 	"time"
 )
@@ -35,31 +36,37 @@ func TestElectionNudgeRestoresConfig(t *testing.T) {
 	n.reloadMu.Unlock()
 }
 
-// TestElectionNudgeElectsPromptly: with long timeouts (Raft's own check of a
-// dead leader comes 3-9 s after the kill here), the followers stand within
-// about 1-1.5 heartbeat timeouts. The bound is loose (a split vote adds an
-// election timeout); it fails when the nudge does nothing and Raft's timer
-// happens to come late, which is what the nudge is for.
+// TestElectionNudgeElectsPromptly: with the nudge, the followers stand about
+// 1-1.5 heartbeat timeouts after the leader stops (without it, Raft's own
+// check comes 1-3 timeouts later on each follower, and a vote needs both).
+// One kill can still take longer (a split vote adds an election timeout),
+// so the test takes the median of three kills and bounds it loosely; it is
+// there to fail when the nudge stops working, not to time elections.
 func TestElectionNudgeElectsPromptly(t *testing.T) {
-	const hb = 3 * time.Second
+	const hb = 2 * time.Second
 	c := newTestClusterWith(t, 3, func(cfg *Config) {
 		cfg.HeartbeatTimeout, cfg.ElectionTimeout = hb, hb
 	})
-	leader := c.waitLeader()
-	c.stop(leader)
-	start := time.Now()
-	var elected time.Duration
-	waitFor(t, 5*hb, "a new leader", func() error {
-		for _, tn := range c.live() {
-			if tn.node.IsLeader() {
-				elected = time.Since(start)
-				return nil
+	var took []time.Duration
+	for round := range 3 {
+		leader := c.waitLeader()
+		c.stop(leader)
+		start := time.Now()
+		waitFor(t, 8*hb, "a new leader", func() error {
+			for _, tn := range c.live() {
+				if tn.node.IsLeader() {
+					return nil
+				}
 			}
-		}
-		return errors.New("no leader yet")
-	})
-	t.Logf("new leader %v after the old one stopped (HeartbeatTimeout %v)", elected, hb)
-	if elected > 2*hb+hb/2 {
-		t.Fatalf("new leader after %v, want within ~2 x HeartbeatTimeout (%v)", elected, 2*hb)
+			return errors.New("no leader yet")
+		})
+		took = append(took, time.Since(start))
+		t.Logf("round %d: new leader %v after the old one stopped (HeartbeatTimeout %v)", round+1, took[round], hb)
+		c.restart(leader)
+		c.waitConverged()
+	}
+	slices.Sort(took)
+	if median := took[1]; median > 2*hb+hb/4 {
+		t.Fatalf("median time to a new leader %v over %v, want about 1-1.5 x HeartbeatTimeout (%v)", median, took, hb)
 	}
 }
