@@ -306,8 +306,8 @@ func runServer(ctx context.Context, f *serverFlags) error {
 	defer cancelBG()
 	go srv.WatchHealth(bg, time.Second)
 	go node.RunLeaderLoop(bg, time.Second, srv.ProposeDue)
-	go node.RunLeaderLoop(bg, time.Second, srv.ProposeKEKWork)      // KEK rotation: deliver, activate, re-wrap, retire
-	go srv.RunKEKNodeDuties(bg, time.Second)                        // KEK rotation: install, remove from this HSM
+	go node.RunLeaderLoop(bg, time.Second, srv.ProposeKEKWork)   // KEK rotation: deliver, activate, re-wrap, retire
+	go srv.RunKEKNodeDuties(bg, time.Second)                     // KEK rotation: install, remove from this HSM
 	defer srv.StartGossip(bg, log, f.gossip.transport(), node)() // transport/gossip.go: memberlist, gossip key, dead-voter removal
 	if _, err := os.Stat(filepath.Join(f.dataDir, initFile)); err == nil {
 		go applyPendingInit(bg, log, node, state, f.dataDir)
