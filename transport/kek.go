@@ -15,7 +15,6 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/cabinet-kms/cabinet/fsm"
 	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
@@ -197,13 +196,6 @@ func (s *Server) KEKStatus(context.Context, *cabinetpb.KEKStatusRequest) (*cabin
 	return s.kekStatusResponse(), nil
 }
 
-func tsOrNil(ns int64) *timestamppb.Timestamp {
-	if ns == 0 {
-		return nil
-	}
-	return timestamppb.New(time.Unix(0, ns))
-}
-
 func (s *Server) kekStatusResponse() *cabinetpb.KEKStatusResponse {
 	ci := s.cfg.State.Cluster()
 	prog := s.cfg.State.KEKProgress()
@@ -227,8 +219,8 @@ func (s *Server) kekStatusResponse() *cabinetpb.KEKStatusResponse {
 		vs := &cabinetpb.KEKVersionStatus{
 			Version: k.GetVersion(), State: fsm.KEKStateName(k.GetState()), CheckValue: hex.EncodeToString(k.GetCheckValue()),
 			InstalledOn: k.GetInstalledOn(), RemovedFrom: k.GetRemovedFrom(), SealedBlobs: uint64(prog.SealedBlobs[k.GetVersion()]),
-			GeneratedBy: k.GetGeneratedBy(), Created: tsOrNil(k.GetCreatedUnixNano()), Activated: tsOrNil(k.GetActivatedUnixNano()),
-			Retired: tsOrNil(k.GetRetiredUnixNano()), Destroyed: tsOrNil(k.GetDestroyedUnixNano()),
+			GeneratedBy: k.GetGeneratedBy(), Created: ts(k.GetCreatedUnixNano()), Activated: ts(k.GetActivatedUnixNano()),
+			Retired: ts(k.GetRetiredUnixNano()), Destroyed: ts(k.GetDestroyedUnixNano()),
 		}
 		switch k.GetState() {
 		case fsmpb.KEKState_KEK_STATE_PENDING:
