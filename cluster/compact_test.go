@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io/fs"
 	"os"
@@ -35,28 +36,39 @@ func newMarker(t testing.TB) []byte {
 // contain marker.
 func filesContaining(t testing.TB, dir string, marker []byte) []string {
 	t.Helper()
-	var out []string
-	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+	// A live node renames and deletes files while we walk (a snapshot's
+	// .tmp directory becomes its final name; compaction swaps the log
+	// file). A file that vanished mid-scan may have reappeared under a name
+	// already passed, so such a scan proves nothing: scan again.
+	for attempt := 0; attempt < 20; attempt++ {
+		out, vanished, err := scanForMarker(dir, marker)
 		if err != nil {
-			return err
+			t.Fatal(err)
 		}
-		if !d.Type().IsRegular() {
+		if !vanished {
+			return out
+		}
+	}
+	t.Fatalf("files under %s kept changing during 20 scans", dir)
+	return nil
+}
+
+func scanForMarker(dir string, marker []byte) (out []string, vanished bool, err error) {
+	err = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err == nil && d.Type().IsRegular() {
+			var b []byte
+			if b, err = os.ReadFile(path); err == nil && bytes.Contains(b, marker) {
+				rel, _ := filepath.Rel(dir, path)
+				out = append(out, rel)
+			}
+		}
+		if errors.Is(err, fs.ErrNotExist) {
+			vanished = true
 			return nil
 		}
-		b, err := os.ReadFile(path)
-		if err != nil {
-			return err
-		}
-		if bytes.Contains(b, marker) {
-			rel, _ := filepath.Rel(dir, path)
-			out = append(out, rel)
-		}
-		return nil
+		return err
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return out
+	return out, vanished, err
 }
 
 // proposeRejectedMaterial appends n CREATE_KEY entries whose wrapped
