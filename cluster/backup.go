@@ -291,6 +291,11 @@ func ReplaceMembership(st *fsmpb.State, nodes []*fsmpb.NodeRecord, dropJoinToken
 	sort.Slice(sorted, func(i, j int) bool { return sorted[i].GetNodeId() < sorted[j].GetNodeId() })
 	st.Nodes = sorted
 	resetKEKBookkeeping(st, sorted)
+	if ci := st.GetCluster(); ci.GetGossipKey() != nil {
+		// The snapshot's gossip key was known to the nodes that ran when
+		// it was taken: the new leader replaces it.
+		ci.GossipKeyRotationDue = true
+	}
 	if dropJoinTokens {
 		st.JoinTokens = nil
 	}

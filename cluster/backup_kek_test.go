@@ -15,7 +15,7 @@ func TestReplaceMembershipResetsKEKBookkeeping(t *testing.T) {
 		{Version: 2, State: fsmpb.KEKState_KEK_STATE_ACTIVE, CheckValue: []byte{2}, InstalledOn: []string{"old1", "old2"}},
 		{Version: 3, State: fsmpb.KEKState_KEK_STATE_PENDING, CheckValue: []byte{3}, InstalledOn: []string{"n1"},
 			Deliveries: []*fsmpb.KEKDelivery{{NodeId: "old2", Wrapped: []byte("w")}}},
-	}}}
+	}, GossipKey: &fsmpb.WrappedBlob{KekVersion: 2, Blob: []byte("g")}, GossipKeyGeneration: 3}}
 	if _, err := ReplaceMembership(st, []*fsmpb.NodeRecord{{NodeId: "n1", RaftAddr: "a"}}, true); err != nil {
 		t.Fatal(err)
 	}
@@ -28,5 +28,8 @@ func TestReplaceMembershipResetsKEKBookkeeping(t *testing.T) {
 	}
 	if len(ks[2].GetInstalledOn()) != 0 || len(ks[2].GetDeliveries()) != 0 {
 		t.Errorf("PENDING v3 kept holders %v / deliveries %v of the old cluster (a reused node id must not count)", ks[2].GetInstalledOn(), ks[2].GetDeliveries())
+	}
+	if !st.GetCluster().GetGossipKeyRotationDue() {
+		t.Error("the restored state keeps the old cluster's gossip key without marking it due for rotation")
 	}
 }

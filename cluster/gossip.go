@@ -149,17 +149,60 @@ func (g *Gossip) Join(addrs []string) (int, error) {
 	return g.ml.Join(addrs)
 }
 
-// UseKey installs a new gossip key (rotation) as the primary one, keeping
-// the old one for decryption until every member switched.
+// AddKey installs key for decrypting only (a rotation's first step: every
+// member learns the new key before anyone encrypts with it). The keyring
+// keeps its own copy.
+func (g *Gossip) AddKey(key []byte) error {
+	return g.keyring.AddKey(bytes.Clone(key))
+}
+
+// UseKey makes key the one gossip encrypts with, installing it first if
+// needed; the previous keys still decrypt until DropOldKeys.
 func (g *Gossip) UseKey(key []byte) error {
 	kr := g.keyring
 	if bytes.Equal(kr.GetPrimaryKey(), key) {
 		return nil
 	}
-	if err := kr.AddKey(key); err != nil {
+	// memberlist keeps the slices it is given (also UseKey's, as the
+	// primary): give it its own copy.
+	own := bytes.Clone(key)
+	if err := kr.AddKey(own); err != nil {
 		return err
 	}
-	return kr.UseKey(key)
+	return kr.UseKey(own)
+}
+
+// IsPrimary reports whether key is the one gossip encrypts with.
+func (g *Gossip) IsPrimary(key []byte) bool {
+	return bytes.Equal(g.keyring.GetPrimaryKey(), key)
+}
+
+// DropOldKeys removes every key but the primary one (a rotation's last
+// step: messages under an old key are refused from then on) and returns
+// how many it removed.
+func (g *Gossip) DropOldKeys() (int, error) {
+	kr := g.keyring
+	primary := kr.GetPrimaryKey()
+	n := 0
+	for _, k := range kr.GetKeys() {
+		if bytes.Equal(k, primary) {
+			continue
+		}
+		if err := kr.RemoveKey(k); err != nil {
+			return n, err
+		}
+		n++
+	}
+	return n, nil
+}
+
+// KeyCount is the number of keys gossip decrypts with (1, or 2+ while a
+// rotation is under way).
+func (g *Gossip) KeyCount() int {
+	if g == nil {
+		return 0
+	}
+	return len(g.keyring.GetKeys())
 }
 
 // Health is gossip's view of a member: alive, suspect, dead, left or unknown.

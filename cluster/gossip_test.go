@@ -97,6 +97,77 @@ func TestGossipRefusesWrongKey(t *testing.T) {
 	}
 }
 
+// A rotation as transport drives it: every member adds the new key, then
+// switches to it, then drops the old one. Members stay alive throughout, a
+// holder of only the old key is refused afterwards, and the keyring does
+// not depend on the caller's buffer (callers clear theirs).
+func TestGossipKeyRotation(t *testing.T) {
+	k1, k2 := bytes.Repeat([]byte{1}, 32), bytes.Repeat([]byte{2}, 32)
+	g1, a1 := startTestGossip(t, "node1", k1)
+	g2, _ := startTestGossip(t, "node2", k1)
+	if _, err := g2.Join([]string{a1}); err != nil {
+		t.Fatal(err)
+	}
+	bothAlive := func(what string) {
+		t.Helper()
+		waitFor(t, 10*time.Second, what, func() error {
+			if h := g1.Health("node2"); h != GossipAlive {
+				return fmt.Errorf("node1 sees node2 %s", h)
+			}
+			if h := g2.Health("node1"); h != GossipAlive {
+				return fmt.Errorf("node2 sees node1 %s", h)
+			}
+			return nil
+		})
+	}
+	bothAlive("both alive under k1")
+	for _, g := range []*Gossip{g1, g2} {
+		buf := bytes.Clone(k2)
+		if err := g.AddKey(buf); err != nil {
+			t.Fatal(err)
+		}
+		clear(buf)
+		if g.KeyCount() != 2 || g.IsPrimary(k2) {
+			t.Fatalf("after AddKey: %d keys, k2 primary %v", g.KeyCount(), g.IsPrimary(k2))
+		}
+	}
+	buf := bytes.Clone(k2)
+	if err := g1.UseKey(buf); err != nil {
+		t.Fatal(err)
+	}
+	clear(buf)
+	if !g1.IsPrimary(k2) {
+		t.Fatal("UseKey did not make k2 primary (or kept the caller's cleared buffer)")
+	}
+	// node1 encrypts with k2, node2 still with k1: both decrypt both.
+	g3, _ := startTestGossip(t, "node3", k2)
+	if _, err := g3.Join([]string{a1}); err != nil {
+		t.Fatalf("a k2 member cannot join node1 during the switch: %v", err)
+	}
+	if err := g2.UseKey(k2); err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range []*Gossip{g1, g2} {
+		if n, err := g.DropOldKeys(); err != nil || n != 1 || g.KeyCount() != 1 || !g.IsPrimary(k2) {
+			t.Fatalf("DropOldKeys: removed %d, %v; %d keys left", n, err, g.KeyCount())
+		}
+	}
+	bothAlive("both alive under k2 only")
+	waitFor(t, 10*time.Second, "node2 sees node3", func() error {
+		if h := g2.Health("node3"); h != GossipAlive {
+			return fmt.Errorf("node3 is %s", h)
+		}
+		return nil
+	})
+	old, _ := startTestGossip(t, "stale", k1)
+	if _, err := old.Join([]string{a1}); err == nil {
+		t.Fatal("a member holding only the dropped key joined")
+	}
+	if h := g1.Health("stale"); h != GossipUnknown {
+		t.Fatalf("stale member health = %s", h)
+	}
+}
+
 func TestDeriveGossipAddr(t *testing.T) {
 	got, err := DeriveGossipAddr("10.0.0.1:7201")
 	if err != nil || got != "10.0.0.1:7301" {

@@ -493,6 +493,7 @@ func (s *State) applyRemoveNode(c *cmdContext, p *fsmpb.RemoveNode) *fsmpb.Resul
 		return failf(codeNotFound, "node %+q is not a member of the cluster", truncate(id))
 	}
 	delete(s.nodes, id)
+	s.markGossipKeyRotationDue()
 	s.forgetKEKHolder(id)
 	s.settleRetiredKEKs(c.time)
 	return &fsmpb.Result{Node: node}

@@ -12,7 +12,7 @@ import (
 // The leader proposes it once per cluster with a fixed request id, so a
 // second leader that races the first gets the first outcome; a later
 // SET_GOSSIP_KEY with another request id replaces the key (rotation).
-func (s *State) applySetGossipKey(_ *cmdContext, p *fsmpb.SetGossipKey) *fsmpb.Result {
+func (s *State) applySetGossipKey(c *cmdContext, p *fsmpb.SetGossipKey) *fsmpb.Result {
 	if s.cluster == nil {
 		return failf(codePrecondition, msgNotInitialised)
 	}
@@ -23,9 +23,27 @@ func (s *State) applySetGossipKey(_ *cmdContext, p *fsmpb.SetGossipKey) *fsmpb.R
 	if res := s.checkKEKActive("gossip key", key.GetKekVersion()); res != nil {
 		return res
 	}
+	if want := p.GetReplacesGeneration(); want != 0 && want != s.cluster.GetGossipKeyGeneration() {
+		return failf(codePrecondition, "the gossip key changed meanwhile (generation %d, this rotation replaces %d); the cluster already uses a new key",
+			s.cluster.GetGossipKeyGeneration(), want)
+	}
 	// Stored records are immutable (readers hold the old pointer).
 	ci := proto.CloneOf(s.cluster)
 	ci.GossipKey = key
+	ci.GossipKeyGeneration++
+	ci.GossipKeySetUnixNano = c.time
+	ci.GossipKeyRotationDue = false
 	s.cluster = ci
 	return &fsmpb.Result{}
+}
+
+// markGossipKeyRotationDue: a removed member knows the gossip key, so the
+// leader must replace it (transport's gossip runner proposes the new one).
+func (s *State) markGossipKeyRotationDue() {
+	if s.cluster == nil || s.cluster.GetGossipKey() == nil || s.cluster.GetGossipKeyRotationDue() {
+		return
+	}
+	ci := proto.CloneOf(s.cluster)
+	ci.GossipKeyRotationDue = true
+	s.cluster = ci
 }

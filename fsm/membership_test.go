@@ -2,6 +2,7 @@ package fsm
 
 import (
 	"bytes"
+	"strings"
 	"testing"
 
 	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
@@ -47,6 +48,45 @@ func TestSetGossipKeyKeepsOldRecord(t *testing.T) {
 	}
 	if a.s.cluster.GetGossipKey() == nil {
 		t.Fatal("gossip key not recorded")
+	}
+}
+
+// Generations count keys, a removal marks the key due for rotation (the
+// removed node knows it), the next key clears the mark, and a rotation
+// built against an older generation is refused.
+func TestGossipKeyGenerationsAndRotationDue(t *testing.T) {
+	a := initialised(t)
+	a.mustOK(typToken, joinTokenPayload("tok", t0+1e12))
+	a.mustOK(typAdmit, admitPayload("tok", "n2"))
+	a.mustOK(typRemove, &fsmpb.RemoveNode{NodeId: "n2"})
+	if a.s.cluster.GetGossipKeyRotationDue() {
+		t.Fatal("a removal before any gossip key exists marked a rotation due")
+	}
+	a.mustOK(typGossipKey, gossipKeyPayload(1, "k1"))
+	if ci := a.s.cluster; ci.GetGossipKeyGeneration() != 1 || ci.GetGossipKeySetUnixNano() == 0 {
+		t.Fatalf("after the first key: generation %d set %d", ci.GetGossipKeyGeneration(), ci.GetGossipKeySetUnixNano())
+	}
+	a.mustOK(typToken, joinTokenPayload("tok2", t0+1e12))
+	a.mustOK(typAdmit, admitPayload("tok2", "n3"))
+	before := a.s.cluster
+	a.mustOK(typRemove, &fsmpb.RemoveNode{NodeId: "n3"})
+	if !a.s.cluster.GetGossipKeyRotationDue() {
+		t.Fatal("removing a member did not mark the gossip key due for rotation")
+	}
+	if before.GetGossipKeyRotationDue() {
+		t.Fatal("REMOVE_NODE modified the stored cluster info in place")
+	}
+	stale := gossipKeyPayload(1, "k-stale")
+	stale.ReplacesGeneration = 7
+	res := a.apply(typGossipKey, stale, env{})
+	if res.GetCode() != fsmpb.ResultCode_RESULT_CODE_FAILED_PRECONDITION || !strings.Contains(res.GetMessage(), "changed meanwhile") {
+		t.Fatalf("stale rotation: %s %q", res.GetCode(), res.GetMessage())
+	}
+	next := gossipKeyPayload(1, "k2")
+	next.ReplacesGeneration = 1
+	a.mustOK(typGossipKey, next)
+	if ci := a.s.cluster; ci.GetGossipKeyGeneration() != 2 || ci.GetGossipKeyRotationDue() || string(ci.GetGossipKey().GetBlob()) != "k2" {
+		t.Fatalf("after the rotation: generation %d due %v blob %q", ci.GetGossipKeyGeneration(), ci.GetGossipKeyRotationDue(), ci.GetGossipKey().GetBlob())
 	}
 }
 

@@ -235,6 +235,59 @@ func TestMembershipOnRealCluster(t *testing.T) {
 	if out := c.mustCLI([]byte(ct), "key", "decrypt", "--addr", victim.apiAddr); out != "kept across rejoin" {
 		t.Fatalf("rejoined node decrypt = %q", out)
 	}
+
+	// The removal made the leader replace the gossip key (the removed node
+	// knew it): generation 2 everywhere, the old key dropped, the rejoined
+	// node gossips with the new one. Then an operator rotation to 3.
+	c.waitGossipKey(c.nodes, 2)
+	out = c.mustCLI(nil, "operator", "gossip", "rotate-key", "--addr", n4.apiAddr)
+	if !strings.Contains(out, "generation 3") {
+		t.Fatalf("gossip rotate-key said %q", out)
+	}
+	c.waitGossipKey(c.nodes, 3)
+	c.waitPeers(target, 30*time.Second, "everyone alive in gossip under key generation 3", func(ps map[string]peerView) error {
+		for id, p := range ps {
+			if p.Gossip != "alive" {
+				return fmt.Errorf("%s gossip %q", id, p.Gossip)
+			}
+		}
+		if len(ps) != 4 {
+			return fmt.Errorf("%d peers", len(ps))
+		}
+		return nil
+	})
+	if st := c.mustCLI(nil, "operator", "status", "--addr", n1.apiAddr); !strings.Contains(st, "generation 3, in use") {
+		t.Fatalf("operator status lacks the gossip key line:\n%s", st)
+	}
+	t.Logf("%s: %s", time.Since(start).Round(time.Millisecond), "gossip key rotated twice")
+}
+
+// waitGossipKey waits until every node's gossip encrypts with generation
+// gen and holds no other key.
+func (c *testCluster) waitGossipKey(nodes []*node, gen int) {
+	c.t.Helper()
+	for _, nd := range nodes {
+		waitFor(c.t, 60*time.Second, fmt.Sprintf("%s on gossip key generation %d only", nd.id, gen), func() error {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			out, errOut, err := c.cli(ctx, nil, "operator", "status", "-o", "json", "--addr", nd.apiAddr, "--timeout", "3s")
+			if err != nil {
+				return fmt.Errorf("%v: %s", err, strings.TrimSpace(errOut))
+			}
+			var st struct {
+				Generation int `json:"gossipKeyGeneration"`
+				InUse      int `json:"gossipKeyInUse"`
+				Held       int `json:"gossipKeysHeld"`
+			}
+			if err := json.Unmarshal([]byte(out), &st); err != nil {
+				return err
+			}
+			if st.Generation != gen || st.InUse != gen || st.Held != 1 {
+				return fmt.Errorf("%+v", st)
+			}
+			return nil
+		})
+	}
 }
 
 // With --autoremove-dead-after the leader removes a dead voter of four (the

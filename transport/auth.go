@@ -73,6 +73,7 @@ func buildPolicies() map[string]methodPolicy {
 		cabinetpb.OperatorService_SnapshotRestore_FullMethodName:         {roles: []string{roleAdmin, roleNode}}, // node: a follower relaying to the leader
 		cabinetpb.OperatorService_RecoveryExport_FullMethodName:          {roles: []string{roleAdmin}},
 		cabinetpb.OperatorService_RotateKEK_FullMethodName:               {roles: []string{roleAdmin}},
+		cabinetpb.OperatorService_RotateGossipKey_FullMethodName:         {roles: []string{roleAdmin}},
 		cabinetpb.OperatorService_KEKStatus_FullMethodName:               {roles: []string{roleAdmin, roleOperator}},
 		cabinetpb.NodeService_Apply_FullMethodName:                       {roles: []string{roleNode}},
 		cabinetpb.NodeService_ReadIndex_FullMethodName:                   {roles: []string{roleNode}},

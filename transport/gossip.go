@@ -1,15 +1,20 @@
 package transport
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/cabinet-kms/cabinet/cluster"
-	"github.com/cabinet-kms/cabinet/fsm"
 	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
+	"github.com/cabinet-kms/cabinet/transport/cabinetpb"
 )
 
 // GossipSettings configures StartGossip (the server's --gossip* flags).
@@ -30,6 +35,13 @@ const (
 	// gives back when it returns.
 	gossipMinVoters = 3
 	gossipTick      = time.Second
+	// A new gossip key (rotation) is first installed for decryption only;
+	// the node encrypts with it gossipKeySwitchDelay later, when every
+	// member has normally applied the same Raft entry and installed it too,
+	// and drops the old key gossipOldKeyGrace after the switch (a member
+	// lagging longer than that is cut off from gossip until it catches up).
+	gossipKeySwitchDelay = 2 * gossipTick
+	gossipOldKeyGrace    = 10 * gossipTick
 )
 
 // gossipRunner owns this node's memberlist member and the leader's gossip
@@ -42,8 +54,15 @@ type gossipRunner struct {
 
 	mu      sync.Mutex
 	g       *cluster.Gossip
-	keyBlob []byte          // the sealed key g runs with
+	keyBlob []byte          // the sealed key last installed in g
 	warned  map[string]bool // messages logged once
+
+	// Rotation progress (run's goroutine only).
+	inUse      uint32    // generation g encrypts with
+	pendingKey []byte    // installed for decryption, switched to at switchAt
+	pendingGen uint32    // its generation
+	switchAt   time.Time //
+	dropAt     time.Time // when to drop the old keys (zero: nothing to drop)
 }
 
 // warnOnce logs msg at warning level the first time it is seen.
@@ -125,6 +144,12 @@ func (r *gossipRunner) step(ctx context.Context, rejoin *time.Time) error {
 		return nil // the leader has not created it yet
 	}
 	g := r.gossip()
+	if g != nil {
+		defer func() { r.srv.setGossipKeys(r.inUse, g.KeyCount()) }()
+		if err := r.advanceRotation(g, time.Now()); err != nil {
+			return err
+		}
+	}
 	if g != nil && string(blob.GetBlob()) == string(r.keyBlob) {
 		if time.Now().After(*rejoin) {
 			*rejoin = time.Now().Add(5 * gossipTick)
@@ -137,14 +162,21 @@ func (r *gossipRunner) step(ctx context.Context, rejoin *time.Time) error {
 		return fmt.Errorf("this node's HSM cannot unseal the gossip key (KEK version %d): %w", blob.GetKekVersion(), err)
 	}
 	defer clear(key)
-	if g != nil { // rotation
-		if err := g.UseKey(key); err != nil {
-			return fmt.Errorf("install the new gossip key: %w", err)
-		}
+	gen := ci.GetGossipKeyGeneration()
+	if g != nil {
 		r.mu.Lock()
 		r.keyBlob = blob.GetBlob()
 		r.mu.Unlock()
-		r.log.Info("gossip key rotated")
+		if g.IsPrimary(key) || (r.pendingKey != nil && string(r.pendingKey) == string(key)) {
+			return nil // the same key re-wrapped under a new KEK version
+		}
+		if err := g.AddKey(key); err != nil {
+			return fmt.Errorf("install the new gossip key: %w", err)
+		}
+		clear(r.pendingKey)
+		r.pendingKey, r.pendingGen = bytes.Clone(key), gen
+		r.switchAt = time.Now().Add(gossipKeySwitchDelay)
+		r.log.Info("new gossip key installed for decryption; switching to it shortly", "generation", gen)
 		return nil
 	}
 	addr := r.gs.Addr
@@ -160,10 +192,36 @@ func (r *gossipRunner) step(ctx context.Context, rejoin *time.Time) error {
 	r.mu.Lock()
 	r.g, r.keyBlob = g, blob.GetBlob()
 	r.mu.Unlock()
+	r.inUse = gen
+	r.srv.setGossipKeys(gen, g.KeyCount())
 	r.srv.SetGossip(g)
-	r.log.Info("gossip started", "addr", addr)
+	r.log.Info("gossip started", "addr", addr, "key_generation", gen)
 	*rejoin = time.Now().Add(5 * gossipTick)
 	r.joinMissing(g)
+	return nil
+}
+
+// advanceRotation switches to a pending new key once its delay passed and
+// drops the old keys once their grace passed.
+func (r *gossipRunner) advanceRotation(g *cluster.Gossip, now time.Time) error {
+	if r.pendingKey != nil && !now.Before(r.switchAt) {
+		if err := g.UseKey(r.pendingKey); err != nil {
+			return fmt.Errorf("switch to the new gossip key: %w", err)
+		}
+		clear(r.pendingKey)
+		r.pendingKey = nil
+		r.inUse = r.pendingGen
+		r.dropAt = now.Add(gossipOldKeyGrace)
+		r.log.Info("gossip now encrypts with the new key", "generation", r.inUse)
+	}
+	if !r.dropAt.IsZero() && !now.Before(r.dropAt) && r.pendingKey == nil {
+		n, err := g.DropOldKeys()
+		if err != nil {
+			return fmt.Errorf("drop the old gossip keys: %w", err)
+		}
+		r.dropAt = time.Time{}
+		r.log.Info("old gossip keys dropped", "dropped", n, "generation", r.inUse)
+	}
 	return nil
 }
 
@@ -196,43 +254,80 @@ func (r *gossipRunner) leaderDuties(ctx context.Context) {
 	if err := r.ensureGossipKey(ctx); err != nil {
 		r.log.Warn("create the gossip key", "err", err)
 	}
+	if ci := r.srv.cfg.State.Cluster(); ci.GetGossipKeyRotationDue() {
+		gen := ci.GetGossipKeyGeneration()
+		// One id per generation: leaders racing to do it agree.
+		if _, err := r.srv.proposeGossipKey(ctx, gen, fmt.Sprintf("gossip-key-rotate/%s/%d", ci.GetClusterId(), gen), "node:"+r.srv.cfg.NodeID); err != nil {
+			r.log.Warn("replace the gossip key after a member was removed", "err", err)
+		} else {
+			r.log.Info("gossip key replaced after a member was removed or a snapshot restored", "generation", gen+1)
+		}
+	}
 	if r.gs.AutoremoveAfter > 0 {
 		r.removeDead(ctx)
 	}
 }
 
-// ensureGossipKey: 32 bytes from this node's HSM, sealed under the current
-// KEK by the HSM, proposed with a fixed request id so that leaders racing
-// to do it agree on the first one.
+// ensureGossipKey creates the cluster's first gossip key, proposed with a
+// fixed request id so that leaders racing to do it agree on the first one.
 func (r *gossipRunner) ensureGossipKey(ctx context.Context) error {
 	ci := r.srv.cfg.State.Cluster()
 	if ci == nil || ci.GetGossipKey() != nil {
 		return nil
 	}
-	key, err := r.srv.cfg.HSM.GenerateRandom(ctx, 32)
-	if err != nil {
+	if _, err := r.srv.proposeGossipKey(ctx, 0, "gossip-key/"+ci.GetClusterId(), "node:"+r.srv.cfg.NodeID); err != nil {
 		return err
-	}
-	sealed, err := r.srv.cfg.HSM.Seal(ctx, ci.GetCurrentKekVersion(), key, GossipKeyAAD(ci.GetClusterId()))
-	clear(key)
-	if err != nil {
-		return err
-	}
-	cmd, err := fsm.NewCommand(fsmpb.CommandType_COMMAND_TYPE_SET_GOSSIP_KEY, &fsmpb.SetGossipKey{
-		GossipKey: &fsmpb.WrappedBlob{KekVersion: ci.GetCurrentKekVersion(), Blob: sealed},
-	}, "gossip-key/"+ci.GetClusterId(), "node:"+r.srv.cfg.NodeID)
-	if err != nil {
-		return err
-	}
-	res, err := r.node.Propose(ctx, cmd)
-	if err != nil {
-		return err
-	}
-	if res.GetCode() != fsmpb.ResultCode_RESULT_CODE_OK {
-		return fmt.Errorf("refused: %s %s", res.GetCode(), res.GetMessage())
 	}
 	r.log.Info("gossip key created")
 	return nil
+}
+
+// proposeGossipKey: 32 bytes from this node's HSM, sealed under the current
+// KEK by the HSM, proposed as the gossip key replacing generation
+// `replaces` (0: unconditionally). It returns the new generation.
+func (s *Server) proposeGossipKey(ctx context.Context, replaces uint32, reqID, by string) (uint32, error) {
+	ci := s.cfg.State.Cluster()
+	if ci == nil {
+		return 0, errors.New("the cluster is not initialised yet")
+	}
+	key, err := s.cfg.HSM.GenerateRandom(ctx, 32)
+	if err != nil {
+		return 0, fmt.Errorf("random bytes from the HSM: %w", err)
+	}
+	sealed, err := s.cfg.HSM.Seal(ctx, ci.GetCurrentKekVersion(), key, GossipKeyAAD(ci.GetClusterId()))
+	clear(key)
+	if err != nil {
+		return 0, fmt.Errorf("seal the gossip key under KEK version %d: %w", ci.GetCurrentKekVersion(), err)
+	}
+	if _, err := s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_SET_GOSSIP_KEY, &fsmpb.SetGossipKey{
+		GossipKey:          &fsmpb.WrappedBlob{KekVersion: ci.GetCurrentKekVersion(), Blob: sealed},
+		ReplacesGeneration: replaces,
+	}, reqID, by); err != nil {
+		return 0, err
+	}
+	// This node applied the command before propose returned.
+	return s.cfg.State.Cluster().GetGossipKeyGeneration(), nil
+}
+
+// RotateGossipKey replaces the gossip key (admin). Every node adds the new
+// key, switches to it and drops the old one by itself (gossip runner).
+func (s *Server) RotateGossipKey(ctx context.Context, req *cabinetpb.RotateGossipKeyRequest) (*cabinetpb.RotateGossipKeyResponse, error) {
+	ci := s.cfg.State.Cluster()
+	if ci == nil {
+		return nil, status.Error(codes.Unavailable, "the cluster is not initialised yet")
+	}
+	if ci.GetGossipKey() == nil {
+		return nil, status.Error(codes.FailedPrecondition, "the cluster has no gossip key yet (the leader creates it when gossip runs); nothing to rotate")
+	}
+	gen, err := s.proposeGossipKey(ctx, ci.GetGossipKeyGeneration(), requestID(ctx, req.GetRequestId()), principal(ctx))
+	if err != nil {
+		if _, ok := status.FromError(err); ok {
+			return nil, err
+		}
+		return nil, status.Errorf(codes.Unavailable, "rotate the gossip key on node %s: %v", s.cfg.NodeID, err)
+	}
+	s.log.Warn("gossip key rotated", "generation", gen, "by", principal(ctx))
+	return &cabinetpb.RotateGossipKeyResponse{Generation: gen}, nil
 }
 
 // removeDead removes at most one voter per round that gossip reported dead

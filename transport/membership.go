@@ -34,6 +34,16 @@ type GossipView interface {
 type membershipState struct {
 	mu     sync.Mutex
 	gossip GossipView
+	// The gossip key generation this node encrypts with, and how many keys
+	// it decrypts with (StatusResponse).
+	keyInUse, keysHeld uint32
+}
+
+// setGossipKeys records this node's gossip key progress for Status.
+func (s *Server) setGossipKeys(inUse uint32, held int) {
+	s.membership.mu.Lock()
+	defer s.membership.mu.Unlock()
+	s.membership.keyInUse, s.membership.keysHeld = inUse, uint32(held)
 }
 
 // SetGossip makes list-peers report gossip's view; nil turns it off.

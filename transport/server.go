@@ -393,7 +393,11 @@ func (s *Server) localStatus(ctx context.Context) *cabinetpb.StatusResponse {
 	}
 	if ci := s.cfg.State.Cluster(); ci != nil {
 		out.ClusterId = ci.GetClusterId()
+		out.GossipKeyGeneration = ci.GetGossipKeyGeneration()
 	}
+	s.membership.mu.Lock()
+	out.GossipKeyInUse, out.GossipKeysHeld = s.membership.keyInUse, s.membership.keysHeld
+	s.membership.mu.Unlock()
 	if rec, ok := s.cfg.State.Node(s.cfg.NodeID); ok {
 		out.Region = rec.GetRegion()
 	}

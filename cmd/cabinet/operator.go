@@ -36,7 +36,7 @@ func newOperatorCmd() *cobra.Command {
 	jt.AddCommand(joinTokenCreateCmd(f))
 	cmd.AddCommand(initCmd(), joinCmd(), jt, statusCmd(f), listPeersCmd(f), auditCmd(f))
 	cmd.AddCommand(authzOperatorCmds(f)...)
-	cmd.AddCommand(snapshotCmd(f), recoveryCmd(f), kekCmd(f))
+	cmd.AddCommand(snapshotCmd(f), recoveryCmd(f), kekCmd(f), gossipCmd(f))
 	cmd.AddCommand(membershipCmds(f)...)
 	return cmd
 }
@@ -416,6 +416,7 @@ func statusCmd(f *clientFlags) *cobra.Command {
 			fmt.Fprintf(t, "Last contact\t%s\n", lastContact(st.GetRaftState(), st.GetLastContactMs()))
 			fmt.Fprintf(t, "KEK\tversion %d, verified: %v\n", st.GetKekVersion(), st.GetKekVerified())
 			fmt.Fprintf(t, "HSM\t%s %s\n", st.GetHsmStatus(), st.GetHsmError())
+			fmt.Fprintf(t, "Gossip key\t%s\n", gossipKeyLine(st))
 			fmt.Fprintf(t, "Keys\t%d\n", st.GetKeyCount())
 			fmt.Fprintf(t, "Healthy\t%v %s\n", st.GetHealthy(), strings.Join(st.GetUnhealthyReasons(), "; "))
 			fmt.Fprintf(t, "Version\t%s\n", st.GetVersion())

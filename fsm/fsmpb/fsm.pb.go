@@ -1395,12 +1395,16 @@ func (x *KEKRemoved) GetNodeId() string {
 
 // SetGossipKey records the memberlist encryption key, sealed under the KEK
 // (only nodes holding the KEK can gossip). Set once by the leader; a later
-// one replaces it (key rotation).
+// one replaces it (key rotation: by an operator, or by the leader after a
+// member was removed).
 type SetGossipKey struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	GossipKey     *WrappedBlob           `protobuf:"bytes,1,opt,name=gossip_key,json=gossipKey,proto3" json:"gossip_key,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	GossipKey *WrappedBlob           `protobuf:"bytes,1,opt,name=gossip_key,json=gossipKey,proto3" json:"gossip_key,omitempty"`
+	// When non-zero, applies only if the current generation is this one
+	// (a rotation built against an older key is refused as stale).
+	ReplacesGeneration uint32 `protobuf:"varint,2,opt,name=replaces_generation,json=replacesGeneration,proto3" json:"replaces_generation,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *SetGossipKey) Reset() {
@@ -1438,6 +1442,13 @@ func (x *SetGossipKey) GetGossipKey() *WrappedBlob {
 		return x.GossipKey
 	}
 	return nil
+}
+
+func (x *SetGossipKey) GetReplacesGeneration() uint32 {
+	if x != nil {
+		return x.ReplacesGeneration
+	}
+	return 0
 }
 
 // WrappedBlob is material sealed under a cluster KEK version inside an HSM
@@ -3970,9 +3981,17 @@ type ClusterInfo struct {
 	CurrentKekVersion uint32                 `protobuf:"varint,5,opt,name=current_kek_version,json=currentKekVersion,proto3" json:"current_kek_version,omitempty"`
 	CreatedUnixNano   int64                  `protobuf:"varint,6,opt,name=created_unix_nano,json=createdUnixNano,proto3" json:"created_unix_nano,omitempty"`
 	// memberlist's AES-256 key, sealed under the KEK (AAD "cabinet/gossip-key/v1" + cluster id).
-	GossipKey     *WrappedBlob `protobuf:"bytes,7,opt,name=gossip_key,json=gossipKey,proto3" json:"gossip_key,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	GossipKey *WrappedBlob `protobuf:"bytes,7,opt,name=gossip_key,json=gossipKey,proto3" json:"gossip_key,omitempty"`
+	// Counts SET_GOSSIP_KEY commands applied: 1 for the first key, +1 per
+	// rotation (a KEK re-wrap of the same key does not count).
+	GossipKeyGeneration uint32 `protobuf:"varint,8,opt,name=gossip_key_generation,json=gossipKeyGeneration,proto3" json:"gossip_key_generation,omitempty"`
+	// Leader time of the last SET_GOSSIP_KEY.
+	GossipKeySetUnixNano int64 `protobuf:"varint,9,opt,name=gossip_key_set_unix_nano,json=gossipKeySetUnixNano,proto3" json:"gossip_key_set_unix_nano,omitempty"`
+	// Set when a member is removed while a gossip key exists (the removed
+	// node knows it); the leader then proposes a new key, which clears it.
+	GossipKeyRotationDue bool `protobuf:"varint,10,opt,name=gossip_key_rotation_due,json=gossipKeyRotationDue,proto3" json:"gossip_key_rotation_due,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
 }
 
 func (x *ClusterInfo) Reset() {
@@ -4052,6 +4071,27 @@ func (x *ClusterInfo) GetGossipKey() *WrappedBlob {
 		return x.GossipKey
 	}
 	return nil
+}
+
+func (x *ClusterInfo) GetGossipKeyGeneration() uint32 {
+	if x != nil {
+		return x.GossipKeyGeneration
+	}
+	return 0
+}
+
+func (x *ClusterInfo) GetGossipKeySetUnixNano() int64 {
+	if x != nil {
+		return x.GossipKeySetUnixNano
+	}
+	return 0
+}
+
+func (x *ClusterInfo) GetGossipKeyRotationDue() bool {
+	if x != nil {
+		return x.GossipKeyRotationDue
+	}
+	return false
 }
 
 // State is the whole replicated state; a snapshot is one State message with
@@ -4230,10 +4270,11 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\n" +
 	"KEKRemoved\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x17\n" +
-	"\anode_id\x18\x02 \x01(\tR\x06nodeId\"J\n" +
+	"\anode_id\x18\x02 \x01(\tR\x06nodeId\"{\n" +
 	"\fSetGossipKey\x12:\n" +
 	"\n" +
-	"gossip_key\x18\x01 \x01(\v2\x1b.cabinet.fsm.v1.WrappedBlobR\tgossipKey\"B\n" +
+	"gossip_key\x18\x01 \x01(\v2\x1b.cabinet.fsm.v1.WrappedBlobR\tgossipKey\x12/\n" +
+	"\x13replaces_generation\x18\x02 \x01(\rR\x12replacesGeneration\"B\n" +
 	"\vWrappedBlob\x12\x1f\n" +
 	"\vkek_version\x18\x01 \x01(\rR\n" +
 	"kekVersion\x12\x12\n" +
@@ -4452,7 +4493,7 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12$\n" +
 	"\x0etime_unix_nano\x18\x02 \x01(\x03R\ftimeUnixNano\x12.\n" +
-	"\x06result\x18\x03 \x01(\v2\x16.cabinet.fsm.v1.ResultR\x06result\"\xd7\x02\n" +
+	"\x06result\x18\x03 \x01(\v2\x16.cabinet.fsm.v1.ResultR\x06result\"\xfa\x03\n" +
 	"\vClusterInfo\x12\x1d\n" +
 	"\n" +
 	"cluster_id\x18\x01 \x01(\tR\tclusterId\x12\x1e\n" +
@@ -4462,7 +4503,11 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\x13current_kek_version\x18\x05 \x01(\rR\x11currentKekVersion\x12*\n" +
 	"\x11created_unix_nano\x18\x06 \x01(\x03R\x0fcreatedUnixNano\x12:\n" +
 	"\n" +
-	"gossip_key\x18\a \x01(\v2\x1b.cabinet.fsm.v1.WrappedBlobR\tgossipKey\"\xab\x04\n" +
+	"gossip_key\x18\a \x01(\v2\x1b.cabinet.fsm.v1.WrappedBlobR\tgossipKey\x122\n" +
+	"\x15gossip_key_generation\x18\b \x01(\rR\x13gossipKeyGeneration\x126\n" +
+	"\x18gossip_key_set_unix_nano\x18\t \x01(\x03R\x14gossipKeySetUnixNano\x125\n" +
+	"\x17gossip_key_rotation_due\x18\n" +
+	" \x01(\bR\x14gossipKeyRotationDue\"\xab\x04\n" +
 	"\x05State\x12\x16\n" +
 	"\x06format\x18\x01 \x01(\rR\x06format\x125\n" +
 	"\acluster\x18\x02 \x01(\v2\x1b.cabinet.fsm.v1.ClusterInfoR\acluster\x12-\n" +

@@ -356,6 +356,96 @@ func (RevocationReason) EnumDescriptor() ([]byte, []int) {
 	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{5}
 }
 
+type RotateGossipKeyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Idempotency key: a retry with the same id does not rotate twice.
+	RequestId     string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateGossipKeyRequest) Reset() {
+	*x = RotateGossipKeyRequest{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateGossipKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateGossipKeyRequest) ProtoMessage() {}
+
+func (x *RotateGossipKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateGossipKeyRequest.ProtoReflect.Descriptor instead.
+func (*RotateGossipKeyRequest) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *RotateGossipKeyRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type RotateGossipKeyResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The generation of the new key (the first key is generation 1).
+	Generation    uint32 `protobuf:"varint,1,opt,name=generation,proto3" json:"generation,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateGossipKeyResponse) Reset() {
+	*x = RotateGossipKeyResponse{}
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateGossipKeyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateGossipKeyResponse) ProtoMessage() {}
+
+func (x *RotateGossipKeyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateGossipKeyResponse.ProtoReflect.Descriptor instead.
+func (*RotateGossipKeyResponse) Descriptor() ([]byte, []int) {
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *RotateGossipKeyResponse) GetGeneration() uint32 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
 type RotateKEKRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Idempotency key: a retry with the same id does not start a second rotation.
@@ -366,7 +456,7 @@ type RotateKEKRequest struct {
 
 func (x *RotateKEKRequest) Reset() {
 	*x = RotateKEKRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[0]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -378,7 +468,7 @@ func (x *RotateKEKRequest) String() string {
 func (*RotateKEKRequest) ProtoMessage() {}
 
 func (x *RotateKEKRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[0]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -391,7 +481,7 @@ func (x *RotateKEKRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKEKRequest.ProtoReflect.Descriptor instead.
 func (*RotateKEKRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{0}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *RotateKEKRequest) GetRequestId() string {
@@ -409,7 +499,7 @@ type KEKStatusRequest struct {
 
 func (x *KEKStatusRequest) Reset() {
 	*x = KEKStatusRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[1]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -421,7 +511,7 @@ func (x *KEKStatusRequest) String() string {
 func (*KEKStatusRequest) ProtoMessage() {}
 
 func (x *KEKStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[1]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -434,7 +524,7 @@ func (x *KEKStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KEKStatusRequest.ProtoReflect.Descriptor instead.
 func (*KEKStatusRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{1}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{3}
 }
 
 type KEKVersionStatus struct {
@@ -462,7 +552,7 @@ type KEKVersionStatus struct {
 
 func (x *KEKVersionStatus) Reset() {
 	*x = KEKVersionStatus{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[2]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -474,7 +564,7 @@ func (x *KEKVersionStatus) String() string {
 func (*KEKVersionStatus) ProtoMessage() {}
 
 func (x *KEKVersionStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[2]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -487,7 +577,7 @@ func (x *KEKVersionStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KEKVersionStatus.ProtoReflect.Descriptor instead.
 func (*KEKVersionStatus) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{2}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *KEKVersionStatus) GetVersion() uint32 {
@@ -592,7 +682,7 @@ type KEKStatusResponse struct {
 
 func (x *KEKStatusResponse) Reset() {
 	*x = KEKStatusResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[3]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -604,7 +694,7 @@ func (x *KEKStatusResponse) String() string {
 func (*KEKStatusResponse) ProtoMessage() {}
 
 func (x *KEKStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[3]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -617,7 +707,7 @@ func (x *KEKStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KEKStatusResponse.ProtoReflect.Descriptor instead.
 func (*KEKStatusResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{3}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *KEKStatusResponse) GetCurrentVersion() uint32 {
@@ -675,7 +765,7 @@ type KeyVersionInfo struct {
 
 func (x *KeyVersionInfo) Reset() {
 	*x = KeyVersionInfo{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[4]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -687,7 +777,7 @@ func (x *KeyVersionInfo) String() string {
 func (*KeyVersionInfo) ProtoMessage() {}
 
 func (x *KeyVersionInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[4]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -700,7 +790,7 @@ func (x *KeyVersionInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyVersionInfo.ProtoReflect.Descriptor instead.
 func (*KeyVersionInfo) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{4}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *KeyVersionInfo) GetVersion() uint32 {
@@ -770,7 +860,7 @@ type Key struct {
 
 func (x *Key) Reset() {
 	*x = Key{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[5]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -782,7 +872,7 @@ func (x *Key) String() string {
 func (*Key) ProtoMessage() {}
 
 func (x *Key) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[5]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -795,7 +885,7 @@ func (x *Key) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Key.ProtoReflect.Descriptor instead.
 func (*Key) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{5}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Key) GetKeyId() string {
@@ -964,7 +1054,7 @@ type CreateKeyRequest struct {
 
 func (x *CreateKeyRequest) Reset() {
 	*x = CreateKeyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[6]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -976,7 +1066,7 @@ func (x *CreateKeyRequest) String() string {
 func (*CreateKeyRequest) ProtoMessage() {}
 
 func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[6]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -989,7 +1079,7 @@ func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKeyRequest.ProtoReflect.Descriptor instead.
 func (*CreateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{6}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *CreateKeyRequest) GetSpec() KeySpec {
@@ -1050,7 +1140,7 @@ type CreateKeyResponse struct {
 
 func (x *CreateKeyResponse) Reset() {
 	*x = CreateKeyResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[7]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1062,7 +1152,7 @@ func (x *CreateKeyResponse) String() string {
 func (*CreateKeyResponse) ProtoMessage() {}
 
 func (x *CreateKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[7]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1075,7 +1165,7 @@ func (x *CreateKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKeyResponse.ProtoReflect.Descriptor instead.
 func (*CreateKeyResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{7}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CreateKeyResponse) GetKey() *Key {
@@ -1095,7 +1185,7 @@ type ListKeysRequest struct {
 
 func (x *ListKeysRequest) Reset() {
 	*x = ListKeysRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[8]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1107,7 +1197,7 @@ func (x *ListKeysRequest) String() string {
 func (*ListKeysRequest) ProtoMessage() {}
 
 func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[8]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1120,7 +1210,7 @@ func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysRequest.ProtoReflect.Descriptor instead.
 func (*ListKeysRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{8}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ListKeysRequest) GetPageSize() int32 {
@@ -1147,7 +1237,7 @@ type ListKeysResponse struct {
 
 func (x *ListKeysResponse) Reset() {
 	*x = ListKeysResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[9]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1159,7 +1249,7 @@ func (x *ListKeysResponse) String() string {
 func (*ListKeysResponse) ProtoMessage() {}
 
 func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[9]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1172,7 +1262,7 @@ func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysResponse.ProtoReflect.Descriptor instead.
 func (*ListKeysResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{9}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ListKeysResponse) GetKeys() []*Key {
@@ -1199,7 +1289,7 @@ type DescribeKeyRequest struct {
 
 func (x *DescribeKeyRequest) Reset() {
 	*x = DescribeKeyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[10]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1211,7 +1301,7 @@ func (x *DescribeKeyRequest) String() string {
 func (*DescribeKeyRequest) ProtoMessage() {}
 
 func (x *DescribeKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[10]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1224,7 +1314,7 @@ func (x *DescribeKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeKeyRequest.ProtoReflect.Descriptor instead.
 func (*DescribeKeyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{10}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *DescribeKeyRequest) GetKeyId() string {
@@ -1243,7 +1333,7 @@ type DescribeKeyResponse struct {
 
 func (x *DescribeKeyResponse) Reset() {
 	*x = DescribeKeyResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[11]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1255,7 +1345,7 @@ func (x *DescribeKeyResponse) String() string {
 func (*DescribeKeyResponse) ProtoMessage() {}
 
 func (x *DescribeKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[11]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1268,7 +1358,7 @@ func (x *DescribeKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeKeyResponse.ProtoReflect.Descriptor instead.
 func (*DescribeKeyResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{11}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *DescribeKeyResponse) GetKey() *Key {
@@ -1290,7 +1380,7 @@ type EncryptRequest struct {
 
 func (x *EncryptRequest) Reset() {
 	*x = EncryptRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[12]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1302,7 +1392,7 @@ func (x *EncryptRequest) String() string {
 func (*EncryptRequest) ProtoMessage() {}
 
 func (x *EncryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[12]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1315,7 +1405,7 @@ func (x *EncryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EncryptRequest.ProtoReflect.Descriptor instead.
 func (*EncryptRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{12}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *EncryptRequest) GetKeyId() string {
@@ -1357,7 +1447,7 @@ type EncryptResponse struct {
 
 func (x *EncryptResponse) Reset() {
 	*x = EncryptResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[13]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1369,7 +1459,7 @@ func (x *EncryptResponse) String() string {
 func (*EncryptResponse) ProtoMessage() {}
 
 func (x *EncryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[13]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1382,7 +1472,7 @@ func (x *EncryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EncryptResponse.ProtoReflect.Descriptor instead.
 func (*EncryptResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{13}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *EncryptResponse) GetCiphertext() []byte {
@@ -1423,7 +1513,7 @@ type DecryptRequest struct {
 
 func (x *DecryptRequest) Reset() {
 	*x = DecryptRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[14]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1435,7 +1525,7 @@ func (x *DecryptRequest) String() string {
 func (*DecryptRequest) ProtoMessage() {}
 
 func (x *DecryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[14]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1448,7 +1538,7 @@ func (x *DecryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DecryptRequest.ProtoReflect.Descriptor instead.
 func (*DecryptRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{14}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *DecryptRequest) GetCiphertext() []byte {
@@ -1504,7 +1594,7 @@ type DecryptResponse struct {
 
 func (x *DecryptResponse) Reset() {
 	*x = DecryptResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[15]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1516,7 +1606,7 @@ func (x *DecryptResponse) String() string {
 func (*DecryptResponse) ProtoMessage() {}
 
 func (x *DecryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[15]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1529,7 +1619,7 @@ func (x *DecryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DecryptResponse.ProtoReflect.Descriptor instead.
 func (*DecryptResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{15}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *DecryptResponse) GetPlaintext() []byte {
@@ -1566,7 +1656,7 @@ type GenerateDataKeyRequest struct {
 
 func (x *GenerateDataKeyRequest) Reset() {
 	*x = GenerateDataKeyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[16]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1578,7 +1668,7 @@ func (x *GenerateDataKeyRequest) String() string {
 func (*GenerateDataKeyRequest) ProtoMessage() {}
 
 func (x *GenerateDataKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[16]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1591,7 +1681,7 @@ func (x *GenerateDataKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateDataKeyRequest.ProtoReflect.Descriptor instead.
 func (*GenerateDataKeyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{16}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *GenerateDataKeyRequest) GetKeyId() string {
@@ -1634,7 +1724,7 @@ type GenerateDataKeyResponse struct {
 
 func (x *GenerateDataKeyResponse) Reset() {
 	*x = GenerateDataKeyResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[17]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1646,7 +1736,7 @@ func (x *GenerateDataKeyResponse) String() string {
 func (*GenerateDataKeyResponse) ProtoMessage() {}
 
 func (x *GenerateDataKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[17]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1659,7 +1749,7 @@ func (x *GenerateDataKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateDataKeyResponse.ProtoReflect.Descriptor instead.
 func (*GenerateDataKeyResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{17}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *GenerateDataKeyResponse) GetPlaintext() []byte {
@@ -1701,7 +1791,7 @@ type GenerateDataKeyWithoutPlaintextResponse struct {
 
 func (x *GenerateDataKeyWithoutPlaintextResponse) Reset() {
 	*x = GenerateDataKeyWithoutPlaintextResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[18]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1713,7 +1803,7 @@ func (x *GenerateDataKeyWithoutPlaintextResponse) String() string {
 func (*GenerateDataKeyWithoutPlaintextResponse) ProtoMessage() {}
 
 func (x *GenerateDataKeyWithoutPlaintextResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[18]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1726,7 +1816,7 @@ func (x *GenerateDataKeyWithoutPlaintextResponse) ProtoReflect() protoreflect.Me
 
 // Deprecated: Use GenerateDataKeyWithoutPlaintextResponse.ProtoReflect.Descriptor instead.
 func (*GenerateDataKeyWithoutPlaintextResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{18}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *GenerateDataKeyWithoutPlaintextResponse) GetCiphertext() []byte {
@@ -1766,7 +1856,7 @@ type ReEncryptRequest struct {
 
 func (x *ReEncryptRequest) Reset() {
 	*x = ReEncryptRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[19]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1778,7 +1868,7 @@ func (x *ReEncryptRequest) String() string {
 func (*ReEncryptRequest) ProtoMessage() {}
 
 func (x *ReEncryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[19]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1791,7 +1881,7 @@ func (x *ReEncryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReEncryptRequest.ProtoReflect.Descriptor instead.
 func (*ReEncryptRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{19}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ReEncryptRequest) GetCiphertext() []byte {
@@ -1849,7 +1939,7 @@ type ReEncryptResponse struct {
 
 func (x *ReEncryptResponse) Reset() {
 	*x = ReEncryptResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[20]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1861,7 +1951,7 @@ func (x *ReEncryptResponse) String() string {
 func (*ReEncryptResponse) ProtoMessage() {}
 
 func (x *ReEncryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[20]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1874,7 +1964,7 @@ func (x *ReEncryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReEncryptResponse.ProtoReflect.Descriptor instead.
 func (*ReEncryptResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{20}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ReEncryptResponse) GetCiphertext() []byte {
@@ -1924,7 +2014,7 @@ type ItemError struct {
 
 func (x *ItemError) Reset() {
 	*x = ItemError{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[21]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1936,7 +2026,7 @@ func (x *ItemError) String() string {
 func (*ItemError) ProtoMessage() {}
 
 func (x *ItemError) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[21]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1949,7 +2039,7 @@ func (x *ItemError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ItemError.ProtoReflect.Descriptor instead.
 func (*ItemError) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{21}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ItemError) GetCode() string {
@@ -1975,7 +2065,7 @@ type BatchEncryptRequest struct {
 
 func (x *BatchEncryptRequest) Reset() {
 	*x = BatchEncryptRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[22]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1987,7 +2077,7 @@ func (x *BatchEncryptRequest) String() string {
 func (*BatchEncryptRequest) ProtoMessage() {}
 
 func (x *BatchEncryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[22]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2000,7 +2090,7 @@ func (x *BatchEncryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchEncryptRequest.ProtoReflect.Descriptor instead.
 func (*BatchEncryptRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{22}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *BatchEncryptRequest) GetItems() []*EncryptRequest {
@@ -2020,7 +2110,7 @@ type BatchEncryptResult struct {
 
 func (x *BatchEncryptResult) Reset() {
 	*x = BatchEncryptResult{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[23]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2032,7 +2122,7 @@ func (x *BatchEncryptResult) String() string {
 func (*BatchEncryptResult) ProtoMessage() {}
 
 func (x *BatchEncryptResult) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[23]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2045,7 +2135,7 @@ func (x *BatchEncryptResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchEncryptResult.ProtoReflect.Descriptor instead.
 func (*BatchEncryptResult) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{23}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *BatchEncryptResult) GetResponse() *EncryptResponse {
@@ -2071,7 +2161,7 @@ type BatchEncryptResponse struct {
 
 func (x *BatchEncryptResponse) Reset() {
 	*x = BatchEncryptResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[24]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2083,7 +2173,7 @@ func (x *BatchEncryptResponse) String() string {
 func (*BatchEncryptResponse) ProtoMessage() {}
 
 func (x *BatchEncryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[24]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2096,7 +2186,7 @@ func (x *BatchEncryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchEncryptResponse.ProtoReflect.Descriptor instead.
 func (*BatchEncryptResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{24}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *BatchEncryptResponse) GetResults() []*BatchEncryptResult {
@@ -2115,7 +2205,7 @@ type BatchDecryptRequest struct {
 
 func (x *BatchDecryptRequest) Reset() {
 	*x = BatchDecryptRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[25]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2127,7 +2217,7 @@ func (x *BatchDecryptRequest) String() string {
 func (*BatchDecryptRequest) ProtoMessage() {}
 
 func (x *BatchDecryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[25]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2140,7 +2230,7 @@ func (x *BatchDecryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchDecryptRequest.ProtoReflect.Descriptor instead.
 func (*BatchDecryptRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{25}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *BatchDecryptRequest) GetItems() []*DecryptRequest {
@@ -2160,7 +2250,7 @@ type BatchDecryptResult struct {
 
 func (x *BatchDecryptResult) Reset() {
 	*x = BatchDecryptResult{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[26]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2172,7 +2262,7 @@ func (x *BatchDecryptResult) String() string {
 func (*BatchDecryptResult) ProtoMessage() {}
 
 func (x *BatchDecryptResult) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[26]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2185,7 +2275,7 @@ func (x *BatchDecryptResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchDecryptResult.ProtoReflect.Descriptor instead.
 func (*BatchDecryptResult) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{26}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *BatchDecryptResult) GetResponse() *DecryptResponse {
@@ -2211,7 +2301,7 @@ type BatchDecryptResponse struct {
 
 func (x *BatchDecryptResponse) Reset() {
 	*x = BatchDecryptResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[27]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2223,7 +2313,7 @@ func (x *BatchDecryptResponse) String() string {
 func (*BatchDecryptResponse) ProtoMessage() {}
 
 func (x *BatchDecryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[27]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2236,7 +2326,7 @@ func (x *BatchDecryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchDecryptResponse.ProtoReflect.Descriptor instead.
 func (*BatchDecryptResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{27}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *BatchDecryptResponse) GetResults() []*BatchDecryptResult {
@@ -2255,7 +2345,7 @@ type BatchReEncryptRequest struct {
 
 func (x *BatchReEncryptRequest) Reset() {
 	*x = BatchReEncryptRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[28]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2267,7 +2357,7 @@ func (x *BatchReEncryptRequest) String() string {
 func (*BatchReEncryptRequest) ProtoMessage() {}
 
 func (x *BatchReEncryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[28]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2280,7 +2370,7 @@ func (x *BatchReEncryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchReEncryptRequest.ProtoReflect.Descriptor instead.
 func (*BatchReEncryptRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{28}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *BatchReEncryptRequest) GetItems() []*ReEncryptRequest {
@@ -2300,7 +2390,7 @@ type BatchReEncryptResult struct {
 
 func (x *BatchReEncryptResult) Reset() {
 	*x = BatchReEncryptResult{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[29]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2312,7 +2402,7 @@ func (x *BatchReEncryptResult) String() string {
 func (*BatchReEncryptResult) ProtoMessage() {}
 
 func (x *BatchReEncryptResult) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[29]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2325,7 +2415,7 @@ func (x *BatchReEncryptResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchReEncryptResult.ProtoReflect.Descriptor instead.
 func (*BatchReEncryptResult) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{29}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *BatchReEncryptResult) GetResponse() *ReEncryptResponse {
@@ -2351,7 +2441,7 @@ type BatchReEncryptResponse struct {
 
 func (x *BatchReEncryptResponse) Reset() {
 	*x = BatchReEncryptResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[30]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2363,7 +2453,7 @@ func (x *BatchReEncryptResponse) String() string {
 func (*BatchReEncryptResponse) ProtoMessage() {}
 
 func (x *BatchReEncryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[30]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2376,7 +2466,7 @@ func (x *BatchReEncryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchReEncryptResponse.ProtoReflect.Descriptor instead.
 func (*BatchReEncryptResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{30}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *BatchReEncryptResponse) GetResults() []*BatchReEncryptResult {
@@ -2401,7 +2491,7 @@ type SignRequest struct {
 
 func (x *SignRequest) Reset() {
 	*x = SignRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[31]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2413,7 +2503,7 @@ func (x *SignRequest) String() string {
 func (*SignRequest) ProtoMessage() {}
 
 func (x *SignRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[31]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2426,7 +2516,7 @@ func (x *SignRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignRequest.ProtoReflect.Descriptor instead.
 func (*SignRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{31}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *SignRequest) GetKeyId() string {
@@ -2476,7 +2566,7 @@ type SignResponse struct {
 
 func (x *SignResponse) Reset() {
 	*x = SignResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[32]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2488,7 +2578,7 @@ func (x *SignResponse) String() string {
 func (*SignResponse) ProtoMessage() {}
 
 func (x *SignResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[32]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2501,7 +2591,7 @@ func (x *SignResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignResponse.ProtoReflect.Descriptor instead.
 func (*SignResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{32}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *SignResponse) GetSignature() []byte {
@@ -2549,7 +2639,7 @@ type VerifyRequest struct {
 
 func (x *VerifyRequest) Reset() {
 	*x = VerifyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[33]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2561,7 +2651,7 @@ func (x *VerifyRequest) String() string {
 func (*VerifyRequest) ProtoMessage() {}
 
 func (x *VerifyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[33]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2574,7 +2664,7 @@ func (x *VerifyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyRequest.ProtoReflect.Descriptor instead.
 func (*VerifyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{33}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *VerifyRequest) GetKeyId() string {
@@ -2644,7 +2734,7 @@ type VerifyResponse struct {
 
 func (x *VerifyResponse) Reset() {
 	*x = VerifyResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[34]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2656,7 +2746,7 @@ func (x *VerifyResponse) String() string {
 func (*VerifyResponse) ProtoMessage() {}
 
 func (x *VerifyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[34]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2669,7 +2759,7 @@ func (x *VerifyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyResponse.ProtoReflect.Descriptor instead.
 func (*VerifyResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{34}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *VerifyResponse) GetValid() bool {
@@ -2703,7 +2793,7 @@ type GetPublicKeyRequest struct {
 
 func (x *GetPublicKeyRequest) Reset() {
 	*x = GetPublicKeyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[35]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2715,7 +2805,7 @@ func (x *GetPublicKeyRequest) String() string {
 func (*GetPublicKeyRequest) ProtoMessage() {}
 
 func (x *GetPublicKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[35]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2728,7 +2818,7 @@ func (x *GetPublicKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPublicKeyRequest.ProtoReflect.Descriptor instead.
 func (*GetPublicKeyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{35}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *GetPublicKeyRequest) GetKeyId() string {
@@ -2761,7 +2851,7 @@ type GetPublicKeyResponse struct {
 
 func (x *GetPublicKeyResponse) Reset() {
 	*x = GetPublicKeyResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[36]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2773,7 +2863,7 @@ func (x *GetPublicKeyResponse) String() string {
 func (*GetPublicKeyResponse) ProtoMessage() {}
 
 func (x *GetPublicKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[36]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2786,7 +2876,7 @@ func (x *GetPublicKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPublicKeyResponse.ProtoReflect.Descriptor instead.
 func (*GetPublicKeyResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{36}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *GetPublicKeyResponse) GetKeyId() string {
@@ -2856,7 +2946,7 @@ type GenerateMacRequest struct {
 
 func (x *GenerateMacRequest) Reset() {
 	*x = GenerateMacRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[37]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2868,7 +2958,7 @@ func (x *GenerateMacRequest) String() string {
 func (*GenerateMacRequest) ProtoMessage() {}
 
 func (x *GenerateMacRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[37]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2881,7 +2971,7 @@ func (x *GenerateMacRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateMacRequest.ProtoReflect.Descriptor instead.
 func (*GenerateMacRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{37}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *GenerateMacRequest) GetKeyId() string {
@@ -2916,7 +3006,7 @@ type GenerateMacResponse struct {
 
 func (x *GenerateMacResponse) Reset() {
 	*x = GenerateMacResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[38]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2928,7 +3018,7 @@ func (x *GenerateMacResponse) String() string {
 func (*GenerateMacResponse) ProtoMessage() {}
 
 func (x *GenerateMacResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[38]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2941,7 +3031,7 @@ func (x *GenerateMacResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateMacResponse.ProtoReflect.Descriptor instead.
 func (*GenerateMacResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{38}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *GenerateMacResponse) GetMac() []byte {
@@ -2979,7 +3069,7 @@ type VerifyMacRequest struct {
 
 func (x *VerifyMacRequest) Reset() {
 	*x = VerifyMacRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[39]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2991,7 +3081,7 @@ func (x *VerifyMacRequest) String() string {
 func (*VerifyMacRequest) ProtoMessage() {}
 
 func (x *VerifyMacRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[39]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3004,7 +3094,7 @@ func (x *VerifyMacRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyMacRequest.ProtoReflect.Descriptor instead.
 func (*VerifyMacRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{39}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *VerifyMacRequest) GetKeyId() string {
@@ -3060,7 +3150,7 @@ type VerifyMacResponse struct {
 
 func (x *VerifyMacResponse) Reset() {
 	*x = VerifyMacResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[40]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3072,7 +3162,7 @@ func (x *VerifyMacResponse) String() string {
 func (*VerifyMacResponse) ProtoMessage() {}
 
 func (x *VerifyMacResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[40]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3085,7 +3175,7 @@ func (x *VerifyMacResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyMacResponse.ProtoReflect.Descriptor instead.
 func (*VerifyMacResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{40}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *VerifyMacResponse) GetValid() bool {
@@ -3118,7 +3208,7 @@ type GenerateRandomRequest struct {
 
 func (x *GenerateRandomRequest) Reset() {
 	*x = GenerateRandomRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[41]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3130,7 +3220,7 @@ func (x *GenerateRandomRequest) String() string {
 func (*GenerateRandomRequest) ProtoMessage() {}
 
 func (x *GenerateRandomRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[41]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3143,7 +3233,7 @@ func (x *GenerateRandomRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateRandomRequest.ProtoReflect.Descriptor instead.
 func (*GenerateRandomRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{41}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *GenerateRandomRequest) GetNumberOfBytes() int32 {
@@ -3162,7 +3252,7 @@ type GenerateRandomResponse struct {
 
 func (x *GenerateRandomResponse) Reset() {
 	*x = GenerateRandomResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[42]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3174,7 +3264,7 @@ func (x *GenerateRandomResponse) String() string {
 func (*GenerateRandomResponse) ProtoMessage() {}
 
 func (x *GenerateRandomResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[42]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3187,7 +3277,7 @@ func (x *GenerateRandomResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateRandomResponse.ProtoReflect.Descriptor instead.
 func (*GenerateRandomResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{42}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *GenerateRandomResponse) GetRandom() []byte {
@@ -3206,7 +3296,7 @@ type KeyResponse struct {
 
 func (x *KeyResponse) Reset() {
 	*x = KeyResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[43]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3218,7 +3308,7 @@ func (x *KeyResponse) String() string {
 func (*KeyResponse) ProtoMessage() {}
 
 func (x *KeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[43]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3231,7 +3321,7 @@ func (x *KeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyResponse.ProtoReflect.Descriptor instead.
 func (*KeyResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{43}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *KeyResponse) GetKey() *Key {
@@ -3251,7 +3341,7 @@ type KeyRefRequest struct {
 
 func (x *KeyRefRequest) Reset() {
 	*x = KeyRefRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[44]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3263,7 +3353,7 @@ func (x *KeyRefRequest) String() string {
 func (*KeyRefRequest) ProtoMessage() {}
 
 func (x *KeyRefRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[44]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3276,7 +3366,7 @@ func (x *KeyRefRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyRefRequest.ProtoReflect.Descriptor instead.
 func (*KeyRefRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{44}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *KeyRefRequest) GetKeyId() string {
@@ -3307,7 +3397,7 @@ type UpdateKeyRequest struct {
 
 func (x *UpdateKeyRequest) Reset() {
 	*x = UpdateKeyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[45]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3319,7 +3409,7 @@ func (x *UpdateKeyRequest) String() string {
 func (*UpdateKeyRequest) ProtoMessage() {}
 
 func (x *UpdateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[45]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3332,7 +3422,7 @@ func (x *UpdateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateKeyRequest.ProtoReflect.Descriptor instead.
 func (*UpdateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{45}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *UpdateKeyRequest) GetKeyId() string {
@@ -3381,7 +3471,7 @@ type SetAliasRequest struct {
 
 func (x *SetAliasRequest) Reset() {
 	*x = SetAliasRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[46]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3393,7 +3483,7 @@ func (x *SetAliasRequest) String() string {
 func (*SetAliasRequest) ProtoMessage() {}
 
 func (x *SetAliasRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[46]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3406,7 +3496,7 @@ func (x *SetAliasRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetAliasRequest.ProtoReflect.Descriptor instead.
 func (*SetAliasRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{46}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *SetAliasRequest) GetAlias() string {
@@ -3440,7 +3530,7 @@ type DeleteAliasRequest struct {
 
 func (x *DeleteAliasRequest) Reset() {
 	*x = DeleteAliasRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[47]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3452,7 +3542,7 @@ func (x *DeleteAliasRequest) String() string {
 func (*DeleteAliasRequest) ProtoMessage() {}
 
 func (x *DeleteAliasRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[47]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3465,7 +3555,7 @@ func (x *DeleteAliasRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteAliasRequest.ProtoReflect.Descriptor instead.
 func (*DeleteAliasRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{47}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *DeleteAliasRequest) GetAlias() string {
@@ -3490,7 +3580,7 @@ type DeleteAliasResponse struct {
 
 func (x *DeleteAliasResponse) Reset() {
 	*x = DeleteAliasResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[48]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3502,7 +3592,7 @@ func (x *DeleteAliasResponse) String() string {
 func (*DeleteAliasResponse) ProtoMessage() {}
 
 func (x *DeleteAliasResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[48]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3515,7 +3605,7 @@ func (x *DeleteAliasResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteAliasResponse.ProtoReflect.Descriptor instead.
 func (*DeleteAliasResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{48}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{50}
 }
 
 type RevokeKeyRequest struct {
@@ -3530,7 +3620,7 @@ type RevokeKeyRequest struct {
 
 func (x *RevokeKeyRequest) Reset() {
 	*x = RevokeKeyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[49]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3542,7 +3632,7 @@ func (x *RevokeKeyRequest) String() string {
 func (*RevokeKeyRequest) ProtoMessage() {}
 
 func (x *RevokeKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[49]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3555,7 +3645,7 @@ func (x *RevokeKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeKeyRequest.ProtoReflect.Descriptor instead.
 func (*RevokeKeyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{49}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *RevokeKeyRequest) GetKeyId() string {
@@ -3597,7 +3687,7 @@ type SetRotationPolicyRequest struct {
 
 func (x *SetRotationPolicyRequest) Reset() {
 	*x = SetRotationPolicyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[50]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3609,7 +3699,7 @@ func (x *SetRotationPolicyRequest) String() string {
 func (*SetRotationPolicyRequest) ProtoMessage() {}
 
 func (x *SetRotationPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[50]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3622,7 +3712,7 @@ func (x *SetRotationPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetRotationPolicyRequest.ProtoReflect.Descriptor instead.
 func (*SetRotationPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{50}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *SetRotationPolicyRequest) GetKeyId() string {
@@ -3658,7 +3748,7 @@ type SetKeyVersionStateRequest struct {
 
 func (x *SetKeyVersionStateRequest) Reset() {
 	*x = SetKeyVersionStateRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[51]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3670,7 +3760,7 @@ func (x *SetKeyVersionStateRequest) String() string {
 func (*SetKeyVersionStateRequest) ProtoMessage() {}
 
 func (x *SetKeyVersionStateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[51]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3683,7 +3773,7 @@ func (x *SetKeyVersionStateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKeyVersionStateRequest.ProtoReflect.Descriptor instead.
 func (*SetKeyVersionStateRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{51}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *SetKeyVersionStateRequest) GetKeyId() string {
@@ -3725,7 +3815,7 @@ type SetMinDecryptionVersionRequest struct {
 
 func (x *SetMinDecryptionVersionRequest) Reset() {
 	*x = SetMinDecryptionVersionRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[52]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3737,7 +3827,7 @@ func (x *SetMinDecryptionVersionRequest) String() string {
 func (*SetMinDecryptionVersionRequest) ProtoMessage() {}
 
 func (x *SetMinDecryptionVersionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[52]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3750,7 +3840,7 @@ func (x *SetMinDecryptionVersionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetMinDecryptionVersionRequest.ProtoReflect.Descriptor instead.
 func (*SetMinDecryptionVersionRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{52}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *SetMinDecryptionVersionRequest) GetKeyId() string {
@@ -3786,7 +3876,7 @@ type ScheduleKeyDestructionRequest struct {
 
 func (x *ScheduleKeyDestructionRequest) Reset() {
 	*x = ScheduleKeyDestructionRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[53]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3798,7 +3888,7 @@ func (x *ScheduleKeyDestructionRequest) String() string {
 func (*ScheduleKeyDestructionRequest) ProtoMessage() {}
 
 func (x *ScheduleKeyDestructionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[53]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3811,7 +3901,7 @@ func (x *ScheduleKeyDestructionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleKeyDestructionRequest.ProtoReflect.Descriptor instead.
 func (*ScheduleKeyDestructionRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{53}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *ScheduleKeyDestructionRequest) GetKeyId() string {
@@ -3844,7 +3934,7 @@ type GetImportParametersRequest struct {
 
 func (x *GetImportParametersRequest) Reset() {
 	*x = GetImportParametersRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[54]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3856,7 +3946,7 @@ func (x *GetImportParametersRequest) String() string {
 func (*GetImportParametersRequest) ProtoMessage() {}
 
 func (x *GetImportParametersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[54]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3869,7 +3959,7 @@ func (x *GetImportParametersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetImportParametersRequest.ProtoReflect.Descriptor instead.
 func (*GetImportParametersRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{54}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *GetImportParametersRequest) GetSpec() KeySpec {
@@ -3896,7 +3986,7 @@ type GetImportParametersResponse struct {
 
 func (x *GetImportParametersResponse) Reset() {
 	*x = GetImportParametersResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[55]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3908,7 +3998,7 @@ func (x *GetImportParametersResponse) String() string {
 func (*GetImportParametersResponse) ProtoMessage() {}
 
 func (x *GetImportParametersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[55]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3921,7 +4011,7 @@ func (x *GetImportParametersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetImportParametersResponse.ProtoReflect.Descriptor instead.
 func (*GetImportParametersResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{55}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *GetImportParametersResponse) GetImportToken() string {
@@ -3982,7 +4072,7 @@ type ImportKeyRequest struct {
 
 func (x *ImportKeyRequest) Reset() {
 	*x = ImportKeyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[56]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3994,7 +4084,7 @@ func (x *ImportKeyRequest) String() string {
 func (*ImportKeyRequest) ProtoMessage() {}
 
 func (x *ImportKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[56]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4007,7 +4097,7 @@ func (x *ImportKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportKeyRequest.ProtoReflect.Descriptor instead.
 func (*ImportKeyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{56}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *ImportKeyRequest) GetImportToken() string {
@@ -4083,7 +4173,7 @@ type Grant struct {
 
 func (x *Grant) Reset() {
 	*x = Grant{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[57]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4095,7 +4185,7 @@ func (x *Grant) String() string {
 func (*Grant) ProtoMessage() {}
 
 func (x *Grant) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[57]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4108,7 +4198,7 @@ func (x *Grant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Grant.ProtoReflect.Descriptor instead.
 func (*Grant) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{57}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *Grant) GetGrantId() string {
@@ -4173,7 +4263,7 @@ type CreateGrantRequest struct {
 
 func (x *CreateGrantRequest) Reset() {
 	*x = CreateGrantRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[58]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4185,7 +4275,7 @@ func (x *CreateGrantRequest) String() string {
 func (*CreateGrantRequest) ProtoMessage() {}
 
 func (x *CreateGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[58]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4198,7 +4288,7 @@ func (x *CreateGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateGrantRequest.ProtoReflect.Descriptor instead.
 func (*CreateGrantRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{58}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *CreateGrantRequest) GetKeyId() string {
@@ -4245,7 +4335,7 @@ type GrantResponse struct {
 
 func (x *GrantResponse) Reset() {
 	*x = GrantResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[59]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4257,7 +4347,7 @@ func (x *GrantResponse) String() string {
 func (*GrantResponse) ProtoMessage() {}
 
 func (x *GrantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[59]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4270,7 +4360,7 @@ func (x *GrantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GrantResponse.ProtoReflect.Descriptor instead.
 func (*GrantResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{59}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *GrantResponse) GetGrant() *Grant {
@@ -4290,7 +4380,7 @@ type RevokeGrantRequest struct {
 
 func (x *RevokeGrantRequest) Reset() {
 	*x = RevokeGrantRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[60]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4302,7 +4392,7 @@ func (x *RevokeGrantRequest) String() string {
 func (*RevokeGrantRequest) ProtoMessage() {}
 
 func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[60]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4315,7 +4405,7 @@ func (x *RevokeGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeGrantRequest.ProtoReflect.Descriptor instead.
 func (*RevokeGrantRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{60}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *RevokeGrantRequest) GetGrantId() string {
@@ -4340,7 +4430,7 @@ type RevokeGrantResponse struct {
 
 func (x *RevokeGrantResponse) Reset() {
 	*x = RevokeGrantResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[61]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4352,7 +4442,7 @@ func (x *RevokeGrantResponse) String() string {
 func (*RevokeGrantResponse) ProtoMessage() {}
 
 func (x *RevokeGrantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[61]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4365,7 +4455,7 @@ func (x *RevokeGrantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeGrantResponse.ProtoReflect.Descriptor instead.
 func (*RevokeGrantResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{61}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{63}
 }
 
 type ListGrantsRequest struct {
@@ -4379,7 +4469,7 @@ type ListGrantsRequest struct {
 
 func (x *ListGrantsRequest) Reset() {
 	*x = ListGrantsRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[62]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4391,7 +4481,7 @@ func (x *ListGrantsRequest) String() string {
 func (*ListGrantsRequest) ProtoMessage() {}
 
 func (x *ListGrantsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[62]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4404,7 +4494,7 @@ func (x *ListGrantsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListGrantsRequest.ProtoReflect.Descriptor instead.
 func (*ListGrantsRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{62}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *ListGrantsRequest) GetKeyId() string {
@@ -4430,7 +4520,7 @@ type ListGrantsResponse struct {
 
 func (x *ListGrantsResponse) Reset() {
 	*x = ListGrantsResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[63]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4442,7 +4532,7 @@ func (x *ListGrantsResponse) String() string {
 func (*ListGrantsResponse) ProtoMessage() {}
 
 func (x *ListGrantsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[63]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4455,7 +4545,7 @@ func (x *ListGrantsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListGrantsResponse.ProtoReflect.Descriptor instead.
 func (*ListGrantsResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{63}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *ListGrantsResponse) GetGrants() []*Grant {
@@ -4478,7 +4568,7 @@ type IssueCertificateRequest struct {
 
 func (x *IssueCertificateRequest) Reset() {
 	*x = IssueCertificateRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[64]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4490,7 +4580,7 @@ func (x *IssueCertificateRequest) String() string {
 func (*IssueCertificateRequest) ProtoMessage() {}
 
 func (x *IssueCertificateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[64]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4503,7 +4593,7 @@ func (x *IssueCertificateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssueCertificateRequest.ProtoReflect.Descriptor instead.
 func (*IssueCertificateRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{64}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *IssueCertificateRequest) GetCsrDer() []byte {
@@ -4538,7 +4628,7 @@ type IssueCertificateResponse struct {
 
 func (x *IssueCertificateResponse) Reset() {
 	*x = IssueCertificateResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[65]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4550,7 +4640,7 @@ func (x *IssueCertificateResponse) String() string {
 func (*IssueCertificateResponse) ProtoMessage() {}
 
 func (x *IssueCertificateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[65]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4563,7 +4653,7 @@ func (x *IssueCertificateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssueCertificateResponse.ProtoReflect.Descriptor instead.
 func (*IssueCertificateResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{65}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *IssueCertificateResponse) GetCertDer() []byte {
@@ -4598,7 +4688,7 @@ type DenyPrincipalRequest struct {
 
 func (x *DenyPrincipalRequest) Reset() {
 	*x = DenyPrincipalRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[66]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4610,7 +4700,7 @@ func (x *DenyPrincipalRequest) String() string {
 func (*DenyPrincipalRequest) ProtoMessage() {}
 
 func (x *DenyPrincipalRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[66]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4623,7 +4713,7 @@ func (x *DenyPrincipalRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DenyPrincipalRequest.ProtoReflect.Descriptor instead.
 func (*DenyPrincipalRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{66}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *DenyPrincipalRequest) GetPrincipal() string {
@@ -4655,7 +4745,7 @@ type DenyPrincipalResponse struct {
 
 func (x *DenyPrincipalResponse) Reset() {
 	*x = DenyPrincipalResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[67]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4667,7 +4757,7 @@ func (x *DenyPrincipalResponse) String() string {
 func (*DenyPrincipalResponse) ProtoMessage() {}
 
 func (x *DenyPrincipalResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[67]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4680,7 +4770,7 @@ func (x *DenyPrincipalResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DenyPrincipalResponse.ProtoReflect.Descriptor instead.
 func (*DenyPrincipalResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{67}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{69}
 }
 
 type AllowPrincipalRequest struct {
@@ -4693,7 +4783,7 @@ type AllowPrincipalRequest struct {
 
 func (x *AllowPrincipalRequest) Reset() {
 	*x = AllowPrincipalRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[68]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4705,7 +4795,7 @@ func (x *AllowPrincipalRequest) String() string {
 func (*AllowPrincipalRequest) ProtoMessage() {}
 
 func (x *AllowPrincipalRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[68]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4718,7 +4808,7 @@ func (x *AllowPrincipalRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllowPrincipalRequest.ProtoReflect.Descriptor instead.
 func (*AllowPrincipalRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{68}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *AllowPrincipalRequest) GetPrincipal() string {
@@ -4743,7 +4833,7 @@ type AllowPrincipalResponse struct {
 
 func (x *AllowPrincipalResponse) Reset() {
 	*x = AllowPrincipalResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[69]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4755,7 +4845,7 @@ func (x *AllowPrincipalResponse) String() string {
 func (*AllowPrincipalResponse) ProtoMessage() {}
 
 func (x *AllowPrincipalResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[69]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4768,7 +4858,7 @@ func (x *AllowPrincipalResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllowPrincipalResponse.ProtoReflect.Descriptor instead.
 func (*AllowPrincipalResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{69}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{71}
 }
 
 type DeniedPrincipal struct {
@@ -4783,7 +4873,7 @@ type DeniedPrincipal struct {
 
 func (x *DeniedPrincipal) Reset() {
 	*x = DeniedPrincipal{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[70]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4795,7 +4885,7 @@ func (x *DeniedPrincipal) String() string {
 func (*DeniedPrincipal) ProtoMessage() {}
 
 func (x *DeniedPrincipal) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[70]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4808,7 +4898,7 @@ func (x *DeniedPrincipal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeniedPrincipal.ProtoReflect.Descriptor instead.
 func (*DeniedPrincipal) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{70}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *DeniedPrincipal) GetPrincipal() string {
@@ -4847,7 +4937,7 @@ type ListDeniedPrincipalsRequest struct {
 
 func (x *ListDeniedPrincipalsRequest) Reset() {
 	*x = ListDeniedPrincipalsRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[71]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4859,7 +4949,7 @@ func (x *ListDeniedPrincipalsRequest) String() string {
 func (*ListDeniedPrincipalsRequest) ProtoMessage() {}
 
 func (x *ListDeniedPrincipalsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[71]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4872,7 +4962,7 @@ func (x *ListDeniedPrincipalsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDeniedPrincipalsRequest.ProtoReflect.Descriptor instead.
 func (*ListDeniedPrincipalsRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{71}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{73}
 }
 
 type ListDeniedPrincipalsResponse struct {
@@ -4884,7 +4974,7 @@ type ListDeniedPrincipalsResponse struct {
 
 func (x *ListDeniedPrincipalsResponse) Reset() {
 	*x = ListDeniedPrincipalsResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[72]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4896,7 +4986,7 @@ func (x *ListDeniedPrincipalsResponse) String() string {
 func (*ListDeniedPrincipalsResponse) ProtoMessage() {}
 
 func (x *ListDeniedPrincipalsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[72]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4909,7 +4999,7 @@ func (x *ListDeniedPrincipalsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDeniedPrincipalsResponse.ProtoReflect.Descriptor instead.
 func (*ListDeniedPrincipalsResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{72}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *ListDeniedPrincipalsResponse) GetPrincipals() []*DeniedPrincipal {
@@ -4942,7 +5032,7 @@ type AuditRecord struct {
 
 func (x *AuditRecord) Reset() {
 	*x = AuditRecord{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[73]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4954,7 +5044,7 @@ func (x *AuditRecord) String() string {
 func (*AuditRecord) ProtoMessage() {}
 
 func (x *AuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[73]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4967,7 +5057,7 @@ func (x *AuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
 func (*AuditRecord) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{73}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *AuditRecord) GetSeq() uint64 {
@@ -5070,7 +5160,7 @@ type AuditTailRequest struct {
 
 func (x *AuditTailRequest) Reset() {
 	*x = AuditTailRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[74]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5082,7 +5172,7 @@ func (x *AuditTailRequest) String() string {
 func (*AuditTailRequest) ProtoMessage() {}
 
 func (x *AuditTailRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[74]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5095,7 +5185,7 @@ func (x *AuditTailRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditTailRequest.ProtoReflect.Descriptor instead.
 func (*AuditTailRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{74}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *AuditTailRequest) GetCount() int32 {
@@ -5114,7 +5204,7 @@ type AuditTailResponse struct {
 
 func (x *AuditTailResponse) Reset() {
 	*x = AuditTailResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[75]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5126,7 +5216,7 @@ func (x *AuditTailResponse) String() string {
 func (*AuditTailResponse) ProtoMessage() {}
 
 func (x *AuditTailResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[75]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5139,7 +5229,7 @@ func (x *AuditTailResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditTailResponse.ProtoReflect.Descriptor instead.
 func (*AuditTailResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{75}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *AuditTailResponse) GetRecords() []*AuditRecord {
@@ -5157,7 +5247,7 @@ type AuditVerifyRequest struct {
 
 func (x *AuditVerifyRequest) Reset() {
 	*x = AuditVerifyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[76]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5169,7 +5259,7 @@ func (x *AuditVerifyRequest) String() string {
 func (*AuditVerifyRequest) ProtoMessage() {}
 
 func (x *AuditVerifyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[76]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5182,7 +5272,7 @@ func (x *AuditVerifyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditVerifyRequest.ProtoReflect.Descriptor instead.
 func (*AuditVerifyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{76}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{78}
 }
 
 type AuditVerifyResponse struct {
@@ -5199,7 +5289,7 @@ type AuditVerifyResponse struct {
 
 func (x *AuditVerifyResponse) Reset() {
 	*x = AuditVerifyResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[77]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5211,7 +5301,7 @@ func (x *AuditVerifyResponse) String() string {
 func (*AuditVerifyResponse) ProtoMessage() {}
 
 func (x *AuditVerifyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[77]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5224,7 +5314,7 @@ func (x *AuditVerifyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditVerifyResponse.ProtoReflect.Descriptor instead.
 func (*AuditVerifyResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{77}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *AuditVerifyResponse) GetOk() bool {
@@ -5273,7 +5363,7 @@ type EchoRequest struct {
 
 func (x *EchoRequest) Reset() {
 	*x = EchoRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[78]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5285,7 +5375,7 @@ func (x *EchoRequest) String() string {
 func (*EchoRequest) ProtoMessage() {}
 
 func (x *EchoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[78]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5298,7 +5388,7 @@ func (x *EchoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EchoRequest.ProtoReflect.Descriptor instead.
 func (*EchoRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{78}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *EchoRequest) GetPayload() []byte {
@@ -5324,7 +5414,7 @@ type EchoResponse struct {
 
 func (x *EchoResponse) Reset() {
 	*x = EchoResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[79]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5336,7 +5426,7 @@ func (x *EchoResponse) String() string {
 func (*EchoResponse) ProtoMessage() {}
 
 func (x *EchoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[79]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5349,7 +5439,7 @@ func (x *EchoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EchoResponse.ProtoReflect.Descriptor instead.
 func (*EchoResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{79}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *EchoResponse) GetPayload() []byte {
@@ -5368,7 +5458,7 @@ type ApplyNoopRequest struct {
 
 func (x *ApplyNoopRequest) Reset() {
 	*x = ApplyNoopRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[80]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5380,7 +5470,7 @@ func (x *ApplyNoopRequest) String() string {
 func (*ApplyNoopRequest) ProtoMessage() {}
 
 func (x *ApplyNoopRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[80]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5393,7 +5483,7 @@ func (x *ApplyNoopRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyNoopRequest.ProtoReflect.Descriptor instead.
 func (*ApplyNoopRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{80}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *ApplyNoopRequest) GetSize() int32 {
@@ -5412,7 +5502,7 @@ type ApplyNoopResponse struct {
 
 func (x *ApplyNoopResponse) Reset() {
 	*x = ApplyNoopResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[81]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5424,7 +5514,7 @@ func (x *ApplyNoopResponse) String() string {
 func (*ApplyNoopResponse) ProtoMessage() {}
 
 func (x *ApplyNoopResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[81]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5437,7 +5527,7 @@ func (x *ApplyNoopResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyNoopResponse.ProtoReflect.Descriptor instead.
 func (*ApplyNoopResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{81}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *ApplyNoopResponse) GetIndex() uint64 {
@@ -5457,7 +5547,7 @@ type RemovePeerRequest struct {
 
 func (x *RemovePeerRequest) Reset() {
 	*x = RemovePeerRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[82]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5469,7 +5559,7 @@ func (x *RemovePeerRequest) String() string {
 func (*RemovePeerRequest) ProtoMessage() {}
 
 func (x *RemovePeerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[82]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5482,7 +5572,7 @@ func (x *RemovePeerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemovePeerRequest.ProtoReflect.Descriptor instead.
 func (*RemovePeerRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{82}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *RemovePeerRequest) GetNodeId() string {
@@ -5507,7 +5597,7 @@ type RemovePeerResponse struct {
 
 func (x *RemovePeerResponse) Reset() {
 	*x = RemovePeerResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[83]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5519,7 +5609,7 @@ func (x *RemovePeerResponse) String() string {
 func (*RemovePeerResponse) ProtoMessage() {}
 
 func (x *RemovePeerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[83]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5532,7 +5622,7 @@ func (x *RemovePeerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemovePeerResponse.ProtoReflect.Descriptor instead.
 func (*RemovePeerResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{83}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{85}
 }
 
 type TransferLeadershipRequest struct {
@@ -5545,7 +5635,7 @@ type TransferLeadershipRequest struct {
 
 func (x *TransferLeadershipRequest) Reset() {
 	*x = TransferLeadershipRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[84]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5557,7 +5647,7 @@ func (x *TransferLeadershipRequest) String() string {
 func (*TransferLeadershipRequest) ProtoMessage() {}
 
 func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[84]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5570,7 +5660,7 @@ func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{84}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *TransferLeadershipRequest) GetToNodeId() string {
@@ -5589,7 +5679,7 @@ type TransferLeadershipResponse struct {
 
 func (x *TransferLeadershipResponse) Reset() {
 	*x = TransferLeadershipResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[85]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5601,7 +5691,7 @@ func (x *TransferLeadershipResponse) String() string {
 func (*TransferLeadershipResponse) ProtoMessage() {}
 
 func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[85]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5614,7 +5704,7 @@ func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{85}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *TransferLeadershipResponse) GetLeaderId() string {
@@ -5632,7 +5722,7 @@ type SnapshotSaveRequest struct {
 
 func (x *SnapshotSaveRequest) Reset() {
 	*x = SnapshotSaveRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[86]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5644,7 +5734,7 @@ func (x *SnapshotSaveRequest) String() string {
 func (*SnapshotSaveRequest) ProtoMessage() {}
 
 func (x *SnapshotSaveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[86]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5657,7 +5747,7 @@ func (x *SnapshotSaveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotSaveRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotSaveRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{86}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{88}
 }
 
 type SnapshotChunk struct {
@@ -5673,7 +5763,7 @@ type SnapshotChunk struct {
 
 func (x *SnapshotChunk) Reset() {
 	*x = SnapshotChunk{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[87]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5685,7 +5775,7 @@ func (x *SnapshotChunk) String() string {
 func (*SnapshotChunk) ProtoMessage() {}
 
 func (x *SnapshotChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[87]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5698,7 +5788,7 @@ func (x *SnapshotChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotChunk.ProtoReflect.Descriptor instead.
 func (*SnapshotChunk) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{87}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *SnapshotChunk) GetData() []byte {
@@ -5736,7 +5826,7 @@ type SnapshotMeta struct {
 
 func (x *SnapshotMeta) Reset() {
 	*x = SnapshotMeta{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[88]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5748,7 +5838,7 @@ func (x *SnapshotMeta) String() string {
 func (*SnapshotMeta) ProtoMessage() {}
 
 func (x *SnapshotMeta) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[88]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5761,7 +5851,7 @@ func (x *SnapshotMeta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotMeta.ProtoReflect.Descriptor instead.
 func (*SnapshotMeta) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{88}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *SnapshotMeta) GetIndex() uint64 {
@@ -5809,7 +5899,7 @@ type SnapshotRestoreResponse struct {
 
 func (x *SnapshotRestoreResponse) Reset() {
 	*x = SnapshotRestoreResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[89]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5821,7 +5911,7 @@ func (x *SnapshotRestoreResponse) String() string {
 func (*SnapshotRestoreResponse) ProtoMessage() {}
 
 func (x *SnapshotRestoreResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[89]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5834,7 +5924,7 @@ func (x *SnapshotRestoreResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRestoreResponse.ProtoReflect.Descriptor instead.
 func (*SnapshotRestoreResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{89}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{91}
 }
 
 func (x *SnapshotRestoreResponse) GetIndex() uint64 {
@@ -5861,7 +5951,7 @@ type RecoveryExportRequest struct {
 
 func (x *RecoveryExportRequest) Reset() {
 	*x = RecoveryExportRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[90]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5873,7 +5963,7 @@ func (x *RecoveryExportRequest) String() string {
 func (*RecoveryExportRequest) ProtoMessage() {}
 
 func (x *RecoveryExportRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[90]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5886,7 +5976,7 @@ func (x *RecoveryExportRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecoveryExportRequest.ProtoReflect.Descriptor instead.
 func (*RecoveryExportRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{90}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{92}
 }
 
 func (x *RecoveryExportRequest) GetRecoveryPublicKeyDer() []byte {
@@ -5908,7 +5998,7 @@ type RecoveryKEK struct {
 
 func (x *RecoveryKEK) Reset() {
 	*x = RecoveryKEK{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[91]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5920,7 +6010,7 @@ func (x *RecoveryKEK) String() string {
 func (*RecoveryKEK) ProtoMessage() {}
 
 func (x *RecoveryKEK) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[91]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5933,7 +6023,7 @@ func (x *RecoveryKEK) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecoveryKEK.ProtoReflect.Descriptor instead.
 func (*RecoveryKEK) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{91}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{93}
 }
 
 func (x *RecoveryKEK) GetVersion() uint32 {
@@ -5975,7 +6065,7 @@ type RecoveryBundle struct {
 
 func (x *RecoveryBundle) Reset() {
 	*x = RecoveryBundle{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[92]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5987,7 +6077,7 @@ func (x *RecoveryBundle) String() string {
 func (*RecoveryBundle) ProtoMessage() {}
 
 func (x *RecoveryBundle) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[92]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6000,7 +6090,7 @@ func (x *RecoveryBundle) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecoveryBundle.ProtoReflect.Descriptor instead.
 func (*RecoveryBundle) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{92}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{94}
 }
 
 func (x *RecoveryBundle) GetFormat() uint32 {
@@ -6060,7 +6150,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[93]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[95]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6072,7 +6162,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[93]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[95]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6085,7 +6175,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{93}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{95}
 }
 
 type StatusResponse struct {
@@ -6117,13 +6207,20 @@ type StatusResponse struct {
 	KeyCount         uint64   `protobuf:"varint,19,opt,name=key_count,json=keyCount,proto3" json:"key_count,omitempty"`
 	Version          string   `protobuf:"bytes,20,opt,name=version,proto3" json:"version,omitempty"`
 	Voter            bool     `protobuf:"varint,21,opt,name=voter,proto3" json:"voter,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// The gossip key generation in the replicated state (0: none yet).
+	GossipKeyGeneration uint32 `protobuf:"varint,23,opt,name=gossip_key_generation,json=gossipKeyGeneration,proto3" json:"gossip_key_generation,omitempty"`
+	// The generation this node's gossip encrypts with (0: not gossiping).
+	GossipKeyInUse uint32 `protobuf:"varint,24,opt,name=gossip_key_in_use,json=gossipKeyInUse,proto3" json:"gossip_key_in_use,omitempty"`
+	// Keys this node's gossip decrypts with: 1, or 2 while a rotation is
+	// under way (the old key is dropped about 10 s after the switch).
+	GossipKeysHeld uint32 `protobuf:"varint,25,opt,name=gossip_keys_held,json=gossipKeysHeld,proto3" json:"gossip_keys_held,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[94]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[96]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6135,7 +6232,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[94]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[96]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6148,7 +6245,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{94}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{96}
 }
 
 func (x *StatusResponse) GetRegion() string {
@@ -6305,6 +6402,27 @@ func (x *StatusResponse) GetVoter() bool {
 	return false
 }
 
+func (x *StatusResponse) GetGossipKeyGeneration() uint32 {
+	if x != nil {
+		return x.GossipKeyGeneration
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetGossipKeyInUse() uint32 {
+	if x != nil {
+		return x.GossipKeyInUse
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetGossipKeysHeld() uint32 {
+	if x != nil {
+		return x.GossipKeysHeld
+	}
+	return 0
+}
+
 type ListPeersRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -6313,7 +6431,7 @@ type ListPeersRequest struct {
 
 func (x *ListPeersRequest) Reset() {
 	*x = ListPeersRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[95]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[97]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6325,7 +6443,7 @@ func (x *ListPeersRequest) String() string {
 func (*ListPeersRequest) ProtoMessage() {}
 
 func (x *ListPeersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[95]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[97]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6338,7 +6456,7 @@ func (x *ListPeersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPeersRequest.ProtoReflect.Descriptor instead.
 func (*ListPeersRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{95}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{97}
 }
 
 type Peer struct {
@@ -6365,7 +6483,7 @@ type Peer struct {
 
 func (x *Peer) Reset() {
 	*x = Peer{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[96]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[98]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6377,7 +6495,7 @@ func (x *Peer) String() string {
 func (*Peer) ProtoMessage() {}
 
 func (x *Peer) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[96]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[98]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6390,7 +6508,7 @@ func (x *Peer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Peer.ProtoReflect.Descriptor instead.
 func (*Peer) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{96}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{98}
 }
 
 func (x *Peer) GetRegion() string {
@@ -6500,7 +6618,7 @@ type ListPeersResponse struct {
 
 func (x *ListPeersResponse) Reset() {
 	*x = ListPeersResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[97]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[99]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6512,7 +6630,7 @@ func (x *ListPeersResponse) String() string {
 func (*ListPeersResponse) ProtoMessage() {}
 
 func (x *ListPeersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[97]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[99]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6525,7 +6643,7 @@ func (x *ListPeersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPeersResponse.ProtoReflect.Descriptor instead.
 func (*ListPeersResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{97}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{99}
 }
 
 func (x *ListPeersResponse) GetPeers() []*Peer {
@@ -6546,7 +6664,7 @@ type CreateJoinTokenRequest struct {
 
 func (x *CreateJoinTokenRequest) Reset() {
 	*x = CreateJoinTokenRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[98]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[100]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6558,7 +6676,7 @@ func (x *CreateJoinTokenRequest) String() string {
 func (*CreateJoinTokenRequest) ProtoMessage() {}
 
 func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[98]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[100]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6571,7 +6689,7 @@ func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{98}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{100}
 }
 
 func (x *CreateJoinTokenRequest) GetTtlSeconds() int64 {
@@ -6600,7 +6718,7 @@ type CreateJoinTokenResponse struct {
 
 func (x *CreateJoinTokenResponse) Reset() {
 	*x = CreateJoinTokenResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[99]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[101]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6612,7 +6730,7 @@ func (x *CreateJoinTokenResponse) String() string {
 func (*CreateJoinTokenResponse) ProtoMessage() {}
 
 func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[99]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[101]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6625,7 +6743,7 @@ func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{99}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{101}
 }
 
 func (x *CreateJoinTokenResponse) GetToken() string {
@@ -6662,7 +6780,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[100]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[102]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6674,7 +6792,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[100]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[102]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6687,7 +6805,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{100}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{102}
 }
 
 func (x *JoinRequest) GetNonVoter() bool {
@@ -6766,7 +6884,7 @@ type WrappedKEK struct {
 
 func (x *WrappedKEK) Reset() {
 	*x = WrappedKEK{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[101]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[103]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6778,7 +6896,7 @@ func (x *WrappedKEK) String() string {
 func (*WrappedKEK) ProtoMessage() {}
 
 func (x *WrappedKEK) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[101]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[103]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6791,7 +6909,7 @@ func (x *WrappedKEK) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WrappedKEK.ProtoReflect.Descriptor instead.
 func (*WrappedKEK) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{101}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{103}
 }
 
 func (x *WrappedKEK) GetVersion() uint32 {
@@ -6830,7 +6948,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[102]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[104]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6842,7 +6960,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[102]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[104]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6855,7 +6973,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{102}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{104}
 }
 
 func (x *JoinResponse) GetClusterId() string {
@@ -6910,7 +7028,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[103]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[105]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6922,7 +7040,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[103]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[105]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6935,7 +7053,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{103}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{105}
 }
 
 func (x *ApplyRequest) GetCommand() []byte {
@@ -6956,7 +7074,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[104]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[106]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6968,7 +7086,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[104]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[106]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6981,7 +7099,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{104}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{106}
 }
 
 func (x *ApplyResponse) GetResult() []byte {
@@ -7006,7 +7124,7 @@ type ReadIndexRequest struct {
 
 func (x *ReadIndexRequest) Reset() {
 	*x = ReadIndexRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[105]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[107]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7018,7 +7136,7 @@ func (x *ReadIndexRequest) String() string {
 func (*ReadIndexRequest) ProtoMessage() {}
 
 func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[105]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[107]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7031,7 +7149,7 @@ func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexRequest.ProtoReflect.Descriptor instead.
 func (*ReadIndexRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{105}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{107}
 }
 
 type ReadIndexResponse struct {
@@ -7043,7 +7161,7 @@ type ReadIndexResponse struct {
 
 func (x *ReadIndexResponse) Reset() {
 	*x = ReadIndexResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[106]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[108]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7055,7 +7173,7 @@ func (x *ReadIndexResponse) String() string {
 func (*ReadIndexResponse) ProtoMessage() {}
 
 func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[106]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[108]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7068,7 +7186,7 @@ func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexResponse.ProtoReflect.Descriptor instead.
 func (*ReadIndexResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{106}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{108}
 }
 
 func (x *ReadIndexResponse) GetIndex() uint64 {
@@ -7087,7 +7205,7 @@ type AddPeerRequest struct {
 
 func (x *AddPeerRequest) Reset() {
 	*x = AddPeerRequest{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[107]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[109]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7099,7 +7217,7 @@ func (x *AddPeerRequest) String() string {
 func (*AddPeerRequest) ProtoMessage() {}
 
 func (x *AddPeerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[107]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[109]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7112,7 +7230,7 @@ func (x *AddPeerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddPeerRequest.ProtoReflect.Descriptor instead.
 func (*AddPeerRequest) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{107}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{109}
 }
 
 func (x *AddPeerRequest) GetVoter() bool {
@@ -7134,7 +7252,7 @@ type AddPeerResponse struct {
 
 func (x *AddPeerResponse) Reset() {
 	*x = AddPeerResponse{}
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[108]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[110]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7146,7 +7264,7 @@ func (x *AddPeerResponse) String() string {
 func (*AddPeerResponse) ProtoMessage() {}
 
 func (x *AddPeerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[108]
+	mi := &file_transport_cabinetpb_cabinet_proto_msgTypes[110]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7159,7 +7277,7 @@ func (x *AddPeerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddPeerResponse.ProtoReflect.Descriptor instead.
 func (*AddPeerResponse) Descriptor() ([]byte, []int) {
-	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{108}
+	return file_transport_cabinetpb_cabinet_proto_rawDescGZIP(), []int{110}
 }
 
 func (x *AddPeerResponse) GetAdded() bool {
@@ -7181,7 +7299,14 @@ var File_transport_cabinetpb_cabinet_proto protoreflect.FileDescriptor
 const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\n" +
 	"!transport/cabinetpb/cabinet.proto\x12\n" +
-	"cabinet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"1\n" +
+	"cabinet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"7\n" +
+	"\x16RotateGossipKeyRequest\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\"9\n" +
+	"\x17RotateGossipKeyResponse\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x01 \x01(\rR\n" +
+	"generation\"1\n" +
 	"\x10RotateKEKRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\"\x12\n" +
@@ -7667,7 +7792,7 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\toaep_hash\x18\x06 \x01(\tR\boaepHash\x129\n" +
 	"\n" +
 	"created_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"\x0f\n" +
-	"\rStatusRequest\"\xb3\x05\n" +
+	"\rStatusRequest\"\xbc\x06\n" +
 	"\x0eStatusResponse\x12\x16\n" +
 	"\x06region\x18\x16 \x01(\tR\x06region\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1d\n" +
@@ -7696,7 +7821,10 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\x11unhealthy_reasons\x18\x12 \x03(\tR\x10unhealthyReasons\x12\x1b\n" +
 	"\tkey_count\x18\x13 \x01(\x04R\bkeyCount\x12\x18\n" +
 	"\aversion\x18\x14 \x01(\tR\aversion\x12\x14\n" +
-	"\x05voter\x18\x15 \x01(\bR\x05voter\"\x12\n" +
+	"\x05voter\x18\x15 \x01(\bR\x05voter\x122\n" +
+	"\x15gossip_key_generation\x18\x17 \x01(\rR\x13gossipKeyGeneration\x12)\n" +
+	"\x11gossip_key_in_use\x18\x18 \x01(\rR\x0egossipKeyInUse\x12(\n" +
+	"\x10gossip_keys_held\x18\x19 \x01(\rR\x0egossipKeysHeld\"\x12\n" +
 	"\x10ListPeersRequest\"\x8e\x03\n" +
 	"\x04Peer\x12\x16\n" +
 	"\x06region\x18\f \x01(\tR\x06region\x12\x18\n" +
@@ -7841,7 +7969,7 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\vCreateGrant\x12\x1e.cabinet.v1.CreateGrantRequest\x1a\x19.cabinet.v1.GrantResponse\x12N\n" +
 	"\vRevokeGrant\x12\x1e.cabinet.v1.RevokeGrantRequest\x1a\x1f.cabinet.v1.RevokeGrantResponse\x12K\n" +
 	"\n" +
-	"ListGrants\x12\x1d.cabinet.v1.ListGrantsRequest\x1a\x1e.cabinet.v1.ListGrantsResponse2\x85\f\n" +
+	"ListGrants\x12\x1d.cabinet.v1.ListGrantsRequest\x1a\x1e.cabinet.v1.ListGrantsResponse2\xe1\f\n" +
 	"\x0fOperatorService\x12?\n" +
 	"\x06Status\x12\x19.cabinet.v1.StatusRequest\x1a\x1a.cabinet.v1.StatusResponse\x12H\n" +
 	"\tListPeers\x12\x1c.cabinet.v1.ListPeersRequest\x1a\x1d.cabinet.v1.ListPeersResponse\x12Z\n" +
@@ -7862,7 +7990,8 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\x0fSnapshotRestore\x12\x19.cabinet.v1.SnapshotChunk\x1a#.cabinet.v1.SnapshotRestoreResponse(\x01\x12O\n" +
 	"\x0eRecoveryExport\x12!.cabinet.v1.RecoveryExportRequest\x1a\x1a.cabinet.v1.RecoveryBundle\x12H\n" +
 	"\tRotateKEK\x12\x1c.cabinet.v1.RotateKEKRequest\x1a\x1d.cabinet.v1.KEKStatusResponse\x12H\n" +
-	"\tKEKStatus\x12\x1c.cabinet.v1.KEKStatusRequest\x1a\x1d.cabinet.v1.KEKStatusResponse2\xd9\x01\n" +
+	"\tKEKStatus\x12\x1c.cabinet.v1.KEKStatusRequest\x1a\x1d.cabinet.v1.KEKStatusResponse\x12Z\n" +
+	"\x0fRotateGossipKey\x12\".cabinet.v1.RotateGossipKeyRequest\x1a#.cabinet.v1.RotateGossipKeyResponse2\xd9\x01\n" +
 	"\vNodeService\x12<\n" +
 	"\x05Apply\x12\x18.cabinet.v1.ApplyRequest\x1a\x19.cabinet.v1.ApplyResponse\x12H\n" +
 	"\tReadIndex\x12\x1c.cabinet.v1.ReadIndexRequest\x1a\x1d.cabinet.v1.ReadIndexResponse\x12B\n" +
@@ -7881,7 +8010,7 @@ func file_transport_cabinetpb_cabinet_proto_rawDescGZIP() []byte {
 }
 
 var file_transport_cabinetpb_cabinet_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
-var file_transport_cabinetpb_cabinet_proto_msgTypes = make([]protoimpl.MessageInfo, 120)
+var file_transport_cabinetpb_cabinet_proto_msgTypes = make([]protoimpl.MessageInfo, 122)
 var file_transport_cabinetpb_cabinet_proto_goTypes = []any{
 	(KeySpec)(0),                                    // 0: cabinet.v1.KeySpec
 	(KeyUsage)(0),                                   // 1: cabinet.v1.KeyUsage
@@ -7889,174 +8018,176 @@ var file_transport_cabinetpb_cabinet_proto_goTypes = []any{
 	(Consistency)(0),                                // 3: cabinet.v1.Consistency
 	(MessageType)(0),                                // 4: cabinet.v1.MessageType
 	(RevocationReason)(0),                           // 5: cabinet.v1.RevocationReason
-	(*RotateKEKRequest)(nil),                        // 6: cabinet.v1.RotateKEKRequest
-	(*KEKStatusRequest)(nil),                        // 7: cabinet.v1.KEKStatusRequest
-	(*KEKVersionStatus)(nil),                        // 8: cabinet.v1.KEKVersionStatus
-	(*KEKStatusResponse)(nil),                       // 9: cabinet.v1.KEKStatusResponse
-	(*KeyVersionInfo)(nil),                          // 10: cabinet.v1.KeyVersionInfo
-	(*Key)(nil),                                     // 11: cabinet.v1.Key
-	(*CreateKeyRequest)(nil),                        // 12: cabinet.v1.CreateKeyRequest
-	(*CreateKeyResponse)(nil),                       // 13: cabinet.v1.CreateKeyResponse
-	(*ListKeysRequest)(nil),                         // 14: cabinet.v1.ListKeysRequest
-	(*ListKeysResponse)(nil),                        // 15: cabinet.v1.ListKeysResponse
-	(*DescribeKeyRequest)(nil),                      // 16: cabinet.v1.DescribeKeyRequest
-	(*DescribeKeyResponse)(nil),                     // 17: cabinet.v1.DescribeKeyResponse
-	(*EncryptRequest)(nil),                          // 18: cabinet.v1.EncryptRequest
-	(*EncryptResponse)(nil),                         // 19: cabinet.v1.EncryptResponse
-	(*DecryptRequest)(nil),                          // 20: cabinet.v1.DecryptRequest
-	(*DecryptResponse)(nil),                         // 21: cabinet.v1.DecryptResponse
-	(*GenerateDataKeyRequest)(nil),                  // 22: cabinet.v1.GenerateDataKeyRequest
-	(*GenerateDataKeyResponse)(nil),                 // 23: cabinet.v1.GenerateDataKeyResponse
-	(*GenerateDataKeyWithoutPlaintextResponse)(nil), // 24: cabinet.v1.GenerateDataKeyWithoutPlaintextResponse
-	(*ReEncryptRequest)(nil),                        // 25: cabinet.v1.ReEncryptRequest
-	(*ReEncryptResponse)(nil),                       // 26: cabinet.v1.ReEncryptResponse
-	(*ItemError)(nil),                               // 27: cabinet.v1.ItemError
-	(*BatchEncryptRequest)(nil),                     // 28: cabinet.v1.BatchEncryptRequest
-	(*BatchEncryptResult)(nil),                      // 29: cabinet.v1.BatchEncryptResult
-	(*BatchEncryptResponse)(nil),                    // 30: cabinet.v1.BatchEncryptResponse
-	(*BatchDecryptRequest)(nil),                     // 31: cabinet.v1.BatchDecryptRequest
-	(*BatchDecryptResult)(nil),                      // 32: cabinet.v1.BatchDecryptResult
-	(*BatchDecryptResponse)(nil),                    // 33: cabinet.v1.BatchDecryptResponse
-	(*BatchReEncryptRequest)(nil),                   // 34: cabinet.v1.BatchReEncryptRequest
-	(*BatchReEncryptResult)(nil),                    // 35: cabinet.v1.BatchReEncryptResult
-	(*BatchReEncryptResponse)(nil),                  // 36: cabinet.v1.BatchReEncryptResponse
-	(*SignRequest)(nil),                             // 37: cabinet.v1.SignRequest
-	(*SignResponse)(nil),                            // 38: cabinet.v1.SignResponse
-	(*VerifyRequest)(nil),                           // 39: cabinet.v1.VerifyRequest
-	(*VerifyResponse)(nil),                          // 40: cabinet.v1.VerifyResponse
-	(*GetPublicKeyRequest)(nil),                     // 41: cabinet.v1.GetPublicKeyRequest
-	(*GetPublicKeyResponse)(nil),                    // 42: cabinet.v1.GetPublicKeyResponse
-	(*GenerateMacRequest)(nil),                      // 43: cabinet.v1.GenerateMacRequest
-	(*GenerateMacResponse)(nil),                     // 44: cabinet.v1.GenerateMacResponse
-	(*VerifyMacRequest)(nil),                        // 45: cabinet.v1.VerifyMacRequest
-	(*VerifyMacResponse)(nil),                       // 46: cabinet.v1.VerifyMacResponse
-	(*GenerateRandomRequest)(nil),                   // 47: cabinet.v1.GenerateRandomRequest
-	(*GenerateRandomResponse)(nil),                  // 48: cabinet.v1.GenerateRandomResponse
-	(*KeyResponse)(nil),                             // 49: cabinet.v1.KeyResponse
-	(*KeyRefRequest)(nil),                           // 50: cabinet.v1.KeyRefRequest
-	(*UpdateKeyRequest)(nil),                        // 51: cabinet.v1.UpdateKeyRequest
-	(*SetAliasRequest)(nil),                         // 52: cabinet.v1.SetAliasRequest
-	(*DeleteAliasRequest)(nil),                      // 53: cabinet.v1.DeleteAliasRequest
-	(*DeleteAliasResponse)(nil),                     // 54: cabinet.v1.DeleteAliasResponse
-	(*RevokeKeyRequest)(nil),                        // 55: cabinet.v1.RevokeKeyRequest
-	(*SetRotationPolicyRequest)(nil),                // 56: cabinet.v1.SetRotationPolicyRequest
-	(*SetKeyVersionStateRequest)(nil),               // 57: cabinet.v1.SetKeyVersionStateRequest
-	(*SetMinDecryptionVersionRequest)(nil),          // 58: cabinet.v1.SetMinDecryptionVersionRequest
-	(*ScheduleKeyDestructionRequest)(nil),           // 59: cabinet.v1.ScheduleKeyDestructionRequest
-	(*GetImportParametersRequest)(nil),              // 60: cabinet.v1.GetImportParametersRequest
-	(*GetImportParametersResponse)(nil),             // 61: cabinet.v1.GetImportParametersResponse
-	(*ImportKeyRequest)(nil),                        // 62: cabinet.v1.ImportKeyRequest
-	(*Grant)(nil),                                   // 63: cabinet.v1.Grant
-	(*CreateGrantRequest)(nil),                      // 64: cabinet.v1.CreateGrantRequest
-	(*GrantResponse)(nil),                           // 65: cabinet.v1.GrantResponse
-	(*RevokeGrantRequest)(nil),                      // 66: cabinet.v1.RevokeGrantRequest
-	(*RevokeGrantResponse)(nil),                     // 67: cabinet.v1.RevokeGrantResponse
-	(*ListGrantsRequest)(nil),                       // 68: cabinet.v1.ListGrantsRequest
-	(*ListGrantsResponse)(nil),                      // 69: cabinet.v1.ListGrantsResponse
-	(*IssueCertificateRequest)(nil),                 // 70: cabinet.v1.IssueCertificateRequest
-	(*IssueCertificateResponse)(nil),                // 71: cabinet.v1.IssueCertificateResponse
-	(*DenyPrincipalRequest)(nil),                    // 72: cabinet.v1.DenyPrincipalRequest
-	(*DenyPrincipalResponse)(nil),                   // 73: cabinet.v1.DenyPrincipalResponse
-	(*AllowPrincipalRequest)(nil),                   // 74: cabinet.v1.AllowPrincipalRequest
-	(*AllowPrincipalResponse)(nil),                  // 75: cabinet.v1.AllowPrincipalResponse
-	(*DeniedPrincipal)(nil),                         // 76: cabinet.v1.DeniedPrincipal
-	(*ListDeniedPrincipalsRequest)(nil),             // 77: cabinet.v1.ListDeniedPrincipalsRequest
-	(*ListDeniedPrincipalsResponse)(nil),            // 78: cabinet.v1.ListDeniedPrincipalsResponse
-	(*AuditRecord)(nil),                             // 79: cabinet.v1.AuditRecord
-	(*AuditTailRequest)(nil),                        // 80: cabinet.v1.AuditTailRequest
-	(*AuditTailResponse)(nil),                       // 81: cabinet.v1.AuditTailResponse
-	(*AuditVerifyRequest)(nil),                      // 82: cabinet.v1.AuditVerifyRequest
-	(*AuditVerifyResponse)(nil),                     // 83: cabinet.v1.AuditVerifyResponse
-	(*EchoRequest)(nil),                             // 84: cabinet.v1.EchoRequest
-	(*EchoResponse)(nil),                            // 85: cabinet.v1.EchoResponse
-	(*ApplyNoopRequest)(nil),                        // 86: cabinet.v1.ApplyNoopRequest
-	(*ApplyNoopResponse)(nil),                       // 87: cabinet.v1.ApplyNoopResponse
-	(*RemovePeerRequest)(nil),                       // 88: cabinet.v1.RemovePeerRequest
-	(*RemovePeerResponse)(nil),                      // 89: cabinet.v1.RemovePeerResponse
-	(*TransferLeadershipRequest)(nil),               // 90: cabinet.v1.TransferLeadershipRequest
-	(*TransferLeadershipResponse)(nil),              // 91: cabinet.v1.TransferLeadershipResponse
-	(*SnapshotSaveRequest)(nil),                     // 92: cabinet.v1.SnapshotSaveRequest
-	(*SnapshotChunk)(nil),                           // 93: cabinet.v1.SnapshotChunk
-	(*SnapshotMeta)(nil),                            // 94: cabinet.v1.SnapshotMeta
-	(*SnapshotRestoreResponse)(nil),                 // 95: cabinet.v1.SnapshotRestoreResponse
-	(*RecoveryExportRequest)(nil),                   // 96: cabinet.v1.RecoveryExportRequest
-	(*RecoveryKEK)(nil),                             // 97: cabinet.v1.RecoveryKEK
-	(*RecoveryBundle)(nil),                          // 98: cabinet.v1.RecoveryBundle
-	(*StatusRequest)(nil),                           // 99: cabinet.v1.StatusRequest
-	(*StatusResponse)(nil),                          // 100: cabinet.v1.StatusResponse
-	(*ListPeersRequest)(nil),                        // 101: cabinet.v1.ListPeersRequest
-	(*Peer)(nil),                                    // 102: cabinet.v1.Peer
-	(*ListPeersResponse)(nil),                       // 103: cabinet.v1.ListPeersResponse
-	(*CreateJoinTokenRequest)(nil),                  // 104: cabinet.v1.CreateJoinTokenRequest
-	(*CreateJoinTokenResponse)(nil),                 // 105: cabinet.v1.CreateJoinTokenResponse
-	(*JoinRequest)(nil),                             // 106: cabinet.v1.JoinRequest
-	(*WrappedKEK)(nil),                              // 107: cabinet.v1.WrappedKEK
-	(*JoinResponse)(nil),                            // 108: cabinet.v1.JoinResponse
-	(*ApplyRequest)(nil),                            // 109: cabinet.v1.ApplyRequest
-	(*ApplyResponse)(nil),                           // 110: cabinet.v1.ApplyResponse
-	(*ReadIndexRequest)(nil),                        // 111: cabinet.v1.ReadIndexRequest
-	(*ReadIndexResponse)(nil),                       // 112: cabinet.v1.ReadIndexResponse
-	(*AddPeerRequest)(nil),                          // 113: cabinet.v1.AddPeerRequest
-	(*AddPeerResponse)(nil),                         // 114: cabinet.v1.AddPeerResponse
-	nil,                                             // 115: cabinet.v1.Key.TagsEntry
-	nil,                                             // 116: cabinet.v1.CreateKeyRequest.TagsEntry
-	nil,                                             // 117: cabinet.v1.EncryptRequest.EncryptionContextEntry
-	nil,                                             // 118: cabinet.v1.DecryptRequest.EncryptionContextEntry
-	nil,                                             // 119: cabinet.v1.GenerateDataKeyRequest.EncryptionContextEntry
-	nil,                                             // 120: cabinet.v1.ReEncryptRequest.SourceEncryptionContextEntry
-	nil,                                             // 121: cabinet.v1.ReEncryptRequest.DestinationEncryptionContextEntry
-	nil,                                             // 122: cabinet.v1.UpdateKeyRequest.TagsEntry
-	nil,                                             // 123: cabinet.v1.ImportKeyRequest.TagsEntry
-	nil,                                             // 124: cabinet.v1.Grant.EncryptionContextEqualsEntry
-	nil,                                             // 125: cabinet.v1.CreateGrantRequest.EncryptionContextEqualsEntry
-	(*timestamppb.Timestamp)(nil),                   // 126: google.protobuf.Timestamp
+	(*RotateGossipKeyRequest)(nil),                  // 6: cabinet.v1.RotateGossipKeyRequest
+	(*RotateGossipKeyResponse)(nil),                 // 7: cabinet.v1.RotateGossipKeyResponse
+	(*RotateKEKRequest)(nil),                        // 8: cabinet.v1.RotateKEKRequest
+	(*KEKStatusRequest)(nil),                        // 9: cabinet.v1.KEKStatusRequest
+	(*KEKVersionStatus)(nil),                        // 10: cabinet.v1.KEKVersionStatus
+	(*KEKStatusResponse)(nil),                       // 11: cabinet.v1.KEKStatusResponse
+	(*KeyVersionInfo)(nil),                          // 12: cabinet.v1.KeyVersionInfo
+	(*Key)(nil),                                     // 13: cabinet.v1.Key
+	(*CreateKeyRequest)(nil),                        // 14: cabinet.v1.CreateKeyRequest
+	(*CreateKeyResponse)(nil),                       // 15: cabinet.v1.CreateKeyResponse
+	(*ListKeysRequest)(nil),                         // 16: cabinet.v1.ListKeysRequest
+	(*ListKeysResponse)(nil),                        // 17: cabinet.v1.ListKeysResponse
+	(*DescribeKeyRequest)(nil),                      // 18: cabinet.v1.DescribeKeyRequest
+	(*DescribeKeyResponse)(nil),                     // 19: cabinet.v1.DescribeKeyResponse
+	(*EncryptRequest)(nil),                          // 20: cabinet.v1.EncryptRequest
+	(*EncryptResponse)(nil),                         // 21: cabinet.v1.EncryptResponse
+	(*DecryptRequest)(nil),                          // 22: cabinet.v1.DecryptRequest
+	(*DecryptResponse)(nil),                         // 23: cabinet.v1.DecryptResponse
+	(*GenerateDataKeyRequest)(nil),                  // 24: cabinet.v1.GenerateDataKeyRequest
+	(*GenerateDataKeyResponse)(nil),                 // 25: cabinet.v1.GenerateDataKeyResponse
+	(*GenerateDataKeyWithoutPlaintextResponse)(nil), // 26: cabinet.v1.GenerateDataKeyWithoutPlaintextResponse
+	(*ReEncryptRequest)(nil),                        // 27: cabinet.v1.ReEncryptRequest
+	(*ReEncryptResponse)(nil),                       // 28: cabinet.v1.ReEncryptResponse
+	(*ItemError)(nil),                               // 29: cabinet.v1.ItemError
+	(*BatchEncryptRequest)(nil),                     // 30: cabinet.v1.BatchEncryptRequest
+	(*BatchEncryptResult)(nil),                      // 31: cabinet.v1.BatchEncryptResult
+	(*BatchEncryptResponse)(nil),                    // 32: cabinet.v1.BatchEncryptResponse
+	(*BatchDecryptRequest)(nil),                     // 33: cabinet.v1.BatchDecryptRequest
+	(*BatchDecryptResult)(nil),                      // 34: cabinet.v1.BatchDecryptResult
+	(*BatchDecryptResponse)(nil),                    // 35: cabinet.v1.BatchDecryptResponse
+	(*BatchReEncryptRequest)(nil),                   // 36: cabinet.v1.BatchReEncryptRequest
+	(*BatchReEncryptResult)(nil),                    // 37: cabinet.v1.BatchReEncryptResult
+	(*BatchReEncryptResponse)(nil),                  // 38: cabinet.v1.BatchReEncryptResponse
+	(*SignRequest)(nil),                             // 39: cabinet.v1.SignRequest
+	(*SignResponse)(nil),                            // 40: cabinet.v1.SignResponse
+	(*VerifyRequest)(nil),                           // 41: cabinet.v1.VerifyRequest
+	(*VerifyResponse)(nil),                          // 42: cabinet.v1.VerifyResponse
+	(*GetPublicKeyRequest)(nil),                     // 43: cabinet.v1.GetPublicKeyRequest
+	(*GetPublicKeyResponse)(nil),                    // 44: cabinet.v1.GetPublicKeyResponse
+	(*GenerateMacRequest)(nil),                      // 45: cabinet.v1.GenerateMacRequest
+	(*GenerateMacResponse)(nil),                     // 46: cabinet.v1.GenerateMacResponse
+	(*VerifyMacRequest)(nil),                        // 47: cabinet.v1.VerifyMacRequest
+	(*VerifyMacResponse)(nil),                       // 48: cabinet.v1.VerifyMacResponse
+	(*GenerateRandomRequest)(nil),                   // 49: cabinet.v1.GenerateRandomRequest
+	(*GenerateRandomResponse)(nil),                  // 50: cabinet.v1.GenerateRandomResponse
+	(*KeyResponse)(nil),                             // 51: cabinet.v1.KeyResponse
+	(*KeyRefRequest)(nil),                           // 52: cabinet.v1.KeyRefRequest
+	(*UpdateKeyRequest)(nil),                        // 53: cabinet.v1.UpdateKeyRequest
+	(*SetAliasRequest)(nil),                         // 54: cabinet.v1.SetAliasRequest
+	(*DeleteAliasRequest)(nil),                      // 55: cabinet.v1.DeleteAliasRequest
+	(*DeleteAliasResponse)(nil),                     // 56: cabinet.v1.DeleteAliasResponse
+	(*RevokeKeyRequest)(nil),                        // 57: cabinet.v1.RevokeKeyRequest
+	(*SetRotationPolicyRequest)(nil),                // 58: cabinet.v1.SetRotationPolicyRequest
+	(*SetKeyVersionStateRequest)(nil),               // 59: cabinet.v1.SetKeyVersionStateRequest
+	(*SetMinDecryptionVersionRequest)(nil),          // 60: cabinet.v1.SetMinDecryptionVersionRequest
+	(*ScheduleKeyDestructionRequest)(nil),           // 61: cabinet.v1.ScheduleKeyDestructionRequest
+	(*GetImportParametersRequest)(nil),              // 62: cabinet.v1.GetImportParametersRequest
+	(*GetImportParametersResponse)(nil),             // 63: cabinet.v1.GetImportParametersResponse
+	(*ImportKeyRequest)(nil),                        // 64: cabinet.v1.ImportKeyRequest
+	(*Grant)(nil),                                   // 65: cabinet.v1.Grant
+	(*CreateGrantRequest)(nil),                      // 66: cabinet.v1.CreateGrantRequest
+	(*GrantResponse)(nil),                           // 67: cabinet.v1.GrantResponse
+	(*RevokeGrantRequest)(nil),                      // 68: cabinet.v1.RevokeGrantRequest
+	(*RevokeGrantResponse)(nil),                     // 69: cabinet.v1.RevokeGrantResponse
+	(*ListGrantsRequest)(nil),                       // 70: cabinet.v1.ListGrantsRequest
+	(*ListGrantsResponse)(nil),                      // 71: cabinet.v1.ListGrantsResponse
+	(*IssueCertificateRequest)(nil),                 // 72: cabinet.v1.IssueCertificateRequest
+	(*IssueCertificateResponse)(nil),                // 73: cabinet.v1.IssueCertificateResponse
+	(*DenyPrincipalRequest)(nil),                    // 74: cabinet.v1.DenyPrincipalRequest
+	(*DenyPrincipalResponse)(nil),                   // 75: cabinet.v1.DenyPrincipalResponse
+	(*AllowPrincipalRequest)(nil),                   // 76: cabinet.v1.AllowPrincipalRequest
+	(*AllowPrincipalResponse)(nil),                  // 77: cabinet.v1.AllowPrincipalResponse
+	(*DeniedPrincipal)(nil),                         // 78: cabinet.v1.DeniedPrincipal
+	(*ListDeniedPrincipalsRequest)(nil),             // 79: cabinet.v1.ListDeniedPrincipalsRequest
+	(*ListDeniedPrincipalsResponse)(nil),            // 80: cabinet.v1.ListDeniedPrincipalsResponse
+	(*AuditRecord)(nil),                             // 81: cabinet.v1.AuditRecord
+	(*AuditTailRequest)(nil),                        // 82: cabinet.v1.AuditTailRequest
+	(*AuditTailResponse)(nil),                       // 83: cabinet.v1.AuditTailResponse
+	(*AuditVerifyRequest)(nil),                      // 84: cabinet.v1.AuditVerifyRequest
+	(*AuditVerifyResponse)(nil),                     // 85: cabinet.v1.AuditVerifyResponse
+	(*EchoRequest)(nil),                             // 86: cabinet.v1.EchoRequest
+	(*EchoResponse)(nil),                            // 87: cabinet.v1.EchoResponse
+	(*ApplyNoopRequest)(nil),                        // 88: cabinet.v1.ApplyNoopRequest
+	(*ApplyNoopResponse)(nil),                       // 89: cabinet.v1.ApplyNoopResponse
+	(*RemovePeerRequest)(nil),                       // 90: cabinet.v1.RemovePeerRequest
+	(*RemovePeerResponse)(nil),                      // 91: cabinet.v1.RemovePeerResponse
+	(*TransferLeadershipRequest)(nil),               // 92: cabinet.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil),              // 93: cabinet.v1.TransferLeadershipResponse
+	(*SnapshotSaveRequest)(nil),                     // 94: cabinet.v1.SnapshotSaveRequest
+	(*SnapshotChunk)(nil),                           // 95: cabinet.v1.SnapshotChunk
+	(*SnapshotMeta)(nil),                            // 96: cabinet.v1.SnapshotMeta
+	(*SnapshotRestoreResponse)(nil),                 // 97: cabinet.v1.SnapshotRestoreResponse
+	(*RecoveryExportRequest)(nil),                   // 98: cabinet.v1.RecoveryExportRequest
+	(*RecoveryKEK)(nil),                             // 99: cabinet.v1.RecoveryKEK
+	(*RecoveryBundle)(nil),                          // 100: cabinet.v1.RecoveryBundle
+	(*StatusRequest)(nil),                           // 101: cabinet.v1.StatusRequest
+	(*StatusResponse)(nil),                          // 102: cabinet.v1.StatusResponse
+	(*ListPeersRequest)(nil),                        // 103: cabinet.v1.ListPeersRequest
+	(*Peer)(nil),                                    // 104: cabinet.v1.Peer
+	(*ListPeersResponse)(nil),                       // 105: cabinet.v1.ListPeersResponse
+	(*CreateJoinTokenRequest)(nil),                  // 106: cabinet.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil),                 // 107: cabinet.v1.CreateJoinTokenResponse
+	(*JoinRequest)(nil),                             // 108: cabinet.v1.JoinRequest
+	(*WrappedKEK)(nil),                              // 109: cabinet.v1.WrappedKEK
+	(*JoinResponse)(nil),                            // 110: cabinet.v1.JoinResponse
+	(*ApplyRequest)(nil),                            // 111: cabinet.v1.ApplyRequest
+	(*ApplyResponse)(nil),                           // 112: cabinet.v1.ApplyResponse
+	(*ReadIndexRequest)(nil),                        // 113: cabinet.v1.ReadIndexRequest
+	(*ReadIndexResponse)(nil),                       // 114: cabinet.v1.ReadIndexResponse
+	(*AddPeerRequest)(nil),                          // 115: cabinet.v1.AddPeerRequest
+	(*AddPeerResponse)(nil),                         // 116: cabinet.v1.AddPeerResponse
+	nil,                                             // 117: cabinet.v1.Key.TagsEntry
+	nil,                                             // 118: cabinet.v1.CreateKeyRequest.TagsEntry
+	nil,                                             // 119: cabinet.v1.EncryptRequest.EncryptionContextEntry
+	nil,                                             // 120: cabinet.v1.DecryptRequest.EncryptionContextEntry
+	nil,                                             // 121: cabinet.v1.GenerateDataKeyRequest.EncryptionContextEntry
+	nil,                                             // 122: cabinet.v1.ReEncryptRequest.SourceEncryptionContextEntry
+	nil,                                             // 123: cabinet.v1.ReEncryptRequest.DestinationEncryptionContextEntry
+	nil,                                             // 124: cabinet.v1.UpdateKeyRequest.TagsEntry
+	nil,                                             // 125: cabinet.v1.ImportKeyRequest.TagsEntry
+	nil,                                             // 126: cabinet.v1.Grant.EncryptionContextEqualsEntry
+	nil,                                             // 127: cabinet.v1.CreateGrantRequest.EncryptionContextEqualsEntry
+	(*timestamppb.Timestamp)(nil),                   // 128: google.protobuf.Timestamp
 }
 var file_transport_cabinetpb_cabinet_proto_depIdxs = []int32{
-	126, // 0: cabinet.v1.KEKVersionStatus.created:type_name -> google.protobuf.Timestamp
-	126, // 1: cabinet.v1.KEKVersionStatus.activated:type_name -> google.protobuf.Timestamp
-	126, // 2: cabinet.v1.KEKVersionStatus.retired:type_name -> google.protobuf.Timestamp
-	126, // 3: cabinet.v1.KEKVersionStatus.destroyed:type_name -> google.protobuf.Timestamp
-	8,   // 4: cabinet.v1.KEKStatusResponse.versions:type_name -> cabinet.v1.KEKVersionStatus
-	126, // 5: cabinet.v1.KeyVersionInfo.created_at:type_name -> google.protobuf.Timestamp
-	126, // 6: cabinet.v1.KeyVersionInfo.destroyed_at:type_name -> google.protobuf.Timestamp
+	128, // 0: cabinet.v1.KEKVersionStatus.created:type_name -> google.protobuf.Timestamp
+	128, // 1: cabinet.v1.KEKVersionStatus.activated:type_name -> google.protobuf.Timestamp
+	128, // 2: cabinet.v1.KEKVersionStatus.retired:type_name -> google.protobuf.Timestamp
+	128, // 3: cabinet.v1.KEKVersionStatus.destroyed:type_name -> google.protobuf.Timestamp
+	10,  // 4: cabinet.v1.KEKStatusResponse.versions:type_name -> cabinet.v1.KEKVersionStatus
+	128, // 5: cabinet.v1.KeyVersionInfo.created_at:type_name -> google.protobuf.Timestamp
+	128, // 6: cabinet.v1.KeyVersionInfo.destroyed_at:type_name -> google.protobuf.Timestamp
 	0,   // 7: cabinet.v1.Key.spec:type_name -> cabinet.v1.KeySpec
 	1,   // 8: cabinet.v1.Key.usage:type_name -> cabinet.v1.KeyUsage
 	2,   // 9: cabinet.v1.Key.state:type_name -> cabinet.v1.KeyState
-	115, // 10: cabinet.v1.Key.tags:type_name -> cabinet.v1.Key.TagsEntry
-	126, // 11: cabinet.v1.Key.created_at:type_name -> google.protobuf.Timestamp
-	126, // 12: cabinet.v1.Key.updated_at:type_name -> google.protobuf.Timestamp
-	10,  // 13: cabinet.v1.Key.versions:type_name -> cabinet.v1.KeyVersionInfo
-	126, // 14: cabinet.v1.Key.next_rotation_at:type_name -> google.protobuf.Timestamp
-	126, // 15: cabinet.v1.Key.revoked_at:type_name -> google.protobuf.Timestamp
-	126, // 16: cabinet.v1.Key.destroy_after:type_name -> google.protobuf.Timestamp
-	126, // 17: cabinet.v1.Key.destroyed_at:type_name -> google.protobuf.Timestamp
+	117, // 10: cabinet.v1.Key.tags:type_name -> cabinet.v1.Key.TagsEntry
+	128, // 11: cabinet.v1.Key.created_at:type_name -> google.protobuf.Timestamp
+	128, // 12: cabinet.v1.Key.updated_at:type_name -> google.protobuf.Timestamp
+	12,  // 13: cabinet.v1.Key.versions:type_name -> cabinet.v1.KeyVersionInfo
+	128, // 14: cabinet.v1.Key.next_rotation_at:type_name -> google.protobuf.Timestamp
+	128, // 15: cabinet.v1.Key.revoked_at:type_name -> google.protobuf.Timestamp
+	128, // 16: cabinet.v1.Key.destroy_after:type_name -> google.protobuf.Timestamp
+	128, // 17: cabinet.v1.Key.destroyed_at:type_name -> google.protobuf.Timestamp
 	0,   // 18: cabinet.v1.CreateKeyRequest.spec:type_name -> cabinet.v1.KeySpec
 	1,   // 19: cabinet.v1.CreateKeyRequest.usage:type_name -> cabinet.v1.KeyUsage
-	116, // 20: cabinet.v1.CreateKeyRequest.tags:type_name -> cabinet.v1.CreateKeyRequest.TagsEntry
-	11,  // 21: cabinet.v1.CreateKeyResponse.key:type_name -> cabinet.v1.Key
-	11,  // 22: cabinet.v1.ListKeysResponse.keys:type_name -> cabinet.v1.Key
-	11,  // 23: cabinet.v1.DescribeKeyResponse.key:type_name -> cabinet.v1.Key
-	117, // 24: cabinet.v1.EncryptRequest.encryption_context:type_name -> cabinet.v1.EncryptRequest.EncryptionContextEntry
+	118, // 20: cabinet.v1.CreateKeyRequest.tags:type_name -> cabinet.v1.CreateKeyRequest.TagsEntry
+	13,  // 21: cabinet.v1.CreateKeyResponse.key:type_name -> cabinet.v1.Key
+	13,  // 22: cabinet.v1.ListKeysResponse.keys:type_name -> cabinet.v1.Key
+	13,  // 23: cabinet.v1.DescribeKeyResponse.key:type_name -> cabinet.v1.Key
+	119, // 24: cabinet.v1.EncryptRequest.encryption_context:type_name -> cabinet.v1.EncryptRequest.EncryptionContextEntry
 	3,   // 25: cabinet.v1.EncryptRequest.consistency:type_name -> cabinet.v1.Consistency
-	118, // 26: cabinet.v1.DecryptRequest.encryption_context:type_name -> cabinet.v1.DecryptRequest.EncryptionContextEntry
+	120, // 26: cabinet.v1.DecryptRequest.encryption_context:type_name -> cabinet.v1.DecryptRequest.EncryptionContextEntry
 	3,   // 27: cabinet.v1.DecryptRequest.consistency:type_name -> cabinet.v1.Consistency
-	119, // 28: cabinet.v1.GenerateDataKeyRequest.encryption_context:type_name -> cabinet.v1.GenerateDataKeyRequest.EncryptionContextEntry
+	121, // 28: cabinet.v1.GenerateDataKeyRequest.encryption_context:type_name -> cabinet.v1.GenerateDataKeyRequest.EncryptionContextEntry
 	3,   // 29: cabinet.v1.GenerateDataKeyRequest.consistency:type_name -> cabinet.v1.Consistency
-	120, // 30: cabinet.v1.ReEncryptRequest.source_encryption_context:type_name -> cabinet.v1.ReEncryptRequest.SourceEncryptionContextEntry
-	121, // 31: cabinet.v1.ReEncryptRequest.destination_encryption_context:type_name -> cabinet.v1.ReEncryptRequest.DestinationEncryptionContextEntry
+	122, // 30: cabinet.v1.ReEncryptRequest.source_encryption_context:type_name -> cabinet.v1.ReEncryptRequest.SourceEncryptionContextEntry
+	123, // 31: cabinet.v1.ReEncryptRequest.destination_encryption_context:type_name -> cabinet.v1.ReEncryptRequest.DestinationEncryptionContextEntry
 	3,   // 32: cabinet.v1.ReEncryptRequest.consistency:type_name -> cabinet.v1.Consistency
-	18,  // 33: cabinet.v1.BatchEncryptRequest.items:type_name -> cabinet.v1.EncryptRequest
-	19,  // 34: cabinet.v1.BatchEncryptResult.response:type_name -> cabinet.v1.EncryptResponse
-	27,  // 35: cabinet.v1.BatchEncryptResult.error:type_name -> cabinet.v1.ItemError
-	29,  // 36: cabinet.v1.BatchEncryptResponse.results:type_name -> cabinet.v1.BatchEncryptResult
-	20,  // 37: cabinet.v1.BatchDecryptRequest.items:type_name -> cabinet.v1.DecryptRequest
-	21,  // 38: cabinet.v1.BatchDecryptResult.response:type_name -> cabinet.v1.DecryptResponse
-	27,  // 39: cabinet.v1.BatchDecryptResult.error:type_name -> cabinet.v1.ItemError
-	32,  // 40: cabinet.v1.BatchDecryptResponse.results:type_name -> cabinet.v1.BatchDecryptResult
-	25,  // 41: cabinet.v1.BatchReEncryptRequest.items:type_name -> cabinet.v1.ReEncryptRequest
-	26,  // 42: cabinet.v1.BatchReEncryptResult.response:type_name -> cabinet.v1.ReEncryptResponse
-	27,  // 43: cabinet.v1.BatchReEncryptResult.error:type_name -> cabinet.v1.ItemError
-	35,  // 44: cabinet.v1.BatchReEncryptResponse.results:type_name -> cabinet.v1.BatchReEncryptResult
+	20,  // 33: cabinet.v1.BatchEncryptRequest.items:type_name -> cabinet.v1.EncryptRequest
+	21,  // 34: cabinet.v1.BatchEncryptResult.response:type_name -> cabinet.v1.EncryptResponse
+	29,  // 35: cabinet.v1.BatchEncryptResult.error:type_name -> cabinet.v1.ItemError
+	31,  // 36: cabinet.v1.BatchEncryptResponse.results:type_name -> cabinet.v1.BatchEncryptResult
+	22,  // 37: cabinet.v1.BatchDecryptRequest.items:type_name -> cabinet.v1.DecryptRequest
+	23,  // 38: cabinet.v1.BatchDecryptResult.response:type_name -> cabinet.v1.DecryptResponse
+	29,  // 39: cabinet.v1.BatchDecryptResult.error:type_name -> cabinet.v1.ItemError
+	34,  // 40: cabinet.v1.BatchDecryptResponse.results:type_name -> cabinet.v1.BatchDecryptResult
+	27,  // 41: cabinet.v1.BatchReEncryptRequest.items:type_name -> cabinet.v1.ReEncryptRequest
+	28,  // 42: cabinet.v1.BatchReEncryptResult.response:type_name -> cabinet.v1.ReEncryptResponse
+	29,  // 43: cabinet.v1.BatchReEncryptResult.error:type_name -> cabinet.v1.ItemError
+	37,  // 44: cabinet.v1.BatchReEncryptResponse.results:type_name -> cabinet.v1.BatchReEncryptResult
 	4,   // 45: cabinet.v1.SignRequest.message_type:type_name -> cabinet.v1.MessageType
 	3,   // 46: cabinet.v1.SignRequest.consistency:type_name -> cabinet.v1.Consistency
 	4,   // 47: cabinet.v1.VerifyRequest.message_type:type_name -> cabinet.v1.MessageType
@@ -8065,146 +8196,148 @@ var file_transport_cabinetpb_cabinet_proto_depIdxs = []int32{
 	1,   // 50: cabinet.v1.GetPublicKeyResponse.usage:type_name -> cabinet.v1.KeyUsage
 	3,   // 51: cabinet.v1.GenerateMacRequest.consistency:type_name -> cabinet.v1.Consistency
 	3,   // 52: cabinet.v1.VerifyMacRequest.consistency:type_name -> cabinet.v1.Consistency
-	11,  // 53: cabinet.v1.KeyResponse.key:type_name -> cabinet.v1.Key
-	122, // 54: cabinet.v1.UpdateKeyRequest.tags:type_name -> cabinet.v1.UpdateKeyRequest.TagsEntry
+	13,  // 53: cabinet.v1.KeyResponse.key:type_name -> cabinet.v1.Key
+	124, // 54: cabinet.v1.UpdateKeyRequest.tags:type_name -> cabinet.v1.UpdateKeyRequest.TagsEntry
 	5,   // 55: cabinet.v1.RevokeKeyRequest.reason:type_name -> cabinet.v1.RevocationReason
 	0,   // 56: cabinet.v1.GetImportParametersRequest.spec:type_name -> cabinet.v1.KeySpec
-	126, // 57: cabinet.v1.GetImportParametersResponse.expires_at:type_name -> google.protobuf.Timestamp
+	128, // 57: cabinet.v1.GetImportParametersResponse.expires_at:type_name -> google.protobuf.Timestamp
 	0,   // 58: cabinet.v1.GetImportParametersResponse.spec:type_name -> cabinet.v1.KeySpec
 	0,   // 59: cabinet.v1.ImportKeyRequest.spec:type_name -> cabinet.v1.KeySpec
 	1,   // 60: cabinet.v1.ImportKeyRequest.usage:type_name -> cabinet.v1.KeyUsage
-	123, // 61: cabinet.v1.ImportKeyRequest.tags:type_name -> cabinet.v1.ImportKeyRequest.TagsEntry
-	124, // 62: cabinet.v1.Grant.encryption_context_equals:type_name -> cabinet.v1.Grant.EncryptionContextEqualsEntry
-	126, // 63: cabinet.v1.Grant.created_at:type_name -> google.protobuf.Timestamp
-	125, // 64: cabinet.v1.CreateGrantRequest.encryption_context_equals:type_name -> cabinet.v1.CreateGrantRequest.EncryptionContextEqualsEntry
-	63,  // 65: cabinet.v1.GrantResponse.grant:type_name -> cabinet.v1.Grant
-	63,  // 66: cabinet.v1.ListGrantsResponse.grants:type_name -> cabinet.v1.Grant
-	126, // 67: cabinet.v1.IssueCertificateResponse.not_after:type_name -> google.protobuf.Timestamp
-	126, // 68: cabinet.v1.DeniedPrincipal.denied_at:type_name -> google.protobuf.Timestamp
-	76,  // 69: cabinet.v1.ListDeniedPrincipalsResponse.principals:type_name -> cabinet.v1.DeniedPrincipal
-	126, // 70: cabinet.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
-	79,  // 71: cabinet.v1.AuditTailResponse.records:type_name -> cabinet.v1.AuditRecord
-	94,  // 72: cabinet.v1.SnapshotChunk.meta:type_name -> cabinet.v1.SnapshotMeta
-	126, // 73: cabinet.v1.SnapshotMeta.taken_at:type_name -> google.protobuf.Timestamp
-	97,  // 74: cabinet.v1.RecoveryBundle.keks:type_name -> cabinet.v1.RecoveryKEK
-	126, // 75: cabinet.v1.RecoveryBundle.created_at:type_name -> google.protobuf.Timestamp
-	102, // 76: cabinet.v1.ListPeersResponse.peers:type_name -> cabinet.v1.Peer
-	126, // 77: cabinet.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
-	107, // 78: cabinet.v1.JoinResponse.keks:type_name -> cabinet.v1.WrappedKEK
-	12,  // 79: cabinet.v1.KeyService.CreateKey:input_type -> cabinet.v1.CreateKeyRequest
-	14,  // 80: cabinet.v1.KeyService.ListKeys:input_type -> cabinet.v1.ListKeysRequest
-	16,  // 81: cabinet.v1.KeyService.DescribeKey:input_type -> cabinet.v1.DescribeKeyRequest
-	18,  // 82: cabinet.v1.KeyService.Encrypt:input_type -> cabinet.v1.EncryptRequest
-	20,  // 83: cabinet.v1.KeyService.Decrypt:input_type -> cabinet.v1.DecryptRequest
-	22,  // 84: cabinet.v1.KeyService.GenerateDataKey:input_type -> cabinet.v1.GenerateDataKeyRequest
-	22,  // 85: cabinet.v1.KeyService.GenerateDataKeyWithoutPlaintext:input_type -> cabinet.v1.GenerateDataKeyRequest
-	25,  // 86: cabinet.v1.KeyService.ReEncrypt:input_type -> cabinet.v1.ReEncryptRequest
-	28,  // 87: cabinet.v1.KeyService.BatchEncrypt:input_type -> cabinet.v1.BatchEncryptRequest
-	31,  // 88: cabinet.v1.KeyService.BatchDecrypt:input_type -> cabinet.v1.BatchDecryptRequest
-	34,  // 89: cabinet.v1.KeyService.BatchReEncrypt:input_type -> cabinet.v1.BatchReEncryptRequest
-	37,  // 90: cabinet.v1.KeyService.Sign:input_type -> cabinet.v1.SignRequest
-	39,  // 91: cabinet.v1.KeyService.Verify:input_type -> cabinet.v1.VerifyRequest
-	41,  // 92: cabinet.v1.KeyService.GetPublicKey:input_type -> cabinet.v1.GetPublicKeyRequest
-	43,  // 93: cabinet.v1.KeyService.GenerateMac:input_type -> cabinet.v1.GenerateMacRequest
-	45,  // 94: cabinet.v1.KeyService.VerifyMac:input_type -> cabinet.v1.VerifyMacRequest
-	47,  // 95: cabinet.v1.KeyService.GenerateRandom:input_type -> cabinet.v1.GenerateRandomRequest
-	51,  // 96: cabinet.v1.KeyService.UpdateKey:input_type -> cabinet.v1.UpdateKeyRequest
-	52,  // 97: cabinet.v1.KeyService.SetAlias:input_type -> cabinet.v1.SetAliasRequest
-	53,  // 98: cabinet.v1.KeyService.DeleteAlias:input_type -> cabinet.v1.DeleteAliasRequest
-	50,  // 99: cabinet.v1.KeyService.EnableKey:input_type -> cabinet.v1.KeyRefRequest
-	50,  // 100: cabinet.v1.KeyService.DisableKey:input_type -> cabinet.v1.KeyRefRequest
-	55,  // 101: cabinet.v1.KeyService.RevokeKey:input_type -> cabinet.v1.RevokeKeyRequest
-	50,  // 102: cabinet.v1.KeyService.RotateKey:input_type -> cabinet.v1.KeyRefRequest
-	56,  // 103: cabinet.v1.KeyService.SetRotationPolicy:input_type -> cabinet.v1.SetRotationPolicyRequest
-	57,  // 104: cabinet.v1.KeyService.SetKeyVersionState:input_type -> cabinet.v1.SetKeyVersionStateRequest
-	58,  // 105: cabinet.v1.KeyService.SetMinDecryptionVersion:input_type -> cabinet.v1.SetMinDecryptionVersionRequest
-	59,  // 106: cabinet.v1.KeyService.ScheduleKeyDestruction:input_type -> cabinet.v1.ScheduleKeyDestructionRequest
-	50,  // 107: cabinet.v1.KeyService.CancelKeyDestruction:input_type -> cabinet.v1.KeyRefRequest
-	60,  // 108: cabinet.v1.KeyService.GetImportParameters:input_type -> cabinet.v1.GetImportParametersRequest
-	62,  // 109: cabinet.v1.KeyService.ImportKey:input_type -> cabinet.v1.ImportKeyRequest
-	64,  // 110: cabinet.v1.KeyService.CreateGrant:input_type -> cabinet.v1.CreateGrantRequest
-	66,  // 111: cabinet.v1.KeyService.RevokeGrant:input_type -> cabinet.v1.RevokeGrantRequest
-	68,  // 112: cabinet.v1.KeyService.ListGrants:input_type -> cabinet.v1.ListGrantsRequest
-	99,  // 113: cabinet.v1.OperatorService.Status:input_type -> cabinet.v1.StatusRequest
-	101, // 114: cabinet.v1.OperatorService.ListPeers:input_type -> cabinet.v1.ListPeersRequest
-	104, // 115: cabinet.v1.OperatorService.CreateJoinToken:input_type -> cabinet.v1.CreateJoinTokenRequest
-	106, // 116: cabinet.v1.OperatorService.Join:input_type -> cabinet.v1.JoinRequest
-	70,  // 117: cabinet.v1.OperatorService.IssueCertificate:input_type -> cabinet.v1.IssueCertificateRequest
-	72,  // 118: cabinet.v1.OperatorService.DenyPrincipal:input_type -> cabinet.v1.DenyPrincipalRequest
-	74,  // 119: cabinet.v1.OperatorService.AllowPrincipal:input_type -> cabinet.v1.AllowPrincipalRequest
-	77,  // 120: cabinet.v1.OperatorService.ListDeniedPrincipals:input_type -> cabinet.v1.ListDeniedPrincipalsRequest
-	80,  // 121: cabinet.v1.OperatorService.AuditTail:input_type -> cabinet.v1.AuditTailRequest
-	82,  // 122: cabinet.v1.OperatorService.AuditVerify:input_type -> cabinet.v1.AuditVerifyRequest
-	84,  // 123: cabinet.v1.OperatorService.Echo:input_type -> cabinet.v1.EchoRequest
-	86,  // 124: cabinet.v1.OperatorService.ApplyNoop:input_type -> cabinet.v1.ApplyNoopRequest
-	88,  // 125: cabinet.v1.OperatorService.RemovePeer:input_type -> cabinet.v1.RemovePeerRequest
-	90,  // 126: cabinet.v1.OperatorService.TransferLeadership:input_type -> cabinet.v1.TransferLeadershipRequest
-	92,  // 127: cabinet.v1.OperatorService.SnapshotSave:input_type -> cabinet.v1.SnapshotSaveRequest
-	93,  // 128: cabinet.v1.OperatorService.SnapshotRestore:input_type -> cabinet.v1.SnapshotChunk
-	96,  // 129: cabinet.v1.OperatorService.RecoveryExport:input_type -> cabinet.v1.RecoveryExportRequest
-	6,   // 130: cabinet.v1.OperatorService.RotateKEK:input_type -> cabinet.v1.RotateKEKRequest
-	7,   // 131: cabinet.v1.OperatorService.KEKStatus:input_type -> cabinet.v1.KEKStatusRequest
-	109, // 132: cabinet.v1.NodeService.Apply:input_type -> cabinet.v1.ApplyRequest
-	111, // 133: cabinet.v1.NodeService.ReadIndex:input_type -> cabinet.v1.ReadIndexRequest
-	113, // 134: cabinet.v1.NodeService.AddPeer:input_type -> cabinet.v1.AddPeerRequest
-	13,  // 135: cabinet.v1.KeyService.CreateKey:output_type -> cabinet.v1.CreateKeyResponse
-	15,  // 136: cabinet.v1.KeyService.ListKeys:output_type -> cabinet.v1.ListKeysResponse
-	17,  // 137: cabinet.v1.KeyService.DescribeKey:output_type -> cabinet.v1.DescribeKeyResponse
-	19,  // 138: cabinet.v1.KeyService.Encrypt:output_type -> cabinet.v1.EncryptResponse
-	21,  // 139: cabinet.v1.KeyService.Decrypt:output_type -> cabinet.v1.DecryptResponse
-	23,  // 140: cabinet.v1.KeyService.GenerateDataKey:output_type -> cabinet.v1.GenerateDataKeyResponse
-	24,  // 141: cabinet.v1.KeyService.GenerateDataKeyWithoutPlaintext:output_type -> cabinet.v1.GenerateDataKeyWithoutPlaintextResponse
-	26,  // 142: cabinet.v1.KeyService.ReEncrypt:output_type -> cabinet.v1.ReEncryptResponse
-	30,  // 143: cabinet.v1.KeyService.BatchEncrypt:output_type -> cabinet.v1.BatchEncryptResponse
-	33,  // 144: cabinet.v1.KeyService.BatchDecrypt:output_type -> cabinet.v1.BatchDecryptResponse
-	36,  // 145: cabinet.v1.KeyService.BatchReEncrypt:output_type -> cabinet.v1.BatchReEncryptResponse
-	38,  // 146: cabinet.v1.KeyService.Sign:output_type -> cabinet.v1.SignResponse
-	40,  // 147: cabinet.v1.KeyService.Verify:output_type -> cabinet.v1.VerifyResponse
-	42,  // 148: cabinet.v1.KeyService.GetPublicKey:output_type -> cabinet.v1.GetPublicKeyResponse
-	44,  // 149: cabinet.v1.KeyService.GenerateMac:output_type -> cabinet.v1.GenerateMacResponse
-	46,  // 150: cabinet.v1.KeyService.VerifyMac:output_type -> cabinet.v1.VerifyMacResponse
-	48,  // 151: cabinet.v1.KeyService.GenerateRandom:output_type -> cabinet.v1.GenerateRandomResponse
-	49,  // 152: cabinet.v1.KeyService.UpdateKey:output_type -> cabinet.v1.KeyResponse
-	49,  // 153: cabinet.v1.KeyService.SetAlias:output_type -> cabinet.v1.KeyResponse
-	54,  // 154: cabinet.v1.KeyService.DeleteAlias:output_type -> cabinet.v1.DeleteAliasResponse
-	49,  // 155: cabinet.v1.KeyService.EnableKey:output_type -> cabinet.v1.KeyResponse
-	49,  // 156: cabinet.v1.KeyService.DisableKey:output_type -> cabinet.v1.KeyResponse
-	49,  // 157: cabinet.v1.KeyService.RevokeKey:output_type -> cabinet.v1.KeyResponse
-	49,  // 158: cabinet.v1.KeyService.RotateKey:output_type -> cabinet.v1.KeyResponse
-	49,  // 159: cabinet.v1.KeyService.SetRotationPolicy:output_type -> cabinet.v1.KeyResponse
-	49,  // 160: cabinet.v1.KeyService.SetKeyVersionState:output_type -> cabinet.v1.KeyResponse
-	49,  // 161: cabinet.v1.KeyService.SetMinDecryptionVersion:output_type -> cabinet.v1.KeyResponse
-	49,  // 162: cabinet.v1.KeyService.ScheduleKeyDestruction:output_type -> cabinet.v1.KeyResponse
-	49,  // 163: cabinet.v1.KeyService.CancelKeyDestruction:output_type -> cabinet.v1.KeyResponse
-	61,  // 164: cabinet.v1.KeyService.GetImportParameters:output_type -> cabinet.v1.GetImportParametersResponse
-	49,  // 165: cabinet.v1.KeyService.ImportKey:output_type -> cabinet.v1.KeyResponse
-	65,  // 166: cabinet.v1.KeyService.CreateGrant:output_type -> cabinet.v1.GrantResponse
-	67,  // 167: cabinet.v1.KeyService.RevokeGrant:output_type -> cabinet.v1.RevokeGrantResponse
-	69,  // 168: cabinet.v1.KeyService.ListGrants:output_type -> cabinet.v1.ListGrantsResponse
-	100, // 169: cabinet.v1.OperatorService.Status:output_type -> cabinet.v1.StatusResponse
-	103, // 170: cabinet.v1.OperatorService.ListPeers:output_type -> cabinet.v1.ListPeersResponse
-	105, // 171: cabinet.v1.OperatorService.CreateJoinToken:output_type -> cabinet.v1.CreateJoinTokenResponse
-	108, // 172: cabinet.v1.OperatorService.Join:output_type -> cabinet.v1.JoinResponse
-	71,  // 173: cabinet.v1.OperatorService.IssueCertificate:output_type -> cabinet.v1.IssueCertificateResponse
-	73,  // 174: cabinet.v1.OperatorService.DenyPrincipal:output_type -> cabinet.v1.DenyPrincipalResponse
-	75,  // 175: cabinet.v1.OperatorService.AllowPrincipal:output_type -> cabinet.v1.AllowPrincipalResponse
-	78,  // 176: cabinet.v1.OperatorService.ListDeniedPrincipals:output_type -> cabinet.v1.ListDeniedPrincipalsResponse
-	81,  // 177: cabinet.v1.OperatorService.AuditTail:output_type -> cabinet.v1.AuditTailResponse
-	83,  // 178: cabinet.v1.OperatorService.AuditVerify:output_type -> cabinet.v1.AuditVerifyResponse
-	85,  // 179: cabinet.v1.OperatorService.Echo:output_type -> cabinet.v1.EchoResponse
-	87,  // 180: cabinet.v1.OperatorService.ApplyNoop:output_type -> cabinet.v1.ApplyNoopResponse
-	89,  // 181: cabinet.v1.OperatorService.RemovePeer:output_type -> cabinet.v1.RemovePeerResponse
-	91,  // 182: cabinet.v1.OperatorService.TransferLeadership:output_type -> cabinet.v1.TransferLeadershipResponse
-	93,  // 183: cabinet.v1.OperatorService.SnapshotSave:output_type -> cabinet.v1.SnapshotChunk
-	95,  // 184: cabinet.v1.OperatorService.SnapshotRestore:output_type -> cabinet.v1.SnapshotRestoreResponse
-	98,  // 185: cabinet.v1.OperatorService.RecoveryExport:output_type -> cabinet.v1.RecoveryBundle
-	9,   // 186: cabinet.v1.OperatorService.RotateKEK:output_type -> cabinet.v1.KEKStatusResponse
-	9,   // 187: cabinet.v1.OperatorService.KEKStatus:output_type -> cabinet.v1.KEKStatusResponse
-	110, // 188: cabinet.v1.NodeService.Apply:output_type -> cabinet.v1.ApplyResponse
-	112, // 189: cabinet.v1.NodeService.ReadIndex:output_type -> cabinet.v1.ReadIndexResponse
-	114, // 190: cabinet.v1.NodeService.AddPeer:output_type -> cabinet.v1.AddPeerResponse
-	135, // [135:191] is the sub-list for method output_type
-	79,  // [79:135] is the sub-list for method input_type
+	125, // 61: cabinet.v1.ImportKeyRequest.tags:type_name -> cabinet.v1.ImportKeyRequest.TagsEntry
+	126, // 62: cabinet.v1.Grant.encryption_context_equals:type_name -> cabinet.v1.Grant.EncryptionContextEqualsEntry
+	128, // 63: cabinet.v1.Grant.created_at:type_name -> google.protobuf.Timestamp
+	127, // 64: cabinet.v1.CreateGrantRequest.encryption_context_equals:type_name -> cabinet.v1.CreateGrantRequest.EncryptionContextEqualsEntry
+	65,  // 65: cabinet.v1.GrantResponse.grant:type_name -> cabinet.v1.Grant
+	65,  // 66: cabinet.v1.ListGrantsResponse.grants:type_name -> cabinet.v1.Grant
+	128, // 67: cabinet.v1.IssueCertificateResponse.not_after:type_name -> google.protobuf.Timestamp
+	128, // 68: cabinet.v1.DeniedPrincipal.denied_at:type_name -> google.protobuf.Timestamp
+	78,  // 69: cabinet.v1.ListDeniedPrincipalsResponse.principals:type_name -> cabinet.v1.DeniedPrincipal
+	128, // 70: cabinet.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
+	81,  // 71: cabinet.v1.AuditTailResponse.records:type_name -> cabinet.v1.AuditRecord
+	96,  // 72: cabinet.v1.SnapshotChunk.meta:type_name -> cabinet.v1.SnapshotMeta
+	128, // 73: cabinet.v1.SnapshotMeta.taken_at:type_name -> google.protobuf.Timestamp
+	99,  // 74: cabinet.v1.RecoveryBundle.keks:type_name -> cabinet.v1.RecoveryKEK
+	128, // 75: cabinet.v1.RecoveryBundle.created_at:type_name -> google.protobuf.Timestamp
+	104, // 76: cabinet.v1.ListPeersResponse.peers:type_name -> cabinet.v1.Peer
+	128, // 77: cabinet.v1.CreateJoinTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	109, // 78: cabinet.v1.JoinResponse.keks:type_name -> cabinet.v1.WrappedKEK
+	14,  // 79: cabinet.v1.KeyService.CreateKey:input_type -> cabinet.v1.CreateKeyRequest
+	16,  // 80: cabinet.v1.KeyService.ListKeys:input_type -> cabinet.v1.ListKeysRequest
+	18,  // 81: cabinet.v1.KeyService.DescribeKey:input_type -> cabinet.v1.DescribeKeyRequest
+	20,  // 82: cabinet.v1.KeyService.Encrypt:input_type -> cabinet.v1.EncryptRequest
+	22,  // 83: cabinet.v1.KeyService.Decrypt:input_type -> cabinet.v1.DecryptRequest
+	24,  // 84: cabinet.v1.KeyService.GenerateDataKey:input_type -> cabinet.v1.GenerateDataKeyRequest
+	24,  // 85: cabinet.v1.KeyService.GenerateDataKeyWithoutPlaintext:input_type -> cabinet.v1.GenerateDataKeyRequest
+	27,  // 86: cabinet.v1.KeyService.ReEncrypt:input_type -> cabinet.v1.ReEncryptRequest
+	30,  // 87: cabinet.v1.KeyService.BatchEncrypt:input_type -> cabinet.v1.BatchEncryptRequest
+	33,  // 88: cabinet.v1.KeyService.BatchDecrypt:input_type -> cabinet.v1.BatchDecryptRequest
+	36,  // 89: cabinet.v1.KeyService.BatchReEncrypt:input_type -> cabinet.v1.BatchReEncryptRequest
+	39,  // 90: cabinet.v1.KeyService.Sign:input_type -> cabinet.v1.SignRequest
+	41,  // 91: cabinet.v1.KeyService.Verify:input_type -> cabinet.v1.VerifyRequest
+	43,  // 92: cabinet.v1.KeyService.GetPublicKey:input_type -> cabinet.v1.GetPublicKeyRequest
+	45,  // 93: cabinet.v1.KeyService.GenerateMac:input_type -> cabinet.v1.GenerateMacRequest
+	47,  // 94: cabinet.v1.KeyService.VerifyMac:input_type -> cabinet.v1.VerifyMacRequest
+	49,  // 95: cabinet.v1.KeyService.GenerateRandom:input_type -> cabinet.v1.GenerateRandomRequest
+	53,  // 96: cabinet.v1.KeyService.UpdateKey:input_type -> cabinet.v1.UpdateKeyRequest
+	54,  // 97: cabinet.v1.KeyService.SetAlias:input_type -> cabinet.v1.SetAliasRequest
+	55,  // 98: cabinet.v1.KeyService.DeleteAlias:input_type -> cabinet.v1.DeleteAliasRequest
+	52,  // 99: cabinet.v1.KeyService.EnableKey:input_type -> cabinet.v1.KeyRefRequest
+	52,  // 100: cabinet.v1.KeyService.DisableKey:input_type -> cabinet.v1.KeyRefRequest
+	57,  // 101: cabinet.v1.KeyService.RevokeKey:input_type -> cabinet.v1.RevokeKeyRequest
+	52,  // 102: cabinet.v1.KeyService.RotateKey:input_type -> cabinet.v1.KeyRefRequest
+	58,  // 103: cabinet.v1.KeyService.SetRotationPolicy:input_type -> cabinet.v1.SetRotationPolicyRequest
+	59,  // 104: cabinet.v1.KeyService.SetKeyVersionState:input_type -> cabinet.v1.SetKeyVersionStateRequest
+	60,  // 105: cabinet.v1.KeyService.SetMinDecryptionVersion:input_type -> cabinet.v1.SetMinDecryptionVersionRequest
+	61,  // 106: cabinet.v1.KeyService.ScheduleKeyDestruction:input_type -> cabinet.v1.ScheduleKeyDestructionRequest
+	52,  // 107: cabinet.v1.KeyService.CancelKeyDestruction:input_type -> cabinet.v1.KeyRefRequest
+	62,  // 108: cabinet.v1.KeyService.GetImportParameters:input_type -> cabinet.v1.GetImportParametersRequest
+	64,  // 109: cabinet.v1.KeyService.ImportKey:input_type -> cabinet.v1.ImportKeyRequest
+	66,  // 110: cabinet.v1.KeyService.CreateGrant:input_type -> cabinet.v1.CreateGrantRequest
+	68,  // 111: cabinet.v1.KeyService.RevokeGrant:input_type -> cabinet.v1.RevokeGrantRequest
+	70,  // 112: cabinet.v1.KeyService.ListGrants:input_type -> cabinet.v1.ListGrantsRequest
+	101, // 113: cabinet.v1.OperatorService.Status:input_type -> cabinet.v1.StatusRequest
+	103, // 114: cabinet.v1.OperatorService.ListPeers:input_type -> cabinet.v1.ListPeersRequest
+	106, // 115: cabinet.v1.OperatorService.CreateJoinToken:input_type -> cabinet.v1.CreateJoinTokenRequest
+	108, // 116: cabinet.v1.OperatorService.Join:input_type -> cabinet.v1.JoinRequest
+	72,  // 117: cabinet.v1.OperatorService.IssueCertificate:input_type -> cabinet.v1.IssueCertificateRequest
+	74,  // 118: cabinet.v1.OperatorService.DenyPrincipal:input_type -> cabinet.v1.DenyPrincipalRequest
+	76,  // 119: cabinet.v1.OperatorService.AllowPrincipal:input_type -> cabinet.v1.AllowPrincipalRequest
+	79,  // 120: cabinet.v1.OperatorService.ListDeniedPrincipals:input_type -> cabinet.v1.ListDeniedPrincipalsRequest
+	82,  // 121: cabinet.v1.OperatorService.AuditTail:input_type -> cabinet.v1.AuditTailRequest
+	84,  // 122: cabinet.v1.OperatorService.AuditVerify:input_type -> cabinet.v1.AuditVerifyRequest
+	86,  // 123: cabinet.v1.OperatorService.Echo:input_type -> cabinet.v1.EchoRequest
+	88,  // 124: cabinet.v1.OperatorService.ApplyNoop:input_type -> cabinet.v1.ApplyNoopRequest
+	90,  // 125: cabinet.v1.OperatorService.RemovePeer:input_type -> cabinet.v1.RemovePeerRequest
+	92,  // 126: cabinet.v1.OperatorService.TransferLeadership:input_type -> cabinet.v1.TransferLeadershipRequest
+	94,  // 127: cabinet.v1.OperatorService.SnapshotSave:input_type -> cabinet.v1.SnapshotSaveRequest
+	95,  // 128: cabinet.v1.OperatorService.SnapshotRestore:input_type -> cabinet.v1.SnapshotChunk
+	98,  // 129: cabinet.v1.OperatorService.RecoveryExport:input_type -> cabinet.v1.RecoveryExportRequest
+	8,   // 130: cabinet.v1.OperatorService.RotateKEK:input_type -> cabinet.v1.RotateKEKRequest
+	9,   // 131: cabinet.v1.OperatorService.KEKStatus:input_type -> cabinet.v1.KEKStatusRequest
+	6,   // 132: cabinet.v1.OperatorService.RotateGossipKey:input_type -> cabinet.v1.RotateGossipKeyRequest
+	111, // 133: cabinet.v1.NodeService.Apply:input_type -> cabinet.v1.ApplyRequest
+	113, // 134: cabinet.v1.NodeService.ReadIndex:input_type -> cabinet.v1.ReadIndexRequest
+	115, // 135: cabinet.v1.NodeService.AddPeer:input_type -> cabinet.v1.AddPeerRequest
+	15,  // 136: cabinet.v1.KeyService.CreateKey:output_type -> cabinet.v1.CreateKeyResponse
+	17,  // 137: cabinet.v1.KeyService.ListKeys:output_type -> cabinet.v1.ListKeysResponse
+	19,  // 138: cabinet.v1.KeyService.DescribeKey:output_type -> cabinet.v1.DescribeKeyResponse
+	21,  // 139: cabinet.v1.KeyService.Encrypt:output_type -> cabinet.v1.EncryptResponse
+	23,  // 140: cabinet.v1.KeyService.Decrypt:output_type -> cabinet.v1.DecryptResponse
+	25,  // 141: cabinet.v1.KeyService.GenerateDataKey:output_type -> cabinet.v1.GenerateDataKeyResponse
+	26,  // 142: cabinet.v1.KeyService.GenerateDataKeyWithoutPlaintext:output_type -> cabinet.v1.GenerateDataKeyWithoutPlaintextResponse
+	28,  // 143: cabinet.v1.KeyService.ReEncrypt:output_type -> cabinet.v1.ReEncryptResponse
+	32,  // 144: cabinet.v1.KeyService.BatchEncrypt:output_type -> cabinet.v1.BatchEncryptResponse
+	35,  // 145: cabinet.v1.KeyService.BatchDecrypt:output_type -> cabinet.v1.BatchDecryptResponse
+	38,  // 146: cabinet.v1.KeyService.BatchReEncrypt:output_type -> cabinet.v1.BatchReEncryptResponse
+	40,  // 147: cabinet.v1.KeyService.Sign:output_type -> cabinet.v1.SignResponse
+	42,  // 148: cabinet.v1.KeyService.Verify:output_type -> cabinet.v1.VerifyResponse
+	44,  // 149: cabinet.v1.KeyService.GetPublicKey:output_type -> cabinet.v1.GetPublicKeyResponse
+	46,  // 150: cabinet.v1.KeyService.GenerateMac:output_type -> cabinet.v1.GenerateMacResponse
+	48,  // 151: cabinet.v1.KeyService.VerifyMac:output_type -> cabinet.v1.VerifyMacResponse
+	50,  // 152: cabinet.v1.KeyService.GenerateRandom:output_type -> cabinet.v1.GenerateRandomResponse
+	51,  // 153: cabinet.v1.KeyService.UpdateKey:output_type -> cabinet.v1.KeyResponse
+	51,  // 154: cabinet.v1.KeyService.SetAlias:output_type -> cabinet.v1.KeyResponse
+	56,  // 155: cabinet.v1.KeyService.DeleteAlias:output_type -> cabinet.v1.DeleteAliasResponse
+	51,  // 156: cabinet.v1.KeyService.EnableKey:output_type -> cabinet.v1.KeyResponse
+	51,  // 157: cabinet.v1.KeyService.DisableKey:output_type -> cabinet.v1.KeyResponse
+	51,  // 158: cabinet.v1.KeyService.RevokeKey:output_type -> cabinet.v1.KeyResponse
+	51,  // 159: cabinet.v1.KeyService.RotateKey:output_type -> cabinet.v1.KeyResponse
+	51,  // 160: cabinet.v1.KeyService.SetRotationPolicy:output_type -> cabinet.v1.KeyResponse
+	51,  // 161: cabinet.v1.KeyService.SetKeyVersionState:output_type -> cabinet.v1.KeyResponse
+	51,  // 162: cabinet.v1.KeyService.SetMinDecryptionVersion:output_type -> cabinet.v1.KeyResponse
+	51,  // 163: cabinet.v1.KeyService.ScheduleKeyDestruction:output_type -> cabinet.v1.KeyResponse
+	51,  // 164: cabinet.v1.KeyService.CancelKeyDestruction:output_type -> cabinet.v1.KeyResponse
+	63,  // 165: cabinet.v1.KeyService.GetImportParameters:output_type -> cabinet.v1.GetImportParametersResponse
+	51,  // 166: cabinet.v1.KeyService.ImportKey:output_type -> cabinet.v1.KeyResponse
+	67,  // 167: cabinet.v1.KeyService.CreateGrant:output_type -> cabinet.v1.GrantResponse
+	69,  // 168: cabinet.v1.KeyService.RevokeGrant:output_type -> cabinet.v1.RevokeGrantResponse
+	71,  // 169: cabinet.v1.KeyService.ListGrants:output_type -> cabinet.v1.ListGrantsResponse
+	102, // 170: cabinet.v1.OperatorService.Status:output_type -> cabinet.v1.StatusResponse
+	105, // 171: cabinet.v1.OperatorService.ListPeers:output_type -> cabinet.v1.ListPeersResponse
+	107, // 172: cabinet.v1.OperatorService.CreateJoinToken:output_type -> cabinet.v1.CreateJoinTokenResponse
+	110, // 173: cabinet.v1.OperatorService.Join:output_type -> cabinet.v1.JoinResponse
+	73,  // 174: cabinet.v1.OperatorService.IssueCertificate:output_type -> cabinet.v1.IssueCertificateResponse
+	75,  // 175: cabinet.v1.OperatorService.DenyPrincipal:output_type -> cabinet.v1.DenyPrincipalResponse
+	77,  // 176: cabinet.v1.OperatorService.AllowPrincipal:output_type -> cabinet.v1.AllowPrincipalResponse
+	80,  // 177: cabinet.v1.OperatorService.ListDeniedPrincipals:output_type -> cabinet.v1.ListDeniedPrincipalsResponse
+	83,  // 178: cabinet.v1.OperatorService.AuditTail:output_type -> cabinet.v1.AuditTailResponse
+	85,  // 179: cabinet.v1.OperatorService.AuditVerify:output_type -> cabinet.v1.AuditVerifyResponse
+	87,  // 180: cabinet.v1.OperatorService.Echo:output_type -> cabinet.v1.EchoResponse
+	89,  // 181: cabinet.v1.OperatorService.ApplyNoop:output_type -> cabinet.v1.ApplyNoopResponse
+	91,  // 182: cabinet.v1.OperatorService.RemovePeer:output_type -> cabinet.v1.RemovePeerResponse
+	93,  // 183: cabinet.v1.OperatorService.TransferLeadership:output_type -> cabinet.v1.TransferLeadershipResponse
+	95,  // 184: cabinet.v1.OperatorService.SnapshotSave:output_type -> cabinet.v1.SnapshotChunk
+	97,  // 185: cabinet.v1.OperatorService.SnapshotRestore:output_type -> cabinet.v1.SnapshotRestoreResponse
+	100, // 186: cabinet.v1.OperatorService.RecoveryExport:output_type -> cabinet.v1.RecoveryBundle
+	11,  // 187: cabinet.v1.OperatorService.RotateKEK:output_type -> cabinet.v1.KEKStatusResponse
+	11,  // 188: cabinet.v1.OperatorService.KEKStatus:output_type -> cabinet.v1.KEKStatusResponse
+	7,   // 189: cabinet.v1.OperatorService.RotateGossipKey:output_type -> cabinet.v1.RotateGossipKeyResponse
+	112, // 190: cabinet.v1.NodeService.Apply:output_type -> cabinet.v1.ApplyResponse
+	114, // 191: cabinet.v1.NodeService.ReadIndex:output_type -> cabinet.v1.ReadIndexResponse
+	116, // 192: cabinet.v1.NodeService.AddPeer:output_type -> cabinet.v1.AddPeerResponse
+	136, // [136:193] is the sub-list for method output_type
+	79,  // [79:136] is the sub-list for method input_type
 	79,  // [79:79] is the sub-list for extension type_name
 	79,  // [79:79] is the sub-list for extension extendee
 	0,   // [0:79] is the sub-list for field type_name
@@ -8215,14 +8348,14 @@ func file_transport_cabinetpb_cabinet_proto_init() {
 	if File_transport_cabinetpb_cabinet_proto != nil {
 		return
 	}
-	file_transport_cabinetpb_cabinet_proto_msgTypes[45].OneofWrappers = []any{}
+	file_transport_cabinetpb_cabinet_proto_msgTypes[47].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_transport_cabinetpb_cabinet_proto_rawDesc), len(file_transport_cabinetpb_cabinet_proto_rawDesc)),
 			NumEnums:      6,
-			NumMessages:   120,
+			NumMessages:   122,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

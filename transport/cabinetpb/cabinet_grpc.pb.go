@@ -1465,6 +1465,7 @@ const (
 	OperatorService_RecoveryExport_FullMethodName       = "/cabinet.v1.OperatorService/RecoveryExport"
 	OperatorService_RotateKEK_FullMethodName            = "/cabinet.v1.OperatorService/RotateKEK"
 	OperatorService_KEKStatus_FullMethodName            = "/cabinet.v1.OperatorService/KEKStatus"
+	OperatorService_RotateGossipKey_FullMethodName      = "/cabinet.v1.OperatorService/RotateGossipKey"
 )
 
 // OperatorServiceClient is the client API for OperatorService service.
@@ -1523,6 +1524,12 @@ type OperatorServiceClient interface {
 	// operator) reports the progress.
 	RotateKEK(ctx context.Context, in *RotateKEKRequest, opts ...grpc.CallOption) (*KEKStatusResponse, error)
 	KEKStatus(ctx context.Context, in *KEKStatusRequest, opts ...grpc.CallOption) (*KEKStatusResponse, error)
+	// RotateGossipKey (admin) replaces memberlist's encryption key with a new
+	// one from this node's HSM, sealed under the current KEK. Every node adds
+	// it, switches to it a moment later and drops the old key shortly after
+	// (`operator status` shows each node's progress). The leader also does
+	// this by itself after a member is removed or a snapshot restored.
+	RotateGossipKey(ctx context.Context, in *RotateGossipKeyRequest, opts ...grpc.CallOption) (*RotateGossipKeyResponse, error)
 }
 
 type operatorServiceClient struct {
@@ -1735,6 +1742,16 @@ func (c *operatorServiceClient) KEKStatus(ctx context.Context, in *KEKStatusRequ
 	return out, nil
 }
 
+func (c *operatorServiceClient) RotateGossipKey(ctx context.Context, in *RotateGossipKeyRequest, opts ...grpc.CallOption) (*RotateGossipKeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RotateGossipKeyResponse)
+	err := c.cc.Invoke(ctx, OperatorService_RotateGossipKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // OperatorServiceServer is the server API for OperatorService service.
 // All implementations must embed UnimplementedOperatorServiceServer
 // for forward compatibility.
@@ -1791,6 +1808,12 @@ type OperatorServiceServer interface {
 	// operator) reports the progress.
 	RotateKEK(context.Context, *RotateKEKRequest) (*KEKStatusResponse, error)
 	KEKStatus(context.Context, *KEKStatusRequest) (*KEKStatusResponse, error)
+	// RotateGossipKey (admin) replaces memberlist's encryption key with a new
+	// one from this node's HSM, sealed under the current KEK. Every node adds
+	// it, switches to it a moment later and drops the old key shortly after
+	// (`operator status` shows each node's progress). The leader also does
+	// this by itself after a member is removed or a snapshot restored.
+	RotateGossipKey(context.Context, *RotateGossipKeyRequest) (*RotateGossipKeyResponse, error)
 	mustEmbedUnimplementedOperatorServiceServer()
 }
 
@@ -1857,6 +1880,9 @@ func (UnimplementedOperatorServiceServer) RotateKEK(context.Context, *RotateKEKR
 }
 func (UnimplementedOperatorServiceServer) KEKStatus(context.Context, *KEKStatusRequest) (*KEKStatusResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method KEKStatus not implemented")
+}
+func (UnimplementedOperatorServiceServer) RotateGossipKey(context.Context, *RotateGossipKeyRequest) (*RotateGossipKeyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RotateGossipKey not implemented")
 }
 func (UnimplementedOperatorServiceServer) mustEmbedUnimplementedOperatorServiceServer() {}
 func (UnimplementedOperatorServiceServer) testEmbeddedByValue()                         {}
@@ -2203,6 +2229,24 @@ func _OperatorService_KEKStatus_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _OperatorService_RotateGossipKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RotateGossipKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(OperatorServiceServer).RotateGossipKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: OperatorService_RotateGossipKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(OperatorServiceServer).RotateGossipKey(ctx, req.(*RotateGossipKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // OperatorService_ServiceDesc is the grpc.ServiceDesc for OperatorService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -2277,6 +2321,10 @@ var OperatorService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "KEKStatus",
 			Handler:    _OperatorService_KEKStatus_Handler,
+		},
+		{
+			MethodName: "RotateGossipKey",
+			Handler:    _OperatorService_RotateGossipKey_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
