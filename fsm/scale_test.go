@@ -306,3 +306,38 @@ func scaleOne(t *testing.T, n int, dir string) string {
 	os.Remove(path)
 	return row
 }
+
+// TestScaleRequestRecords measures what a created key costs in heap with and
+// without its request record (kept RequestRecordTTL = 24 h), 100,000
+// CreateKeys each (docs/PERFORMANCE.md, "Request records"):
+//
+//	CABINET_SCALE=1 go test -run '^TestScaleRequestRecords$' -v ./fsm
+func TestScaleRequestRecords(t *testing.T) {
+	if os.Getenv("CABINET_SCALE") != "1" {
+		t.Skip("measurement, not a check: set CABINET_SCALE=1 to run (docs/PERFORMANCE.md, Scale)")
+	}
+	const n = 100000
+	for _, withID := range []bool{false, true} {
+		a := initialised(t)
+		runtime.GC()
+		var m0, m1 runtime.MemStats
+		runtime.ReadMemStats(&m0)
+		for i := 0; i < n; i++ {
+			e := env{}
+			if withID {
+				e.requestID = fmt.Sprintf("admin:svc-%d/%026d", i%50, i)
+			}
+			p := createKeyPayload(keyID(i + 1))
+			p.Material.Blob = make([]byte, 60)
+			p.Description = "key for tenant " + strconv.Itoa(i)
+			if r := a.apply(fsmpb.CommandType_COMMAND_TYPE_CREATE_KEY, p, e); r.GetCode() != fsmpb.ResultCode_RESULT_CODE_OK {
+				t.Fatal(r)
+			}
+		}
+		runtime.GC()
+		runtime.ReadMemStats(&m1)
+		t.Logf("request ids %v: %d heap bytes per created key (%d request records)", withID,
+			(int64(m1.HeapAlloc)-int64(m0.HeapAlloc))/n, a.s.requests.Len())
+		runtime.KeepAlive(a)
+	}
+}

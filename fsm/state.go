@@ -339,7 +339,7 @@ func (s *State) Apply(index uint64, cmd *fsmpb.Command) *fsmpb.Result {
 	s.prune(t)
 
 	if rec, seen := s.request(cmd.GetRequestId()); seen {
-		return rec.GetResult()
+		return s.replayResult(rec.GetResult())
 	}
 	if !known {
 		return &fsmpb.Result{Message: fmt.Sprintf("ignored unknown command type %d", int32(cmd.GetType()))}
@@ -357,11 +357,40 @@ func (s *State) Apply(index uint64, cmd *fsmpb.Command) *fsmpb.Result {
 		res = h.apply(s, c, payload)
 	}
 	if c.requestID != "" {
-		rec := &fsmpb.RequestRecord{RequestId: c.requestID, TimeUnixNano: t, Result: res}
+		rec := &fsmpb.RequestRecord{RequestId: c.requestID, TimeUnixNano: t, Result: recordedResult(res)}
 		s.requests.ReplaceOrInsert(rec)
 		s.reqByAge.ReplaceOrInsert(rec)
 	}
 	return res
+}
+
+// recordedResult is what a request record keeps of res for replaying it to
+// a retry: the outcome, and a key by its id and primary version only (the
+// whole key view would double a newly created key's memory for
+// RequestRecordTTL). Readers of a replayed Result look the key up.
+func recordedResult(res *fsmpb.Result) *fsmpb.Result {
+	k := res.GetKey()
+	if k == nil {
+		return res
+	}
+	return &fsmpb.Result{Code: res.GetCode(), Message: res.GetMessage(), Node: res.GetNode(), Grant: res.GetGrant(),
+		KeyRef: k.GetKeyId(), KeyRefVersion: k.GetPrimaryVersion()}
+}
+
+// replayResult is a recorded result as a retry gets it: a key reference
+// becomes the key's current view (without material), or stays a bare id if
+// the key is gone. Every node computes the same from the same state.
+func (s *State) replayResult(rec *fsmpb.Result) *fsmpb.Result {
+	if rec.GetKeyRef() == "" {
+		return rec
+	}
+	out := &fsmpb.Result{Code: rec.GetCode(), Message: rec.GetMessage(), Node: rec.GetNode(), Grant: rec.GetGrant()}
+	if k, ok := s.keys[rec.GetKeyRef()]; ok {
+		out.Key = withoutMaterial(k)
+	} else {
+		out.Key = &fsmpb.KeyRecord{KeyId: rec.GetKeyRef(), PrimaryVersion: rec.GetKeyRefVersion()}
+	}
+	return out
 }
 
 func (s *State) stop(index uint64, err error) *fsmpb.Result {

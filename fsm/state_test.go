@@ -521,6 +521,44 @@ func TestEveryCommandTypeHasHandler(t *testing.T) {
 	}
 }
 
+// A request record keeps a key by reference, not its whole view (which
+// would double a new key's memory for RequestRecordTTL); a retry still
+// gets the key's current view, without material.
+func TestRequestRecordKeepsKeyReference(t *testing.T) {
+	a := initialised(t)
+	p := createKeyPayload(keyID(1))
+	p.Description = strings.Repeat("d", 8192)
+	first := a.apply(typCreate, p, env{requestID: "req-1"})
+	checkResult(t, first, codeOK, "")
+	rec, ok := a.s.request("req-1")
+	if !ok {
+		t.Fatal("no request record")
+	}
+	if r := rec.GetResult(); r.GetKey() != nil || r.GetKeyRef() != keyID(1) || r.GetKeyRefVersion() != 1 || proto.Size(r) > 64 {
+		t.Fatalf("recorded result (%d bytes) = %v, want a reference to %s version 1", proto.Size(r), r, keyID(1))
+	}
+	a.mustOK(fsmpb.CommandType_COMMAND_TYPE_ROTATE_KEY, &fsmpb.RotateKey{KeyId: keyID(1), Version: 2,
+		Material: &fsmpb.WrappedBlob{KekVersion: 1, Blob: []byte("v2")}})
+	again := a.apply(typCreate, createKeyPayload(keyID(2)), env{requestID: "req-1"})
+	want := withoutMaterial(a.s.keys[keyID(1)])
+	if !proto.Equal(again.GetKey(), want) || again.GetKey().GetPrimaryVersion() != 2 || again.GetCode() != codeOK {
+		t.Fatalf("replay = %v, want the current view %v", again, want)
+	}
+	for _, v := range again.GetKey().GetVersions() {
+		if v.GetMaterial() != nil {
+			t.Fatal("a replayed result carries wrapped material")
+		}
+	}
+	if rec.GetResult().GetKey() != nil {
+		t.Fatal("the replay modified the stored record")
+	}
+	delete(a.s.keys, keyID(1)) // a key no longer in the state
+	gone := a.apply(typCreate, createKeyPayload(keyID(3)), env{requestID: "req-1"})
+	if gone.GetKey().GetKeyId() != keyID(1) || gone.GetKey().GetPrimaryVersion() != 1 || gone.GetCode() != codeOK {
+		t.Fatalf("replay for a key that is gone = %v", gone)
+	}
+}
+
 func TestIdempotency(t *testing.T) {
 	t.Run("same request id twice returns the first result", func(t *testing.T) {
 		a := initialised(t)

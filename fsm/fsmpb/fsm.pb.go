@@ -3837,12 +3837,16 @@ func (x *JoinToken) GetUsedByNode() string {
 // Result is what Apply returns for a command (and what a retried request id
 // returns again).
 type Result struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Code          ResultCode             `protobuf:"varint,1,opt,name=code,proto3,enum=cabinet.fsm.v1.ResultCode" json:"code,omitempty"`
-	Message       string                 `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
-	Key           *KeyRecord             `protobuf:"bytes,3,opt,name=key,proto3" json:"key,omitempty"`
-	Node          *NodeRecord            `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`
-	Grant         *Grant                 `protobuf:"bytes,5,opt,name=grant,proto3" json:"grant,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Code    ResultCode             `protobuf:"varint,1,opt,name=code,proto3,enum=cabinet.fsm.v1.ResultCode" json:"code,omitempty"`
+	Message string                 `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	Key     *KeyRecord             `protobuf:"bytes,3,opt,name=key,proto3" json:"key,omitempty"`
+	Node    *NodeRecord            `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`
+	Grant   *Grant                 `protobuf:"bytes,5,opt,name=grant,proto3" json:"grant,omitempty"`
+	// Only in request records (replays to retries): the key `key` named, by
+	// id and primary version, instead of its whole view. Readers look it up.
+	KeyRef        string `protobuf:"bytes,6,opt,name=key_ref,json=keyRef,proto3" json:"key_ref,omitempty"`
+	KeyRefVersion uint32 `protobuf:"varint,7,opt,name=key_ref_version,json=keyRefVersion,proto3" json:"key_ref_version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3910,6 +3914,20 @@ func (x *Result) GetGrant() *Grant {
 		return x.Grant
 	}
 	return nil
+}
+
+func (x *Result) GetKeyRef() string {
+	if x != nil {
+		return x.KeyRef
+	}
+	return ""
+}
+
+func (x *Result) GetKeyRefVersion() uint32 {
+	if x != nil {
+		return x.KeyRefVersion
+	}
+	return 0
 }
 
 type RequestRecord struct {
@@ -4482,13 +4500,15 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\n" +
 	"created_by\x18\x05 \x01(\tR\tcreatedBy\x12 \n" +
 	"\fused_by_node\x18\x06 \x01(\tR\n" +
-	"usedByNode\"\xdc\x01\n" +
+	"usedByNode\"\x9d\x02\n" +
 	"\x06Result\x12.\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x1a.cabinet.fsm.v1.ResultCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12+\n" +
 	"\x03key\x18\x03 \x01(\v2\x19.cabinet.fsm.v1.KeyRecordR\x03key\x12.\n" +
 	"\x04node\x18\x04 \x01(\v2\x1a.cabinet.fsm.v1.NodeRecordR\x04node\x12+\n" +
-	"\x05grant\x18\x05 \x01(\v2\x15.cabinet.fsm.v1.GrantR\x05grant\"\x84\x01\n" +
+	"\x05grant\x18\x05 \x01(\v2\x15.cabinet.fsm.v1.GrantR\x05grant\x12\x17\n" +
+	"\akey_ref\x18\x06 \x01(\tR\x06keyRef\x12&\n" +
+	"\x0fkey_ref_version\x18\a \x01(\rR\rkeyRefVersion\"\x84\x01\n" +
 	"\rRequestRecord\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12$\n" +
