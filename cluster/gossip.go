@@ -9,6 +9,7 @@ import (
 	"log"
 	"log/slog"
 	"net"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -184,7 +185,9 @@ func (g *Gossip) DropOldKeys() (int, error) {
 	kr := g.keyring
 	primary := kr.GetPrimaryKey()
 	n := 0
-	for _, k := range kr.GetKeys() {
+	// GetKeys returns the keyring's own slice, which RemoveKey compacts in
+	// place: iterate over a copy.
+	for _, k := range slices.Clone(kr.GetKeys()) {
 		if bytes.Equal(k, primary) {
 			continue
 		}

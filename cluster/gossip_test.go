@@ -159,6 +159,23 @@ func TestGossipKeyRotation(t *testing.T) {
 		}
 		return nil
 	})
+	// Several rotations in a row (keys 3, 4, 5 while 2 is primary): one
+	// DropOldKeys leaves only the last.
+	for i := byte(3); i <= 5; i++ {
+		if err := g1.AddKey(bytes.Repeat([]byte{i}, 32)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	k5 := bytes.Repeat([]byte{5}, 32)
+	if err := g1.UseKey(k5); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := g1.DropOldKeys(); err != nil || n != 3 || g1.KeyCount() != 1 || !g1.IsPrimary(k5) {
+		t.Fatalf("DropOldKeys of 4 keys: removed %d, %v; %d keys left", n, err, g1.KeyCount())
+	}
+	if err := g1.UseKey(k2); err != nil { // back to the members' key
+		t.Fatal(err)
+	}
 	old, _ := startTestGossip(t, "stale", k1)
 	if _, err := old.Join([]string{a1}); err == nil {
 		t.Fatal("a member holding only the dropped key joined")

@@ -340,7 +340,8 @@ func (s *State) applyRewrapMaterial(_ *cmdContext, p *fsmpb.RewrapMaterial) *fsm
 		if res != nil {
 			return res
 		}
-		if ok && ci.GetGossipKey() != nil && ci.GetGossipKey().GetKekVersion() == p.GetGossipKeyFrom() {
+		sameKey := p.GetGossipKeyGeneration() == 0 || p.GetGossipKeyGeneration() == GossipKeyGeneration(ci)
+		if ok && sameKey && ci.GetGossipKey() != nil && ci.GetGossipKey().GetKekVersion() == p.GetGossipKeyFrom() {
 			if ci == s.cluster {
 				ci = proto.CloneOf(ci)
 			}

@@ -186,6 +186,39 @@ func TestKEKRewrapImportTokensAndGossipKey(t *testing.T) {
 	a.mustOK(typRetireKEK, &fsmpb.RetireKEK{Version: 1})
 }
 
+// A gossip key rotation sealed under the DRAINING version that lands
+// between the leader reading the key and its re-wrap applying is not undone
+// by the re-wrap of the older key (generation check).
+func TestKEKRewrapDoesNotUndoGossipKeyRotation(t *testing.T) {
+	a := threeNodes(t, 0)
+	a.mustOK(fsmpb.CommandType_COMMAND_TYPE_SET_GOSSIP_KEY, &fsmpb.SetGossipKey{GossipKey: &fsmpb.WrappedBlob{KekVersion: 1, Blob: []byte("g-gen1")}})
+	a.mustOK(typBeginKEK, beginV2("n1", "n2", "n3"))
+	for _, n := range []string{"n2", "n3"} {
+		a.mustOK(typKEKInstall, &fsmpb.KEKInstalled{Version: 2, NodeId: n, CheckValue: kcv2})
+	}
+	a.mustOK(typActivateKEK, &fsmpb.ActivateKEK{Version: 2})
+	// The leader read generation 1 (under v1) and re-sealed it; meanwhile a
+	// rotation built just before activation (under v1, now DRAINING) lands.
+	res := a.mustOK(fsmpb.CommandType_COMMAND_TYPE_SET_GOSSIP_KEY, &fsmpb.SetGossipKey{
+		GossipKey: &fsmpb.WrappedBlob{KekVersion: 1, Blob: []byte("g-gen2")}, ReplacesGeneration: 1})
+	if res.GetGossipKeyGeneration() != 2 {
+		t.Fatalf("rotation result generation = %d, want 2", res.GetGossipKeyGeneration())
+	}
+	checkResult(t, a.mustOK(typRewrap, &fsmpb.RewrapMaterial{
+		GossipKey: &fsmpb.WrappedBlob{KekVersion: 2, Blob: []byte("g-gen1-under-v2")}, GossipKeyFrom: 1, GossipKeyGeneration: 1,
+	}), codeOK, "re-wrapped 0, skipped 1")
+	if got := string(a.s.cluster.GetGossipKey().GetBlob()); got != "g-gen2" {
+		t.Fatalf("gossip key blob = %q: the re-wrap of generation 1 replaced generation 2", got)
+	}
+	// The re-wrap of the current generation applies.
+	checkResult(t, a.mustOK(typRewrap, &fsmpb.RewrapMaterial{
+		GossipKey: &fsmpb.WrappedBlob{KekVersion: 2, Blob: []byte("g-gen2-under-v2")}, GossipKeyFrom: 1, GossipKeyGeneration: 2,
+	}), codeOK, "re-wrapped 1, skipped 0")
+	if ci := a.s.cluster; string(ci.GetGossipKey().GetBlob()) != "g-gen2-under-v2" || GossipKeyGeneration(ci) != 2 {
+		t.Fatalf("after the re-wrap: %q generation %d", ci.GetGossipKey().GetBlob(), GossipKeyGeneration(ci))
+	}
+}
+
 // TestFSMMaterialUnderKEK pages through material with bounded scans.
 func TestFSMMaterialUnderKEK(t *testing.T) {
 	f := New(Config{})

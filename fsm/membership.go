@@ -23,18 +23,28 @@ func (s *State) applySetGossipKey(c *cmdContext, p *fsmpb.SetGossipKey) *fsmpb.R
 	if res := s.checkKEKActive("gossip key", key.GetKekVersion()); res != nil {
 		return res
 	}
-	if want := p.GetReplacesGeneration(); want != 0 && want != s.cluster.GetGossipKeyGeneration() {
+	cur := GossipKeyGeneration(s.cluster)
+	if want := p.GetReplacesGeneration(); want != 0 && want != cur {
 		return failf(codePrecondition, "the gossip key changed meanwhile (generation %d, this rotation replaces %d); the cluster already uses a new key",
-			s.cluster.GetGossipKeyGeneration(), want)
+			cur, want)
 	}
 	// Stored records are immutable (readers hold the old pointer).
 	ci := proto.CloneOf(s.cluster)
 	ci.GossipKey = key
-	ci.GossipKeyGeneration++
+	ci.GossipKeyGeneration = cur + 1
 	ci.GossipKeySetUnixNano = c.time
 	ci.GossipKeyRotationDue = false
 	s.cluster = ci
-	return &fsmpb.Result{}
+	return &fsmpb.Result{GossipKeyGeneration: cur + 1}
+}
+
+// GossipKeyGeneration is ci's gossip key generation: 0 without a key, and
+// at least 1 with one (a key set before generations were counted is 1).
+func GossipKeyGeneration(ci *fsmpb.ClusterInfo) uint32 {
+	if ci.GetGossipKey() == nil {
+		return 0
+	}
+	return max(ci.GetGossipKeyGeneration(), 1)
 }
 
 // markGossipKeyRotationDue: a removed member knows the gossip key, so the

@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 
+	"google.golang.org/protobuf/proto"
+
 	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
 )
 
@@ -87,6 +89,28 @@ func TestGossipKeyGenerationsAndRotationDue(t *testing.T) {
 	a.mustOK(typGossipKey, next)
 	if ci := a.s.cluster; ci.GetGossipKeyGeneration() != 2 || ci.GetGossipKeyRotationDue() || string(ci.GetGossipKey().GetBlob()) != "k2" {
 		t.Fatalf("after the rotation: generation %d due %v blob %q", ci.GetGossipKeyGeneration(), ci.GetGossipKeyRotationDue(), ci.GetGossipKey().GetBlob())
+	}
+}
+
+// A gossip key set before generations were counted (generation 0 in the
+// state) is generation 1: a rotation replacing 1 applies and makes 2, one
+// replacing 0 is unconditional as before.
+func TestGossipKeyLegacyGeneration(t *testing.T) {
+	a := initialised(t)
+	a.mustOK(typGossipKey, gossipKeyPayload(1, "k1"))
+	ci := proto.CloneOf(a.s.cluster)
+	ci.GossipKeyGeneration = 0 // as a state written by an older release
+	a.s.cluster = ci
+	if g := GossipKeyGeneration(a.s.cluster); g != 1 {
+		t.Fatalf("legacy generation = %d, want 1", g)
+	}
+	next := gossipKeyPayload(1, "k2")
+	next.ReplacesGeneration = 1
+	if res := a.mustOK(typGossipKey, next); res.GetGossipKeyGeneration() != 2 || a.s.cluster.GetGossipKeyGeneration() != 2 {
+		t.Fatalf("result generation %d, state %d; want 2", res.GetGossipKeyGeneration(), a.s.cluster.GetGossipKeyGeneration())
+	}
+	if g := GossipKeyGeneration(&fsmpb.ClusterInfo{}); g != 0 {
+		t.Fatalf("no key: generation %d", g)
 	}
 }
 

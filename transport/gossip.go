@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/cabinet-kms/cabinet/cluster"
+	"github.com/cabinet-kms/cabinet/fsm"
 	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
 	"github.com/cabinet-kms/cabinet/transport/cabinetpb"
 )
@@ -103,6 +104,8 @@ func (s *Server) StartGossip(ctx context.Context, log *slog.Logger, gs GossipSet
 		wg.Wait()
 		r.mu.Lock()
 		defer r.mu.Unlock()
+		clear(r.pendingKey) // run has returned: nothing else touches it
+		r.pendingKey = nil
 		if r.g != nil {
 			s.SetGossip(nil)
 			if err := r.g.Leave(time.Second); err != nil {
@@ -162,13 +165,24 @@ func (r *gossipRunner) step(ctx context.Context, rejoin *time.Time) error {
 		return fmt.Errorf("this node's HSM cannot unseal the gossip key (KEK version %d): %w", blob.GetKekVersion(), err)
 	}
 	defer clear(key)
-	gen := ci.GetGossipKeyGeneration()
+	gen := fsm.GossipKeyGeneration(ci)
 	if g != nil {
 		r.mu.Lock()
 		r.keyBlob = blob.GetBlob()
 		r.mu.Unlock()
-		if g.IsPrimary(key) || (r.pendingKey != nil && string(r.pendingKey) == string(key)) {
-			return nil // the same key re-wrapped under a new KEK version
+		if r.pendingKey != nil && string(r.pendingKey) == string(key) {
+			return nil // the pending key, re-wrapped under a new KEK version
+		}
+		if g.IsPrimary(key) {
+			// The same key re-wrapped; or the state went back to the key
+			// in use (a snapshot restore): forget a pending switch.
+			if r.pendingKey != nil {
+				clear(r.pendingKey)
+				r.pendingKey = nil
+				r.dropAt = time.Now().Add(gossipOldKeyGrace)
+			}
+			r.inUse = gen
+			return nil
 		}
 		if err := g.AddKey(key); err != nil {
 			return fmt.Errorf("install the new gossip key: %w", err)
@@ -219,6 +233,9 @@ func (r *gossipRunner) advanceRotation(g *cluster.Gossip, now time.Time) error {
 		if err != nil {
 			return fmt.Errorf("drop the old gossip keys: %w", err)
 		}
+		if g.KeyCount() > 1 {
+			return fmt.Errorf("drop the old gossip keys: %d keys left after dropping %d; retrying", g.KeyCount(), n)
+		}
 		r.dropAt = time.Time{}
 		r.log.Info("old gossip keys dropped", "dropped", n, "generation", r.inUse)
 	}
@@ -255,12 +272,13 @@ func (r *gossipRunner) leaderDuties(ctx context.Context) {
 		r.log.Warn("create the gossip key", "err", err)
 	}
 	if ci := r.srv.cfg.State.Cluster(); ci.GetGossipKeyRotationDue() {
-		gen := ci.GetGossipKeyGeneration()
-		// One id per generation: leaders racing to do it agree.
-		if _, err := r.srv.proposeGossipKey(ctx, gen, fmt.Sprintf("gossip-key-rotate/%s/%d", ci.GetClusterId(), gen), "node:"+r.srv.cfg.NodeID); err != nil {
-			r.log.Warn("replace the gossip key after a member was removed", "err", err)
+		// Leaders racing to do it rotate once: the compare-and-set on the
+		// generation refuses the second. A fresh request id per attempt,
+		// so that a refusal is not replayed to the next attempt.
+		if gen, err := r.srv.proposeGossipKey(ctx, fsm.GossipKeyGeneration(ci), requestID(ctx, ""), "node:"+r.srv.cfg.NodeID); err != nil {
+			r.warnOnce("rotate-due:"+err.Error(), "replace the gossip key (a member was removed or a snapshot restored since it was made); retrying", "err", err)
 		} else {
-			r.log.Info("gossip key replaced after a member was removed or a snapshot restored", "generation", gen+1)
+			r.log.Info("gossip key replaced: a member was removed or a snapshot restored since the old one was made", "generation", gen)
 		}
 	}
 	if r.gs.AutoremoveAfter > 0 {
@@ -299,19 +317,24 @@ func (s *Server) proposeGossipKey(ctx context.Context, replaces uint32, reqID, b
 	if err != nil {
 		return 0, fmt.Errorf("seal the gossip key under KEK version %d: %w", ci.GetCurrentKekVersion(), err)
 	}
-	if _, err := s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_SET_GOSSIP_KEY, &fsmpb.SetGossipKey{
+	res, err := s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_SET_GOSSIP_KEY, &fsmpb.SetGossipKey{
 		GossipKey:          &fsmpb.WrappedBlob{KekVersion: ci.GetCurrentKekVersion(), Blob: sealed},
 		ReplacesGeneration: replaces,
-	}, reqID, by); err != nil {
+	}, reqID, by)
+	if err != nil {
 		return 0, err
 	}
-	// This node applied the command before propose returned.
-	return s.cfg.State.Cluster().GetGossipKeyGeneration(), nil
+	return res.GetGossipKeyGeneration(), nil
 }
 
 // RotateGossipKey replaces the gossip key (admin). Every node adds the new
 // key, switches to it and drops the old one by itself (gossip runner).
 func (s *Server) RotateGossipKey(ctx context.Context, req *cabinetpb.RotateGossipKeyRequest) (*cabinetpb.RotateGossipKeyResponse, error) {
+	// Read the current generation from an up-to-date state, or the
+	// compare-and-set refuses the rotation as stale.
+	if err := s.cfg.Cluster.CheckRead(ctx, true); err != nil {
+		return nil, toStatus(err)
+	}
 	ci := s.cfg.State.Cluster()
 	if ci == nil {
 		return nil, status.Error(codes.Unavailable, "the cluster is not initialised yet")
@@ -319,7 +342,7 @@ func (s *Server) RotateGossipKey(ctx context.Context, req *cabinetpb.RotateGossi
 	if ci.GetGossipKey() == nil {
 		return nil, status.Error(codes.FailedPrecondition, "the cluster has no gossip key yet (the leader creates it when gossip runs); nothing to rotate")
 	}
-	gen, err := s.proposeGossipKey(ctx, ci.GetGossipKeyGeneration(), requestID(ctx, req.GetRequestId()), principal(ctx))
+	gen, err := s.proposeGossipKey(ctx, fsm.GossipKeyGeneration(ci), requestID(ctx, req.GetRequestId()), principal(ctx))
 	if err != nil {
 		if _, ok := status.FromError(err); ok {
 			return nil, err

@@ -555,6 +555,7 @@ func (s *Server) rewrapClusterBlobs(ctx context.Context, old uint32) error {
 			return fmt.Errorf("re-wrap the gossip key: %w", err)
 		}
 		p.GossipKey, p.GossipKeyFrom = &fsmpb.WrappedBlob{KekVersion: cur, Blob: blob}, old
+		p.GossipKeyGeneration = fsm.GossipKeyGeneration(ci) // skipped if a rotation lands first
 		n++
 	}
 	for _, tok := range s.cfg.State.ImportTokensUnderKEK(old) {

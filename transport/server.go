@@ -393,7 +393,7 @@ func (s *Server) localStatus(ctx context.Context) *cabinetpb.StatusResponse {
 	}
 	if ci := s.cfg.State.Cluster(); ci != nil {
 		out.ClusterId = ci.GetClusterId()
-		out.GossipKeyGeneration = ci.GetGossipKeyGeneration()
+		out.GossipKeyGeneration = fsm.GossipKeyGeneration(ci)
 	}
 	s.membership.mu.Lock()
 	out.GossipKeyInUse, out.GossipKeysHeld = s.membership.keyInUse, s.membership.keysHeld

@@ -1089,8 +1089,11 @@ type RewrapMaterial struct {
 	GossipKey     *WrappedBlob            `protobuf:"bytes,4,opt,name=gossip_key,json=gossipKey,proto3" json:"gossip_key,omitempty"`
 	GossipKeyFrom uint32                  `protobuf:"varint,5,opt,name=gossip_key_from,json=gossipKeyFrom,proto3" json:"gossip_key_from,omitempty"`
 	ImportTokens  []*RewrappedImportToken `protobuf:"bytes,6,rep,name=import_tokens,json=importTokens,proto3" json:"import_tokens,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// The gossip key generation gossip_key re-wraps: skipped if the state's
+	// differs (a rotation landed meanwhile). 0: not checked (older proposers).
+	GossipKeyGeneration uint32 `protobuf:"varint,7,opt,name=gossip_key_generation,json=gossipKeyGeneration,proto3" json:"gossip_key_generation,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *RewrapMaterial) Reset() {
@@ -1163,6 +1166,13 @@ func (x *RewrapMaterial) GetImportTokens() []*RewrappedImportToken {
 		return x.ImportTokens
 	}
 	return nil
+}
+
+func (x *RewrapMaterial) GetGossipKeyGeneration() uint32 {
+	if x != nil {
+		return x.GossipKeyGeneration
+	}
+	return 0
 }
 
 type RewrappedKeyVersion struct {
@@ -3847,8 +3857,10 @@ type Result struct {
 	// id and primary version, instead of its whole view. Readers look it up.
 	KeyRef        string `protobuf:"bytes,6,opt,name=key_ref,json=keyRef,proto3" json:"key_ref,omitempty"`
 	KeyRefVersion uint32 `protobuf:"varint,7,opt,name=key_ref_version,json=keyRefVersion,proto3" json:"key_ref_version,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// SET_GOSSIP_KEY: the generation of the key it set.
+	GossipKeyGeneration uint32 `protobuf:"varint,8,opt,name=gossip_key_generation,json=gossipKeyGeneration,proto3" json:"gossip_key_generation,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *Result) Reset() {
@@ -3926,6 +3938,13 @@ func (x *Result) GetKeyRef() string {
 func (x *Result) GetKeyRefVersion() uint32 {
 	if x != nil {
 		return x.KeyRefVersion
+	}
+	return 0
+}
+
+func (x *Result) GetGossipKeyGeneration() uint32 {
+	if x != nil {
+		return x.GossipKeyGeneration
 	}
 	return 0
 }
@@ -4264,7 +4283,7 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\vcheck_value\x18\x03 \x01(\fR\n" +
 	"checkValue\"'\n" +
 	"\vActivateKEK\x12\x18\n" +
-	"\aversion\x18\x01 \x01(\rR\aversion\"\xcc\x02\n" +
+	"\aversion\x18\x01 \x01(\rR\aversion\"\x80\x03\n" +
 	"\x0eRewrapMaterial\x127\n" +
 	"\x04keys\x18\x01 \x03(\v2#.cabinet.fsm.v1.RewrappedKeyVersionR\x04keys\x122\n" +
 	"\x06ca_key\x18\x02 \x01(\v2\x1b.cabinet.fsm.v1.WrappedBlobR\x05caKey\x12\x1e\n" +
@@ -4272,7 +4291,8 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\n" +
 	"gossip_key\x18\x04 \x01(\v2\x1b.cabinet.fsm.v1.WrappedBlobR\tgossipKey\x12&\n" +
 	"\x0fgossip_key_from\x18\x05 \x01(\rR\rgossipKeyFrom\x12I\n" +
-	"\rimport_tokens\x18\x06 \x03(\v2$.cabinet.fsm.v1.RewrappedImportTokenR\fimportTokens\"\xa9\x01\n" +
+	"\rimport_tokens\x18\x06 \x03(\v2$.cabinet.fsm.v1.RewrappedImportTokenR\fimportTokens\x122\n" +
+	"\x15gossip_key_generation\x18\a \x01(\rR\x13gossipKeyGeneration\"\xa9\x01\n" +
 	"\x13RewrappedKeyVersion\x12\x15\n" +
 	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\rR\aversion\x12(\n" +
@@ -4500,7 +4520,7 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\n" +
 	"created_by\x18\x05 \x01(\tR\tcreatedBy\x12 \n" +
 	"\fused_by_node\x18\x06 \x01(\tR\n" +
-	"usedByNode\"\x9d\x02\n" +
+	"usedByNode\"\xd1\x02\n" +
 	"\x06Result\x12.\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x1a.cabinet.fsm.v1.ResultCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12+\n" +
@@ -4508,7 +4528,8 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\x04node\x18\x04 \x01(\v2\x1a.cabinet.fsm.v1.NodeRecordR\x04node\x12+\n" +
 	"\x05grant\x18\x05 \x01(\v2\x15.cabinet.fsm.v1.GrantR\x05grant\x12\x17\n" +
 	"\akey_ref\x18\x06 \x01(\tR\x06keyRef\x12&\n" +
-	"\x0fkey_ref_version\x18\a \x01(\rR\rkeyRefVersion\"\x84\x01\n" +
+	"\x0fkey_ref_version\x18\a \x01(\rR\rkeyRefVersion\x122\n" +
+	"\x15gossip_key_generation\x18\b \x01(\rR\x13gossipKeyGeneration\"\x84\x01\n" +
 	"\rRequestRecord\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12$\n" +
