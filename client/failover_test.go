@@ -249,32 +249,78 @@ func TestCreateKeyRetryAfterLostAnswer(t *testing.T) {
 	}
 }
 
+// attemptLog records the status code of every attempt, per method name.
+type attemptLog struct {
+	mu    sync.Mutex
+	codes map[string][]codes.Code
+}
+
+func (a *attemptLog) interceptor(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	err := invoker(ctx, method, req, reply, cc, opts...)
+	name := method[strings.LastIndex(method, "/")+1:]
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.codes[name] = append(a.codes[name], status.Code(err))
+	return err
+}
+
+// take returns the codes of name's attempts since the last take.
+func (a *attemptLog) take(name string) []codes.Code {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	c := a.codes[name]
+	delete(a.codes, name)
+	return c
+}
+
+// answeredOnce fails unless the last of one call's attempts returned want
+// and every earlier one a transient error the client rightly retried (a
+// leader change in the shared cluster can cost an Unavailable): the
+// definite answer itself is never retried.
+func answeredOnce(t *testing.T, method string, attempts []codes.Code, want codes.Code) {
+	t.Helper()
+	if len(attempts) == 0 || attempts[len(attempts)-1] != want {
+		t.Errorf("%s: attempts %v, want the last to return %v", method, attempts, want)
+		return
+	}
+	for _, c := range attempts[:len(attempts)-1] {
+		if c != codes.Unavailable && c != codes.Aborted && c != codes.DeadlineExceeded {
+			t.Errorf("%s: attempts %v: retried after a definite %v", method, attempts, c)
+		}
+	}
+	if len(attempts) > 1 {
+		t.Logf("%s: attempts %v (transient failures retried)", method, attempts)
+	}
+}
+
 // TestNoRetryOfDefiniteAnswers: NotFound, InvalidArgument and
 // FailedPrecondition come back after one attempt.
 func TestNoRetryOfDefiniteAnswers(t *testing.T) {
-	counter := newMethodCounter()
-	c := sharedClient(t, client.WithDialOptions(grpc.WithChainUnaryInterceptor(counter.interceptor)))
+	log := &attemptLog{codes: map[string][]codes.Code{}}
+	c := sharedClient(t, client.WithDialOptions(grpc.WithChainUnaryInterceptor(log.interceptor)))
 	ctx := context.Background()
 	if _, err := c.DescribeKey(ctx, "no-such-key"); status.Code(err) != codes.NotFound {
 		t.Errorf("DescribeKey: %v, want NotFound", err)
 	}
+	answeredOnce(t, "DescribeKey", log.take("DescribeKey"), codes.NotFound)
 	if _, err := c.Decrypt(ctx, []byte("garbage"), nil); status.Code(err) != codes.InvalidArgument {
 		t.Errorf("Decrypt: %v, want InvalidArgument", err)
 	}
+	answeredOnce(t, "Decrypt", log.take("Decrypt"), codes.InvalidArgument)
 	if _, err := c.CreateKey(ctx, &cabinetpb.CreateKeyRequest{}); status.Code(err) != codes.InvalidArgument {
 		t.Errorf("CreateKey without spec: %v, want InvalidArgument", err)
 	}
+	answeredOnce(t, "CreateKey", log.take("CreateKey"), codes.InvalidArgument)
 	mac, err := c.CreateKey(ctx, &cabinetpb.CreateKeyRequest{Spec: cabinetpb.KeySpec_HMAC_SHA256})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.Encrypt(ctx, mac.GetKeyId(), []byte("x"), nil); status.Code(err) == codes.OK || status.Code(err) == codes.Unavailable {
+	answeredOnce(t, "CreateKey", log.take("CreateKey"), codes.OK)
+	_, err = c.Encrypt(ctx, mac.GetKeyId(), []byte("x"), nil)
+	if code := status.Code(err); code == codes.OK || code == codes.Unavailable {
 		t.Errorf("Encrypt with a MAC key: %v, want a definite error", err)
-	}
-	for name, want := range map[string]int64{"DescribeKey": 1, "Decrypt": 1, "CreateKey": 2, "Encrypt": 1} {
-		if got := counter.count(name); got != want {
-			t.Errorf("%s: %d attempts, want %d", name, got, want)
-		}
+	} else {
+		answeredOnce(t, "Encrypt", log.take("Encrypt"), code)
 	}
 }
 
@@ -330,7 +376,7 @@ func TestAllEndpointsDown(t *testing.T) {
 	if !strings.Contains(err.Error(), "attempts over 2 endpoints") {
 		t.Errorf("error %q does not say how often it tried", err)
 	}
-	if elapsed < 500*time.Millisecond || elapsed > 3*time.Second {
+	if elapsed < 500*time.Millisecond || elapsed > 5*time.Second {
 		t.Errorf("gave up after %v, want about the 700ms call timeout", elapsed)
 	}
 

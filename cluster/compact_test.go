@@ -232,15 +232,18 @@ func TestCompactLogWhileCommitting(t *testing.T) {
 		cwg.Add(1)
 		go func(tn *testNode) {
 			defer cwg.Done()
-			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-			defer cancel()
 			for {
 				select {
 				case <-stop:
 					return
 				default:
 				}
-				if err := tn.node.CompactLog(ctx); err != nil {
+				// 20s for each call (not for the whole loop, which lasts as
+				// long as the writers do).
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				err := tn.node.CompactLog(ctx)
+				cancel()
+				if err != nil {
 					errs <- fmt.Errorf("CompactLog on %s: %w", tn.id, err)
 					return
 				}
@@ -483,7 +486,10 @@ func TestStoreRewrite(t *testing.T) {
 
 // TestCompactAfterRunsAutomatically: with Config.CompactAfter selecting
 // REMOVE_NODE, a burst of removals leaves no trace on any node without
-// anyone calling CompactLog, in one or two runs.
+// anyone calling CompactLog. The number of runs is logged, not bounded:
+// usually one or two, but on a loaded machine removals can arrive further
+// apart than CompactDelay (that concurrent requests share a run is
+// TestCompactLogCoalesces').
 func TestCompactAfterRunsAutomatically(t *testing.T) {
 	c := newTestClusterWith(t, 3, func(cfg *Config) {
 		cfg.CompactAfter = func(cmd *fsmpb.Command, res *fsmpb.Result) bool {
@@ -509,7 +515,7 @@ func TestCompactAfterRunsAutomatically(t *testing.T) {
 	}
 	c.waitConverged()
 	for _, tn := range c.live() {
-		waitFor(t, 10*time.Second, tn.id+" to compact on its own", func() error {
+		waitFor(t, 30*time.Second, tn.id+" to compact on its own", func() error {
 			if got := filesContaining(t, tn.dir, mark); len(got) != 0 {
 				return fmt.Errorf("marker in %v", got)
 			}
@@ -517,8 +523,8 @@ func TestCompactAfterRunsAutomatically(t *testing.T) {
 		})
 		runs := tn.node.compactions.Load() - before[tn.id]
 		t.Logf("%s: %d automatic compactions for %d removals", tn.id, runs, ghosts)
-		if runs == 0 || runs > 2 {
-			t.Fatalf("%s: %d compactions for %d removals", tn.id, runs, ghosts)
+		if runs == 0 {
+			t.Fatalf("%s: the marker is gone without an automatic compaction", tn.id)
 		}
 	}
 }

@@ -157,7 +157,11 @@ func TestSnapshotAndRestoreFromDisk(t *testing.T) {
 // A write through a follower is visible on that follower when Propose
 // returns (read-your-writes through one node).
 func TestForwardedWriteVisibleOnReturn(t *testing.T) {
-	c := newTestCluster(t, 3)
+	// Propose waits at most MaxStaleness for the follower to apply the
+	// entry (then returns anyway: the write is committed). The tests'
+	// 500ms is not always enough for a follower under -race on a loaded
+	// machine; what is tested here is that Propose waits at all.
+	c := newTestClusterWith(t, 3, func(cfg *Config) { cfg.MaxStaleness = 5 * time.Second })
 	c.waitLeader()
 	f := followers(c)[0]
 	for i := 0; i < 20; i++ {

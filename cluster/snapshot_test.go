@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"net"
 	"testing"
 	"time"
 
@@ -15,11 +14,33 @@ import (
 
 func openSnapshotBytes(t *testing.T, n *Node) (SnapshotInfo, []byte) {
 	t.Helper()
+	info, data, err := tryOpenSnapshotBytes(t, n)
+	if err != nil {
+		t.Fatalf("OpenSnapshot: %v", err)
+	}
+	return info, data
+}
+
+// openLeaderSnapshotBytes is openSnapshotBytes on the current leader, again
+// on the next one if leadership moves in the middle.
+func openLeaderSnapshotBytes(t *testing.T, c *testCluster) (SnapshotInfo, []byte) {
+	t.Helper()
+	var info SnapshotInfo
+	var data []byte
+	c.onLeader("OpenSnapshot", func(l *testNode) (err error) {
+		info, data, err = tryOpenSnapshotBytes(t, l.node)
+		return err
+	})
+	return info, data
+}
+
+func tryOpenSnapshotBytes(t *testing.T, n *Node) (SnapshotInfo, []byte, error) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	info, rc, err := n.OpenSnapshot(ctx)
 	if err != nil {
-		t.Fatalf("OpenSnapshot: %v", err)
+		return info, nil, err
 	}
 	defer rc.Close()
 	data, err := io.ReadAll(rc)
@@ -29,7 +50,7 @@ func openSnapshotBytes(t *testing.T, n *Node) (SnapshotInfo, []byte) {
 	if int64(len(data)) != info.Size {
 		t.Fatalf("snapshot is %d bytes, info says %d", len(data), info.Size)
 	}
-	return info, data
+	return info, data, nil
 }
 
 // TestSnapshotSaveRestore: a snapshot opened on the leader covers every
@@ -39,8 +60,11 @@ func TestSnapshotSaveRestore(t *testing.T) {
 	c := newTestCluster(t, 3)
 	leader := c.waitLeader()
 	c.mustPropose(followers(c)[0], fsmpb.CommandType_COMMAND_TYPE_CREATE_KEY, createKey(1), "")
+	// Leader-only calls below go to whichever node leads at the time: on a
+	// loaded machine leadership can move during the test. A new leader's
+	// snapshot also covers every entry committed before.
 	before := leader.node.Status().CommitIndex
-	info, data := openSnapshotBytes(t, leader.node)
+	info, data := openLeaderSnapshotBytes(t, c)
 	if info.Index <= before || info.Term == 0 {
 		t.Fatalf("snapshot at index %d term %d; commit index before was %d", info.Index, info.Term, before)
 	}
@@ -52,7 +76,7 @@ func TestSnapshotSaveRestore(t *testing.T) {
 		t.Fatalf("snapshot keys: %v", st.GetKeys())
 	}
 	// Twice in a row works (the NOOP gives each call something new).
-	if info2, _ := openSnapshotBytes(t, leader.node); info2.Index <= info.Index {
+	if info2, _ := openLeaderSnapshotBytes(t, c); info2.Index <= info.Index {
 		t.Fatalf("second snapshot at %d, first at %d", info2.Index, info.Index)
 	}
 
@@ -68,13 +92,16 @@ func TestSnapshotSaveRestore(t *testing.T) {
 	}
 	corrupt := bytes.Clone(data)
 	corrupt[len(corrupt)/2] ^= 1
-	if _, err := leader.node.RestoreSnapshot(context.Background(), corrupt); !errors.Is(err, fsm.ErrCorruptSnapshot) {
+	// RestoreSnapshot checks the data before leadership, so a corrupt
+	// snapshot is refused on any node.
+	if _, err := c.waitLeader().node.RestoreSnapshot(context.Background(), corrupt); !errors.Is(err, fsm.ErrCorruptSnapshot) {
 		t.Fatalf("corrupt snapshot: %v", err)
 	}
-	idx, err := leader.node.RestoreSnapshot(context.Background(), data)
-	if err != nil {
-		t.Fatalf("RestoreSnapshot: %v", err)
-	}
+	var idx uint64
+	leader = c.onLeader("RestoreSnapshot", func(l *testNode) (err error) {
+		idx, err = l.node.RestoreSnapshot(context.Background(), data)
+		return err
+	})
 	c.waitConverged()
 	for _, tn := range c.live() {
 		if _, ok := tn.fsm.Key(keyID(1)); !ok {
@@ -105,12 +132,10 @@ func TestSeedFromSnapshot(t *testing.T) {
 	_, data := openSnapshotBytes(t, leader.node)
 	src.stop(leader)
 
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	// A port below the ephemeral range, free again just before the node
+	// binds it.
+	ln := listenLoopback(t)
 	addr := ln.Addr().String()
-	ln.Close()
 	st, err := fsm.ReadSnapshot(bytes.NewReader(data))
 	if err != nil {
 		t.Fatal(err)
@@ -132,6 +157,7 @@ func TestSeedFromSnapshot(t *testing.T) {
 	c := &testCluster{t: t, ca: src.ca, maxStaleness: time.Second}
 	c.fwd = &directForwarder{c: c, cut: map[string]bool{}}
 	c.nodes = []*testNode{tn}
+	ln.Close()
 	c.open(tn)
 	t.Cleanup(func() { c.stop(tn) })
 	if !tn.node.HasState() {

@@ -10,10 +10,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/raft"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/cabinet-kms/cabinet/fsm"
 	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
+	"github.com/cabinet-kms/cabinet/internal/testport"
 	"github.com/cabinet-kms/cabinet/transport/tlsutil"
 )
 
@@ -147,9 +149,12 @@ func newTestClusterWith(t testing.TB, n int, configure func(*Config)) *testClust
 			TokenId: "jt-" + tn.id, SecretHash: secret[:],
 			Node: &fsmpb.NodeRecord{NodeId: tn.id, ApiAddr: tn.apiAddr, RaftAddr: tn.raftLn.Addr().String(), IdentityPublicKeyDer: []byte("pub-" + tn.id)},
 		}, "")
-		if err := first.node.AddVoter(context.Background(), tn.id, tn.raftLn.Addr().String()); err != nil {
-			t.Fatal(err)
-		}
+		// Through whichever node leads now: on a loaded machine node1 can
+		// lose leadership while the cluster forms (adding a voter again is
+		// harmless).
+		c.onLeader("add voter "+tn.id, func(l *testNode) error {
+			return l.node.AddVoter(context.Background(), tn.id, tn.raftLn.Addr().String())
+		})
 	}
 	c.waitConverged()
 	return c
@@ -161,13 +166,15 @@ func (c *testCluster) open(tn *testNode) {
 	if err != nil {
 		c.t.Fatal(err)
 	}
-	addr := "127.0.0.1:0"
+	var ln net.Listener
 	if tn.raftLn != nil {
-		addr = tn.raftLn.Addr().String() // restart on the same address
-	}
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		c.t.Fatal(err)
+		// Restart on the same address (below the ephemeral range: see
+		// listenLoopback).
+		if ln, err = net.Listen("tcp", tn.raftLn.Addr().String()); err != nil {
+			c.t.Fatal(err)
+		}
+	} else {
+		ln = listenLoopback(c.t)
 	}
 	tn.raftLn = ln
 	der, err := c.ca.IssueNode(csr, tn.id, []net.IP{net.ParseIP("127.0.0.1")}, time.Now())
@@ -183,8 +190,11 @@ func (c *testCluster) open(tn *testNode) {
 	tn.fsm = fsm.New(fsm.Config{})
 	cfg := Config{
 		NodeID: tn.id, RaftAddr: ln.Addr().String(), Dir: tn.dir, StreamLayer: stream, FSM: tn.fsm, Forwarder: c.fwd,
-		MaxStaleness: c.maxStaleness, HeartbeatTimeout: 300 * time.Millisecond, ElectionTimeout: 300 * time.Millisecond,
-		LeaderLeaseTimeout: 200 * time.Millisecond,
+		// Short for quick elections, long enough that a loaded machine
+		// (-race, shared 2-core CI) rarely loses a leader to a late
+		// heartbeat. (1s/1s/500ms made the package ~35% slower.)
+		MaxStaleness: c.maxStaleness, HeartbeatTimeout: 500 * time.Millisecond, ElectionTimeout: 500 * time.Millisecond,
+		LeaderLeaseTimeout: 400 * time.Millisecond,
 	}
 	if c.configure != nil {
 		c.configure(&cfg)
@@ -225,6 +235,35 @@ func (c *testCluster) live() []*testNode {
 		}
 	}
 	return out
+}
+
+// notLeader reports whether err says only that the node asked is not (or no
+// longer) the leader, so the call can go to the current leader instead.
+func notLeader(err error) bool {
+	return errors.Is(err, ErrNotLeader) || errors.Is(err, ErrNoLeader) ||
+		errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) ||
+		errors.Is(err, raft.ErrLeadershipTransferInProgress)
+}
+
+// onLeader runs op on the current leader and returns that node. If op fails
+// because leadership moved meanwhile (a loaded machine can miss a heartbeat),
+// it runs op again on the new leader, for up to 15s; any other error fails
+// the test. op must be safe to repeat.
+func (c *testCluster) onLeader(what string, op func(leader *testNode) error) *testNode {
+	c.t.Helper()
+	var ran *testNode
+	waitFor(c.t, 15*time.Second, what+" on the leader", func() error {
+		leader := c.waitLeader()
+		err := op(leader)
+		if err != nil && !notLeader(err) {
+			c.t.Fatalf("%s on %s: %v", what, leader.id, err)
+		}
+		if err == nil {
+			ran = leader
+		}
+		return err
+	})
+	return ran
 }
 
 func (c *testCluster) waitLeader() *testNode {
@@ -281,3 +320,7 @@ func (c *testCluster) mustPropose(via *testNode, typ fsmpb.CommandType, payload 
 	}
 	return res
 }
+
+// listenLoopback listens on a 127.0.0.1 port below the ephemeral range that
+// this process did not hand out before (internal/testport).
+func listenLoopback(t testing.TB) net.Listener { return testport.Listen(t) }

@@ -300,14 +300,37 @@ func testDestroyConcurrent(t *testing.T, p hsm.Provider) {
 		}
 		return func() { close(stopV2); wg2.Wait() }
 	}
-	time.Sleep(20 * time.Millisecond)
+	// grew waits (up to 5s) until count() exceeds from; the load goroutines
+	// keep running meanwhile.
+	grew := func(what string, count func() int, from int) {
+		t.Helper()
+		if err := waitFor(t, 5*time.Second, func() error {
+			if n := count(); n <= from {
+				return fmt.Errorf("still %d", n)
+			}
+			return nil
+		}); err != nil {
+			t.Errorf("no new %s within 5s: %v", what, err)
+		}
+	}
+	locked := func(f func() int) func() int {
+		return func() int { mu.Lock(); defer mu.Unlock(); return f() }
+	}
+	v1Count := locked(func() int { return v1Ops })
+	v2Count := func(key string) func() int { return locked(func() int { return v2Counts[key] }) }
+
+	grew("v1 operation", v1Count, 0)
 	for round := range 10 {
+		// Destroy while v2 operations work, and keep them going until they
+		// see the destroyed version.
+		okBefore := v2Count("ok")()
 		stopV2 := v2Load()
-		time.Sleep(5 * time.Millisecond)
+		grew(fmt.Sprintf("successful v2 operation in round %d", round), v2Count("ok"), okBefore)
 		if err := p.DestroyKEK(ctx, 2); err != nil {
 			t.Errorf("round %d: DestroyKEK(2): %v", round, err)
 		}
-		time.Sleep(5 * time.Millisecond)
+		notFoundBefore := v2Count("not found")()
+		grew(fmt.Sprintf("v2 operation failing with not found in round %d", round), v2Count("not found"), notFoundBefore)
 		stopV2()
 		if _, err := p.GenerateKEK(ctx, 2); err != nil {
 			t.Errorf("round %d: GenerateKEK(2): %v", round, err)
@@ -316,7 +339,7 @@ func testDestroyConcurrent(t *testing.T, p hsm.Provider) {
 	if err := p.DestroyKEK(ctx, 2); err != nil {
 		t.Errorf("DestroyKEK(2): %v", err)
 	}
-	time.Sleep(20 * time.Millisecond)
+	grew("v1 operation after the last DestroyKEK", v1Count, v1Count())
 	close(stop)
 	wg.Wait()
 	for _, err := range v1Errs {

@@ -56,13 +56,9 @@ func TestSoftHSM(t *testing.T) {
 			t.Fatalf("EnsureIdentity after Close: %v, want ErrUnavailable", err)
 		}
 		a = openToken(parent, cfgA) // lives as long as the shared tokens
-		start := time.Now()
 		again, err = a.EnsureIdentity(ctx)
 		if err != nil || !again.Equal(pubA) {
 			t.Fatalf("EnsureIdentity after reopen: %v (same key: %v)", err, err == nil && again.Equal(pubA))
-		}
-		if d := time.Since(start); d > 300*time.Millisecond {
-			t.Errorf("EnsureIdentity after reopen took %v; did it generate a new key?", d)
 		}
 	})
 

@@ -54,7 +54,8 @@ func TestAuthorizationOnRealCluster(t *testing.T) {
 	// Deny: refused on every node.
 	c.mustCLI(nil, "operator", "deny", "svc", "--reason", "leaked", "--addr", n2.apiAddr)
 	for _, nd := range c.nodes {
-		waitFor(t, 5*time.Second, "svc refused on "+nd.id, func() error {
+		// Each poll runs a CLI process: allow for a slow machine.
+		waitFor(t, 30*time.Second, "svc refused on "+nd.id, func() error {
 			_, errOut, err := as(nd, []byte("x"), "key", "encrypt", "--key", k.KeyID, "--context", "tenant=acme")
 			if err == nil || !strings.Contains(errOut, "denied cluster-wide") {
 				return fmt.Errorf("not refused: %v %s", err, errOut)

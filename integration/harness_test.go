@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cabinet-kms/cabinet/internal/testport"
 )
 
 // The harness runs real `cabinet` processes, each with its own data dir and
@@ -76,15 +77,9 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() error
 	t.Fatalf("timed out after %v waiting for %s: %v", timeout, what, last)
 }
 
-func freePort(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
+// freePort returns a 127.0.0.1 address for a child process to bind
+// (internal/testport: below the ephemeral range, never handed out twice).
+func freePort(t *testing.T) string { return testport.Addr(t) }
 
 type node struct {
 	n        int

@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"net"
 	"os"
 	"strings"
 	"sync"
@@ -12,6 +11,7 @@ import (
 
 	"github.com/cabinet-kms/cabinet/client"
 	"github.com/cabinet-kms/cabinet/internal/testcluster"
+	"github.com/cabinet-kms/cabinet/internal/testport"
 	"github.com/cabinet-kms/cabinet/transport/cabinetpb"
 )
 
@@ -93,16 +93,9 @@ func TestDevServer(t *testing.T) {
 	}
 }
 
-func freeLoopbackAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
-}
+// freeLoopbackAddr returns a 127.0.0.1 address to bind later
+// (internal/testport).
+func freeLoopbackAddr(t *testing.T) string { return testport.Addr(t) }
 
 // syncBuffer is a bytes.Buffer safe for one writer and concurrent readers.
 type syncBuffer struct {

@@ -106,9 +106,11 @@ func TestRaftClusterOverTLS(t *testing.T) {
 	for i, layer := range layers {
 		cfg := raft.DefaultConfig()
 		cfg.LocalID = servers[i].ID
-		cfg.HeartbeatTimeout = 200 * time.Millisecond
-		cfg.ElectionTimeout = 200 * time.Millisecond
-		cfg.LeaderLeaseTimeout = 100 * time.Millisecond
+		// Long enough that a loaded machine (-race, shared CI) does not
+		// lose leadership over a late heartbeat.
+		cfg.HeartbeatTimeout = time.Second
+		cfg.ElectionTimeout = time.Second
+		cfg.LeaderLeaseTimeout = 500 * time.Millisecond
 		cfg.CommitTimeout = 10 * time.Millisecond
 		cfg.Logger = hclog.New(&hclog.LoggerOptions{Name: string(cfg.LocalID), Output: io.Discard})
 		trans := raft.NewNetworkTransport(layer, 3, 2*time.Second, io.Discard)
@@ -130,19 +132,26 @@ func TestRaftClusterOverTLS(t *testing.T) {
 		t.Fatalf("bootstrap: %v", err)
 	}
 
-	var leader *raft.Raft
-	waitFor(t, 10*time.Second, "a leader", func() bool {
+	// Apply on the leader; should leadership move meanwhile, again on the
+	// new one (the FSM check below only asks that the entry is there).
+	var lastErr error
+	waitFor(t, 20*time.Second, "the entry applied through a leader", func() bool {
 		for _, nd := range nodes {
-			if nd.raft.State() == raft.Leader {
-				leader = nd.raft
+			if nd.raft.State() != raft.Leader {
+				continue
+			}
+			lastErr = nd.raft.Apply([]byte("hello"), 5*time.Second).Error()
+			if lastErr == nil {
 				return true
 			}
+			if !errors.Is(lastErr, raft.ErrNotLeader) && !errors.Is(lastErr, raft.ErrLeadershipLost) &&
+				!errors.Is(lastErr, raft.ErrLeadershipTransferInProgress) {
+				t.Fatalf("apply: %v", lastErr)
+			}
+			t.Logf("apply: %v; retrying on the current leader", lastErr)
 		}
 		return false
 	})
-	if err := leader.Apply([]byte("hello"), 5*time.Second).Error(); err != nil {
-		t.Fatalf("apply: %v", err)
-	}
 	waitFor(t, 10*time.Second, "the entry applied on every node", func() bool {
 		for _, nd := range nodes {
 			if !nd.fsm.has("hello") {
@@ -210,8 +219,11 @@ func TestStreamLayerRefusesNonNodePeer(t *testing.T) {
 func TestStreamLayerSlowPeer(t *testing.T) {
 	p := newTestPKI(t, "c1")
 	rec := &errRecorder{}
+	// The timeout also bounds the good peer's handshake, which under -race
+	// on a loaded machine can take several hundred milliseconds.
+	const handshakeTimeout = 2 * time.Second
 	target := nodeStreamLayer(t, p, "n1",
-		WithHandshakeTimeout(300*time.Millisecond), WithHandshakeErrorHandler(rec.handler))
+		WithHandshakeTimeout(handshakeTimeout), WithHandshakeErrorHandler(rec.handler))
 	dialer := nodeStreamLayer(t, p, "n2")
 
 	silent, err := net.Dial("tcp", target.Addr().String())
@@ -229,7 +241,7 @@ func TestStreamLayerSlowPeer(t *testing.T) {
 		c, err := target.Accept()
 		accepted <- result{c, err}
 	}()
-	good, err := dialer.Dial(raft.ServerAddress(target.Addr().String()), 2*time.Second)
+	good, err := dialer.Dial(raft.ServerAddress(target.Addr().String()), 5*time.Second)
 	if err != nil {
 		t.Fatalf("dial: %v", err)
 	}
@@ -238,6 +250,12 @@ func TestStreamLayerSlowPeer(t *testing.T) {
 	case r := <-accepted:
 		if r.err != nil {
 			t.Fatalf("accept: %v", r.err)
+		}
+		// Accepted while the silent peer's handshake was still pending
+		// (it connected first and has not timed out yet): it did not
+		// hold up the good peer until its timeout.
+		if n := rec.count(); n != 0 {
+			t.Fatalf("the good peer was accepted only after %d handshake failure(s): the silent peer blocked Accept", n)
 		}
 		tc, ok := r.c.(*tls.Conn)
 		if !ok || !tc.ConnectionState().HandshakeComplete {
@@ -251,8 +269,9 @@ func TestStreamLayerSlowPeer(t *testing.T) {
 		t.Fatal("a silent peer blocked Accept")
 	}
 
-	// The silent connection is closed once its handshake times out.
-	if err := silent.SetReadDeadline(time.Now().Add(5 * time.Second)); err != nil {
+	// The silent connection is closed once its handshake times out (well
+	// before this read gives up).
+	if err := silent.SetReadDeadline(time.Now().Add(5 * handshakeTimeout)); err != nil {
 		t.Fatal(err)
 	}
 	_, err = silent.Read(make([]byte, 1))
