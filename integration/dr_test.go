@@ -131,6 +131,9 @@ func TestDisasterRecoveryDrill(t *testing.T) {
 	if keysAfter := c.mustCLI(nil, "key", "list", "-o", "json", "--addr", c.nodes[1].apiAddr); strings.Count(keysAfter, `"keyId"`) != strings.Count(keysBefore, `"keyId"`) {
 		t.Fatalf("keys before the disaster:\n%s\nafter the restore:\n%s", keysBefore, keysAfter)
 	}
+	// The snapshot's gossip key was known to the lost nodes: the new leader
+	// replaced it (generation 1 -> 2) and every new node dropped the old one.
+	c.waitGossipKey(c.nodes, 2)
 	// The restored cluster keeps working: new keys, and the old admin's certificate
 	// (same cluster CA) still authenticates.
 	c.mustCLI(nil, "key", "create", "--alias", "after-dr", "--addr", c.nodes[2].apiAddr)
