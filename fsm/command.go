@@ -36,7 +36,14 @@ func NewCommand(t fsmpb.CommandType, payload proto.Message, requestID, principal
 		RequestId: requestID,
 		Principal: principal,
 		Payload:   data,
+		Ignorable: ignorableTypes[t],
 	}, nil
+}
+
+// ignorableTypes may be skipped by nodes that do not know them (older
+// releases): they only record facts those nodes have no use for.
+var ignorableTypes = map[fsmpb.CommandType]bool{
+	fsmpb.CommandType_COMMAND_TYPE_SET_NODE_FEATURE_LEVEL: true,
 }
 
 // EncodeCommand serializes cmd for raft.Apply.

@@ -28,6 +28,7 @@ import (
 func randomLog(t testing.TB, seed int64, n int) []*raft.Log {
 	t.Helper()
 	rng := rand.New(rand.NewSource(seed))
+	extra := rand.New(rand.NewSource(seed + 1000))
 	pick := func(prefix string, k int) string { return fmt.Sprintf("%s%d", prefix, rng.Intn(k)) }
 	pickKey := func() string {
 		if rng.Intn(15) == 0 {
@@ -337,10 +338,47 @@ func randomLog(t testing.TB, seed int64, n int) []*raft.Log {
 		if scheduled {
 			lastScheduled = cmd
 		}
-		shadow.Apply(uint64(i+1), cmd)
-		logs = append(logs, logOf(t, uint64(i+1), cmd))
+		shadow.Apply(uint64(len(logs)+1), cmd)
+		logs = append(logs, logOf(t, uint64(len(logs)+1), cmd))
+		// Now and then an extra SET_GOSSIP_KEY or SET_NODE_FEATURE_LEVEL,
+		// drawn from a second generator so the main sequence (and the
+		// outcomes it is checked to produce) stays as it was.
+		if extra.Intn(25) == 0 {
+			typ, payload := randomGossipOrLevelCommand(extra, shadow)
+			cmd, err := NewCommand(typ, payload, "", "admin:extra")
+			if err != nil {
+				t.Fatal(err)
+			}
+			cmd.LeaderTimeUnixNano = now
+			shadow.Apply(uint64(len(logs)+1), cmd)
+			logs = append(logs, logOf(t, uint64(len(logs)+1), cmd))
+		}
 	}
 	return logs
+}
+
+// randomGossipOrLevelCommand: SET_GOSSIP_KEY (mostly replacing the current
+// generation, sometimes a stale or unconditional one, sometimes under a KEK
+// version that cannot take it) or SET_NODE_FEATURE_LEVEL (sometimes for a
+// non-member).
+func randomGossipOrLevelCommand(rng *rand.Rand, s *State) (fsmpb.CommandType, proto.Message) {
+	if rng.Intn(2) == 0 {
+		id := fmt.Sprintf("n%d", rng.Intn(12))
+		if nodes := s.sortedNodes(); len(nodes) > 0 && rng.Intn(4) != 0 {
+			id = nodes[rng.Intn(len(nodes))].GetNodeId()
+		}
+		return fsmpb.CommandType_COMMAND_TYPE_SET_NODE_FEATURE_LEVEL, &fsmpb.SetNodeFeatureLevel{NodeId: id, Level: uint32(rng.Intn(4))}
+	}
+	kek := s.cluster.GetCurrentKekVersion()
+	if rng.Intn(4) == 0 {
+		kek = uint32(rng.Intn(int(kek) + 2))
+	}
+	replaces := GossipKeyGeneration(s.cluster)
+	if rng.Intn(3) == 0 {
+		replaces = uint32(rng.Intn(4))
+	}
+	return fsmpb.CommandType_COMMAND_TYPE_SET_GOSSIP_KEY, &fsmpb.SetGossipKey{
+		GossipKey: &fsmpb.WrappedBlob{KekVersion: kek, Blob: []byte(fmt.Sprintf("gossip-%d", rng.Intn(1000)))}, ReplacesGeneration: replaces}
 }
 
 func mustDecodePayload(t testing.TB, cmd *fsmpb.Command) proto.Message {
@@ -478,7 +516,9 @@ func TestDeterminism(t *testing.T) {
 				"BEGIN_KEK_ROTATION/RESULT_CODE_OK", "BEGIN_KEK_ROTATION/RESULT_CODE_FAILED_PRECONDITION", "DELIVER_KEK/RESULT_CODE_OK",
 				"KEK_INSTALLED/RESULT_CODE_OK", "KEK_INSTALLED/RESULT_CODE_FAILED_PRECONDITION", "ACTIVATE_KEK/RESULT_CODE_OK",
 				"ACTIVATE_KEK/RESULT_CODE_FAILED_PRECONDITION", "REWRAP_MATERIAL/RESULT_CODE_OK", "RETIRE_KEK/RESULT_CODE_OK",
-				"RETIRE_KEK/RESULT_CODE_FAILED_PRECONDITION", "KEK_REMOVED/RESULT_CODE_OK", "ABANDON_KEK_ROTATION/RESULT_CODE_OK"} {
+				"RETIRE_KEK/RESULT_CODE_FAILED_PRECONDITION", "KEK_REMOVED/RESULT_CODE_OK", "ABANDON_KEK_ROTATION/RESULT_CODE_OK",
+				"SET_NODE_FEATURE_LEVEL/RESULT_CODE_OK", "SET_NODE_FEATURE_LEVEL/RESULT_CODE_NOT_FOUND",
+				"SET_GOSSIP_KEY/RESULT_CODE_OK", "SET_GOSSIP_KEY/RESULT_CODE_FAILED_PRECONDITION"} {
 				if counts[want] == 0 {
 					t.Errorf("the random log never produced %s", want)
 				}

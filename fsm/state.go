@@ -271,6 +271,8 @@ var handlers = map[fsmpb.CommandType]handler{
 		func() *fsmpb.KEKRemoved { return &fsmpb.KEKRemoved{} }, (*State).applyKEKRemoved),
 	fsmpb.CommandType_COMMAND_TYPE_ABANDON_KEK_ROTATION: register(
 		func() *fsmpb.AbandonKEKRotation { return &fsmpb.AbandonKEKRotation{} }, (*State).applyAbandonKEKRotation),
+	fsmpb.CommandType_COMMAND_TYPE_SET_NODE_FEATURE_LEVEL: register(
+		func() *fsmpb.SetNodeFeatureLevel { return &fsmpb.SetNodeFeatureLevel{} }, (*State).applySetNodeFeatureLevel),
 }
 
 // Apply processes the command at Raft index `index` and returns its outcome.

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cabinet-kms/cabinet/fsm"
 )
 
 // Membership on real processes: a non-voter joins with a region, leadership
@@ -24,6 +26,7 @@ type peerView struct {
 	Version   string `json:"version"`
 	HsmStatus string `json:"hsmStatus"`
 	Reachable bool   `json:"reachable"`
+	Level     uint32 `json:"featureLevel"`
 }
 
 func (c *testCluster) peers(via *node) (map[string]peerView, error) {
@@ -132,8 +135,8 @@ func TestMembershipOnRealCluster(t *testing.T) {
 			return fmt.Errorf("%d peers", len(ps))
 		}
 		for id, p := range ps {
-			if p.Gossip != "alive" || !p.Reachable || p.HsmStatus != "ok" || p.Version == "" {
-				return fmt.Errorf("%s: %+v", id, p)
+			if p.Gossip != "alive" || !p.Reachable || p.HsmStatus != "ok" || p.Version == "" || p.Level != fsm.FeatureLevel {
+				return fmt.Errorf("%s: %+v (want feature level %d)", id, p, fsm.FeatureLevel)
 			}
 		}
 		if r := ps[n4.id]; r.Voter || r.Region != "ap-south" || r.RaftRole != "follower" {

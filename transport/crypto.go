@@ -6,6 +6,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/cabinet-kms/cabinet/fsm"
 	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
 	"github.com/cabinet-kms/cabinet/keyops"
 	"github.com/cabinet-kms/cabinet/transport/cabinetpb"
@@ -292,7 +293,9 @@ func (b *batchPrep) lookup(idOrAlias string) (*fsmpb.KeyRecord, error) {
 // BatchDecrypt and ReEncrypt take them like any other.
 func (s *Server) BatchEncrypt(ctx context.Context, req *cabinetpb.BatchEncryptRequest) (*cabinetpb.BatchEncryptResponse, error) {
 	be, ok := s.cfg.Crypto.(batchEncrypter)
-	if !ok {
+	// Format 2 only when every member can open it (a node of an older
+	// release cannot): until then one format-1 Encrypt per item.
+	if !ok || !s.featureReady(fsm.FeatureKEKRotation) {
 		res, err := runBatch(ctx, req.GetItems(), s.Encrypt, func(r *cabinetpb.EncryptResponse, e *cabinetpb.ItemError) *cabinetpb.BatchEncryptResult {
 			return &cabinetpb.BatchEncryptResult{Response: r, Error: e}
 		})

@@ -272,6 +272,10 @@ func (r *gossipRunner) leaderDuties(ctx context.Context) {
 		r.log.Warn("create the gossip key", "err", err)
 	}
 	if ci := r.srv.cfg.State.Cluster(); ci.GetGossipKeyRotationDue() {
+		if err := r.srv.requireFeature(fsm.FeatureGossipKeyGenerations, "replacing the gossip key"); err != nil {
+			r.warnOnce("rotate-due-level", "the gossip key is due for replacement (a member was removed or a snapshot restored) but waits for every node to be upgraded", "err", err)
+			return
+		}
 		// Leaders racing to do it rotate once: the compare-and-set on the
 		// generation refuses the second. A fresh request id per attempt,
 		// so that a refusal is not replayed to the next attempt.
@@ -341,6 +345,9 @@ func (s *Server) RotateGossipKey(ctx context.Context, req *cabinetpb.RotateGossi
 	}
 	if ci.GetGossipKey() == nil {
 		return nil, status.Error(codes.FailedPrecondition, "the cluster has no gossip key yet (the leader creates it when gossip runs); nothing to rotate")
+	}
+	if err := s.requireFeature(fsm.FeatureGossipKeyGenerations, "gossip key rotation"); err != nil {
+		return nil, err
 	}
 	gen, err := s.proposeGossipKey(ctx, fsm.GossipKeyGeneration(ci), requestID(ctx, req.GetRequestId()), principal(ctx))
 	if err != nil {

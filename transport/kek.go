@@ -94,6 +94,9 @@ func (s *Server) RotateKEK(ctx context.Context, req *cabinetpb.RotateKEKRequest)
 	if ci == nil {
 		return nil, status.Error(codes.Unavailable, "the cluster is not initialised yet")
 	}
+	if err := s.requireFeature(fsm.FeatureKEKRotation, "KEK rotation"); err != nil {
+		return nil, err
+	}
 	var next uint32
 	for _, k := range ci.GetKekVersions() {
 		if st := k.GetState(); st == fsmpb.KEKState_KEK_STATE_PENDING || st == fsmpb.KEKState_KEK_STATE_DRAINING {
@@ -278,7 +281,9 @@ func (s *Server) RunKEKNodeDuties(ctx context.Context, every time.Duration) {
 	}
 }
 
-// KEKNodeStep does this node's KEK duties once (see RunKEKNodeDuties).
+// KEKNodeStep does this node's KEK duties once (see RunKEKNodeDuties), and
+// records this binary's feature level in its node record when it differs
+// (features.go; the same 1 s loop).
 func (s *Server) KEKNodeStep(ctx context.Context) {
 	ci := s.cfg.State.Cluster()
 	if ci == nil {
@@ -286,6 +291,9 @@ func (s *Server) KEKNodeStep(ctx context.Context) {
 	}
 	if _, member := s.cfg.State.Node(s.cfg.NodeID); !member {
 		return
+	}
+	if err := s.reportFeatureLevel(ctx); err != nil {
+		s.kek.warnOnce(s.log, "feature-level:"+err.Error(), "could not record this node's feature level; retrying", "err", err)
 	}
 	s.kek.hsmMu.Lock()
 	defer s.kek.hsmMu.Unlock()

@@ -68,6 +68,8 @@ type State interface {
 	KEKProgress() fsm.KEKProgress
 	MaterialUnderKEK(kek uint32, afterID string, limit, scan int) ([]fsm.SealedMaterial, string)
 	ImportTokensUnderKEK(kek uint32) []*fsmpb.ImportToken
+	// Rolling upgrades (features.go).
+	MinFeatureLevel() (uint32, []string)
 }
 
 // Crypto is what the API needs from keyops (*keyops.Engine).
@@ -395,6 +397,8 @@ func (s *Server) localStatus(ctx context.Context) *cabinetpb.StatusResponse {
 		out.ClusterId = ci.GetClusterId()
 		out.GossipKeyGeneration = fsm.GossipKeyGeneration(ci)
 	}
+	out.FeatureLevel = fsm.FeatureLevel
+	out.ClusterFeatureLevel, _ = s.cfg.State.MinFeatureLevel()
 	s.membership.mu.Lock()
 	out.GossipKeyInUse, out.GossipKeysHeld = s.membership.keyInUse, s.membership.keysHeld
 	s.membership.mu.Unlock()
@@ -440,6 +444,7 @@ func (s *Server) ListPeers(ctx context.Context, _ *cabinetpb.ListPeersRequest) (
 		if rec, ok := s.cfg.State.Node(srv.ID); ok {
 			p.ApiAddr = rec.GetApiAddr()
 			p.Region = rec.GetRegion()
+			p.FeatureLevel = rec.GetFeatureLevel()
 		}
 		out[i] = p
 		wg.Add(1)
@@ -544,6 +549,7 @@ func (s *Server) Join(ctx context.Context, req *cabinetpb.JoinRequest) (*cabinet
 			IdentityPublicKeyDer: req.GetIdentityPublicKeyDer(),
 			Region:               req.GetRegion(),
 			Voter:                !req.GetNonVoter(),
+			FeatureLevel:         req.GetFeatureLevel(),
 		},
 	}, "join/"+tok.ID+"/"+req.GetNodeId(), "node:"+req.GetNodeId())
 	if err != nil {

@@ -143,8 +143,9 @@ func newAPIEnv(t *testing.T) *apiEnv {
 	fc := &fakeCluster{fsm: state}
 	cmd, _ := fsm.NewCommand(fsmpb.CommandType_COMMAND_TYPE_INIT_CLUSTER, &fsmpb.InitCluster{
 		ClusterId: "c-test", CaCertDer: ca.CertDER, CaKey: &fsmpb.WrappedBlob{KekVersion: 1, Blob: sealed},
-		Kek:       &fsmpb.KEKVersion{Version: 1, CheckValue: kcv, State: fsmpb.KEKState_KEK_STATE_ACTIVE},
-		FirstNode: &fsmpb.NodeRecord{NodeId: "node1", ApiAddr: "127.0.0.1:1", RaftAddr: "127.0.0.1:2", IdentityPublicKeyDer: []byte{1}},
+		Kek: &fsmpb.KEKVersion{Version: 1, CheckValue: kcv, State: fsmpb.KEKState_KEK_STATE_ACTIVE},
+		FirstNode: &fsmpb.NodeRecord{NodeId: "node1", ApiAddr: "127.0.0.1:1", RaftAddr: "127.0.0.1:2", IdentityPublicKeyDer: []byte{1},
+			FeatureLevel: fsm.FeatureLevel},
 	}, "init", "admin:init")
 	if res, err := fc.Propose(ctx, cmd); err != nil || res.GetCode() != fsmpb.ResultCode_RESULT_CODE_OK {
 		t.Fatalf("init: %v %v", res, err)

@@ -155,7 +155,7 @@ starts from the snapshot with this node as the single voter. Then:
 			// 4. The state with this node as its only member, as Raft's first snapshot.
 			data, err := cluster.ReplaceMembership(st, []*fsmpb.NodeRecord{{
 				NodeId: f.nodeID, ApiAddr: f.apiAddr, RaftAddr: f.raftAddr, IdentityPublicKeyDer: pubDER,
-				JoinedUnixNano: now.UnixNano(), Region: f.region, Voter: true,
+				JoinedUnixNano: now.UnixNano(), Region: f.region, Voter: true, FeatureLevel: fsm.FeatureLevel,
 			}}, true)
 			if err != nil {
 				return fmt.Errorf("replace the old nodes in the state: %w", err)

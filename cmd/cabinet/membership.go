@@ -28,7 +28,7 @@ func membershipCmds(f *clientFlags) []*cobra.Command {
 
 func printPeers(w io.Writer, peers []*cabinetpb.Peer) error {
 	t := newTable(w)
-	fmt.Fprintln(t, "NODE\tADDRESS\tREGION\tRAFT ROLE\tVOTER\tGOSSIP\tAPPLIED\tLAST CONTACT\tHSM\tHEALTHY\tVERSION\tERROR")
+	fmt.Fprintln(t, "NODE\tADDRESS\tREGION\tRAFT ROLE\tVOTER\tGOSSIP\tAPPLIED\tLAST CONTACT\tHSM\tHEALTHY\tVERSION (LEVEL)\tERROR")
 	for _, p := range peers {
 		g := p.GetGossip()
 		if g == cluster.GossipDead {
@@ -38,8 +38,8 @@ func printPeers(w io.Writer, peers []*cabinetpb.Peer) error {
 		if region == "" {
 			region = "-"
 		}
-		fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%v\t%s\t%d\t%s\t%s\t%v\t%s\t%s\n", p.GetNodeId(), p.GetApiAddr(), region, p.GetRaftRole(), p.GetVoter(),
-			g, p.GetAppliedIndex(), lastContact(p.GetRaftRole(), p.GetLastContactMs()), p.GetHsmStatus(), p.GetHealthy(), p.GetVersion(), p.GetError())
+		fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%v\t%s\t%d\t%s\t%s\t%v\t%s (%d)\t%s\n", p.GetNodeId(), p.GetApiAddr(), region, p.GetRaftRole(), p.GetVoter(),
+			g, p.GetAppliedIndex(), lastContact(p.GetRaftRole(), p.GetLastContactMs()), p.GetHsmStatus(), p.GetHealthy(), p.GetVersion(), p.GetFeatureLevel(), p.GetError())
 	}
 	return t.Flush()
 }

@@ -159,7 +159,8 @@ admin client certificate (written to --admin-out). Start the node with
 				CaCertDer: ca.CertDER,
 				CaKey:     &fsmpb.WrappedBlob{KekVersion: 1, Blob: sealedCA},
 				Kek:       &fsmpb.KEKVersion{Version: 1, CheckValue: kcv, CreatedUnixNano: now.UnixNano(), State: fsmpb.KEKState_KEK_STATE_ACTIVE},
-				FirstNode: &fsmpb.NodeRecord{NodeId: f.nodeID, ApiAddr: f.apiAddr, RaftAddr: f.raftAddr, IdentityPublicKeyDer: pubDER, Region: f.region, Voter: true},
+				FirstNode: &fsmpb.NodeRecord{NodeId: f.nodeID, ApiAddr: f.apiAddr, RaftAddr: f.raftAddr, IdentityPublicKeyDer: pubDER, Region: f.region, Voter: true,
+					FeatureLevel: fsm.FeatureLevel},
 			}, "init/"+clusterID, "admin:init")
 			if err != nil {
 				return err
@@ -307,7 +308,7 @@ func joinNode(ctx context.Context, out io.Writer, f *nodeFlags, hc hsmConfig, to
 	defer cancel()
 	resp, err := cabinetpb.NewOperatorServiceClient(conn).Join(jctx, &cabinetpb.JoinRequest{
 		TokenId: tok.ID, TokenSecret: tok.Secret, NodeId: f.nodeID, ApiAddr: f.apiAddr, RaftAddr: f.raftAddr,
-		IdentityPublicKeyDer: pubDER, CsrDer: csr, Region: f.region, NonVoter: nonVoter,
+		IdentityPublicKeyDer: pubDER, CsrDer: csr, Region: f.region, NonVoter: nonVoter, FeatureLevel: fsm.FeatureLevel,
 	})
 	if err != nil {
 		return fmt.Errorf("join via %s: %w", peer, rpcError(err))
@@ -419,7 +420,7 @@ func statusCmd(f *clientFlags) *cobra.Command {
 			fmt.Fprintf(t, "Gossip key\t%s\n", gossipKeyLine(st))
 			fmt.Fprintf(t, "Keys\t%d\n", st.GetKeyCount())
 			fmt.Fprintf(t, "Healthy\t%v %s\n", st.GetHealthy(), strings.Join(st.GetUnhealthyReasons(), "; "))
-			fmt.Fprintf(t, "Version\t%s\n", st.GetVersion())
+			fmt.Fprintf(t, "Version\t%s, feature level %d (cluster: %d)\n", st.GetVersion(), st.GetFeatureLevel(), st.GetClusterFeatureLevel())
 			return t.Flush()
 		},
 	}

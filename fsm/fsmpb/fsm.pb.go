@@ -67,6 +67,9 @@ const (
 	CommandType_COMMAND_TYPE_RETIRE_KEK           CommandType = 31
 	CommandType_COMMAND_TYPE_KEK_REMOVED          CommandType = 32
 	CommandType_COMMAND_TYPE_ABANDON_KEK_ROTATION CommandType = 33
+	// Rolling upgrades (fsm/features.go). Proposed as ignorable: older nodes
+	// skip it.
+	CommandType_COMMAND_TYPE_SET_NODE_FEATURE_LEVEL CommandType = 34
 )
 
 // Enum value maps for CommandType.
@@ -106,6 +109,7 @@ var (
 		31: "COMMAND_TYPE_RETIRE_KEK",
 		32: "COMMAND_TYPE_KEK_REMOVED",
 		33: "COMMAND_TYPE_ABANDON_KEK_ROTATION",
+		34: "COMMAND_TYPE_SET_NODE_FEATURE_LEVEL",
 	}
 	CommandType_value = map[string]int32{
 		"COMMAND_TYPE_UNSPECIFIED":                0,
@@ -142,6 +146,7 @@ var (
 		"COMMAND_TYPE_RETIRE_KEK":                 31,
 		"COMMAND_TYPE_KEK_REMOVED":                32,
 		"COMMAND_TYPE_ABANDON_KEK_ROTATION":       33,
+		"COMMAND_TYPE_SET_NODE_FEATURE_LEVEL":     34,
 	}
 )
 
@@ -809,6 +814,61 @@ func (x *Command) GetPayload() []byte {
 	return nil
 }
 
+// SetNodeFeatureLevel records the feature level (fsm.FeatureLevel) of the
+// binary node `node_id` runs; a node proposes it when its record differs
+// (after an upgrade or a downgrade).
+type SetNodeFeatureLevel struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Level         uint32                 `protobuf:"varint,2,opt,name=level,proto3" json:"level,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetNodeFeatureLevel) Reset() {
+	*x = SetNodeFeatureLevel{}
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetNodeFeatureLevel) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetNodeFeatureLevel) ProtoMessage() {}
+
+func (x *SetNodeFeatureLevel) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetNodeFeatureLevel.ProtoReflect.Descriptor instead.
+func (*SetNodeFeatureLevel) Descriptor() ([]byte, []int) {
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *SetNodeFeatureLevel) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *SetNodeFeatureLevel) GetLevel() uint32 {
+	if x != nil {
+		return x.Level
+	}
+	return 0
+}
+
 // AbandonKEKRotation gives up a PENDING version (nothing is ever sealed
 // under one): it becomes RETIRED, so members that installed it destroy it.
 // The leader proposes it when no member can ever hold the version, e.g.
@@ -823,7 +883,7 @@ type AbandonKEKRotation struct {
 
 func (x *AbandonKEKRotation) Reset() {
 	*x = AbandonKEKRotation{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[1]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -835,7 +895,7 @@ func (x *AbandonKEKRotation) String() string {
 func (*AbandonKEKRotation) ProtoMessage() {}
 
 func (x *AbandonKEKRotation) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[1]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -848,7 +908,7 @@ func (x *AbandonKEKRotation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbandonKEKRotation.ProtoReflect.Descriptor instead.
 func (*AbandonKEKRotation) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{1}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *AbandonKEKRotation) GetVersion() uint32 {
@@ -879,7 +939,7 @@ type BeginKEKRotation struct {
 
 func (x *BeginKEKRotation) Reset() {
 	*x = BeginKEKRotation{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[2]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -891,7 +951,7 @@ func (x *BeginKEKRotation) String() string {
 func (*BeginKEKRotation) ProtoMessage() {}
 
 func (x *BeginKEKRotation) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[2]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -904,7 +964,7 @@ func (x *BeginKEKRotation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BeginKEKRotation.ProtoReflect.Descriptor instead.
 func (*BeginKEKRotation) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{2}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *BeginKEKRotation) GetKek() *KEKVersion {
@@ -926,7 +986,7 @@ type DeliverKEK struct {
 
 func (x *DeliverKEK) Reset() {
 	*x = DeliverKEK{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[3]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -938,7 +998,7 @@ func (x *DeliverKEK) String() string {
 func (*DeliverKEK) ProtoMessage() {}
 
 func (x *DeliverKEK) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[3]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -951,7 +1011,7 @@ func (x *DeliverKEK) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeliverKEK.ProtoReflect.Descriptor instead.
 func (*DeliverKEK) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{3}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *DeliverKEK) GetVersion() uint32 {
@@ -981,7 +1041,7 @@ type KEKInstalled struct {
 
 func (x *KEKInstalled) Reset() {
 	*x = KEKInstalled{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[4]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -993,7 +1053,7 @@ func (x *KEKInstalled) String() string {
 func (*KEKInstalled) ProtoMessage() {}
 
 func (x *KEKInstalled) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[4]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1006,7 +1066,7 @@ func (x *KEKInstalled) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KEKInstalled.ProtoReflect.Descriptor instead.
 func (*KEKInstalled) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{4}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *KEKInstalled) GetVersion() uint32 {
@@ -1041,7 +1101,7 @@ type ActivateKEK struct {
 
 func (x *ActivateKEK) Reset() {
 	*x = ActivateKEK{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[5]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1053,7 +1113,7 @@ func (x *ActivateKEK) String() string {
 func (*ActivateKEK) ProtoMessage() {}
 
 func (x *ActivateKEK) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[5]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1066,7 +1126,7 @@ func (x *ActivateKEK) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ActivateKEK.ProtoReflect.Descriptor instead.
 func (*ActivateKEK) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{5}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ActivateKEK) GetVersion() uint32 {
@@ -1098,7 +1158,7 @@ type RewrapMaterial struct {
 
 func (x *RewrapMaterial) Reset() {
 	*x = RewrapMaterial{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[6]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1110,7 +1170,7 @@ func (x *RewrapMaterial) String() string {
 func (*RewrapMaterial) ProtoMessage() {}
 
 func (x *RewrapMaterial) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[6]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1123,7 +1183,7 @@ func (x *RewrapMaterial) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RewrapMaterial.ProtoReflect.Descriptor instead.
 func (*RewrapMaterial) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{6}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *RewrapMaterial) GetKeys() []*RewrappedKeyVersion {
@@ -1187,7 +1247,7 @@ type RewrappedKeyVersion struct {
 
 func (x *RewrappedKeyVersion) Reset() {
 	*x = RewrappedKeyVersion{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[7]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1199,7 +1259,7 @@ func (x *RewrappedKeyVersion) String() string {
 func (*RewrappedKeyVersion) ProtoMessage() {}
 
 func (x *RewrappedKeyVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[7]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1212,7 +1272,7 @@ func (x *RewrappedKeyVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RewrappedKeyVersion.ProtoReflect.Descriptor instead.
 func (*RewrappedKeyVersion) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{7}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RewrappedKeyVersion) GetKeyId() string {
@@ -1254,7 +1314,7 @@ type RewrappedImportToken struct {
 
 func (x *RewrappedImportToken) Reset() {
 	*x = RewrappedImportToken{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[8]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1266,7 +1326,7 @@ func (x *RewrappedImportToken) String() string {
 func (*RewrappedImportToken) ProtoMessage() {}
 
 func (x *RewrappedImportToken) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[8]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1279,7 +1339,7 @@ func (x *RewrappedImportToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RewrappedImportToken.ProtoReflect.Descriptor instead.
 func (*RewrappedImportToken) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{8}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RewrappedImportToken) GetTokenId() string {
@@ -1314,7 +1374,7 @@ type RetireKEK struct {
 
 func (x *RetireKEK) Reset() {
 	*x = RetireKEK{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[9]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1326,7 +1386,7 @@ func (x *RetireKEK) String() string {
 func (*RetireKEK) ProtoMessage() {}
 
 func (x *RetireKEK) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[9]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1339,7 +1399,7 @@ func (x *RetireKEK) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetireKEK.ProtoReflect.Descriptor instead.
 func (*RetireKEK) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{9}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RetireKEK) GetVersion() uint32 {
@@ -1361,7 +1421,7 @@ type KEKRemoved struct {
 
 func (x *KEKRemoved) Reset() {
 	*x = KEKRemoved{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[10]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1373,7 +1433,7 @@ func (x *KEKRemoved) String() string {
 func (*KEKRemoved) ProtoMessage() {}
 
 func (x *KEKRemoved) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[10]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1386,7 +1446,7 @@ func (x *KEKRemoved) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KEKRemoved.ProtoReflect.Descriptor instead.
 func (*KEKRemoved) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{10}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *KEKRemoved) GetVersion() uint32 {
@@ -1419,7 +1479,7 @@ type SetGossipKey struct {
 
 func (x *SetGossipKey) Reset() {
 	*x = SetGossipKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[11]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1431,7 +1491,7 @@ func (x *SetGossipKey) String() string {
 func (*SetGossipKey) ProtoMessage() {}
 
 func (x *SetGossipKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[11]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1444,7 +1504,7 @@ func (x *SetGossipKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetGossipKey.ProtoReflect.Descriptor instead.
 func (*SetGossipKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{11}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *SetGossipKey) GetGossipKey() *WrappedBlob {
@@ -1474,7 +1534,7 @@ type WrappedBlob struct {
 
 func (x *WrappedBlob) Reset() {
 	*x = WrappedBlob{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[12]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1486,7 +1546,7 @@ func (x *WrappedBlob) String() string {
 func (*WrappedBlob) ProtoMessage() {}
 
 func (x *WrappedBlob) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[12]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1499,7 +1559,7 @@ func (x *WrappedBlob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WrappedBlob.ProtoReflect.Descriptor instead.
 func (*WrappedBlob) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{12}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *WrappedBlob) GetKekVersion() uint32 {
@@ -1541,7 +1601,7 @@ type KEKVersion struct {
 
 func (x *KEKVersion) Reset() {
 	*x = KEKVersion{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[13]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1553,7 +1613,7 @@ func (x *KEKVersion) String() string {
 func (*KEKVersion) ProtoMessage() {}
 
 func (x *KEKVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[13]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1566,7 +1626,7 @@ func (x *KEKVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KEKVersion.ProtoReflect.Descriptor instead.
 func (*KEKVersion) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{13}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *KEKVersion) GetVersion() uint32 {
@@ -1658,7 +1718,7 @@ type KEKDelivery struct {
 
 func (x *KEKDelivery) Reset() {
 	*x = KEKDelivery{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[14]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1670,7 +1730,7 @@ func (x *KEKDelivery) String() string {
 func (*KEKDelivery) ProtoMessage() {}
 
 func (x *KEKDelivery) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[14]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1683,7 +1743,7 @@ func (x *KEKDelivery) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KEKDelivery.ProtoReflect.Descriptor instead.
 func (*KEKDelivery) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{14}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *KEKDelivery) GetNodeId() string {
@@ -1710,13 +1770,17 @@ type NodeRecord struct {
 	JoinedUnixNano       int64  `protobuf:"varint,5,opt,name=joined_unix_nano,json=joinedUnixNano,proto3" json:"joined_unix_nano,omitempty"`
 	Region               string `protobuf:"bytes,6,opt,name=region,proto3" json:"region,omitempty"`
 	Voter                bool   `protobuf:"varint,7,opt,name=voter,proto3" json:"voter,omitempty"`
-	unknownFields        protoimpl.UnknownFields
-	sizeCache            protoimpl.SizeCache
+	// fsm.FeatureLevel of the binary the node runs (0: a release before
+	// feature levels). Features that every node must understand are used
+	// only when every member's level allows them.
+	FeatureLevel  uint32 `protobuf:"varint,8,opt,name=feature_level,json=featureLevel,proto3" json:"feature_level,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *NodeRecord) Reset() {
 	*x = NodeRecord{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[15]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1728,7 +1792,7 @@ func (x *NodeRecord) String() string {
 func (*NodeRecord) ProtoMessage() {}
 
 func (x *NodeRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[15]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1741,7 +1805,7 @@ func (x *NodeRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeRecord.ProtoReflect.Descriptor instead.
 func (*NodeRecord) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{15}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *NodeRecord) GetNodeId() string {
@@ -1793,6 +1857,13 @@ func (x *NodeRecord) GetVoter() bool {
 	return false
 }
 
+func (x *NodeRecord) GetFeatureLevel() uint32 {
+	if x != nil {
+		return x.FeatureLevel
+	}
+	return 0
+}
+
 type InitCluster struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	ClusterId string                 `protobuf:"bytes,1,opt,name=cluster_id,json=clusterId,proto3" json:"cluster_id,omitempty"`
@@ -1807,7 +1878,7 @@ type InitCluster struct {
 
 func (x *InitCluster) Reset() {
 	*x = InitCluster{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[16]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1819,7 +1890,7 @@ func (x *InitCluster) String() string {
 func (*InitCluster) ProtoMessage() {}
 
 func (x *InitCluster) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[16]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1832,7 +1903,7 @@ func (x *InitCluster) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InitCluster.ProtoReflect.Descriptor instead.
 func (*InitCluster) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{16}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *InitCluster) GetClusterId() string {
@@ -1893,7 +1964,7 @@ type CreateKey struct {
 
 func (x *CreateKey) Reset() {
 	*x = CreateKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[17]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1905,7 +1976,7 @@ func (x *CreateKey) String() string {
 func (*CreateKey) ProtoMessage() {}
 
 func (x *CreateKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[17]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1918,7 +1989,7 @@ func (x *CreateKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKey.ProtoReflect.Descriptor instead.
 func (*CreateKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{17}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *CreateKey) GetKeyId() string {
@@ -2003,7 +2074,7 @@ type RotateKey struct {
 
 func (x *RotateKey) Reset() {
 	*x = RotateKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[18]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2015,7 +2086,7 @@ func (x *RotateKey) String() string {
 func (*RotateKey) ProtoMessage() {}
 
 func (x *RotateKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[18]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2028,7 +2099,7 @@ func (x *RotateKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKey.ProtoReflect.Descriptor instead.
 func (*RotateKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{18}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *RotateKey) GetKeyId() string {
@@ -2081,7 +2152,7 @@ type UpdateKey struct {
 
 func (x *UpdateKey) Reset() {
 	*x = UpdateKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[19]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2093,7 +2164,7 @@ func (x *UpdateKey) String() string {
 func (*UpdateKey) ProtoMessage() {}
 
 func (x *UpdateKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[19]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2106,7 +2177,7 @@ func (x *UpdateKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateKey.ProtoReflect.Descriptor instead.
 func (*UpdateKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{19}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *UpdateKey) GetKeyId() string {
@@ -2156,7 +2227,7 @@ type SetAlias struct {
 
 func (x *SetAlias) Reset() {
 	*x = SetAlias{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[20]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2168,7 +2239,7 @@ func (x *SetAlias) String() string {
 func (*SetAlias) ProtoMessage() {}
 
 func (x *SetAlias) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[20]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2181,7 +2252,7 @@ func (x *SetAlias) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetAlias.ProtoReflect.Descriptor instead.
 func (*SetAlias) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{20}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SetAlias) GetAlias() string {
@@ -2207,7 +2278,7 @@ type DeleteAlias struct {
 
 func (x *DeleteAlias) Reset() {
 	*x = DeleteAlias{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[21]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2219,7 +2290,7 @@ func (x *DeleteAlias) String() string {
 func (*DeleteAlias) ProtoMessage() {}
 
 func (x *DeleteAlias) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[21]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2232,7 +2303,7 @@ func (x *DeleteAlias) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteAlias.ProtoReflect.Descriptor instead.
 func (*DeleteAlias) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{21}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *DeleteAlias) GetAlias() string {
@@ -2253,7 +2324,7 @@ type SetKeyEnabled struct {
 
 func (x *SetKeyEnabled) Reset() {
 	*x = SetKeyEnabled{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[22]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2265,7 +2336,7 @@ func (x *SetKeyEnabled) String() string {
 func (*SetKeyEnabled) ProtoMessage() {}
 
 func (x *SetKeyEnabled) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[22]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2278,7 +2349,7 @@ func (x *SetKeyEnabled) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKeyEnabled.ProtoReflect.Descriptor instead.
 func (*SetKeyEnabled) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{22}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *SetKeyEnabled) GetKeyId() string {
@@ -2308,7 +2379,7 @@ type RevokeKey struct {
 
 func (x *RevokeKey) Reset() {
 	*x = RevokeKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[23]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2320,7 +2391,7 @@ func (x *RevokeKey) String() string {
 func (*RevokeKey) ProtoMessage() {}
 
 func (x *RevokeKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[23]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2333,7 +2404,7 @@ func (x *RevokeKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeKey.ProtoReflect.Descriptor instead.
 func (*RevokeKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{23}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RevokeKey) GetKeyId() string {
@@ -2370,7 +2441,7 @@ type SetVersionState struct {
 
 func (x *SetVersionState) Reset() {
 	*x = SetVersionState{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[24]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2382,7 +2453,7 @@ func (x *SetVersionState) String() string {
 func (*SetVersionState) ProtoMessage() {}
 
 func (x *SetVersionState) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[24]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2395,7 +2466,7 @@ func (x *SetVersionState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetVersionState.ProtoReflect.Descriptor instead.
 func (*SetVersionState) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{24}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *SetVersionState) GetKeyId() string {
@@ -2430,7 +2501,7 @@ type SetMinDecryptionVersion struct {
 
 func (x *SetMinDecryptionVersion) Reset() {
 	*x = SetMinDecryptionVersion{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[25]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2442,7 +2513,7 @@ func (x *SetMinDecryptionVersion) String() string {
 func (*SetMinDecryptionVersion) ProtoMessage() {}
 
 func (x *SetMinDecryptionVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[25]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2455,7 +2526,7 @@ func (x *SetMinDecryptionVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetMinDecryptionVersion.ProtoReflect.Descriptor instead.
 func (*SetMinDecryptionVersion) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{25}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *SetMinDecryptionVersion) GetKeyId() string {
@@ -2484,7 +2555,7 @@ type SetRotationPolicy struct {
 
 func (x *SetRotationPolicy) Reset() {
 	*x = SetRotationPolicy{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[26]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2496,7 +2567,7 @@ func (x *SetRotationPolicy) String() string {
 func (*SetRotationPolicy) ProtoMessage() {}
 
 func (x *SetRotationPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[26]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2509,7 +2580,7 @@ func (x *SetRotationPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetRotationPolicy.ProtoReflect.Descriptor instead.
 func (*SetRotationPolicy) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{26}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *SetRotationPolicy) GetKeyId() string {
@@ -2538,7 +2609,7 @@ type ScheduleDestruction struct {
 
 func (x *ScheduleDestruction) Reset() {
 	*x = ScheduleDestruction{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[27]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2550,7 +2621,7 @@ func (x *ScheduleDestruction) String() string {
 func (*ScheduleDestruction) ProtoMessage() {}
 
 func (x *ScheduleDestruction) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[27]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2563,7 +2634,7 @@ func (x *ScheduleDestruction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleDestruction.ProtoReflect.Descriptor instead.
 func (*ScheduleDestruction) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{27}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ScheduleDestruction) GetKeyId() string {
@@ -2589,7 +2660,7 @@ type CancelDestruction struct {
 
 func (x *CancelDestruction) Reset() {
 	*x = CancelDestruction{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[28]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2601,7 +2672,7 @@ func (x *CancelDestruction) String() string {
 func (*CancelDestruction) ProtoMessage() {}
 
 func (x *CancelDestruction) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[28]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2614,7 +2685,7 @@ func (x *CancelDestruction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelDestruction.ProtoReflect.Descriptor instead.
 func (*CancelDestruction) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{28}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *CancelDestruction) GetKeyId() string {
@@ -2635,7 +2706,7 @@ type DestroyKey struct {
 
 func (x *DestroyKey) Reset() {
 	*x = DestroyKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[29]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2647,7 +2718,7 @@ func (x *DestroyKey) String() string {
 func (*DestroyKey) ProtoMessage() {}
 
 func (x *DestroyKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[29]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2660,7 +2731,7 @@ func (x *DestroyKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DestroyKey.ProtoReflect.Descriptor instead.
 func (*DestroyKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{29}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *DestroyKey) GetKeyId() string {
@@ -2685,7 +2756,7 @@ type CreateImportToken struct {
 
 func (x *CreateImportToken) Reset() {
 	*x = CreateImportToken{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[30]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2697,7 +2768,7 @@ func (x *CreateImportToken) String() string {
 func (*CreateImportToken) ProtoMessage() {}
 
 func (x *CreateImportToken) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[30]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2710,7 +2781,7 @@ func (x *CreateImportToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateImportToken.ProtoReflect.Descriptor instead.
 func (*CreateImportToken) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{30}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *CreateImportToken) GetTokenId() string {
@@ -2761,7 +2832,7 @@ type ImportKey struct {
 
 func (x *ImportKey) Reset() {
 	*x = ImportKey{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[31]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2773,7 +2844,7 @@ func (x *ImportKey) String() string {
 func (*ImportKey) ProtoMessage() {}
 
 func (x *ImportKey) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[31]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2786,7 +2857,7 @@ func (x *ImportKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportKey.ProtoReflect.Descriptor instead.
 func (*ImportKey) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{31}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ImportKey) GetTokenId() string {
@@ -2815,7 +2886,7 @@ type CreateJoinToken struct {
 
 func (x *CreateJoinToken) Reset() {
 	*x = CreateJoinToken{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[32]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2827,7 +2898,7 @@ func (x *CreateJoinToken) String() string {
 func (*CreateJoinToken) ProtoMessage() {}
 
 func (x *CreateJoinToken) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[32]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2840,7 +2911,7 @@ func (x *CreateJoinToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinToken.ProtoReflect.Descriptor instead.
 func (*CreateJoinToken) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{32}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CreateJoinToken) GetTokenId() string {
@@ -2875,7 +2946,7 @@ type AdmitNode struct {
 
 func (x *AdmitNode) Reset() {
 	*x = AdmitNode{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[33]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2887,7 +2958,7 @@ func (x *AdmitNode) String() string {
 func (*AdmitNode) ProtoMessage() {}
 
 func (x *AdmitNode) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[33]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2900,7 +2971,7 @@ func (x *AdmitNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdmitNode.ProtoReflect.Descriptor instead.
 func (*AdmitNode) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{33}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *AdmitNode) GetTokenId() string {
@@ -2933,7 +3004,7 @@ type RemoveNode struct {
 
 func (x *RemoveNode) Reset() {
 	*x = RemoveNode{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[34]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2945,7 +3016,7 @@ func (x *RemoveNode) String() string {
 func (*RemoveNode) ProtoMessage() {}
 
 func (x *RemoveNode) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[34]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2958,7 +3029,7 @@ func (x *RemoveNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveNode.ProtoReflect.Descriptor instead.
 func (*RemoveNode) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{34}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *RemoveNode) GetNodeId() string {
@@ -2977,7 +3048,7 @@ type Noop struct {
 
 func (x *Noop) Reset() {
 	*x = Noop{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[35]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2989,7 +3060,7 @@ func (x *Noop) String() string {
 func (*Noop) ProtoMessage() {}
 
 func (x *Noop) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[35]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3002,7 +3073,7 @@ func (x *Noop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Noop.ProtoReflect.Descriptor instead.
 func (*Noop) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{35}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *Noop) GetPadding() []byte {
@@ -3027,7 +3098,7 @@ type KeyVersion struct {
 
 func (x *KeyVersion) Reset() {
 	*x = KeyVersion{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[36]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3039,7 +3110,7 @@ func (x *KeyVersion) String() string {
 func (*KeyVersion) ProtoMessage() {}
 
 func (x *KeyVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[36]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3052,7 +3123,7 @@ func (x *KeyVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyVersion.ProtoReflect.Descriptor instead.
 func (*KeyVersion) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{36}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *KeyVersion) GetVersion() uint32 {
@@ -3128,7 +3199,7 @@ type KeyRecord struct {
 
 func (x *KeyRecord) Reset() {
 	*x = KeyRecord{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[37]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3140,7 +3211,7 @@ func (x *KeyRecord) String() string {
 func (*KeyRecord) ProtoMessage() {}
 
 func (x *KeyRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[37]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3153,7 +3224,7 @@ func (x *KeyRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyRecord.ProtoReflect.Descriptor instead.
 func (*KeyRecord) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{37}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *KeyRecord) GetKeyId() string {
@@ -3323,7 +3394,7 @@ type Grant struct {
 
 func (x *Grant) Reset() {
 	*x = Grant{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[38]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3335,7 +3406,7 @@ func (x *Grant) String() string {
 func (*Grant) ProtoMessage() {}
 
 func (x *Grant) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[38]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3348,7 +3419,7 @@ func (x *Grant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Grant.ProtoReflect.Descriptor instead.
 func (*Grant) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{38}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *Grant) GetGrantId() string {
@@ -3412,7 +3483,7 @@ type CreateGrant struct {
 
 func (x *CreateGrant) Reset() {
 	*x = CreateGrant{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[39]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3424,7 +3495,7 @@ func (x *CreateGrant) String() string {
 func (*CreateGrant) ProtoMessage() {}
 
 func (x *CreateGrant) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[39]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3437,7 +3508,7 @@ func (x *CreateGrant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateGrant.ProtoReflect.Descriptor instead.
 func (*CreateGrant) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{39}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *CreateGrant) GetGrant() *Grant {
@@ -3456,7 +3527,7 @@ type RevokeGrant struct {
 
 func (x *RevokeGrant) Reset() {
 	*x = RevokeGrant{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[40]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3468,7 +3539,7 @@ func (x *RevokeGrant) String() string {
 func (*RevokeGrant) ProtoMessage() {}
 
 func (x *RevokeGrant) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[40]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3481,7 +3552,7 @@ func (x *RevokeGrant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeGrant.ProtoReflect.Descriptor instead.
 func (*RevokeGrant) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{40}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *RevokeGrant) GetGrantId() string {
@@ -3504,7 +3575,7 @@ type DenyPrincipal struct {
 
 func (x *DenyPrincipal) Reset() {
 	*x = DenyPrincipal{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[41]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3516,7 +3587,7 @@ func (x *DenyPrincipal) String() string {
 func (*DenyPrincipal) ProtoMessage() {}
 
 func (x *DenyPrincipal) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[41]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3529,7 +3600,7 @@ func (x *DenyPrincipal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DenyPrincipal.ProtoReflect.Descriptor instead.
 func (*DenyPrincipal) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{41}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *DenyPrincipal) GetPrincipal() string {
@@ -3555,7 +3626,7 @@ type AllowPrincipal struct {
 
 func (x *AllowPrincipal) Reset() {
 	*x = AllowPrincipal{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[42]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3567,7 +3638,7 @@ func (x *AllowPrincipal) String() string {
 func (*AllowPrincipal) ProtoMessage() {}
 
 func (x *AllowPrincipal) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[42]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3580,7 +3651,7 @@ func (x *AllowPrincipal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllowPrincipal.ProtoReflect.Descriptor instead.
 func (*AllowPrincipal) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{42}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *AllowPrincipal) GetPrincipal() string {
@@ -3602,7 +3673,7 @@ type DeniedPrincipal struct {
 
 func (x *DeniedPrincipal) Reset() {
 	*x = DeniedPrincipal{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[43]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3614,7 +3685,7 @@ func (x *DeniedPrincipal) String() string {
 func (*DeniedPrincipal) ProtoMessage() {}
 
 func (x *DeniedPrincipal) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[43]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3627,7 +3698,7 @@ func (x *DeniedPrincipal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeniedPrincipal.ProtoReflect.Descriptor instead.
 func (*DeniedPrincipal) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{43}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *DeniedPrincipal) GetPrincipal() string {
@@ -3675,7 +3746,7 @@ type ImportToken struct {
 
 func (x *ImportToken) Reset() {
 	*x = ImportToken{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[44]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3687,7 +3758,7 @@ func (x *ImportToken) String() string {
 func (*ImportToken) ProtoMessage() {}
 
 func (x *ImportToken) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[44]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3700,7 +3771,7 @@ func (x *ImportToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportToken.ProtoReflect.Descriptor instead.
 func (*ImportToken) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{44}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *ImportToken) GetTokenId() string {
@@ -3774,7 +3845,7 @@ type JoinToken struct {
 
 func (x *JoinToken) Reset() {
 	*x = JoinToken{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[45]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3786,7 +3857,7 @@ func (x *JoinToken) String() string {
 func (*JoinToken) ProtoMessage() {}
 
 func (x *JoinToken) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[45]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3799,7 +3870,7 @@ func (x *JoinToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinToken.ProtoReflect.Descriptor instead.
 func (*JoinToken) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{45}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *JoinToken) GetTokenId() string {
@@ -3865,7 +3936,7 @@ type Result struct {
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[46]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3877,7 +3948,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[46]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3890,7 +3961,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{46}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *Result) GetCode() ResultCode {
@@ -3960,7 +4031,7 @@ type RequestRecord struct {
 
 func (x *RequestRecord) Reset() {
 	*x = RequestRecord{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[47]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3972,7 +4043,7 @@ func (x *RequestRecord) String() string {
 func (*RequestRecord) ProtoMessage() {}
 
 func (x *RequestRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[47]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3985,7 +4056,7 @@ func (x *RequestRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestRecord.ProtoReflect.Descriptor instead.
 func (*RequestRecord) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{47}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *RequestRecord) GetRequestId() string {
@@ -4033,7 +4104,7 @@ type ClusterInfo struct {
 
 func (x *ClusterInfo) Reset() {
 	*x = ClusterInfo{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[48]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4045,7 +4116,7 @@ func (x *ClusterInfo) String() string {
 func (*ClusterInfo) ProtoMessage() {}
 
 func (x *ClusterInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[48]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4058,7 +4129,7 @@ func (x *ClusterInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterInfo.ProtoReflect.Descriptor instead.
 func (*ClusterInfo) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{48}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *ClusterInfo) GetClusterId() string {
@@ -4154,7 +4225,7 @@ type State struct {
 
 func (x *State) Reset() {
 	*x = State{}
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[49]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4166,7 +4237,7 @@ func (x *State) String() string {
 func (*State) ProtoMessage() {}
 
 func (x *State) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[49]
+	mi := &file_fsm_fsmpb_fsm_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4179,7 +4250,7 @@ func (x *State) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use State.ProtoReflect.Descriptor instead.
 func (*State) Descriptor() ([]byte, []int) {
-	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{49}
+	return file_fsm_fsmpb_fsm_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *State) GetFormat() uint32 {
@@ -4265,7 +4336,10 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\n" +
 	"request_id\x18\x05 \x01(\tR\trequestId\x12\x1c\n" +
 	"\tprincipal\x18\x06 \x01(\tR\tprincipal\x12\x18\n" +
-	"\apayload\x18\a \x01(\fR\apayload\"F\n" +
+	"\apayload\x18\a \x01(\fR\apayload\"D\n" +
+	"\x13SetNodeFeatureLevel\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n" +
+	"\x05level\x18\x02 \x01(\rR\x05level\"F\n" +
 	"\x12AbandonKEKRotation\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\"@\n" +
@@ -4336,7 +4410,7 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\x13destroyed_unix_nano\x18\v \x01(\x03R\x11destroyedUnixNano\"@\n" +
 	"\vKEKDelivery\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x18\n" +
-	"\awrapped\x18\x02 \x01(\fR\awrapped\"\xec\x01\n" +
+	"\awrapped\x18\x02 \x01(\fR\awrapped\"\x91\x02\n" +
 	"\n" +
 	"NodeRecord\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x19\n" +
@@ -4345,7 +4419,8 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\x17identity_public_key_der\x18\x04 \x01(\fR\x14identityPublicKeyDer\x12(\n" +
 	"\x10joined_unix_nano\x18\x05 \x01(\x03R\x0ejoinedUnixNano\x12\x16\n" +
 	"\x06region\x18\x06 \x01(\tR\x06region\x12\x14\n" +
-	"\x05voter\x18\a \x01(\bR\x05voter\"\xe9\x01\n" +
+	"\x05voter\x18\a \x01(\bR\x05voter\x12#\n" +
+	"\rfeature_level\x18\b \x01(\rR\ffeatureLevel\"\xe9\x01\n" +
 	"\vInitCluster\x12\x1d\n" +
 	"\n" +
 	"cluster_id\x18\x01 \x01(\tR\tclusterId\x12\x1e\n" +
@@ -4561,7 +4636,7 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\rimport_tokens\x18\b \x03(\v2\x1b.cabinet.fsm.v1.ImportTokenR\fimportTokens\x12-\n" +
 	"\x06grants\x18\t \x03(\v2\x15.cabinet.fsm.v1.GrantR\x06grants\x12L\n" +
 	"\x11denied_principals\x18\n" +
-	" \x03(\v2\x1f.cabinet.fsm.v1.DeniedPrincipalR\x10deniedPrincipals*\xdd\b\n" +
+	" \x03(\v2\x1f.cabinet.fsm.v1.DeniedPrincipalR\x10deniedPrincipals*\x86\t\n" +
 	"\vCommandType\x12\x1c\n" +
 	"\x18COMMAND_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19COMMAND_TYPE_INIT_CLUSTER\x10\x01\x12\x1b\n" +
@@ -4597,7 +4672,8 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\x1cCOMMAND_TYPE_REWRAP_MATERIAL\x10\x1e\x12\x1b\n" +
 	"\x17COMMAND_TYPE_RETIRE_KEK\x10\x1f\x12\x1c\n" +
 	"\x18COMMAND_TYPE_KEK_REMOVED\x10 \x12%\n" +
-	"!COMMAND_TYPE_ABANDON_KEK_ROTATION\x10!*\x9a\x01\n" +
+	"!COMMAND_TYPE_ABANDON_KEK_ROTATION\x10!\x12'\n" +
+	"#COMMAND_TYPE_SET_NODE_FEATURE_LEVEL\x10\"*\x9a\x01\n" +
 	"\bKEKState\x12\x19\n" +
 	"\x15KEK_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10KEK_STATE_ACTIVE\x10\x01\x12\x15\n" +
@@ -4676,7 +4752,7 @@ func file_fsm_fsmpb_fsm_proto_rawDescGZIP() []byte {
 }
 
 var file_fsm_fsmpb_fsm_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
-var file_fsm_fsmpb_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 54)
+var file_fsm_fsmpb_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 55)
 var file_fsm_fsmpb_fsm_proto_goTypes = []any{
 	(CommandType)(0),                // 0: cabinet.fsm.v1.CommandType
 	(KEKState)(0),                   // 1: cabinet.fsm.v1.KEKState
@@ -4689,118 +4765,119 @@ var file_fsm_fsmpb_fsm_proto_goTypes = []any{
 	(GrantOperation)(0),             // 8: cabinet.fsm.v1.GrantOperation
 	(ResultCode)(0),                 // 9: cabinet.fsm.v1.ResultCode
 	(*Command)(nil),                 // 10: cabinet.fsm.v1.Command
-	(*AbandonKEKRotation)(nil),      // 11: cabinet.fsm.v1.AbandonKEKRotation
-	(*BeginKEKRotation)(nil),        // 12: cabinet.fsm.v1.BeginKEKRotation
-	(*DeliverKEK)(nil),              // 13: cabinet.fsm.v1.DeliverKEK
-	(*KEKInstalled)(nil),            // 14: cabinet.fsm.v1.KEKInstalled
-	(*ActivateKEK)(nil),             // 15: cabinet.fsm.v1.ActivateKEK
-	(*RewrapMaterial)(nil),          // 16: cabinet.fsm.v1.RewrapMaterial
-	(*RewrappedKeyVersion)(nil),     // 17: cabinet.fsm.v1.RewrappedKeyVersion
-	(*RewrappedImportToken)(nil),    // 18: cabinet.fsm.v1.RewrappedImportToken
-	(*RetireKEK)(nil),               // 19: cabinet.fsm.v1.RetireKEK
-	(*KEKRemoved)(nil),              // 20: cabinet.fsm.v1.KEKRemoved
-	(*SetGossipKey)(nil),            // 21: cabinet.fsm.v1.SetGossipKey
-	(*WrappedBlob)(nil),             // 22: cabinet.fsm.v1.WrappedBlob
-	(*KEKVersion)(nil),              // 23: cabinet.fsm.v1.KEKVersion
-	(*KEKDelivery)(nil),             // 24: cabinet.fsm.v1.KEKDelivery
-	(*NodeRecord)(nil),              // 25: cabinet.fsm.v1.NodeRecord
-	(*InitCluster)(nil),             // 26: cabinet.fsm.v1.InitCluster
-	(*CreateKey)(nil),               // 27: cabinet.fsm.v1.CreateKey
-	(*RotateKey)(nil),               // 28: cabinet.fsm.v1.RotateKey
-	(*UpdateKey)(nil),               // 29: cabinet.fsm.v1.UpdateKey
-	(*SetAlias)(nil),                // 30: cabinet.fsm.v1.SetAlias
-	(*DeleteAlias)(nil),             // 31: cabinet.fsm.v1.DeleteAlias
-	(*SetKeyEnabled)(nil),           // 32: cabinet.fsm.v1.SetKeyEnabled
-	(*RevokeKey)(nil),               // 33: cabinet.fsm.v1.RevokeKey
-	(*SetVersionState)(nil),         // 34: cabinet.fsm.v1.SetVersionState
-	(*SetMinDecryptionVersion)(nil), // 35: cabinet.fsm.v1.SetMinDecryptionVersion
-	(*SetRotationPolicy)(nil),       // 36: cabinet.fsm.v1.SetRotationPolicy
-	(*ScheduleDestruction)(nil),     // 37: cabinet.fsm.v1.ScheduleDestruction
-	(*CancelDestruction)(nil),       // 38: cabinet.fsm.v1.CancelDestruction
-	(*DestroyKey)(nil),              // 39: cabinet.fsm.v1.DestroyKey
-	(*CreateImportToken)(nil),       // 40: cabinet.fsm.v1.CreateImportToken
-	(*ImportKey)(nil),               // 41: cabinet.fsm.v1.ImportKey
-	(*CreateJoinToken)(nil),         // 42: cabinet.fsm.v1.CreateJoinToken
-	(*AdmitNode)(nil),               // 43: cabinet.fsm.v1.AdmitNode
-	(*RemoveNode)(nil),              // 44: cabinet.fsm.v1.RemoveNode
-	(*Noop)(nil),                    // 45: cabinet.fsm.v1.Noop
-	(*KeyVersion)(nil),              // 46: cabinet.fsm.v1.KeyVersion
-	(*KeyRecord)(nil),               // 47: cabinet.fsm.v1.KeyRecord
-	(*Grant)(nil),                   // 48: cabinet.fsm.v1.Grant
-	(*CreateGrant)(nil),             // 49: cabinet.fsm.v1.CreateGrant
-	(*RevokeGrant)(nil),             // 50: cabinet.fsm.v1.RevokeGrant
-	(*DenyPrincipal)(nil),           // 51: cabinet.fsm.v1.DenyPrincipal
-	(*AllowPrincipal)(nil),          // 52: cabinet.fsm.v1.AllowPrincipal
-	(*DeniedPrincipal)(nil),         // 53: cabinet.fsm.v1.DeniedPrincipal
-	(*ImportToken)(nil),             // 54: cabinet.fsm.v1.ImportToken
-	(*JoinToken)(nil),               // 55: cabinet.fsm.v1.JoinToken
-	(*Result)(nil),                  // 56: cabinet.fsm.v1.Result
-	(*RequestRecord)(nil),           // 57: cabinet.fsm.v1.RequestRecord
-	(*ClusterInfo)(nil),             // 58: cabinet.fsm.v1.ClusterInfo
-	(*State)(nil),                   // 59: cabinet.fsm.v1.State
-	nil,                             // 60: cabinet.fsm.v1.CreateKey.TagsEntry
-	nil,                             // 61: cabinet.fsm.v1.UpdateKey.TagsEntry
-	nil,                             // 62: cabinet.fsm.v1.KeyRecord.TagsEntry
-	nil,                             // 63: cabinet.fsm.v1.Grant.EncryptionContextEqualsEntry
+	(*SetNodeFeatureLevel)(nil),     // 11: cabinet.fsm.v1.SetNodeFeatureLevel
+	(*AbandonKEKRotation)(nil),      // 12: cabinet.fsm.v1.AbandonKEKRotation
+	(*BeginKEKRotation)(nil),        // 13: cabinet.fsm.v1.BeginKEKRotation
+	(*DeliverKEK)(nil),              // 14: cabinet.fsm.v1.DeliverKEK
+	(*KEKInstalled)(nil),            // 15: cabinet.fsm.v1.KEKInstalled
+	(*ActivateKEK)(nil),             // 16: cabinet.fsm.v1.ActivateKEK
+	(*RewrapMaterial)(nil),          // 17: cabinet.fsm.v1.RewrapMaterial
+	(*RewrappedKeyVersion)(nil),     // 18: cabinet.fsm.v1.RewrappedKeyVersion
+	(*RewrappedImportToken)(nil),    // 19: cabinet.fsm.v1.RewrappedImportToken
+	(*RetireKEK)(nil),               // 20: cabinet.fsm.v1.RetireKEK
+	(*KEKRemoved)(nil),              // 21: cabinet.fsm.v1.KEKRemoved
+	(*SetGossipKey)(nil),            // 22: cabinet.fsm.v1.SetGossipKey
+	(*WrappedBlob)(nil),             // 23: cabinet.fsm.v1.WrappedBlob
+	(*KEKVersion)(nil),              // 24: cabinet.fsm.v1.KEKVersion
+	(*KEKDelivery)(nil),             // 25: cabinet.fsm.v1.KEKDelivery
+	(*NodeRecord)(nil),              // 26: cabinet.fsm.v1.NodeRecord
+	(*InitCluster)(nil),             // 27: cabinet.fsm.v1.InitCluster
+	(*CreateKey)(nil),               // 28: cabinet.fsm.v1.CreateKey
+	(*RotateKey)(nil),               // 29: cabinet.fsm.v1.RotateKey
+	(*UpdateKey)(nil),               // 30: cabinet.fsm.v1.UpdateKey
+	(*SetAlias)(nil),                // 31: cabinet.fsm.v1.SetAlias
+	(*DeleteAlias)(nil),             // 32: cabinet.fsm.v1.DeleteAlias
+	(*SetKeyEnabled)(nil),           // 33: cabinet.fsm.v1.SetKeyEnabled
+	(*RevokeKey)(nil),               // 34: cabinet.fsm.v1.RevokeKey
+	(*SetVersionState)(nil),         // 35: cabinet.fsm.v1.SetVersionState
+	(*SetMinDecryptionVersion)(nil), // 36: cabinet.fsm.v1.SetMinDecryptionVersion
+	(*SetRotationPolicy)(nil),       // 37: cabinet.fsm.v1.SetRotationPolicy
+	(*ScheduleDestruction)(nil),     // 38: cabinet.fsm.v1.ScheduleDestruction
+	(*CancelDestruction)(nil),       // 39: cabinet.fsm.v1.CancelDestruction
+	(*DestroyKey)(nil),              // 40: cabinet.fsm.v1.DestroyKey
+	(*CreateImportToken)(nil),       // 41: cabinet.fsm.v1.CreateImportToken
+	(*ImportKey)(nil),               // 42: cabinet.fsm.v1.ImportKey
+	(*CreateJoinToken)(nil),         // 43: cabinet.fsm.v1.CreateJoinToken
+	(*AdmitNode)(nil),               // 44: cabinet.fsm.v1.AdmitNode
+	(*RemoveNode)(nil),              // 45: cabinet.fsm.v1.RemoveNode
+	(*Noop)(nil),                    // 46: cabinet.fsm.v1.Noop
+	(*KeyVersion)(nil),              // 47: cabinet.fsm.v1.KeyVersion
+	(*KeyRecord)(nil),               // 48: cabinet.fsm.v1.KeyRecord
+	(*Grant)(nil),                   // 49: cabinet.fsm.v1.Grant
+	(*CreateGrant)(nil),             // 50: cabinet.fsm.v1.CreateGrant
+	(*RevokeGrant)(nil),             // 51: cabinet.fsm.v1.RevokeGrant
+	(*DenyPrincipal)(nil),           // 52: cabinet.fsm.v1.DenyPrincipal
+	(*AllowPrincipal)(nil),          // 53: cabinet.fsm.v1.AllowPrincipal
+	(*DeniedPrincipal)(nil),         // 54: cabinet.fsm.v1.DeniedPrincipal
+	(*ImportToken)(nil),             // 55: cabinet.fsm.v1.ImportToken
+	(*JoinToken)(nil),               // 56: cabinet.fsm.v1.JoinToken
+	(*Result)(nil),                  // 57: cabinet.fsm.v1.Result
+	(*RequestRecord)(nil),           // 58: cabinet.fsm.v1.RequestRecord
+	(*ClusterInfo)(nil),             // 59: cabinet.fsm.v1.ClusterInfo
+	(*State)(nil),                   // 60: cabinet.fsm.v1.State
+	nil,                             // 61: cabinet.fsm.v1.CreateKey.TagsEntry
+	nil,                             // 62: cabinet.fsm.v1.UpdateKey.TagsEntry
+	nil,                             // 63: cabinet.fsm.v1.KeyRecord.TagsEntry
+	nil,                             // 64: cabinet.fsm.v1.Grant.EncryptionContextEqualsEntry
 }
 var file_fsm_fsmpb_fsm_proto_depIdxs = []int32{
 	0,  // 0: cabinet.fsm.v1.Command.type:type_name -> cabinet.fsm.v1.CommandType
-	23, // 1: cabinet.fsm.v1.BeginKEKRotation.kek:type_name -> cabinet.fsm.v1.KEKVersion
-	24, // 2: cabinet.fsm.v1.DeliverKEK.deliveries:type_name -> cabinet.fsm.v1.KEKDelivery
-	17, // 3: cabinet.fsm.v1.RewrapMaterial.keys:type_name -> cabinet.fsm.v1.RewrappedKeyVersion
-	22, // 4: cabinet.fsm.v1.RewrapMaterial.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	22, // 5: cabinet.fsm.v1.RewrapMaterial.gossip_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	18, // 6: cabinet.fsm.v1.RewrapMaterial.import_tokens:type_name -> cabinet.fsm.v1.RewrappedImportToken
-	22, // 7: cabinet.fsm.v1.RewrappedKeyVersion.material:type_name -> cabinet.fsm.v1.WrappedBlob
-	22, // 8: cabinet.fsm.v1.RewrappedImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	22, // 9: cabinet.fsm.v1.SetGossipKey.gossip_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	24, // 1: cabinet.fsm.v1.BeginKEKRotation.kek:type_name -> cabinet.fsm.v1.KEKVersion
+	25, // 2: cabinet.fsm.v1.DeliverKEK.deliveries:type_name -> cabinet.fsm.v1.KEKDelivery
+	18, // 3: cabinet.fsm.v1.RewrapMaterial.keys:type_name -> cabinet.fsm.v1.RewrappedKeyVersion
+	23, // 4: cabinet.fsm.v1.RewrapMaterial.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	23, // 5: cabinet.fsm.v1.RewrapMaterial.gossip_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	19, // 6: cabinet.fsm.v1.RewrapMaterial.import_tokens:type_name -> cabinet.fsm.v1.RewrappedImportToken
+	23, // 7: cabinet.fsm.v1.RewrappedKeyVersion.material:type_name -> cabinet.fsm.v1.WrappedBlob
+	23, // 8: cabinet.fsm.v1.RewrappedImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	23, // 9: cabinet.fsm.v1.SetGossipKey.gossip_key:type_name -> cabinet.fsm.v1.WrappedBlob
 	1,  // 10: cabinet.fsm.v1.KEKVersion.state:type_name -> cabinet.fsm.v1.KEKState
-	24, // 11: cabinet.fsm.v1.KEKVersion.deliveries:type_name -> cabinet.fsm.v1.KEKDelivery
-	22, // 12: cabinet.fsm.v1.InitCluster.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	23, // 13: cabinet.fsm.v1.InitCluster.kek:type_name -> cabinet.fsm.v1.KEKVersion
-	25, // 14: cabinet.fsm.v1.InitCluster.first_node:type_name -> cabinet.fsm.v1.NodeRecord
+	25, // 11: cabinet.fsm.v1.KEKVersion.deliveries:type_name -> cabinet.fsm.v1.KEKDelivery
+	23, // 12: cabinet.fsm.v1.InitCluster.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	24, // 13: cabinet.fsm.v1.InitCluster.kek:type_name -> cabinet.fsm.v1.KEKVersion
+	26, // 14: cabinet.fsm.v1.InitCluster.first_node:type_name -> cabinet.fsm.v1.NodeRecord
 	2,  // 15: cabinet.fsm.v1.CreateKey.spec:type_name -> cabinet.fsm.v1.KeySpec
 	3,  // 16: cabinet.fsm.v1.CreateKey.usage:type_name -> cabinet.fsm.v1.KeyUsage
-	60, // 17: cabinet.fsm.v1.CreateKey.tags:type_name -> cabinet.fsm.v1.CreateKey.TagsEntry
-	22, // 18: cabinet.fsm.v1.CreateKey.material:type_name -> cabinet.fsm.v1.WrappedBlob
-	22, // 19: cabinet.fsm.v1.RotateKey.material:type_name -> cabinet.fsm.v1.WrappedBlob
-	61, // 20: cabinet.fsm.v1.UpdateKey.tags:type_name -> cabinet.fsm.v1.UpdateKey.TagsEntry
+	61, // 17: cabinet.fsm.v1.CreateKey.tags:type_name -> cabinet.fsm.v1.CreateKey.TagsEntry
+	23, // 18: cabinet.fsm.v1.CreateKey.material:type_name -> cabinet.fsm.v1.WrappedBlob
+	23, // 19: cabinet.fsm.v1.RotateKey.material:type_name -> cabinet.fsm.v1.WrappedBlob
+	62, // 20: cabinet.fsm.v1.UpdateKey.tags:type_name -> cabinet.fsm.v1.UpdateKey.TagsEntry
 	7,  // 21: cabinet.fsm.v1.RevokeKey.reason:type_name -> cabinet.fsm.v1.RevocationReason
 	5,  // 22: cabinet.fsm.v1.SetVersionState.state:type_name -> cabinet.fsm.v1.KeyVersionState
-	22, // 23: cabinet.fsm.v1.CreateImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	23, // 23: cabinet.fsm.v1.CreateImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
 	2,  // 24: cabinet.fsm.v1.CreateImportToken.spec:type_name -> cabinet.fsm.v1.KeySpec
-	27, // 25: cabinet.fsm.v1.ImportKey.key:type_name -> cabinet.fsm.v1.CreateKey
-	25, // 26: cabinet.fsm.v1.AdmitNode.node:type_name -> cabinet.fsm.v1.NodeRecord
-	22, // 27: cabinet.fsm.v1.KeyVersion.material:type_name -> cabinet.fsm.v1.WrappedBlob
+	28, // 25: cabinet.fsm.v1.ImportKey.key:type_name -> cabinet.fsm.v1.CreateKey
+	26, // 26: cabinet.fsm.v1.AdmitNode.node:type_name -> cabinet.fsm.v1.NodeRecord
+	23, // 27: cabinet.fsm.v1.KeyVersion.material:type_name -> cabinet.fsm.v1.WrappedBlob
 	5,  // 28: cabinet.fsm.v1.KeyVersion.state:type_name -> cabinet.fsm.v1.KeyVersionState
 	2,  // 29: cabinet.fsm.v1.KeyRecord.spec:type_name -> cabinet.fsm.v1.KeySpec
 	3,  // 30: cabinet.fsm.v1.KeyRecord.usage:type_name -> cabinet.fsm.v1.KeyUsage
 	4,  // 31: cabinet.fsm.v1.KeyRecord.state:type_name -> cabinet.fsm.v1.KeyState
-	62, // 32: cabinet.fsm.v1.KeyRecord.tags:type_name -> cabinet.fsm.v1.KeyRecord.TagsEntry
-	46, // 33: cabinet.fsm.v1.KeyRecord.versions:type_name -> cabinet.fsm.v1.KeyVersion
+	63, // 32: cabinet.fsm.v1.KeyRecord.tags:type_name -> cabinet.fsm.v1.KeyRecord.TagsEntry
+	47, // 33: cabinet.fsm.v1.KeyRecord.versions:type_name -> cabinet.fsm.v1.KeyVersion
 	6,  // 34: cabinet.fsm.v1.KeyRecord.origin:type_name -> cabinet.fsm.v1.KeyOrigin
 	7,  // 35: cabinet.fsm.v1.KeyRecord.revocation_reason:type_name -> cabinet.fsm.v1.RevocationReason
 	8,  // 36: cabinet.fsm.v1.Grant.operations:type_name -> cabinet.fsm.v1.GrantOperation
-	63, // 37: cabinet.fsm.v1.Grant.encryption_context_equals:type_name -> cabinet.fsm.v1.Grant.EncryptionContextEqualsEntry
-	48, // 38: cabinet.fsm.v1.CreateGrant.grant:type_name -> cabinet.fsm.v1.Grant
-	22, // 39: cabinet.fsm.v1.ImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	64, // 37: cabinet.fsm.v1.Grant.encryption_context_equals:type_name -> cabinet.fsm.v1.Grant.EncryptionContextEqualsEntry
+	49, // 38: cabinet.fsm.v1.CreateGrant.grant:type_name -> cabinet.fsm.v1.Grant
+	23, // 39: cabinet.fsm.v1.ImportToken.private_key:type_name -> cabinet.fsm.v1.WrappedBlob
 	2,  // 40: cabinet.fsm.v1.ImportToken.spec:type_name -> cabinet.fsm.v1.KeySpec
 	9,  // 41: cabinet.fsm.v1.Result.code:type_name -> cabinet.fsm.v1.ResultCode
-	47, // 42: cabinet.fsm.v1.Result.key:type_name -> cabinet.fsm.v1.KeyRecord
-	25, // 43: cabinet.fsm.v1.Result.node:type_name -> cabinet.fsm.v1.NodeRecord
-	48, // 44: cabinet.fsm.v1.Result.grant:type_name -> cabinet.fsm.v1.Grant
-	56, // 45: cabinet.fsm.v1.RequestRecord.result:type_name -> cabinet.fsm.v1.Result
-	22, // 46: cabinet.fsm.v1.ClusterInfo.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	23, // 47: cabinet.fsm.v1.ClusterInfo.kek_versions:type_name -> cabinet.fsm.v1.KEKVersion
-	22, // 48: cabinet.fsm.v1.ClusterInfo.gossip_key:type_name -> cabinet.fsm.v1.WrappedBlob
-	58, // 49: cabinet.fsm.v1.State.cluster:type_name -> cabinet.fsm.v1.ClusterInfo
-	47, // 50: cabinet.fsm.v1.State.keys:type_name -> cabinet.fsm.v1.KeyRecord
-	25, // 51: cabinet.fsm.v1.State.nodes:type_name -> cabinet.fsm.v1.NodeRecord
-	55, // 52: cabinet.fsm.v1.State.join_tokens:type_name -> cabinet.fsm.v1.JoinToken
-	57, // 53: cabinet.fsm.v1.State.requests:type_name -> cabinet.fsm.v1.RequestRecord
-	54, // 54: cabinet.fsm.v1.State.import_tokens:type_name -> cabinet.fsm.v1.ImportToken
-	48, // 55: cabinet.fsm.v1.State.grants:type_name -> cabinet.fsm.v1.Grant
-	53, // 56: cabinet.fsm.v1.State.denied_principals:type_name -> cabinet.fsm.v1.DeniedPrincipal
+	48, // 42: cabinet.fsm.v1.Result.key:type_name -> cabinet.fsm.v1.KeyRecord
+	26, // 43: cabinet.fsm.v1.Result.node:type_name -> cabinet.fsm.v1.NodeRecord
+	49, // 44: cabinet.fsm.v1.Result.grant:type_name -> cabinet.fsm.v1.Grant
+	57, // 45: cabinet.fsm.v1.RequestRecord.result:type_name -> cabinet.fsm.v1.Result
+	23, // 46: cabinet.fsm.v1.ClusterInfo.ca_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	24, // 47: cabinet.fsm.v1.ClusterInfo.kek_versions:type_name -> cabinet.fsm.v1.KEKVersion
+	23, // 48: cabinet.fsm.v1.ClusterInfo.gossip_key:type_name -> cabinet.fsm.v1.WrappedBlob
+	59, // 49: cabinet.fsm.v1.State.cluster:type_name -> cabinet.fsm.v1.ClusterInfo
+	48, // 50: cabinet.fsm.v1.State.keys:type_name -> cabinet.fsm.v1.KeyRecord
+	26, // 51: cabinet.fsm.v1.State.nodes:type_name -> cabinet.fsm.v1.NodeRecord
+	56, // 52: cabinet.fsm.v1.State.join_tokens:type_name -> cabinet.fsm.v1.JoinToken
+	58, // 53: cabinet.fsm.v1.State.requests:type_name -> cabinet.fsm.v1.RequestRecord
+	55, // 54: cabinet.fsm.v1.State.import_tokens:type_name -> cabinet.fsm.v1.ImportToken
+	49, // 55: cabinet.fsm.v1.State.grants:type_name -> cabinet.fsm.v1.Grant
+	54, // 56: cabinet.fsm.v1.State.denied_principals:type_name -> cabinet.fsm.v1.DeniedPrincipal
 	57, // [57:57] is the sub-list for method output_type
 	57, // [57:57] is the sub-list for method input_type
 	57, // [57:57] is the sub-list for extension type_name
@@ -4819,7 +4896,7 @@ func file_fsm_fsmpb_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fsm_fsmpb_fsm_proto_rawDesc), len(file_fsm_fsmpb_fsm_proto_rawDesc)),
 			NumEnums:      10,
-			NumMessages:   54,
+			NumMessages:   55,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

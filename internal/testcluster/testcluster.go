@@ -310,7 +310,8 @@ func (c *Cluster) form(ctx context.Context) error {
 		CaCertDer: c.ca.CertDER,
 		CaKey:     &fsmpb.WrappedBlob{KekVersion: 1, Blob: sealedCA},
 		Kek:       &fsmpb.KEKVersion{Version: 1, CheckValue: kcv, CreatedUnixNano: time.Now().UnixNano(), State: fsmpb.KEKState_KEK_STATE_ACTIVE},
-		FirstNode: &fsmpb.NodeRecord{NodeId: first.id, ApiAddr: first.apiAddr, RaftAddr: first.raftAddr, IdentityPublicKeyDer: first.pubDER, Voter: true},
+		FirstNode: &fsmpb.NodeRecord{NodeId: first.id, ApiAddr: first.apiAddr, RaftAddr: first.raftAddr, IdentityPublicKeyDer: first.pubDER, Voter: true,
+			FeatureLevel: fsm.FeatureLevel},
 	}, "init/"+c.clusterID); err != nil {
 		return err
 	}
@@ -326,7 +327,8 @@ func (c *Cluster) form(ctx context.Context) error {
 		}
 		if err := c.propose(ctx, first, fsmpb.CommandType_COMMAND_TYPE_ADMIT_NODE, &fsmpb.AdmitNode{
 			TokenId: tok.ID, SecretHash: tok.SecretHash(),
-			Node: &fsmpb.NodeRecord{NodeId: nd.id, ApiAddr: nd.apiAddr, RaftAddr: nd.raftAddr, IdentityPublicKeyDer: nd.pubDER, Voter: true},
+			Node: &fsmpb.NodeRecord{NodeId: nd.id, ApiAddr: nd.apiAddr, RaftAddr: nd.raftAddr, IdentityPublicKeyDer: nd.pubDER, Voter: true,
+				FeatureLevel: fsm.FeatureLevel},
 		}, "admit/"+nd.id); err != nil {
 			return err
 		}

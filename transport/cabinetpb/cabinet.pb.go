@@ -6214,8 +6214,12 @@ type StatusResponse struct {
 	// Keys this node's gossip decrypts with: 1, or 2 while a rotation is
 	// under way (the old key is dropped about 10 s after the switch).
 	GossipKeysHeld uint32 `protobuf:"varint,25,opt,name=gossip_keys_held,json=gossipKeysHeld,proto3" json:"gossip_keys_held,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// This binary's feature level, and the lowest among the members (what
+	// the cluster may use; see fsm/features.go).
+	FeatureLevel        uint32 `protobuf:"varint,26,opt,name=feature_level,json=featureLevel,proto3" json:"feature_level,omitempty"`
+	ClusterFeatureLevel uint32 `protobuf:"varint,27,opt,name=cluster_feature_level,json=clusterFeatureLevel,proto3" json:"cluster_feature_level,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
@@ -6423,6 +6427,20 @@ func (x *StatusResponse) GetGossipKeysHeld() uint32 {
 	return 0
 }
 
+func (x *StatusResponse) GetFeatureLevel() uint32 {
+	if x != nil {
+		return x.FeatureLevel
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetClusterFeatureLevel() uint32 {
+	if x != nil {
+		return x.ClusterFeatureLevel
+	}
+	return 0
+}
+
 type ListPeersRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -6477,6 +6495,9 @@ type Peer struct {
 	Reachable     bool   `protobuf:"varint,9,opt,name=reachable,proto3" json:"reachable,omitempty"`
 	Error         string `protobuf:"bytes,10,opt,name=error,proto3" json:"error,omitempty"`
 	Healthy       bool   `protobuf:"varint,11,opt,name=healthy,proto3" json:"healthy,omitempty"`
+	// The feature level in the node's record (0: a release before feature
+	// levels). Features every node must understand wait for the lowest.
+	FeatureLevel  uint32 `protobuf:"varint,15,opt,name=feature_level,json=featureLevel,proto3" json:"feature_level,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -6607,6 +6628,13 @@ func (x *Peer) GetHealthy() bool {
 		return x.Healthy
 	}
 	return false
+}
+
+func (x *Peer) GetFeatureLevel() uint32 {
+	if x != nil {
+		return x.FeatureLevel
+	}
+	return 0
 }
 
 type ListPeersResponse struct {
@@ -6772,8 +6800,10 @@ type JoinRequest struct {
 	// PKIX DER of the joiner's HSM identity RSA public key.
 	IdentityPublicKeyDer []byte `protobuf:"bytes,6,opt,name=identity_public_key_der,json=identityPublicKeyDer,proto3" json:"identity_public_key_der,omitempty"`
 	// PKCS#10 DER for the joiner's node TLS certificate.
-	CsrDer        []byte `protobuf:"bytes,7,opt,name=csr_der,json=csrDer,proto3" json:"csr_der,omitempty"`
-	Region        string `protobuf:"bytes,8,opt,name=region,proto3" json:"region,omitempty"`
+	CsrDer []byte `protobuf:"bytes,7,opt,name=csr_der,json=csrDer,proto3" json:"csr_der,omitempty"`
+	Region string `protobuf:"bytes,8,opt,name=region,proto3" json:"region,omitempty"`
+	// The joiner's fsm.FeatureLevel (0: a release before feature levels).
+	FeatureLevel  uint32 `protobuf:"varint,10,opt,name=feature_level,json=featureLevel,proto3" json:"feature_level,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -6869,6 +6899,13 @@ func (x *JoinRequest) GetRegion() string {
 		return x.Region
 	}
 	return ""
+}
+
+func (x *JoinRequest) GetFeatureLevel() uint32 {
+	if x != nil {
+		return x.FeatureLevel
+	}
+	return 0
 }
 
 type WrappedKEK struct {
@@ -7792,7 +7829,7 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\toaep_hash\x18\x06 \x01(\tR\boaepHash\x129\n" +
 	"\n" +
 	"created_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"\x0f\n" +
-	"\rStatusRequest\"\xbc\x06\n" +
+	"\rStatusRequest\"\x95\a\n" +
 	"\x0eStatusResponse\x12\x16\n" +
 	"\x06region\x18\x16 \x01(\tR\x06region\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1d\n" +
@@ -7824,8 +7861,10 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\x05voter\x18\x15 \x01(\bR\x05voter\x122\n" +
 	"\x15gossip_key_generation\x18\x17 \x01(\rR\x13gossipKeyGeneration\x12)\n" +
 	"\x11gossip_key_in_use\x18\x18 \x01(\rR\x0egossipKeyInUse\x12(\n" +
-	"\x10gossip_keys_held\x18\x19 \x01(\rR\x0egossipKeysHeld\"\x12\n" +
-	"\x10ListPeersRequest\"\x8e\x03\n" +
+	"\x10gossip_keys_held\x18\x19 \x01(\rR\x0egossipKeysHeld\x12#\n" +
+	"\rfeature_level\x18\x1a \x01(\rR\ffeatureLevel\x122\n" +
+	"\x15cluster_feature_level\x18\x1b \x01(\rR\x13clusterFeatureLevel\"\x12\n" +
+	"\x10ListPeersRequest\"\xb3\x03\n" +
 	"\x04Peer\x12\x16\n" +
 	"\x06region\x18\f \x01(\tR\x06region\x12\x18\n" +
 	"\aversion\x18\r \x01(\tR\aversion\x12\x16\n" +
@@ -7842,7 +7881,8 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\treachable\x18\t \x01(\bR\treachable\x12\x14\n" +
 	"\x05error\x18\n" +
 	" \x01(\tR\x05error\x12\x18\n" +
-	"\ahealthy\x18\v \x01(\bR\ahealthy\";\n" +
+	"\ahealthy\x18\v \x01(\bR\ahealthy\x12#\n" +
+	"\rfeature_level\x18\x0f \x01(\rR\ffeatureLevel\";\n" +
 	"\x11ListPeersResponse\x12&\n" +
 	"\x05peers\x18\x01 \x03(\v2\x10.cabinet.v1.PeerR\x05peers\"X\n" +
 	"\x16CreateJoinTokenRequest\x12\x1f\n" +
@@ -7853,7 +7893,7 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\x17CreateJoinTokenResponse\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x129\n" +
 	"\n" +
-	"expires_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"\xa1\x02\n" +
+	"expires_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"\xc6\x02\n" +
 	"\vJoinRequest\x12\x1b\n" +
 	"\tnon_voter\x18\t \x01(\bR\bnonVoter\x12\x19\n" +
 	"\btoken_id\x18\x01 \x01(\tR\atokenId\x12!\n" +
@@ -7863,7 +7903,9 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\traft_addr\x18\x05 \x01(\tR\braftAddr\x125\n" +
 	"\x17identity_public_key_der\x18\x06 \x01(\fR\x14identityPublicKeyDer\x12\x17\n" +
 	"\acsr_der\x18\a \x01(\fR\x06csrDer\x12\x16\n" +
-	"\x06region\x18\b \x01(\tR\x06region\"a\n" +
+	"\x06region\x18\b \x01(\tR\x06region\x12#\n" +
+	"\rfeature_level\x18\n" +
+	" \x01(\rR\ffeatureLevel\"a\n" +
 	"\n" +
 	"WrappedKEK\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x18\n" +
