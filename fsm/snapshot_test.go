@@ -333,7 +333,9 @@ func TestStateFromProtoValidation(t *testing.T) {
 		{"token without id", mutate(func(st *fsmpb.State) { st.JoinTokens[0].TokenId = "" }), "join token entry 0"},
 		{"duplicate token", mutate(func(st *fsmpb.State) { st.JoinTokens[1].TokenId = "tok-a" }), "duplicate join token id"},
 		{"request without id", mutate(func(st *fsmpb.State) { st.Requests[0].RequestId = "" }), "request record 0"},
-		{"request without result", mutate(func(st *fsmpb.State) { st.Requests[0].Result = nil }), "has no result"},
+		{"request with two outcomes", mutate(func(st *fsmpb.State) {
+			st.Requests[0].Result, st.Requests[0].ResultBytes = &fsmpb.Result{}, []byte{8, 1}
+		}), "has two outcomes"},
 		{"duplicate request", mutate(func(st *fsmpb.State) { st.Requests[1].RequestId = st.Requests[0].RequestId }), "duplicate request id"},
 		{"nil grant", mutate(func(st *fsmpb.State) { st.Grants = append(st.Grants, nil) }), "grant entry 3 has no grant id"},
 		{"grant without id", mutate(func(st *fsmpb.State) { st.Grants[0].GrantId = "" }), "grant entry 0 has no grant id"},

@@ -341,7 +341,7 @@ func (s *State) Apply(index uint64, cmd *fsmpb.Command) *fsmpb.Result {
 	s.prune(t)
 
 	if rec, seen := s.request(cmd.GetRequestId()); seen {
-		return s.replayResult(rec.GetResult())
+		return replayResult(rec)
 	}
 	if !known {
 		return &fsmpb.Result{Message: fmt.Sprintf("ignored unknown command type %d", int32(cmd.GetType()))}
@@ -359,40 +359,37 @@ func (s *State) Apply(index uint64, cmd *fsmpb.Command) *fsmpb.Result {
 		res = h.apply(s, c, payload)
 	}
 	if c.requestID != "" {
-		rec := &fsmpb.RequestRecord{RequestId: c.requestID, TimeUnixNano: t, Result: recordedResult(res)}
+		rec := newRequestRecord(c.requestID, t, res)
 		s.requests.ReplaceOrInsert(rec)
 		s.reqByAge.ReplaceOrInsert(rec)
 	}
 	return res
 }
 
-// recordedResult is what a request record keeps of res for replaying it to
-// a retry: the outcome, and a key by its id and primary version only (the
-// whole key view would double a newly created key's memory for
-// RequestRecordTTL). Readers of a replayed Result look the key up.
-func recordedResult(res *fsmpb.Result) *fsmpb.Result {
-	k := res.GetKey()
-	if k == nil {
-		return res
+// newRequestRecord keeps res marshalled: a Result with a key view is a
+// tree of protobuf structs (~650 B per created key, kept RequestRecordTTL),
+// its bytes about a third of that. A retry gets exactly the first outcome
+// back (replayResult).
+func newRequestRecord(id string, t int64, res *fsmpb.Result) *fsmpb.RequestRecord {
+	b, err := deterministic.Marshal(res)
+	if err != nil { // cannot happen for a valid message; keep it whole
+		return &fsmpb.RequestRecord{RequestId: id, TimeUnixNano: t, Result: res}
 	}
-	return &fsmpb.Result{Code: res.GetCode(), Message: res.GetMessage(), Node: res.GetNode(), Grant: res.GetGrant(),
-		KeyRef: k.GetKeyId(), KeyRefVersion: k.GetPrimaryVersion()}
+	return &fsmpb.RequestRecord{RequestId: id, TimeUnixNano: t, ResultBytes: b}
 }
 
-// replayResult is a recorded result as a retry gets it: a key reference
-// becomes the key's current view (without material), or stays a bare id if
-// the key is gone. Every node computes the same from the same state.
-func (s *State) replayResult(rec *fsmpb.Result) *fsmpb.Result {
-	if rec.GetKeyRef() == "" {
-		return rec
+// replayResult is a recorded outcome as a retry gets it. Every node holds
+// the same bytes, so every node replays the same Result.
+func replayResult(rec *fsmpb.RequestRecord) *fsmpb.Result {
+	if r := rec.GetResult(); r != nil {
+		return r
 	}
-	out := &fsmpb.Result{Code: rec.GetCode(), Message: rec.GetMessage(), Node: rec.GetNode(), Grant: rec.GetGrant()}
-	if k, ok := s.keys[rec.GetKeyRef()]; ok {
-		out.Key = withoutMaterial(k)
-	} else {
-		out.Key = &fsmpb.KeyRecord{KeyId: rec.GetKeyRef(), PrimaryVersion: rec.GetKeyRefVersion()}
+	var r fsmpb.Result
+	if err := proto.Unmarshal(rec.GetResultBytes(), &r); err != nil {
+		return failf(fsmpb.ResultCode_RESULT_CODE_FAILED_PRECONDITION,
+			"the recorded outcome of request %+q cannot be read; retry with a new request id", truncate(rec.GetRequestId()))
 	}
-	return out
+	return &r
 }
 
 func (s *State) stop(index uint64, err error) *fsmpb.Result {
@@ -732,8 +729,8 @@ func StateFromProto(st *fsmpb.State) (*State, error) {
 		switch {
 		case r == nil || r.GetRequestId() == "":
 			return nil, fmt.Errorf("state: request record %d has no request id", i)
-		case r.GetResult() == nil:
-			return nil, fmt.Errorf("state: request record %q has no result", r.GetRequestId())
+		case r.GetResult() != nil && len(r.GetResultBytes()) > 0:
+			return nil, fmt.Errorf("state: request record %q has two outcomes (result and result_bytes)", r.GetRequestId())
 		case s.requests.Has(r):
 			return nil, fmt.Errorf("state: duplicate request id %q", r.GetRequestId())
 		}

@@ -3924,10 +3924,6 @@ type Result struct {
 	Key     *KeyRecord             `protobuf:"bytes,3,opt,name=key,proto3" json:"key,omitempty"`
 	Node    *NodeRecord            `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`
 	Grant   *Grant                 `protobuf:"bytes,5,opt,name=grant,proto3" json:"grant,omitempty"`
-	// Only in request records (replays to retries): the key `key` named, by
-	// id and primary version, instead of its whole view. Readers look it up.
-	KeyRef        string `protobuf:"bytes,6,opt,name=key_ref,json=keyRef,proto3" json:"key_ref,omitempty"`
-	KeyRefVersion uint32 `protobuf:"varint,7,opt,name=key_ref_version,json=keyRefVersion,proto3" json:"key_ref_version,omitempty"`
 	// SET_GOSSIP_KEY: the generation of the key it set.
 	GossipKeyGeneration uint32 `protobuf:"varint,8,opt,name=gossip_key_generation,json=gossipKeyGeneration,proto3" json:"gossip_key_generation,omitempty"`
 	unknownFields       protoimpl.UnknownFields
@@ -3999,20 +3995,6 @@ func (x *Result) GetGrant() *Grant {
 	return nil
 }
 
-func (x *Result) GetKeyRef() string {
-	if x != nil {
-		return x.KeyRef
-	}
-	return ""
-}
-
-func (x *Result) GetKeyRefVersion() uint32 {
-	if x != nil {
-		return x.KeyRefVersion
-	}
-	return 0
-}
-
 func (x *Result) GetGossipKeyGeneration() uint32 {
 	if x != nil {
 		return x.GossipKeyGeneration
@@ -4021,10 +4003,15 @@ func (x *Result) GetGossipKeyGeneration() uint32 {
 }
 
 type RequestRecord struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	RequestId     string                 `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
-	TimeUnixNano  int64                  `protobuf:"varint,2,opt,name=time_unix_nano,json=timeUnixNano,proto3" json:"time_unix_nano,omitempty"`
-	Result        *Result                `protobuf:"bytes,3,opt,name=result,proto3" json:"result,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	RequestId    string                 `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	TimeUnixNano int64                  `protobuf:"varint,2,opt,name=time_unix_nano,json=timeUnixNano,proto3" json:"time_unix_nano,omitempty"`
+	// The first outcome, replayed to a retry. Records written since
+	// 2026-11-29 keep it marshalled (deterministic) in result_bytes, about
+	// half the memory of the message; `result` is read from older snapshots.
+	// Neither set: an empty (OK) Result.
+	Result        *Result `protobuf:"bytes,3,opt,name=result,proto3" json:"result,omitempty"`
+	ResultBytes   []byte  `protobuf:"bytes,4,opt,name=result_bytes,json=resultBytes,proto3" json:"result_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -4076,6 +4063,13 @@ func (x *RequestRecord) GetTimeUnixNano() int64 {
 func (x *RequestRecord) GetResult() *Result {
 	if x != nil {
 		return x.Result
+	}
+	return nil
+}
+
+func (x *RequestRecord) GetResultBytes() []byte {
+	if x != nil {
+		return x.ResultBytes
 	}
 	return nil
 }
@@ -4595,21 +4589,20 @@ const file_fsm_fsmpb_fsm_proto_rawDesc = "" +
 	"\n" +
 	"created_by\x18\x05 \x01(\tR\tcreatedBy\x12 \n" +
 	"\fused_by_node\x18\x06 \x01(\tR\n" +
-	"usedByNode\"\xd1\x02\n" +
+	"usedByNode\"\x9c\x02\n" +
 	"\x06Result\x12.\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x1a.cabinet.fsm.v1.ResultCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12+\n" +
 	"\x03key\x18\x03 \x01(\v2\x19.cabinet.fsm.v1.KeyRecordR\x03key\x12.\n" +
 	"\x04node\x18\x04 \x01(\v2\x1a.cabinet.fsm.v1.NodeRecordR\x04node\x12+\n" +
-	"\x05grant\x18\x05 \x01(\v2\x15.cabinet.fsm.v1.GrantR\x05grant\x12\x17\n" +
-	"\akey_ref\x18\x06 \x01(\tR\x06keyRef\x12&\n" +
-	"\x0fkey_ref_version\x18\a \x01(\rR\rkeyRefVersion\x122\n" +
-	"\x15gossip_key_generation\x18\b \x01(\rR\x13gossipKeyGeneration\"\x84\x01\n" +
+	"\x05grant\x18\x05 \x01(\v2\x15.cabinet.fsm.v1.GrantR\x05grant\x122\n" +
+	"\x15gossip_key_generation\x18\b \x01(\rR\x13gossipKeyGenerationJ\x04\b\x06\x10\aJ\x04\b\a\x10\b\"\xa7\x01\n" +
 	"\rRequestRecord\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12$\n" +
 	"\x0etime_unix_nano\x18\x02 \x01(\x03R\ftimeUnixNano\x12.\n" +
-	"\x06result\x18\x03 \x01(\v2\x16.cabinet.fsm.v1.ResultR\x06result\"\xfa\x03\n" +
+	"\x06result\x18\x03 \x01(\v2\x16.cabinet.fsm.v1.ResultR\x06result\x12!\n" +
+	"\fresult_bytes\x18\x04 \x01(\fR\vresultBytes\"\xfa\x03\n" +
 	"\vClusterInfo\x12\x1d\n" +
 	"\n" +
 	"cluster_id\x18\x01 \x01(\tR\tclusterId\x12\x1e\n" +
