@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -47,4 +48,44 @@ func (s *Server) reportFeatureLevel(ctx context.Context) error {
 	}
 	s.log.Info("feature level recorded", "level", fsm.FeatureLevel, "was", rec.GetFeatureLevel())
 	return nil
+}
+
+// featureProbeEvery bounds repairFeatureLevels' Status calls.
+const featureProbeEvery = 30 * time.Second
+
+// repairFeatureLevels: a node of an older release skips
+// SET_NODE_FEATURE_LEVEL, and a snapshot it took then (or installed from a
+// leader of an older release) keeps the members' old levels after it is
+// upgraded; nothing would propose them again. So while this node sees
+// members below its own level, it asks them (Status over node mTLS, at most
+// every featureProbeEvery) and records a higher level one reports. In a
+// cluster at one level it does nothing.
+func (s *Server) repairFeatureLevels(ctx context.Context) {
+	low, at := s.cfg.State.MinFeatureLevel()
+	if at == nil || low >= fsm.FeatureLevel || s.cfg.Peers == nil {
+		return
+	}
+	now := time.Now()
+	if last := s.featureProbe.Load(); last != 0 && now.Sub(time.Unix(0, last)) < featureProbeEvery {
+		return
+	}
+	s.featureProbe.Store(now.UnixNano())
+	for _, id := range at {
+		rec, ok := s.cfg.State.Node(id)
+		if id == s.cfg.NodeID || !ok || rec.GetApiAddr() == "" {
+			continue
+		}
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		st, err := s.cfg.Peers.Status(cctx, rec.GetApiAddr())
+		cancel()
+		if err != nil || st.GetNodeId() != id || st.GetFeatureLevel() <= rec.GetFeatureLevel() {
+			continue
+		}
+		if _, err := s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_SET_NODE_FEATURE_LEVEL,
+			&fsmpb.SetNodeFeatureLevel{NodeId: id, Level: st.GetFeatureLevel()}, requestID(ctx, ""), "node:"+s.cfg.NodeID); err != nil {
+			s.log.Warn("record a peer's feature level", "peer", id, "level", st.GetFeatureLevel(), "err", err)
+			continue
+		}
+		s.log.Info("feature level of a peer recorded (this node's state had an older one)", "peer", id, "level", st.GetFeatureLevel(), "was", rec.GetFeatureLevel())
+	}
 }

@@ -3,6 +3,7 @@ package transport
 import (
 	"context"
 	"crypto/x509"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -11,7 +12,9 @@ import (
 
 	"github.com/cabinet-kms/cabinet/fsm"
 	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
+	"github.com/cabinet-kms/cabinet/internal/testport"
 	"github.com/cabinet-kms/cabinet/transport/cabinetpb"
+	"github.com/cabinet-kms/cabinet/transport/tlsutil"
 )
 
 // TestMixedReleaseCluster: while a member runs an older release (its node
@@ -61,6 +64,9 @@ func TestMixedReleaseCluster(t *testing.T) {
 	if ci := e.state.Cluster(); !ci.GetGossipKeyRotationDue() || fsm.GossipKeyGeneration(ci) != 1 {
 		t.Fatalf("the leader rotated the gossip key with an older member: due %v generation %d", ci.GetGossipKeyRotationDue(), fsm.GossipKeyGeneration(ci))
 	}
+	if st, err := ops.Status(ctx, &cabinetpb.StatusRequest{}); err != nil || !st.GetGossipKeyRotationDue() || st.GetClusterFeatureLevel() != 0 || st.GetFeatureLevel() != fsm.FeatureLevel {
+		t.Fatalf("status while waiting: %v %v", st, err)
+	}
 
 	// The old node restarts on this release: its node loop records the level.
 	oldNode := NewServer(Config{NodeID: "old", Cluster: e.cluster, State: e.state, Crypto: e.server.cfg.Crypto, HSM: e.hsm, Version: "test"})
@@ -109,4 +115,57 @@ func sealedGossipKey(t *testing.T, e *apiEnv) *fsmpb.WrappedBlob {
 		t.Fatal(err)
 	}
 	return &fsmpb.WrappedBlob{KekVersion: 1, Blob: blob}
+}
+
+// TestRepairStaleFeatureLevels: a node whose state shows a member below its
+// real level (it skipped that member's SET_NODE_FEATURE_LEVEL while it ran
+// an older release, and a snapshot kept the old record) asks the member
+// and records the level it reports, at most every featureProbeEvery.
+func TestRepairStaleFeatureLevels(t *testing.T) {
+	e := newAPIEnv(t)
+	ctx := context.Background()
+	// n2 runs this release and serves Status; node1's state says level 0.
+	n2 := NewServer(Config{NodeID: "n2", Cluster: e.cluster, State: e.state, Crypto: e.server.cfg.Crypto, HSM: e.hsm, Version: "test",
+		Audit: e.audit, AuditPath: e.auditPath})
+	key, csr, err := tlsutil.NewNodeKey("n2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := e.ca.IssueNode(csr, "n2", []net.IP{net.ParseIP("127.0.0.1")}, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := tlsutil.KeyPair(key, der, e.ca.CertDER)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := testport.Listen(t)
+	g := n2.NewGRPCServer(tlsutil.ServerConfig(cert, e.ca.Pool()))
+	go g.Serve(ln)
+	t.Cleanup(g.Stop)
+	e.propose(t, fsmpb.CommandType_COMMAND_TYPE_CREATE_JOIN_TOKEN, &fsmpb.CreateJoinToken{TokenId: "jt-n2", SecretHash: make([]byte, 32), ExpiresUnixNano: time.Now().Add(time.Hour).UnixNano()})
+	e.propose(t, fsmpb.CommandType_COMMAND_TYPE_ADMIT_NODE, &fsmpb.AdmitNode{TokenId: "jt-n2", SecretHash: make([]byte, 32),
+		Node: &fsmpb.NodeRecord{NodeId: "n2", ApiAddr: ln.Addr().String(), RaftAddr: "127.0.0.1:9", IdentityPublicKeyDer: identityDER(t, e)}})
+	peers := NewPeerClients(tlsutil.ClientConfig(issueClient(t, e.ca, "probe", tlsutil.RoleOperator), e.ca.Pool()))
+	t.Cleanup(func() { peers.Close() })
+	e.server.cfg.Peers = peers
+
+	e.server.repairFeatureLevels(ctx)
+	if rec, _ := e.state.Node("n2"); rec.GetFeatureLevel() != fsm.FeatureLevel {
+		t.Fatalf("n2's record after the probe: %v, want level %d", rec, fsm.FeatureLevel)
+	}
+	if l, _ := e.state.MinFeatureLevel(); l != fsm.FeatureLevel {
+		t.Fatalf("cluster level %d", l)
+	}
+	// Bounded: another stale record within featureProbeEvery waits.
+	e.propose(t, fsmpb.CommandType_COMMAND_TYPE_SET_NODE_FEATURE_LEVEL, &fsmpb.SetNodeFeatureLevel{NodeId: "n2", Level: 0})
+	e.server.repairFeatureLevels(ctx)
+	if rec, _ := e.state.Node("n2"); rec.GetFeatureLevel() != 0 {
+		t.Fatalf("probed again within %v: %v", featureProbeEvery, rec)
+	}
+	e.server.featureProbe.Store(0)
+	e.server.repairFeatureLevels(ctx)
+	if rec, _ := e.state.Node("n2"); rec.GetFeatureLevel() != fsm.FeatureLevel {
+		t.Fatalf("n2's record after the next probe: %v", rec)
+	}
 }

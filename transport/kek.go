@@ -94,7 +94,8 @@ func (s *Server) RotateKEK(ctx context.Context, req *cabinetpb.RotateKEKRequest)
 	if ci == nil {
 		return nil, status.Error(codes.Unavailable, "the cluster is not initialised yet")
 	}
-	if err := s.requireFeature(fsm.FeatureKEKRotation, "KEK rotation"); err != nil {
+	// Level 2: REWRAP_MATERIAL carries the gossip key generation check.
+	if err := s.requireFeature(fsm.FeatureGossipKeyGenerations, "KEK rotation"); err != nil {
 		return nil, err
 	}
 	var next uint32
@@ -295,6 +296,7 @@ func (s *Server) KEKNodeStep(ctx context.Context) {
 	if err := s.reportFeatureLevel(ctx); err != nil {
 		s.kek.warnOnce(s.log, "feature-level:"+err.Error(), "could not record this node's feature level; retrying", "err", err)
 	}
+	s.repairFeatureLevels(ctx)
 	s.kek.hsmMu.Lock()
 	defer s.kek.hsmMu.Unlock()
 	ci = s.cfg.State.Cluster()

@@ -164,7 +164,9 @@ type Server struct {
 	hsmDown atomic.Bool
 
 	membership membershipState // gossip view (membership.go)
-	kek        kekDriver       // KEK rotation (kek.go)
+	// featureProbe: when repairFeatureLevels last asked peers (unix ns).
+	featureProbe atomic.Int64
+	kek          kekDriver // KEK rotation (kek.go)
 }
 
 // NewServer builds the API server.
@@ -396,6 +398,7 @@ func (s *Server) localStatus(ctx context.Context) *cabinetpb.StatusResponse {
 	if ci := s.cfg.State.Cluster(); ci != nil {
 		out.ClusterId = ci.GetClusterId()
 		out.GossipKeyGeneration = fsm.GossipKeyGeneration(ci)
+		out.GossipKeyRotationDue = ci.GetGossipKeyRotationDue()
 	}
 	out.FeatureLevel = fsm.FeatureLevel
 	out.ClusterFeatureLevel, _ = s.cfg.State.MinFeatureLevel()
@@ -537,6 +540,11 @@ func (s *Server) Join(ctx context.Context, req *cabinetpb.JoinRequest) (*cabinet
 	}
 	if len(req.GetTokenSecret()) != 32 || req.GetTokenId() == "" {
 		return nil, status.Error(codes.PermissionDenied, "join token is invalid, expired or already used")
+	}
+	if low, at := s.cfg.State.MinFeatureLevel(); at != nil && req.GetFeatureLevel() < low {
+		return nil, status.Errorf(codes.FailedPrecondition,
+			"node %s runs a release with feature level %d, older than every member's (%d or later): it could not apply what the cluster proposes; install the cluster's release on it and join again",
+			req.GetNodeId(), req.GetFeatureLevel(), low)
 	}
 	tok := cluster.JoinToken{ID: req.GetTokenId(), Secret: req.GetTokenSecret()}
 	_, err = s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_ADMIT_NODE, &fsmpb.AdmitNode{

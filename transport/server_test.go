@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -337,9 +338,18 @@ func TestJoinCeremony(t *testing.T) {
 	joiner := dialTLS(t, e.addr, tlsutil.PinnedConfig(tok.CAFingerprint, nil))
 	req := &cabinetpb.JoinRequest{TokenId: tok.ID, TokenSecret: tok.Secret, NodeId: "node2", ApiAddr: "127.0.0.1:3",
 		RaftAddr: "127.0.0.1:4", IdentityPublicKeyDer: pubDER, CsrDer: csr}
+	// A joiner of an older release (lower feature level than every
+	// member) is refused before its token is used.
+	if _, err := cabinetpb.NewOperatorServiceClient(joiner).Join(ctx, req); code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "feature level 0") {
+		t.Fatalf("join of an older release: %v", err)
+	}
+	req.FeatureLevel = fsm.FeatureLevel
 	out, err := cabinetpb.NewOperatorServiceClient(joiner).Join(ctx, req)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if rec, _ := e.state.Node("node2"); rec.GetFeatureLevel() != fsm.FeatureLevel {
+		t.Fatalf("joined node's record = %v, want feature level %d", rec, fsm.FeatureLevel)
 	}
 	cert, err := x509.ParseCertificate(out.GetNodeCertDer())
 	if err != nil || tlsutil.IdentityFromCert(cert).NodeID != "node2" {

@@ -58,6 +58,14 @@ func gossipRotateKeyCmd(f *clientFlags) *cobra.Command {
 
 // gossipKeyLine is operator status's view of this node's gossip key.
 func gossipKeyLine(st *cabinetpb.StatusResponse) string {
+	line := gossipKeyState(st)
+	if st.GetGossipKeyRotationDue() {
+		line += "; replacement due (a member was removed or a snapshot restored): the leader replaces it once every node is on this release"
+	}
+	return line
+}
+
+func gossipKeyState(st *cabinetpb.StatusResponse) string {
 	switch {
 	case st.GetGossipKeyGeneration() == 0:
 		return "none yet"

@@ -6214,12 +6214,16 @@ type StatusResponse struct {
 	// Keys this node's gossip decrypts with: 1, or 2 while a rotation is
 	// under way (the old key is dropped about 10 s after the switch).
 	GossipKeysHeld uint32 `protobuf:"varint,25,opt,name=gossip_keys_held,json=gossipKeysHeld,proto3" json:"gossip_keys_held,omitempty"`
-	// This binary's feature level, and the lowest among the members (what
-	// the cluster may use; see fsm/features.go).
-	FeatureLevel        uint32 `protobuf:"varint,26,opt,name=feature_level,json=featureLevel,proto3" json:"feature_level,omitempty"`
+	// This binary's feature level (fsm/features.go).
+	FeatureLevel uint32 `protobuf:"varint,26,opt,name=feature_level,json=featureLevel,proto3" json:"feature_level,omitempty"`
+	// The lowest feature level among the members: what the cluster may use.
 	ClusterFeatureLevel uint32 `protobuf:"varint,27,opt,name=cluster_feature_level,json=clusterFeatureLevel,proto3" json:"cluster_feature_level,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// The gossip key is due for replacement (a member was removed or a
+	// snapshot restored) and the leader has not replaced it yet (it waits
+	// while a member runs an older release).
+	GossipKeyRotationDue bool `protobuf:"varint,28,opt,name=gossip_key_rotation_due,json=gossipKeyRotationDue,proto3" json:"gossip_key_rotation_due,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
@@ -6439,6 +6443,13 @@ func (x *StatusResponse) GetClusterFeatureLevel() uint32 {
 		return x.ClusterFeatureLevel
 	}
 	return 0
+}
+
+func (x *StatusResponse) GetGossipKeyRotationDue() bool {
+	if x != nil {
+		return x.GossipKeyRotationDue
+	}
+	return false
 }
 
 type ListPeersRequest struct {
@@ -7829,7 +7840,7 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\toaep_hash\x18\x06 \x01(\tR\boaepHash\x129\n" +
 	"\n" +
 	"created_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"\x0f\n" +
-	"\rStatusRequest\"\x95\a\n" +
+	"\rStatusRequest\"\xcc\a\n" +
 	"\x0eStatusResponse\x12\x16\n" +
 	"\x06region\x18\x16 \x01(\tR\x06region\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1d\n" +
@@ -7863,7 +7874,8 @@ const file_transport_cabinetpb_cabinet_proto_rawDesc = "" +
 	"\x11gossip_key_in_use\x18\x18 \x01(\rR\x0egossipKeyInUse\x12(\n" +
 	"\x10gossip_keys_held\x18\x19 \x01(\rR\x0egossipKeysHeld\x12#\n" +
 	"\rfeature_level\x18\x1a \x01(\rR\ffeatureLevel\x122\n" +
-	"\x15cluster_feature_level\x18\x1b \x01(\rR\x13clusterFeatureLevel\"\x12\n" +
+	"\x15cluster_feature_level\x18\x1b \x01(\rR\x13clusterFeatureLevel\x125\n" +
+	"\x17gossip_key_rotation_due\x18\x1c \x01(\bR\x14gossipKeyRotationDue\"\x12\n" +
 	"\x10ListPeersRequest\"\xb3\x03\n" +
 	"\x04Peer\x12\x16\n" +
 	"\x06region\x18\f \x01(\tR\x06region\x12\x18\n" +
