@@ -165,7 +165,13 @@ func (g *Gossip) UseKey(key []byte) error {
 		return nil
 	}
 	// memberlist keeps the slices it is given (also UseKey's, as the
-	// primary): give it its own copy.
+	// primary): switch to its own copy if it has one (AddKey), else give it
+	// one.
+	for _, k := range kr.GetKeys() {
+		if bytes.Equal(k, key) {
+			return kr.UseKey(k)
+		}
+	}
 	own := bytes.Clone(key)
 	if err := kr.AddKey(own); err != nil {
 		return err
@@ -194,6 +200,8 @@ func (g *Gossip) DropOldKeys() (int, error) {
 		if err := kr.RemoveKey(k); err != nil {
 			return n, err
 		}
+		// Not cleared: memberlist may be decrypting a packet with it right
+		// now (it reads its keys without holding the keyring's lock).
 		n++
 	}
 	return n, nil

@@ -19,16 +19,33 @@ import (
 // fall back to the older behaviour.
 const (
 	// FeatureLevel is this binary's level.
-	FeatureLevel = FeatureGossipKeyGenerations
+	FeatureLevel = FeatureCompactRequestRecords
 
 	// FeatureKEKRotation: the KEK rotation commands (BEGIN_KEK_ROTATION ...
-	// ABANDON_KEK_ROTATION) and ciphertext format 2 (BatchEncrypt).
+	// ABANDON_KEK_ROTATION) and ciphertext format 2 (BatchEncrypt uses it
+	// from this level on).
 	FeatureKEKRotation uint32 = 1
 	// FeatureGossipKeyGenerations: SET_GOSSIP_KEY's compare-and-set on the
 	// generation and REWRAP_MATERIAL's gossip key generation check (an
-	// older node would apply a refused rotation and diverge).
+	// older node would apply a refused rotation and diverge). KEK rotation
+	// and gossip key rotation start only from this level on.
 	FeatureGossipKeyGenerations uint32 = 2
+	// FeatureCompactRequestRecords: snapshots may carry request records'
+	// outcomes marshalled (RequestRecord.result_bytes). Below it they are
+	// written as messages, which older releases require.
+	FeatureCompactRequestRecords uint32 = 3
 )
+
+// minLevel is the lowest feature level among nodes (0 for none).
+func minLevel(nodes []*fsmpb.NodeRecord) uint32 {
+	var low uint32
+	for i, n := range nodes {
+		if l := n.GetFeatureLevel(); i == 0 || l < low {
+			low = l
+		}
+	}
+	return low
+}
 
 // applySetNodeFeatureLevel records a member's feature level.
 func (s *State) applySetNodeFeatureLevel(_ *cmdContext, p *fsmpb.SetNodeFeatureLevel) *fsmpb.Result {

@@ -4,6 +4,8 @@ import (
 	"slices"
 	"testing"
 
+	"google.golang.org/protobuf/proto"
+
 	"github.com/cabinet-kms/cabinet/fsm/fsmpb"
 )
 
@@ -52,5 +54,47 @@ func TestFeatureLevels(t *testing.T) {
 	st, err := StateFromProto(a.s.ToProto())
 	if err != nil || st.nodes["n2"].GetFeatureLevel() != FeatureLevel {
 		t.Fatalf("after a snapshot round trip: %v %v", st.nodes["n2"], err)
+	}
+}
+
+// Snapshots write request records' outcomes as messages while a member may
+// run a release that requires them (below FeatureCompactRequestRecords),
+// marshalled once every member is at that level; either form restores to
+// the compact one and replays the same outcome.
+func TestRequestRecordsInSnapshotsFollowLevels(t *testing.T) {
+	a := initialised(t) // n1's record has no level: an older release
+	first := a.apply(typCreate, createKeyPayload(keyID(1)), env{requestID: "req-1"})
+	forms := func() (messages, marshalled int) {
+		for _, r := range a.s.ToProto().GetRequests() {
+			if r.GetResult() != nil {
+				messages++
+			}
+			if len(r.GetResultBytes()) > 0 {
+				marshalled++
+			}
+		}
+		return messages, marshalled
+	}
+	if m, b := forms(); m == 0 || b != 0 {
+		t.Fatalf("below level %d: %d records as messages, %d marshalled; want messages only", FeatureCompactRequestRecords, m, b)
+	}
+	st, err := StateFromProto(a.s.ToProto())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec, _ := st.request("req-1")
+	if rec.GetResult() != nil || !proto.Equal(replayResult(rec), first) {
+		t.Fatalf("restored from messages: %v", rec)
+	}
+	a.mustOK(typFeatureLevel, &fsmpb.SetNodeFeatureLevel{NodeId: "n1", Level: FeatureCompactRequestRecords})
+	if m, b := forms(); m != 0 || b == 0 {
+		t.Fatalf("at level %d: %d records as messages, %d marshalled; want marshalled only", FeatureCompactRequestRecords, m, b)
+	}
+	st, err = StateFromProto(a.s.ToProto())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec, _ := st.request("req-1"); !proto.Equal(replayResult(rec), first) {
+		t.Fatalf("restored from marshalled records: %v", rec)
 	}
 }

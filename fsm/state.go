@@ -649,7 +649,14 @@ func (f *frozenState) proto() *fsmpb.State {
 		st.Keys = append(st.Keys, rec)
 		return true
 	})
+	// Releases before FeatureCompactRequestRecords refuse a record without
+	// a Result message: while one may be a member, write them that way.
+	// (Deterministic: the levels are in the state.)
+	compact := minLevel(f.nodes) >= FeatureCompactRequestRecords
 	f.requests.Ascend(func(rec *fsmpb.RequestRecord) bool {
+		if !compact && rec.GetResult() == nil {
+			rec = &fsmpb.RequestRecord{RequestId: rec.GetRequestId(), TimeUnixNano: rec.GetTimeUnixNano(), Result: replayResult(rec)}
+		}
 		st.Requests = append(st.Requests, rec)
 		return true
 	})
@@ -733,6 +740,9 @@ func StateFromProto(st *fsmpb.State) (*State, error) {
 			return nil, fmt.Errorf("state: request record %q has two outcomes (result and result_bytes)", r.GetRequestId())
 		case s.requests.Has(r):
 			return nil, fmt.Errorf("state: duplicate request id %q", r.GetRequestId())
+		}
+		if r.GetResult() != nil { // written for older releases: keep it compact
+			r = newRequestRecord(r.GetRequestId(), r.GetTimeUnixNano(), r.GetResult())
 		}
 		s.requests.ReplaceOrInsert(r)
 		s.reqByAge.ReplaceOrInsert(r)

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -50,8 +52,37 @@ func (s *Server) reportFeatureLevel(ctx context.Context) error {
 	return nil
 }
 
-// featureProbeEvery bounds repairFeatureLevels' Status calls.
-const featureProbeEvery = 30 * time.Second
+const (
+	// featureProbeEvery bounds repairFeatureLevels' Status calls.
+	featureProbeEvery = 30 * time.Second
+	// featureProbeTimeout bounds one of them.
+	featureProbeTimeout = 5 * time.Second
+)
+
+// featureState is the Server's rolling-upgrade bookkeeping.
+type featureState struct {
+	probe  atomic.Int64 // when repairFeatureLevels last asked peers (unix ns)
+	warned sync.Map     // problems logged once, by category
+}
+
+func (s *Server) featureWarnOnce(key, msg string, args ...any) {
+	if _, seen := s.features.warned.LoadOrStore(key, true); !seen {
+		s.log.Warn(msg, args...)
+	}
+}
+
+// FeatureStep does this node's rolling-upgrade duties once: record this
+// binary's level in its node record, and repair members' levels this node's
+// state shows too low. RunKEKNodeDuties calls it every tick.
+func (s *Server) FeatureStep(ctx context.Context) {
+	if _, member := s.cfg.State.Node(s.cfg.NodeID); !member {
+		return
+	}
+	if err := s.reportFeatureLevel(ctx); err != nil {
+		s.featureWarnOnce("report", "could not record this node's feature level; retrying", "err", err)
+	}
+	s.repairFeatureLevels(ctx)
+}
 
 // repairFeatureLevels: a node of an older release skips
 // SET_NODE_FEATURE_LEVEL, and a snapshot it took then (or installed from a
@@ -66,20 +97,29 @@ func (s *Server) repairFeatureLevels(ctx context.Context) {
 		return
 	}
 	now := time.Now()
-	if last := s.featureProbe.Load(); last != 0 && now.Sub(time.Unix(0, last)) < featureProbeEvery {
+	if last := s.features.probe.Load(); last != 0 && now.Sub(time.Unix(0, last)) < featureProbeEvery {
 		return
 	}
-	s.featureProbe.Store(now.UnixNano())
+	s.features.probe.Store(now.UnixNano())
 	for _, id := range at {
 		rec, ok := s.cfg.State.Node(id)
 		if id == s.cfg.NodeID || !ok || rec.GetApiAddr() == "" {
 			continue
 		}
-		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		cctx, cancel := context.WithTimeout(ctx, featureProbeTimeout)
 		st, err := s.cfg.Peers.Status(cctx, rec.GetApiAddr())
 		cancel()
-		if err != nil || st.GetNodeId() != id || st.GetFeatureLevel() <= rec.GetFeatureLevel() {
+		switch {
+		case err != nil:
+			s.featureWarnOnce("probe:"+id, "could not ask a member for its feature level (this node's state shows it below this release's); retrying every 30 s",
+				"peer", id, "addr", rec.GetApiAddr(), "err", err)
 			continue
+		case st.GetNodeId() != id:
+			s.featureWarnOnce("probe-id:"+id, "the member's API address answers as another node; its feature level stays as recorded",
+				"peer", id, "addr", rec.GetApiAddr(), "answered_as", st.GetNodeId())
+			continue
+		case st.GetFeatureLevel() <= rec.GetFeatureLevel():
+			continue // it does run an older release
 		}
 		if _, err := s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_SET_NODE_FEATURE_LEVEL,
 			&fsmpb.SetNodeFeatureLevel{NodeId: id, Level: st.GetFeatureLevel()}, requestID(ctx, ""), "node:"+s.cfg.NodeID); err != nil {

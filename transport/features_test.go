@@ -70,7 +70,7 @@ func TestMixedReleaseCluster(t *testing.T) {
 
 	// The old node restarts on this release: its node loop records the level.
 	oldNode := NewServer(Config{NodeID: "old", Cluster: e.cluster, State: e.state, Crypto: e.server.cfg.Crypto, HSM: e.hsm, Version: "test"})
-	oldNode.KEKNodeStep(ctx)
+	oldNode.FeatureStep(ctx)
 	if rec, _ := e.state.Node("old"); rec.GetFeatureLevel() != fsm.FeatureLevel {
 		t.Fatalf("the node loop did not record the level: %v", rec)
 	}
@@ -163,7 +163,7 @@ func TestRepairStaleFeatureLevels(t *testing.T) {
 	if rec, _ := e.state.Node("n2"); rec.GetFeatureLevel() != 0 {
 		t.Fatalf("probed again within %v: %v", featureProbeEvery, rec)
 	}
-	e.server.featureProbe.Store(0)
+	e.server.features.probe.Store(0)
 	e.server.repairFeatureLevels(ctx)
 	if rec, _ := e.state.Node("n2"); rec.GetFeatureLevel() != fsm.FeatureLevel {
 		t.Fatalf("n2's record after the next probe: %v", rec)

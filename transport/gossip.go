@@ -58,6 +58,8 @@ type gossipRunner struct {
 	keyBlob []byte          // the sealed key last installed in g
 	warned  map[string]bool // messages logged once
 
+	now func() time.Time // time.Now; tests step it
+
 	// Rotation progress (run's goroutine only).
 	inUse      uint32    // generation g encrypts with
 	pendingKey []byte    // installed for decryption, switched to at switchAt
@@ -93,7 +95,7 @@ func (s *Server) StartGossip(ctx context.Context, log *slog.Logger, gs GossipSet
 		log.Info("gossip is disabled")
 		return func() {}
 	}
-	r := &gossipRunner{log: log, gs: gs, node: node, srv: s, warned: map[string]bool{}}
+	r := &gossipRunner{log: log, gs: gs, node: node, srv: s, warned: map[string]bool{}, now: time.Now}
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	wg.Add(2)
@@ -149,13 +151,13 @@ func (r *gossipRunner) step(ctx context.Context, rejoin *time.Time) error {
 	g := r.gossip()
 	if g != nil {
 		defer func() { r.srv.setGossipKeys(r.inUse, g.KeyCount()) }()
-		if err := r.advanceRotation(g, time.Now()); err != nil {
+		if err := r.advanceRotation(g, r.now()); err != nil {
 			return err
 		}
 	}
 	if g != nil && string(blob.GetBlob()) == string(r.keyBlob) {
-		if time.Now().After(*rejoin) {
-			*rejoin = time.Now().Add(5 * gossipTick)
+		if r.now().After(*rejoin) {
+			*rejoin = r.now().Add(5 * gossipTick)
 			r.joinMissing(g)
 		}
 		return nil
@@ -179,7 +181,7 @@ func (r *gossipRunner) step(ctx context.Context, rejoin *time.Time) error {
 			if r.pendingKey != nil {
 				clear(r.pendingKey)
 				r.pendingKey = nil
-				r.dropAt = time.Now().Add(gossipOldKeyGrace)
+				r.dropAt = r.now().Add(gossipOldKeyGrace)
 			}
 			r.inUse = gen
 			return nil
@@ -189,7 +191,7 @@ func (r *gossipRunner) step(ctx context.Context, rejoin *time.Time) error {
 		}
 		clear(r.pendingKey)
 		r.pendingKey, r.pendingGen = bytes.Clone(key), gen
-		r.switchAt = time.Now().Add(gossipKeySwitchDelay)
+		r.switchAt = r.now().Add(gossipKeySwitchDelay)
 		r.log.Info("new gossip key installed for decryption; switching to it shortly", "generation", gen)
 		return nil
 	}
@@ -210,7 +212,7 @@ func (r *gossipRunner) step(ctx context.Context, rejoin *time.Time) error {
 	r.srv.setGossipKeys(gen, g.KeyCount())
 	r.srv.SetGossip(g)
 	r.log.Info("gossip started", "addr", addr, "key_generation", gen)
-	*rejoin = time.Now().Add(5 * gossipTick)
+	*rejoin = r.now().Add(5 * gossipTick)
 	r.joinMissing(g)
 	return nil
 }
@@ -265,29 +267,39 @@ func (r *gossipRunner) joinMissing(g *cluster.Gossip) {
 	}
 }
 
-// leaderDuties runs on the leader: create the gossip key once, and remove
-// dead voters when --autoremove-dead-after is set.
+// leaderDuties runs on the leader: create the gossip key once, replace it
+// when it is due, and remove dead voters when --autoremove-dead-after is set.
 func (r *gossipRunner) leaderDuties(ctx context.Context) {
 	if err := r.ensureGossipKey(ctx); err != nil {
 		r.log.Warn("create the gossip key", "err", err)
 	}
-	if ci := r.srv.cfg.State.Cluster(); ci.GetGossipKeyRotationDue() {
-		if err := r.srv.requireFeature(fsm.FeatureGossipKeyGenerations, "replacing the gossip key"); err != nil {
-			r.warnOnce("rotate-due-level", "the gossip key is due for replacement (a member was removed or a snapshot restored) but waits for every node to be upgraded", "err", err)
-			return
-		}
-		// Leaders racing to do it rotate once: the compare-and-set on the
-		// generation refuses the second. A fresh request id per attempt,
-		// so that a refusal is not replayed to the next attempt.
-		if gen, err := r.srv.proposeGossipKey(ctx, fsm.GossipKeyGeneration(ci), requestID(ctx, ""), "node:"+r.srv.cfg.NodeID); err != nil {
-			r.warnOnce("rotate-due:"+err.Error(), "replace the gossip key (a member was removed or a snapshot restored since it was made); retrying", "err", err)
-		} else {
-			r.log.Info("gossip key replaced: a member was removed or a snapshot restored since the old one was made", "generation", gen)
-		}
-	}
+	r.replaceDueGossipKey(ctx)
 	if r.gs.AutoremoveAfter > 0 {
 		r.removeDead(ctx)
 	}
+}
+
+// replaceDueGossipKey proposes a new gossip key when the state says the old
+// one is due (a member was removed or a snapshot restored since it was
+// made), once every member's release can apply the rotation.
+func (r *gossipRunner) replaceDueGossipKey(ctx context.Context) {
+	ci := r.srv.cfg.State.Cluster()
+	if !ci.GetGossipKeyRotationDue() {
+		return
+	}
+	if err := r.srv.requireFeature(fsm.FeatureGossipKeyGenerations, "replacing the gossip key"); err != nil {
+		r.warnOnce("rotate-due-level", "the gossip key is due for replacement (a member was removed or a snapshot restored) but waits for every node to be upgraded", "err", err)
+		return
+	}
+	// Leaders racing to do it rotate once: the compare-and-set on the
+	// generation refuses the second. A fresh request id per attempt, so
+	// that a refusal is not replayed to the next attempt.
+	gen, err := r.srv.proposeGossipKey(ctx, fsm.GossipKeyGeneration(ci), requestID(ctx, ""), "node:"+r.srv.cfg.NodeID)
+	if err != nil {
+		r.warnOnce("rotate-due", "replace the gossip key (a member was removed or a snapshot restored since it was made); retrying", "err", err)
+		return
+	}
+	r.log.Info("gossip key replaced: a member was removed or a snapshot restored since the old one was made", "generation", gen)
 }
 
 // ensureGossipKey creates the cluster's first gossip key, proposed with a

@@ -24,8 +24,9 @@ func TestGossipRunnerRotations(t *testing.T) {
 	e := newAPIEnv(t)
 	ctx := context.Background()
 	ops := cabinetpb.NewOperatorServiceClient(e.admin)
+	clock := time.Now()
 	r := &gossipRunner{log: slog.New(slog.NewTextHandler(io.Discard, nil)), gs: GossipSettings{Addr: testport.Addr(t), Enabled: true},
-		srv: e.server, warned: map[string]bool{}}
+		srv: e.server, warned: map[string]bool{}, now: func() time.Time { return clock }}
 	t.Cleanup(func() {
 		if g := r.gossip(); g != nil {
 			_ = g.Shutdown()
@@ -80,16 +81,13 @@ func TestGossipRunnerRotations(t *testing.T) {
 	}
 	step()
 	status(3, 1, 3) // still pending: a re-wrap is not a new key
-	g := r.gossip()
-	now := time.Now()
-	if err := r.advanceRotation(g, now.Add(gossipKeySwitchDelay)); err != nil {
-		t.Fatal(err)
-	}
+	clock = clock.Add(gossipKeySwitchDelay - time.Millisecond)
+	step()
+	status(3, 1, 3) // not yet
+	clock = clock.Add(time.Millisecond)
 	step()
 	status(3, 3, 3) // switched, old keys kept for the grace period
-	if err := r.advanceRotation(g, now.Add(gossipKeySwitchDelay+gossipOldKeyGrace)); err != nil {
-		t.Fatal(err)
-	}
+	clock = clock.Add(gossipOldKeyGrace)
 	step()
 	status(3, 3, 1)
 

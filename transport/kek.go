@@ -274,6 +274,7 @@ func (s *Server) RunKEKNodeDuties(ctx context.Context, every time.Duration) {
 	defer t.Stop()
 	for {
 		s.KEKNodeStep(ctx)
+		s.FeatureStep(ctx) // the same loop: features.go
 		select {
 		case <-ctx.Done():
 			return
@@ -282,9 +283,7 @@ func (s *Server) RunKEKNodeDuties(ctx context.Context, every time.Duration) {
 	}
 }
 
-// KEKNodeStep does this node's KEK duties once (see RunKEKNodeDuties), and
-// records this binary's feature level in its node record when it differs
-// (features.go; the same 1 s loop).
+// KEKNodeStep does this node's KEK duties once (see RunKEKNodeDuties).
 func (s *Server) KEKNodeStep(ctx context.Context) {
 	ci := s.cfg.State.Cluster()
 	if ci == nil {
@@ -293,10 +292,7 @@ func (s *Server) KEKNodeStep(ctx context.Context) {
 	if _, member := s.cfg.State.Node(s.cfg.NodeID); !member {
 		return
 	}
-	if err := s.reportFeatureLevel(ctx); err != nil {
-		s.kek.warnOnce(s.log, "feature-level:"+err.Error(), "could not record this node's feature level; retrying", "err", err)
-	}
-	s.repairFeatureLevels(ctx)
+
 	s.kek.hsmMu.Lock()
 	defer s.kek.hsmMu.Unlock()
 	ci = s.cfg.State.Cluster()

@@ -53,6 +53,7 @@ type State interface {
 	Cluster() *fsmpb.ClusterInfo
 	Node(id string) (*fsmpb.NodeRecord, bool)
 	Nodes() []*fsmpb.NodeRecord
+	JoinToken(id string) (*fsmpb.JoinToken, bool)
 	// Halted is non-nil when this node met a command it cannot apply (it
 	// is too old): it must not serve.
 	Halted() error
@@ -164,9 +165,8 @@ type Server struct {
 	hsmDown atomic.Bool
 
 	membership membershipState // gossip view (membership.go)
-	// featureProbe: when repairFeatureLevels last asked peers (unix ns).
-	featureProbe atomic.Int64
-	kek          kekDriver // KEK rotation (kek.go)
+	features   featureState    // rolling upgrades (features.go)
+	kek        kekDriver       // KEK rotation (kek.go)
 }
 
 // NewServer builds the API server.
@@ -541,12 +541,19 @@ func (s *Server) Join(ctx context.Context, req *cabinetpb.JoinRequest) (*cabinet
 	if len(req.GetTokenSecret()) != 32 || req.GetTokenId() == "" {
 		return nil, status.Error(codes.PermissionDenied, "join token is invalid, expired or already used")
 	}
+	tok := cluster.JoinToken{ID: req.GetTokenId(), Secret: req.GetTokenSecret()}
 	if low, at := s.cfg.State.MinFeatureLevel(); at != nil && req.GetFeatureLevel() < low {
+		// Say why only to a holder of a valid token (ADMIT_NODE checks it
+		// again; this is a read of this node's state).
+		rec, ok := s.cfg.State.JoinToken(tok.ID)
+		if !ok || rec.GetUsedByNode() != "" || rec.GetExpiresUnixNano() <= time.Now().UnixNano() ||
+			subtle.ConstantTimeCompare(rec.GetSecretHash(), tok.SecretHash()) != 1 {
+			return nil, status.Error(codes.PermissionDenied, "join token is invalid, expired or already used")
+		}
 		return nil, status.Errorf(codes.FailedPrecondition,
-			"node %s runs a release with feature level %d, older than every member's (%d or later): it could not apply what the cluster proposes; install the cluster's release on it and join again",
+			"node %+.64q runs a release with feature level %d, older than every member's (%d or later): it could not apply what the cluster proposes; install the cluster's release on it and join again",
 			req.GetNodeId(), req.GetFeatureLevel(), low)
 	}
-	tok := cluster.JoinToken{ID: req.GetTokenId(), Secret: req.GetTokenSecret()}
 	_, err = s.propose(ctx, fsmpb.CommandType_COMMAND_TYPE_ADMIT_NODE, &fsmpb.AdmitNode{
 		TokenId:    tok.ID,
 		SecretHash: tok.SecretHash(),

@@ -339,9 +339,15 @@ func TestJoinCeremony(t *testing.T) {
 	req := &cabinetpb.JoinRequest{TokenId: tok.ID, TokenSecret: tok.Secret, NodeId: "node2", ApiAddr: "127.0.0.1:3",
 		RaftAddr: "127.0.0.1:4", IdentityPublicKeyDer: pubDER, CsrDer: csr}
 	// A joiner of an older release (lower feature level than every
-	// member) is refused before its token is used.
+	// member) is refused before its token is used; told why only if its
+	// token is valid.
 	if _, err := cabinetpb.NewOperatorServiceClient(joiner).Join(ctx, req); code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "feature level 0") {
 		t.Fatalf("join of an older release: %v", err)
+	}
+	bad := proto.Clone(req).(*cabinetpb.JoinRequest)
+	bad.TokenSecret = make([]byte, 32)
+	if _, err := cabinetpb.NewOperatorServiceClient(joiner).Join(ctx, bad); code(err) != codes.PermissionDenied || strings.Contains(err.Error(), "feature level") {
+		t.Fatalf("join of an older release with a wrong secret: %v", err)
 	}
 	req.FeatureLevel = fsm.FeatureLevel
 	out, err := cabinetpb.NewOperatorServiceClient(joiner).Join(ctx, req)

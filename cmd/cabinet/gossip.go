@@ -59,8 +59,12 @@ func gossipRotateKeyCmd(f *clientFlags) *cobra.Command {
 // gossipKeyLine is operator status's view of this node's gossip key.
 func gossipKeyLine(st *cabinetpb.StatusResponse) string {
 	line := gossipKeyState(st)
-	if st.GetGossipKeyRotationDue() {
+	switch {
+	case !st.GetGossipKeyRotationDue():
+	case st.GetClusterFeatureLevel() < st.GetFeatureLevel():
 		line += "; replacement due (a member was removed or a snapshot restored): the leader replaces it once every node is on this release"
+	default:
+		line += "; replacement due (a member was removed or a snapshot restored): the leader replaces it within seconds; if this persists, see the leader's log (gossip must be enabled there)"
 	}
 	return line
 }
