@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cabinet-kms/cabinet/fsm"
+	"github.com/cabinet-kms/cabinet/internal/testport"
 )
 
 // Membership on real processes: a non-voter joins with a region, leadership
@@ -66,7 +67,7 @@ func (c *testCluster) gossipPorts(t *testing.T) {
 			host, port, _ := net.SplitHostPort(addr)
 			p, _ := strconv.Atoi(port)
 			next := net.JoinHostPort(host, strconv.Itoa(p+100))
-			if taken[addr] || taken[next] || !tcpUDPFree(next) {
+			if taken[addr] || taken[next] || !tcpUDPFree(next) || !testport.Reserve(next) {
 				continue
 			}
 			nd.raftAddr = addr

@@ -49,8 +49,8 @@ func Listen(t testing.TB) net.Listener {
 	ports.mu.Lock()
 	defer ports.mu.Unlock()
 	lo, hi := portRange()
-	if ports.issued == nil {
-		ports.issued = map[int]bool{}
+	initLocked()
+	if ports.next < lo || ports.next >= hi {
 		ports.next = lo + rand.IntN(hi-lo)
 	}
 	for range hi - lo {
@@ -81,4 +81,32 @@ func Addr(t testing.TB) string {
 	addr := ln.Addr().String()
 	ln.Close()
 	return addr
+}
+
+// Reserve marks addr's port as handed out (for a port derived from another,
+// such as a gossip port at Raft port + 100) and reports whether it was
+// still free to reserve.
+func Reserve(addr string) bool {
+	_, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	port, err := strconv.Atoi(p)
+	if err != nil {
+		return false
+	}
+	ports.mu.Lock()
+	defer ports.mu.Unlock()
+	initLocked()
+	if ports.issued[port] {
+		return false
+	}
+	ports.issued[port] = true
+	return true
+}
+
+func initLocked() {
+	if ports.issued == nil {
+		ports.issued = map[int]bool{}
+	}
 }
