@@ -13,7 +13,10 @@ import (
 type benchReportView struct {
 	Schema      string `json:"schema"`
 	Interrupted bool   `json:"interrupted"`
-	Cluster     struct {
+	Settings    struct {
+		Keys int `json:"keys"`
+	} `json:"settings"`
+	Cluster struct {
 		Nodes []struct {
 			NodeID string `json:"node_id"`
 			Role   string `json:"role"`
@@ -26,6 +29,7 @@ type benchReportView struct {
 	Results []struct {
 		Op              string  `json:"op"`
 		Error           string  `json:"error"`
+		Keys            int     `json:"keys"`
 		ItemsPerRequest int     `json:"items_per_request"`
 		RequestBytes    int     `json:"request_bytes"`
 		Ratio           float64 `json:"ratio"`
@@ -124,6 +128,44 @@ func TestBenchSmoke(t *testing.T) {
 			if r.Ceiling.CommandBytes <= 0 {
 				t.Errorf("create-key: no-op command size %d", r.Ceiling.CommandBytes)
 			}
+		}
+	}
+	t.Run("keys", func(t *testing.T) { benchKeysRun(t, c, addrs) })
+}
+
+// benchKeysRun: `cabinet bench --keys 20` spreads encrypt and decrypt over a
+// working set of 20 keys (created in setup) and says so in the report.
+func benchKeysRun(t *testing.T, c *testCluster, addrs []string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	start := time.Now()
+	out, errOut, err := c.cli(ctx, nil, "bench", "--addr", strings.Join(addrs, ","), "--target", "follower",
+		"--ops", "encrypt,decrypt", "--keys", "20", "--duration", "1s", "--slice", "500ms", "--warmup", "200ms",
+		"--concurrency", "8", "--connections", "2", "-o", "json", "-q")
+	if err != nil {
+		t.Fatalf("cabinet bench --keys 20: %v\nstdout: %s\nstderr: %s", err, out, errOut)
+	}
+	t.Logf("cabinet bench --keys 20 took %v", time.Since(start).Round(time.Millisecond))
+	var rep benchReportView
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatalf("report is not JSON: %v\n%s", err, out)
+	}
+	if rep.Settings.Keys != 20 || len(rep.Results) != 2 {
+		t.Fatalf("settings.keys %d, %d results: %s", rep.Settings.Keys, len(rep.Results), out)
+	}
+	for _, r := range rep.Results {
+		t.Logf("--keys 20 %-8s %8.0f/s | %s %8.0f/s | ratio %.2f | keys %d | errors %d",
+			r.Op, r.Result.OpsPerSec, r.Ceiling.Kind, r.CeilingResult.OpsPerSec, r.Ratio, r.Keys, r.Result.Errors)
+		if r.Error != "" || r.Ceiling.Error != "" {
+			t.Errorf("%s failed: %q (ceiling: %q)", r.Op, r.Error, r.Ceiling.Error)
+			continue
+		}
+		if r.Keys != 20 {
+			t.Errorf("%s: keys %d, want 20", r.Op, r.Keys)
+		}
+		if r.Result.OK == 0 || r.CeilingResult.OK == 0 || r.Ratio <= 0 || r.Ceiling.Kind != "echo" {
+			t.Errorf("%s: ratio %v, ceiling %q, ok %d / %d", r.Op, r.Ratio, r.Ceiling.Kind, r.Result.OK, r.CeilingResult.OK)
 		}
 	}
 }

@@ -49,6 +49,7 @@ type benchFlags struct {
 	localServerArgs []string
 	serverProfile   string
 	failoverRounds  int
+	keys            int
 }
 
 // benchDefaultOps are the operations the issue sets targets for.
@@ -72,7 +73,9 @@ It creates the keys and ciphertexts each operation needs first, then runs
 --concurrency callers over --connections gRPC connections for --duration per
 operation and as long again for its ceiling, alternating --slice-long slices.
 Sign and verify also time the same Go crypto in this process, to compare with
-their cost over the ceiling. Method and JSON schema: docs/PERFORMANCE.md.
+their cost over the ceiling. --keys N spreads the symmetric operations over a
+working set of N keys, created (and used once on each target node) in setup;
+each request picks one. Method and JSON schema: docs/PERFORMANCE.md.
 
 Operations: ` + strings.Join(benchOpNames(), ", ") + ` (or "all"), and failover.
 failover (--local only, never part of "all") kills the leader's process with
@@ -88,6 +91,7 @@ comma-separated; any node, the others are found with ListPeers) and the client
 certificate flags; it needs an admin certificate (ApplyNoop is admin-only) and
 leaves the keys it created (description "cabinet-bench <run id>").`,
 		Example: `  cabinet bench --local --target follower --ops encrypt,decrypt
+  cabinet bench --local --target follower --ops encrypt --keys 5000 --local-server-arg=--cache-size=1000
   cabinet bench --local --ops failover --failover-rounds 3
   cabinet bench --addr 127.0.0.1:7101 --ops create-key,rotate-key --target leader -o json`,
 		Args: cobra.NoArgs,
@@ -120,6 +124,7 @@ leaves the keys it created (description "cabinet-bench <run id>").`,
 	fl.BoolVar(&f.localKeep, "local-keep", false, "with --local: keep the cluster's temp dir (data, tokens, logs) afterwards")
 	fl.StringArrayVar(&f.localServerArgs, "local-server-arg", nil, "with --local: extra flag for every local server (repeatable), e.g. --local-server-arg=--log-level=warn")
 	fl.StringVar(&f.serverProfile, "server-cpuprofile", "", "with --local: each server writes a CPU profile of the run to DIR/<node>.pprof")
+	fl.IntVar(&f.keys, "keys", 1, "keys the symmetric operations spread their requests over (encrypt, decrypt, generate-data-key, re-encrypt, mac, batch-*), 1..100000; created (and used once on each target) in setup, not measured")
 	fl.IntVar(&f.failoverRounds, "failover-rounds", 1, "with --local --ops failover: leader kills (each followed by a restart of the killed node), 1..20")
 	return cmd
 }
@@ -160,6 +165,9 @@ func (f *benchFlags) validate() error {
 		return fmt.Errorf("--server-cpuprofile needs --local (start an existing server with CABINET_CPUPROFILE=FILE instead)")
 	case (f.localKeep || len(f.localServerArgs) > 0) && !f.local:
 		return fmt.Errorf("--local-keep and --local-server-arg need --local")
+	}
+	if err := validateBenchKeys(f.keys); err != nil {
+		return err
 	}
 	if _, err := signSpecOf(f.spec); err != nil && f.wants("sign", "verify") {
 		return err
@@ -339,6 +347,7 @@ func (f *benchFlags) settings() benchSettings {
 		Strong:          f.strong,
 		Local:           f.local,
 		FailoverRounds:  f.failoverRounds,
+		Keys:            f.keys,
 	}
 }
 

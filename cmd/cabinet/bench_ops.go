@@ -53,6 +53,8 @@ type preparedOp struct {
 	ceilingOverride benchCallFn
 	ceilingInfo     benchCeiling
 	cleanup         func()
+	// keys: distinct keys the requests spread over (report: keys).
+	keys int
 }
 
 var benchOps = map[string]*benchOpDef{
@@ -215,58 +217,84 @@ func (e *benchEnv) aesKey(ctx context.Context) (string, error) {
 }
 
 func prepEncrypt(ctx context.Context, env *benchEnv) (*preparedOp, error) {
-	key, err := env.aesKey(ctx)
+	keys, err := env.aesKeys(ctx)
 	if err != nil {
 		return nil, err
 	}
 	pt := benchRandom(env.f.payload)
-	return unaryOp(ctx, env, perCaller(env.f.concurrency, func(int) *cabinetpb.EncryptRequest {
-		return &cabinetpb.EncryptRequest{KeyId: key, Plaintext: pt, Consistency: env.consistency()}
-	}), cabinetpb.KeyServiceClient.Encrypt, nil)
+	p, err := unaryOp(ctx, env, keyed(env.f.concurrency, len(keys), func(int) *cabinetpb.EncryptRequest {
+		return &cabinetpb.EncryptRequest{KeyId: keys[0], Plaintext: pt, Consistency: env.consistency()}
+	}, func(r *cabinetpb.EncryptRequest, i int) { r.KeyId = keys[i] }), cabinetpb.KeyServiceClient.Encrypt, nil)
+	return p.withKeys(len(keys)), err
+}
+
+// withKeys records how many keys the requests spread over (nil-safe).
+func (p *preparedOp) withKeys(n int) *preparedOp {
+	if p != nil {
+		p.keys = n
+	}
+	return p
+}
+
+// keyedCiphertexts returns the ciphertexts decrypt and re-encrypt cycle
+// through: with --keys 1, ctPool of the one key, each caller keeping one;
+// with more, one per key (up to the budget), and cts[i] is under keys[i mod
+// len(keys)].
+func (e *benchEnv) keyedCiphertexts(ctx context.Context) (cts [][]byte, keys int, err error) {
+	ks, err := e.aesKeys(ctx)
+	if err != nil {
+		return nil, 0, err
+	}
+	n := ciphertextCount(len(ks), e.ctPool(), e.f.payload)
+	cts, err = e.encryptOver(ctx, ks, n)
+	return cts, distinctKeys(ks, n), err
 }
 
 func prepDecrypt(ctx context.Context, env *benchEnv) (*preparedOp, error) {
-	key, err := env.aesKey(ctx)
-	if err != nil {
-		return nil, err
-	}
-	cts, err := env.encryptN(ctx, key, env.ctPool())
+	cts, nkeys, err := env.keyedCiphertexts(ctx)
 	if err != nil {
 		return nil, err
 	}
 	want := env.f.payload
-	return unaryOp(ctx, env, perCaller(env.f.concurrency, func(i int) *cabinetpb.DecryptRequest {
+	n := 0 // --keys 1: caller i keeps ciphertext i (as before --keys)
+	if env.f.keys > 1 {
+		n = len(cts)
+	}
+	p, err := unaryOp(ctx, env, keyed(env.f.concurrency, n, func(i int) *cabinetpb.DecryptRequest {
 		return &cabinetpb.DecryptRequest{Ciphertext: cts[i%len(cts)], Consistency: env.consistency()}
-	}), cabinetpb.KeyServiceClient.Decrypt, func(r *cabinetpb.DecryptResponse) (int, string, error) {
+	}, func(r *cabinetpb.DecryptRequest, i int) { r.Ciphertext = cts[i] }), cabinetpb.KeyServiceClient.Decrypt, func(r *cabinetpb.DecryptResponse) (int, string, error) {
 		if len(r.GetPlaintext()) != want {
 			return 0, "", fmt.Errorf("decrypt returned %d bytes, want %d", len(r.GetPlaintext()), want)
 		}
 		return 0, "", nil
 	})
+	return p.withKeys(nkeys), err
 }
 
 func prepDataKey(ctx context.Context, env *benchEnv) (*preparedOp, error) {
-	key, err := env.aesKey(ctx)
+	keys, err := env.aesKeys(ctx)
 	if err != nil {
 		return nil, err
 	}
-	return unaryOp(ctx, env, perCaller(env.f.concurrency, func(int) *cabinetpb.GenerateDataKeyRequest {
-		return &cabinetpb.GenerateDataKeyRequest{KeyId: key, NumberOfBytes: 32, Consistency: env.consistency()}
-	}), cabinetpb.KeyServiceClient.GenerateDataKey, nil)
+	p, err := unaryOp(ctx, env, keyed(env.f.concurrency, len(keys), func(int) *cabinetpb.GenerateDataKeyRequest {
+		return &cabinetpb.GenerateDataKeyRequest{KeyId: keys[0], NumberOfBytes: 32, Consistency: env.consistency()}
+	}, func(r *cabinetpb.GenerateDataKeyRequest, i int) { r.KeyId = keys[i] }), cabinetpb.KeyServiceClient.GenerateDataKey, nil)
+	return p.withKeys(len(keys)), err
 }
 
 func prepReEncrypt(ctx context.Context, env *benchEnv) (*preparedOp, error) {
-	key, err := env.aesKey(ctx)
+	cts, nkeys, err := env.keyedCiphertexts(ctx)
 	if err != nil {
 		return nil, err
 	}
-	cts, err := env.encryptN(ctx, key, env.ctPool())
-	if err != nil {
-		return nil, err
+	n := 0
+	if env.f.keys > 1 {
+		n = len(cts)
 	}
-	return unaryOp(ctx, env, perCaller(env.f.concurrency, func(i int) *cabinetpb.ReEncryptRequest {
+	p, err := unaryOp(ctx, env, keyed(env.f.concurrency, n, func(i int) *cabinetpb.ReEncryptRequest {
 		return &cabinetpb.ReEncryptRequest{Ciphertext: cts[i%len(cts)], Consistency: env.consistency()}
-	}), cabinetpb.KeyServiceClient.ReEncrypt, nil)
+	}, func(r *cabinetpb.ReEncryptRequest, i int) { r.Ciphertext = cts[i] }), cabinetpb.KeyServiceClient.ReEncrypt, nil)
+	return p.withKeys(nkeys), err
 }
 
 // signSpecOf maps --spec to the key spec and signing algorithm.
@@ -314,6 +342,7 @@ func prepSign(ctx context.Context, env *benchEnv) (*preparedOp, error) {
 	if err != nil {
 		return nil, err
 	}
+	p.keys = 1
 	p.crypto, err = newCryptoProbe("sign", spec, env.f.payload)
 	return p, err
 }
@@ -343,33 +372,41 @@ func prepVerify(ctx context.Context, env *benchEnv) (*preparedOp, error) {
 	if err != nil {
 		return nil, err
 	}
+	p.keys = 1
 	p.crypto, err = newCryptoProbe("verify", spec, env.f.payload)
 	return p, err
 }
 
 func prepMac(ctx context.Context, env *benchEnv) (*preparedOp, error) {
-	key, err := env.key(ctx, cabinetpb.KeySpec_HMAC_SHA256, cabinetpb.KeyUsage_GENERATE_VERIFY_MAC)
+	keys, err := env.macKeys(ctx)
 	if err != nil {
 		return nil, err
 	}
 	msg := benchRandom(env.f.payload)
-	return unaryOp(ctx, env, perCaller(env.f.concurrency, func(int) *cabinetpb.GenerateMacRequest {
-		return &cabinetpb.GenerateMacRequest{KeyId: key, Message: msg, Consistency: env.consistency()}
-	}), cabinetpb.KeyServiceClient.GenerateMac, nil)
+	p, err := unaryOp(ctx, env, keyed(env.f.concurrency, len(keys), func(int) *cabinetpb.GenerateMacRequest {
+		return &cabinetpb.GenerateMacRequest{KeyId: keys[0], Message: msg, Consistency: env.consistency()}
+	}, func(r *cabinetpb.GenerateMacRequest, i int) { r.KeyId = keys[i] }), cabinetpb.KeyServiceClient.GenerateMac, nil)
+	return p.withKeys(len(keys)), err
 }
 
 func prepBatchEncrypt(ctx context.Context, env *benchEnv) (*preparedOp, error) {
-	key, err := env.aesKey(ctx)
+	keys, err := env.aesKeys(ctx)
 	if err != nil {
 		return nil, err
 	}
 	pt := benchRandom(env.f.payload)
-	p, err := unaryOp(ctx, env, perCaller(env.f.concurrency, func(int) *cabinetpb.BatchEncryptRequest {
+	// With --keys N, item j of a request uses key (start + j) mod N from a
+	// spread start: a request spans min(batch, N) keys.
+	p, err := unaryOp(ctx, env, keyed(env.f.concurrency, len(keys), func(int) *cabinetpb.BatchEncryptRequest {
 		r := &cabinetpb.BatchEncryptRequest{Items: make([]*cabinetpb.EncryptRequest, env.f.batch)}
 		for j := range r.Items {
-			r.Items[j] = &cabinetpb.EncryptRequest{KeyId: key, Plaintext: pt, Consistency: env.consistency()}
+			r.Items[j] = &cabinetpb.EncryptRequest{KeyId: keys[j%len(keys)], Plaintext: pt, Consistency: env.consistency()}
 		}
 		return r
+	}, func(r *cabinetpb.BatchEncryptRequest, start int) {
+		for j, it := range r.Items {
+			it.KeyId = keys[(start+j)%len(keys)]
+		}
 	}), cabinetpb.KeyServiceClient.BatchEncrypt, func(r *cabinetpb.BatchEncryptResponse) (int, string, error) {
 		n, first := 0, ""
 		for _, it := range r.GetResults() {
@@ -384,24 +421,38 @@ func prepBatchEncrypt(ctx context.Context, env *benchEnv) (*preparedOp, error) {
 	if p != nil {
 		p.items = env.f.batch
 	}
-	return p, err
+	return p.withKeys(len(keys)), err
 }
 
 func prepBatchDecrypt(ctx context.Context, env *benchEnv) (*preparedOp, error) {
-	key, err := env.aesKey(ctx)
+	keys, err := env.aesKeys(ctx)
 	if err != nil {
 		return nil, err
 	}
-	cts, err := env.encryptN(ctx, key, env.f.batch)
+	// --keys 1: every request decrypts the same --batch ciphertexts. More:
+	// a pool of one ciphertext per key (at least --batch, within the
+	// budget), and a request takes --batch consecutive ones (wrapping) from
+	// a spread start.
+	nct := ciphertextCount(len(keys), env.f.batch, env.f.payload)
+	cts, err := env.encryptOver(ctx, keys, nct)
 	if err != nil {
 		return nil, err
 	}
-	p, err := unaryOp(ctx, env, perCaller(env.f.concurrency, func(int) *cabinetpb.BatchDecryptRequest {
-		r := &cabinetpb.BatchDecryptRequest{Items: make([]*cabinetpb.DecryptRequest, len(cts))}
+	n := 0
+	if len(keys) > 1 {
+		n = len(cts)
+	}
+	batch := env.f.batch
+	p, err := unaryOp(ctx, env, keyed(env.f.concurrency, n, func(int) *cabinetpb.BatchDecryptRequest {
+		r := &cabinetpb.BatchDecryptRequest{Items: make([]*cabinetpb.DecryptRequest, batch)}
 		for j := range r.Items {
 			r.Items[j] = &cabinetpb.DecryptRequest{Ciphertext: cts[j], Consistency: env.consistency()}
 		}
 		return r
+	}, func(r *cabinetpb.BatchDecryptRequest, start int) {
+		for j, it := range r.Items {
+			it.Ciphertext = cts[(start+j)%len(cts)]
+		}
 	}), cabinetpb.KeyServiceClient.BatchDecrypt, func(r *cabinetpb.BatchDecryptResponse) (int, string, error) {
 		n, first := 0, ""
 		for _, it := range r.GetResults() {
@@ -416,7 +467,7 @@ func prepBatchDecrypt(ctx context.Context, env *benchEnv) (*preparedOp, error) {
 	if p != nil {
 		p.items = env.f.batch
 	}
-	return p, err
+	return p.withKeys(distinctKeys(keys, nct)), err
 }
 
 // requestIDFor is a fresh idempotency key per write, as a client library
@@ -485,6 +536,7 @@ func prepRotateKey(ctx context.Context, env *benchEnv) (*preparedOp, error) {
 		Material: &fsmpb.WrappedBlob{KekVersion: 1, Blob: make([]byte, aesSealedBytes)},
 	}
 	p.setNoop(env, fsmpb.CommandType_COMMAND_TYPE_ROTATE_KEY, payload, env.requestIDFor(env.f.concurrency-1, 99999))
+	p.keys = n
 	return p, nil
 }
 

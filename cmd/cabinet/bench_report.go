@@ -38,6 +38,8 @@ type benchSettings struct {
 	Strong          bool     `json:"strong"`
 	Local           bool     `json:"local"`
 	FailoverRounds  int      `json:"failover_rounds"`
+	// Keys is --keys: the working set of the symmetric operations.
+	Keys int `json:"keys"`
 }
 
 type benchMachine struct {
@@ -66,7 +68,12 @@ type benchResult struct {
 	RequestBytes    int  `json:"request_bytes"`
 	ResponseBytes   int  `json:"response_bytes"`
 	// CommandBytes is the Raft command a write proposes (0 for reads).
-	CommandBytes  int          `json:"command_bytes"`
+	CommandBytes int `json:"command_bytes"`
+	// Keys: how many distinct keys the operation's requests spread over
+	// (--keys for the symmetric operations; fewer for decrypt, re-encrypt
+	// and batch-decrypt when their ciphertext budget caps it; 1 for
+	// sign/verify, one per caller for rotate-key; 0 for the others).
+	Keys          int          `json:"keys"`
 	Ceiling       benchCeiling `json:"ceiling"`
 	Result        benchStats   `json:"result"`
 	CeilingResult benchStats   `json:"ceiling_result"`
@@ -188,8 +195,8 @@ func printBenchTable(w io.Writer, r *benchReport) error {
 		targets = append(targets, fmt.Sprintf("%s %s (%s)", t.NodeID, t.APIAddr, t.Role))
 	}
 	fmt.Fprintf(w, "cabinet bench %s: %d nodes; target %s = %s\n", r.RunID, len(r.Cluster.Nodes), s.Target, strings.Join(targets, ", "))
-	fmt.Fprintf(w, "%d callers, %d connections, payload %d B, batch %d; %gs per operation and %gs of its ceiling, interleaved in %gs slices; %d CPUs here\n\n",
-		s.Concurrency, s.Connections, s.PayloadBytes, s.Batch, s.DurationSeconds, s.DurationSeconds, s.SliceSeconds, r.Machine.NumCPU)
+	fmt.Fprintf(w, "%d callers, %d connections, payload %d B, batch %d, %s; %gs per operation and %gs of its ceiling, interleaved in %gs slices; %d CPUs here\n\n",
+		s.Concurrency, s.Connections, s.PayloadBytes, s.Batch, benchKeysPhrase(s.Keys), s.DurationSeconds, s.DurationSeconds, s.SliceSeconds, r.Machine.NumCPU)
 	t := newTable(w)
 	fmt.Fprintln(t, "OPERATION\tOPS/S\tP50\tP99\tP99.9\tERRORS\tCPU µs/OP\tCEILING\tCEIL OPS/S\tCEIL P50\tCEIL CPU µs/OP\tRATIO\t(SLICE IQR)\tCPU RATIO")
 	for _, res := range r.Results {
@@ -248,6 +255,9 @@ func printBenchTable(w io.Writer, r *benchReport) error {
 		if res.ItemsPerRequest > 1 {
 			notes = append(notes, fmt.Sprintf("%s: %s items/s (%d per request)", res.Op, benchFmtRate(res.Result.ItemsPerSec), res.ItemsPerRequest))
 		}
+		if s.Keys > 1 && res.Keys > 1 && res.Keys != s.Keys && benchSymmetricOps[res.Op] {
+			notes = append(notes, fmt.Sprintf("%s: spread over %d of the %d keys (ciphertext budget)", res.Op, res.Keys, s.Keys))
+		}
 		if n := res.Result.Errors + res.Result.ItemErrors; n > 0 {
 			msg := res.Result.FirstError
 			if msg == "" {
@@ -285,4 +295,15 @@ func printBenchTable(w io.Writer, r *benchReport) error {
 	fmt.Fprintln(w, "SLICE IQR = 25th-75th percentile of the ratio over back-to-back slice pairs (noise).")
 	fmt.Fprintf(w, "CPU µs/OP = CPU time per successful request of: %s; CPU RATIO = ceiling's CPU µs/op / operation's.\n", r.CPUScope)
 	return nil
+}
+
+// benchSymmetricOps are the operations --keys spreads over N keys.
+var benchSymmetricOps = map[string]bool{"encrypt": true, "decrypt": true, "generate-data-key": true, "re-encrypt": true,
+	"mac": true, "batch-encrypt": true, "batch-decrypt": true}
+
+func benchKeysPhrase(n int) string {
+	if n <= 1 {
+		return "1 key per symmetric operation"
+	}
+	return fmt.Sprintf("%d keys per symmetric operation (each request picks one)", n)
 }

@@ -251,6 +251,7 @@ func runBenchOp(ctx context.Context, env *benchEnv, def *benchOpDef, prog *bench
 		defer p.cleanup()
 	}
 	res.ItemsPerRequest, res.RequestBytes, res.ResponseBytes, res.CommandBytes = p.items, p.reqBytes, p.respBytes, p.commandBytes
+	res.Keys = p.keys
 	ceilCall, ceilInfo, err := ceilingCall(ctx, env, def.ceiling, p)
 	res.Ceiling = ceilInfo
 	if err != nil {

@@ -47,8 +47,10 @@ type benchEnv struct {
 	kcs   []cabinetpb.KeyServiceClient
 	ocs   []cabinetpb.OperatorServiceClient
 
-	mu   sync.Mutex
-	keys map[string]string // setup keys by purpose
+	mu      sync.Mutex
+	keys    map[string]string   // setup keys by purpose
+	keySets map[string][]string // --keys working sets by purpose (bench_keys.go)
+	prog    *benchProgress      // setup progress (--keys)
 }
 
 func (e *benchEnv) close() {
@@ -89,7 +91,7 @@ func connectBench(ctx context.Context, f *benchFlags, prog *benchProgress, nodeP
 	if err != nil {
 		return nil, err
 	}
-	env := &benchEnv{f: f, runID: benchRunID(), tlsCfg: cfg, keys: map[string]string{}}
+	env := &benchEnv{f: f, runID: benchRunID(), tlsCfg: cfg, keys: map[string]string{}, keySets: map[string][]string{}, prog: prog}
 	if leaf, err := x509.ParseCertificate(cfg.Certificates[0].Certificate[0]); err == nil {
 		id := tlsutil.IdentityFromCert(leaf)
 		env.principal = id.Role + ":" + id.Name

@@ -122,7 +122,7 @@ func TestResolveBenchOpsAndTargets(t *testing.T) {
 func TestBenchFlagsValidate(t *testing.T) {
 	ok := func() *benchFlags {
 		return &benchFlags{output: "table", payload: 1024, concurrency: 64, connections: 4, duration: 10 * time.Second,
-			slice: time.Second, batch: 100, timeout: 10 * time.Second, spec: "EC_P256", ops: benchDefaultOps, failoverRounds: 1}
+			slice: time.Second, batch: 100, timeout: 10 * time.Second, spec: "EC_P256", ops: benchDefaultOps, failoverRounds: 1, keys: 1}
 	}
 	f := ok()
 	if err := f.validate(); err != nil || f.warmup != time.Second {
@@ -139,6 +139,8 @@ func TestBenchFlagsValidate(t *testing.T) {
 		"concurrency":              func(f *benchFlags) { f.concurrency = 0 },
 		"failover without --local": func(f *benchFlags) { f.ops = []string{"encrypt", "failover"} },
 		"failover rounds":          func(f *benchFlags) { f.local, f.ops, f.failoverRounds = true, []string{"failover"}, 0 },
+		"keys 0":                   func(f *benchFlags) { f.keys = 0 },
+		"keys 100001":              func(f *benchFlags) { f.keys = 100001 },
 	} {
 		f := ok()
 		mut(f)
@@ -150,7 +152,7 @@ func TestBenchFlagsValidate(t *testing.T) {
 
 func TestFailoverFlagsValidate(t *testing.T) {
 	f := &benchFlags{output: "table", payload: 1024, concurrency: 64, connections: 4, duration: 10 * time.Second,
-		slice: time.Second, batch: 100, timeout: 10 * time.Second, spec: "EC_P256", ops: []string{"failover"}, failoverRounds: 3, local: true}
+		slice: time.Second, batch: 100, timeout: 10 * time.Second, spec: "EC_P256", ops: []string{"failover"}, failoverRounds: 3, local: true, keys: 1}
 	if err := f.validate(); err != nil {
 		t.Fatalf("--local --ops failover --failover-rounds 3: %v", err)
 	}
